@@ -1,0 +1,49 @@
+# LazyConfig version of ../mask_rcnn_vit_base_fpn_lsj_100ep.yaml, on detectron2's own LSJ
+# Mask R-CNN recipe (new_baselines) with the backbone swapped for the MAE ViT pyramid.
+#   python -c "from detectron2.config import LazyConfig; cfg = LazyConfig.load('<this file>')"
+# then detectron2's tools/lazyconfig_train_net.py, with `import mae_transfer.detection` first.
+import torch
+from detectron2.config import LazyCall as L
+from detectron2.model_zoo import get_config
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
+import mae_transfer.detection  # noqa: F401  (compat fixes before detectron2 builds anything)
+from mae_transfer.detection import MAEViTBackbone
+from mae_transfer.detection.train import layer_decay_groups
+
+_lsj = get_config("new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py")
+dataloader, lr_multiplier, train, optimizer = (
+    _lsj.dataloader,
+    _lsj.lr_multiplier,
+    _lsj.train,
+    _lsj.optimizer,
+)
+model = _lsj.model
+model.pixel_mean = [123.675, 116.28, 103.53]  # MAE: RGB, ImageNet statistics
+model.pixel_std = [58.395, 57.12, 57.375]
+model.input_format = "RGB"
+dataloader.train.mapper.image_format = "RGB"
+dataloader.test.mapper.image_format = "RGB"
+model.backbone.bottom_up = L(MAEViTBackbone)(
+    model="vit_base_patch16",
+    img_size=1024,
+    out_indices=(2, 5, 8, 11),
+    window_size=14,
+    rel_pos="decomposed",
+    drop_path_rate=0.1,
+    norm="LN",
+    pretrained=None,  # or "mae_pretrain_vit_base.pth"
+)
+model.backbone.in_features = ["res2", "res3", "res4", "res5"]
+model.backbone.norm = "LN"
+model.backbone.top_block = L(LastLevelMaxPool)()
+model.roi_heads.box_head.conv_norm = model.roi_heads.mask_head.conv_norm = "LN"
+
+# AdamW with layer-wise lr decay (0.7 for ViT-B); lazyconfig_train_net sets params.model.
+optimizer = L(torch.optim.AdamW)(
+    params=L(layer_decay_groups)(model=None, base_lr=1e-4, weight_decay=0.1, layer_decay=0.7),
+    lr=1e-4,
+    betas=(0.9, 0.999),
+)
+lr_multiplier.warmup_length = 250 / train.max_iter  # ViTDet: 250 warmup iterations
+train.init_checkpoint = ""

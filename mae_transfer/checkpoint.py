@@ -1,0 +1,335 @@
+"""Loading every checkpoint form MAE users have, with a clear report; atomic saving.
+
+Forms recognised (all read with ``torch.load(..., weights_only=True)``):
+
+- official encoder-only ``mae_pretrain_vit_*.pth``: ``{'model': encoder state dict}``;
+- official full / visualize checkpoints: ``{'model': encoder + decoder}``;
+- our pretraining checkpoints: ``{'model', 'optimizer', 'epoch', 'args', ...}``;
+- detectron2 / mmengine checkpoints: ``{'model': ...}`` / ``{'state_dict': ...}`` with the ViT
+  under a prefix such as ``backbone.bottom_up.vit.`` or ``backbone.vit.``;
+- plain state dicts, ``module.``-prefixed (DDP) ones included.
+
+The ViT is found inside any of them by locating ``patch_embed.proj.weight``; the key prefix in
+front of it is stripped. Shapes that differ only by input size (position table) or patch size
+(patch-embedding kernel, e.g. ViT-H/14 used as /16) are resized; any other mismatch is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .pos_embed import resize_patch_embed_kernel, resize_pos_embed
+
+logger = logging.getLogger(__name__)
+
+ANCHOR_KEY = "patch_embed.proj.weight"
+STATE_DICT_KEYS = ("model", "state_dict", "module", "model_state")
+# Checkpoint keys a ViT encoder is expected not to use: the MAE decoder and its mask token.
+DECODER_PREFIXES = ("decoder_", "mask_token")
+# Keys an encoder may lack in the checkpoint and is expected to learn from scratch.
+NEW_PARAM_MARKERS = ("rel_pos_h", "rel_pos_w", "relative_position_bias_table", ".ls1.", ".ls2.")
+MIN_LOADED_FRACTION = 0.5
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for the model it was given to."""
+
+
+# -- reading ----------------------------------------------------------------------------------
+def load_file(path: str) -> Any:
+    """``torch.load`` on CPU with ``weights_only=True``; a clear error for unsafe or bad files."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        # argparse.Namespace: the official MAE training loop stores its args as one; it is a
+        # plain attribute container, safe to allow.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} holds Python objects that weights_only=True refuses to unpickle (only "
+                f"tensors, numbers, strings and containers are read). Re-save it as a plain state "
+                f"dict, e.g. torch.save({{'model': sd}}, ...). Details: {e}"
+            ) from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def find_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
+    """The tensor dictionary inside a checkpoint object (see module docstring for the forms)."""
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                return find_state_dict(obj[key])
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointError(
+        f"no state dict found in checkpoint (a {type(obj).__name__}"
+        + (f" with keys {sorted(obj)[:10]}" if isinstance(obj, Mapping) else "")
+        + f"); expected one of {STATE_DICT_KEYS} or a dict of tensors"
+    )
+
+
+def strip_to_vit(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Keeps the ViT's keys, without the prefix found in front of ``patch_embed.proj.weight``.
+
+    Returns:
+        (state dict with bare ViT names, the stripped prefix).
+    """
+    anchors = [k for k in state if k.endswith(ANCHOR_KEY)]
+    if not anchors:
+        return dict(state), ""
+    prefix = min(anchors, key=len)[: -len(ANCHOR_KEY)]
+    if not prefix:
+        return dict(state), ""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, prefix
+
+
+def load_vit_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Reads ``path`` and returns the ViT (or MAE) state dict with bare names and its prefix."""
+    return strip_to_vit(find_state_dict(load_file(path)))
+
+
+# -- the report -------------------------------------------------------------------------------
+@dataclass
+class LoadReport:
+    """What a load did: every model and checkpoint key ends up in exactly one list."""
+
+    source: str = ""
+    loaded: List[str] = field(default_factory=list)
+    resized: List[str] = field(default_factory=list)
+    new: List[str] = field(default_factory=list)  # in the model, expected to be absent
+    missing: List[str] = field(default_factory=list)  # in the model, unexpectedly absent
+    dropped: List[str] = field(default_factory=list)  # in the checkpoint, expected unused
+    unexpected: List[str] = field(default_factory=list)
+    mismatched: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors from {self.source or 'checkpoint'}"]
+        groups = [
+            ("resized", self.resized),
+            ("new (initialised here)", self.new),
+            ("dropped from checkpoint (not used by this model)", self.dropped),
+            ("MISSING from checkpoint", self.missing),
+            ("UNEXPECTED in checkpoint", self.unexpected),
+            ("SHAPE MISMATCH, not loaded", self.mismatched),
+        ]
+        for title, keys in groups:
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): {_abbreviate(keys)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _abbreviate(keys: List[str], limit: int = 8) -> str:
+    """Collapses ``blocks.{i}.x`` into ``blocks.*.x`` and lists at most ``limit`` names."""
+    collapsed: List[str] = []
+    for k in keys:
+        parts = k.split(".")
+        parts = ["*" if p.isdigit() else p for p in parts]
+        name = ".".join(parts)
+        if name not in collapsed:
+            collapsed.append(name)
+    more = f", ... (+{len(collapsed) - limit})" if len(collapsed) > limit else ""
+    return ", ".join(collapsed[:limit]) + more
+
+
+# -- adapting and loading ---------------------------------------------------------------------
+def _grid_of(model: nn.Module) -> Optional[Tuple[int, int]]:
+    pe = getattr(model, "patch_embed", None)
+    return tuple(pe.grid_size) if pe is not None and hasattr(pe, "grid_size") else None
+
+
+def _adapt_pos_embed(value: torch.Tensor, param: torch.Tensor, model: nn.Module):
+    """Fits a (1, P + L, D) position table to the model's, or returns None when impossible.
+
+    A frozen table (MAE's fixed sin-cos) keeps the model's own values, built for its grid; a
+    learned one is interpolated bicubically, and its class-token row added or dropped.
+    """
+    grid = _grid_of(model)
+    if value.ndim != 3 or value.shape[-1] != param.shape[-1] or grid is None:
+        return None
+    if not param.requires_grad:
+        return param.detach().clone()
+    n_grid = grid[0] * grid[1]
+    n_prefix = param.shape[1] - n_grid
+    n_src = value.shape[1]
+    if _is_grid(n_src - 1, n_grid):
+        src_prefix = 1
+    elif _is_grid(n_src, n_grid):
+        src_prefix = 0
+    else:
+        return None
+    patches = value[:, src_prefix:]
+    old_grid = grid if patches.shape[1] == n_grid else None
+    out = resize_pos_embed(patches, grid, num_prefix_tokens=0, old_grid=old_grid)
+    if n_prefix:
+        cls = value[:, :1] if src_prefix else torch.zeros_like(value[:, :1])
+        out = torch.cat([cls, out], dim=1)
+    return out
+
+
+def _is_grid(n: int, n_model: int) -> bool:
+    """n patches form the model's grid or a square one."""
+    return n > 0 and (n == n_model or int(round(n**0.5)) ** 2 == n)
+
+
+def adapt_state_dict(
+    state: Mapping[str, torch.Tensor], model: nn.Module, report: LoadReport
+) -> Dict[str, torch.Tensor]:
+    """Resizes position tables and patch kernels to the model, and sorts keys into the report.
+
+    Returns:
+        the tensors to load into ``model`` (everything loadable, shapes matching).
+    """
+    own = model.state_dict()
+    out: Dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if name not in own:
+            (report.dropped if _expected_unused(name, own) else report.unexpected).append(name)
+            continue
+        target = own[name]
+        if value.shape == target.shape:
+            out[name] = value
+            report.loaded.append(name)
+            continue
+        fixed = _fix_shape(name, value, target, model)
+        if fixed is not None and fixed.shape == target.shape:
+            out[name] = fixed
+            report.loaded.append(name)
+            report.resized.append(f"{name} {tuple(value.shape)}->{tuple(target.shape)}")
+        else:
+            report.mismatched.append(f"{name} {tuple(value.shape)} vs model {tuple(target.shape)}")
+    for name in own:
+        if name not in state:
+            (report.new if _expected_new(name) else report.missing).append(name)
+    return out
+
+
+def _fix_shape(name, value, target, model) -> Optional[torch.Tensor]:
+    if name.endswith("pos_embed"):
+        return _adapt_pos_embed(value, getattr_path(model, name), model)
+    if name.endswith(ANCHOR_KEY) and value.shape[:2] == target.shape[:2]:
+        return resize_patch_embed_kernel(value, target.shape[-2:])
+    return None
+
+
+def getattr_path(module: nn.Module, name: str):
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _expected_unused(name: str, own: Mapping[str, torch.Tensor]) -> bool:
+    if name.startswith(DECODER_PREFIXES):
+        return True
+    return name == "cls_token" and "cls_token" not in own
+
+
+def _expected_new(name: str) -> bool:
+    return any(marker in name for marker in NEW_PARAM_MARKERS)
+
+
+def load_pretrained(
+    model: nn.Module,
+    path_or_state,
+    min_loaded_fraction: float = MIN_LOADED_FRACTION,
+    log: bool = True,
+) -> LoadReport:
+    """Loads an MAE / ViT checkpoint (any form, see module docstring) into ``model``.
+
+    Args:
+        model: a ``MaskedAutoencoderViT`` or ``VisionTransformer`` (or anything with their names).
+        path_or_state: a file path, or an already-read state dict.
+        min_loaded_fraction: below this fraction of the model's tensors loaded, raise.
+
+    Returns:
+        the :class:`LoadReport` (also logged).
+
+    Raises:
+        CheckpointError: when (almost) nothing matches, naming the likely cause.
+    """
+    if isinstance(path_or_state, (str, os.PathLike)):
+        source = str(path_or_state)
+        state, prefix = load_vit_state_dict(source)
+    else:
+        source = "state dict"
+        state, prefix = strip_to_vit(find_state_dict(path_or_state))
+    report = LoadReport(source=source + (f" (prefix '{prefix}' stripped)" if prefix else ""))
+    to_load = adapt_state_dict(state, model, report)
+    n_model = len(model.state_dict())
+    if len(to_load) < min_loaded_fraction * n_model:
+        raise CheckpointError(
+            f"only {len(to_load)} of the model's {n_model} tensors match {source}. "
+            + diagnose(state, model)
+            + "\n"
+            + report.summary()
+        )
+    model.load_state_dict(to_load, strict=False)
+    if log:
+        (logger.info if report.ok else logger.warning)("%s", report.summary())
+    return report
+
+
+def describe_vit(state: Mapping[str, torch.Tensor]) -> str:
+    """'ViT with 12 blocks of width 768, patch 16' from a state dict, or what is known of it."""
+    if ANCHOR_KEY not in state:
+        return "no ViT (no patch_embed.proj.weight)"
+    w = state[ANCHOR_KEY]
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+    depth = max(blocks) + 1 if blocks else 0
+    return f"ViT with {depth} blocks of width {w.shape[0]}, patch {w.shape[-1]}"
+
+
+def diagnose(state: Mapping[str, torch.Tensor], model: nn.Module) -> str:
+    """A sentence on why a checkpoint does not fit: size, patch, or not a ViT at all."""
+    mine = describe_vit(model.state_dict())
+    theirs = describe_vit(state)
+    if ANCHOR_KEY not in state:
+        sample = ", ".join(list(state)[:5])
+        return (
+            f"The checkpoint holds no ViT (keys start with: {sample}); is it the right file? "
+            f"The model is a {mine}."
+        )
+    if theirs != mine:
+        return (
+            f"The checkpoint is a {theirs} but the model is a {mine}: wrong model size? Build the "
+            "model that matches the checkpoint (e.g. vit_large_patch16 for mae_pretrain_vit_large)."
+        )
+    return f"Both are a {mine}, but names differ; is it a ViT checkpoint from another codebase?"
+
+
+# -- writing ----------------------------------------------------------------------------------
+def save_atomic(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file in the same directory, then rename over ``path``.
+
+    A crash mid-write leaves the previous file intact; readers never see a partial file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,114 @@
+"""Makes the pure-Python detectron2 0.6 release importable on current torch / numpy / Pillow.
+
+Importing this module applies four fixes, each a no-op where the real thing exists:
+
+1. ``detectron2._C`` (detectron2's compiled ops) is absent from the registry's source release. A
+   stand-in module is registered that raises a clear error when one of its ops is really called.
+   Mask R-CNN + FPN does not use it (torchvision's ``roi_align`` and ``nms`` are used instead);
+   deformable convolution, rotated boxes and the fast COCO evaluator do.
+2. ``np.bool`` / ``np.int`` / ``np.float`` were removed in numpy 1.24; detectron2 0.6 uses them.
+3. ``PIL.Image.LINEAR`` was removed in Pillow 10; detectron2 0.6 uses it as a default argument.
+4. ``get_norm("LN", C)`` (channel LayerNorm for FPN and heads, the ViTDet recipe) came after
+   0.6; it is added, with timm's ``LayerNorm2d``, when missing.
+
+It must be imported before the first ``import detectron2``; the adapter module does so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["HAS_COMPILED_OPS", "apply"]
+
+HAS_COMPILED_OPS = True
+
+
+class MissingCompiledOp(AttributeError):
+    """An op of detectron2's C++/CUDA extension was used with the pure-Python build."""
+
+
+class _MissingOps(types.ModuleType):
+    """Stands in for ``detectron2._C``; any op lookup raises an error that says why."""
+
+    def get_compiler_version(self) -> str:
+        return "none (pure-Python detectron2 build)"
+
+    def get_cuda_version(self) -> str:
+        return "none"
+
+    def has_cuda(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise MissingCompiledOp(
+            f"detectron2._C.{name} is a compiled op, and this detectron2 is the pure-Python build "
+            "(no C++/CUDA ops: deformable conv, rotated boxes, fast COCO eval). Install detectron2 "
+            "from source (DETECTRON2_SOURCE=<path or git URL> tools/setup_env.sh) to use it."
+        )
+
+
+def _patch_numpy() -> None:
+    for name, value in (("bool", bool), ("int", int), ("float", float)):
+        try:
+            getattr(np, name)
+        except AttributeError:
+            setattr(np, name, value)
+
+
+def _patch_pillow() -> None:
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR
+
+
+def _install_ops_stand_in() -> None:
+    global HAS_COMPILED_OPS
+    if "detectron2._C" in sys.modules or importlib.util.find_spec("detectron2") is None:
+        return
+    if importlib.util.find_spec("detectron2._C") is not None:
+        return
+    HAS_COMPILED_OPS = False
+    stub = _MissingOps("detectron2._C", "stand-in for detectron2's compiled ops (mae_transfer)")
+    sys.modules["detectron2._C"] = stub
+    sys.modules["detectron2"]._C = stub
+
+
+def _add_layer_norm() -> None:
+    if importlib.util.find_spec("detectron2") is None:
+        return
+    from detectron2.layers import batch_norm
+
+    original = batch_norm.get_norm
+    try:
+        original("LN", 8)
+        return
+    except KeyError:
+        pass
+
+    def get_norm(norm, out_channels):
+        if norm == "LN":
+            from timm.layers import LayerNorm2d
+
+            return LayerNorm2d(out_channels, eps=1e-6)
+        return original(norm, out_channels)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("detectron2") and vars(module).get("get_norm") is original:
+            module.get_norm = get_norm
+
+
+def apply() -> None:
+    """Applies all fixes; safe to call more than once."""
+    _patch_numpy()
+    _patch_pillow()
+    _install_ops_stand_in()
+    _add_layer_norm()
+
+
+apply()

@@ -1,0 +1,22 @@
+"""detectron2 glue: the MAE ViT as a registered backbone, its config keys, weights, training.
+
+Importing this package applies the detectron2 compatibility fixes (a no-op on an official
+build), then registers ``build_mae_vit_fpn_backbone`` and ``build_mae_vit_backbone`` in
+detectron2's ``BACKBONE_REGISTRY``.
+"""
+
+from mae_transfer.compat import detectron2_compat  # noqa: F401  (before any detectron2 import)
+
+from .backbone import MAEViTBackbone, build_mae_vit_backbone, build_mae_vit_fpn_backbone
+from .checkpoint import MAECheckpointer, convert_to_detectron2
+from .config import add_mae_vit_config, validate_config
+
+__all__ = [
+    "MAECheckpointer",
+    "MAEViTBackbone",
+    "add_mae_vit_config",
+    "build_mae_vit_backbone",
+    "build_mae_vit_fpn_backbone",
+    "convert_to_detectron2",
+    "validate_config",
+]

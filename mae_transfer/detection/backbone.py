@@ -1,0 +1,98 @@
+"""``MAEViTBackbone``: the 4-stage ViT pyramid behind detectron2's backbone contract."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
+from mae_transfer.pyramid import ViTPyramid, build_pyramid_vit
+
+OUT_FEATURES = ("res2", "res3", "res4", "res5")  # strides 4, 8, 16, 32: FPN's usual inputs
+
+
+class MAEViTBackbone(ViTPyramid, Backbone):
+    """ViT + per-stage deconv/pool rescaling; outputs ``res2``-``res5`` at strides 4-32.
+
+    Keeps the ViT's own parameter names under ``vit.`` so MAE checkpoints map one to one.
+    """
+
+    def __init__(self, norm: str = "LN", pretrained: Optional[str] = None, **kwargs):
+        """Args: ``norm`` of the upsampling path, an optional checkpoint, and the arguments of
+        :func:`mae_transfer.pyramid.build_pyramid_vit` (model name, img_size, out_indices,
+        window_size, global_blocks, rel_pos, drop_path_rate, ...)."""
+        vit, out_indices = build_pyramid_vit(**kwargs)
+        super().__init__(vit, out_indices, norm)
+        self._out_features = list(OUT_FEATURES)
+        self._out_feature_strides = dict(zip(OUT_FEATURES, self.strides))
+        self._out_feature_channels = {name: self.channels for name in OUT_FEATURES}
+        if pretrained:
+            self.load_pretrained(pretrained)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return dict(zip(self._out_features, ViTPyramid.forward(self, x)))
+
+    @property
+    def size_divisibility(self) -> int:
+        # stride-32 maps must tile the input exactly for FPN's top-down additions
+        return max(self.strides)
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        return {"size_divisibility": self.size_divisibility, "square_size": 0}
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            name: ShapeSpec(channels=self.channels, stride=self._out_feature_strides[name])
+            for name in self._out_features
+        }
+
+
+def backbone_kwargs(cfg) -> dict:
+    """MODEL.VIT.* -> keyword arguments of :func:`build_vit_pyramid`."""
+    v = cfg.MODEL.VIT
+    kwargs = dict(
+        model=v.NAME,
+        img_size=v.IMG_SIZE,
+        out_indices=tuple(v.OUT_INDICES) or None,
+        norm=v.NORM,
+        window_size=v.WINDOW_SIZE,
+        global_blocks=tuple(v.GLOBAL_BLOCKS) or None,
+        rel_pos=v.REL_POS or None,
+        drop_path_rate=v.DROP_PATH_RATE,
+        init_values=v.LAYER_SCALE or None,
+        use_checkpoint=v.USE_CHECKPOINT,
+        pretrained=v.PRETRAINED or None,
+    )
+    if v.PATCH_SIZE:
+        kwargs["patch_size"] = v.PATCH_SIZE
+    kwargs.update(_size_overrides(v.SIZE_OVERRIDES))
+    return kwargs
+
+
+def _size_overrides(pairs: Sequence) -> dict:
+    """MODEL.VIT.SIZE_OVERRIDES: [["embed_dim", 64], ["depth", 4], ...] for tiny test models."""
+    return {str(k): v for k, v in pairs}
+
+
+@BACKBONE_REGISTRY.register()
+def build_mae_vit_backbone(cfg, input_shape: ShapeSpec) -> MAEViTBackbone:
+    """The ViT pyramid alone (``res2``-``res5``)."""
+    return MAEViTBackbone(in_chans=input_shape.channels, **backbone_kwargs(cfg))
+
+
+@BACKBONE_REGISTRY.register()
+def build_mae_vit_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+    """The ViT pyramid + detectron2's FPN with ``LastLevelMaxPool`` (P2-P6)."""
+    bottom_up = build_mae_vit_backbone(cfg, input_shape)
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )

@@ -1,0 +1,90 @@
+"""MODEL.WEIGHTS that may be an MAE/ViT checkpoint (official, ours) or a detectron2 one."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Tuple
+
+import torch.nn as nn
+from detectron2.checkpoint import DetectionCheckpointer
+
+from mae_transfer.checkpoint import (
+    ANCHOR_KEY,
+    find_state_dict,
+    load_file,
+    load_pretrained,
+    save_atomic,
+    strip_to_vit,
+)
+from mae_transfer.pyramid import ViTPyramid
+
+logger = logging.getLogger(__name__)
+
+D2_VIT_PREFIX = "backbone.bottom_up.vit."
+
+
+def find_vit(model: nn.Module) -> Tuple[str, nn.Module]:
+    """(dotted name, module) of the ViT inside a detector built with our backbone."""
+    for name, module in model.named_modules():
+        if isinstance(module, ViTPyramid):
+            return f"{name}.vit" if name else "vit", module.vit
+    raise ValueError("the model has no MAE ViT backbone (MODEL.BACKBONE.NAME build_mae_vit_*)")
+
+
+def is_bare_vit(state: Dict[str, Any]) -> bool:
+    """True for MAE / ViT state dicts (ours, official), False for whole-detector ones."""
+    vit, prefix = strip_to_vit(state)
+    return ANCHOR_KEY in vit and not prefix.startswith("backbone.")
+
+
+class MAECheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that also takes MAE checkpoints for the backbone's ViT.
+
+    A bare ViT/MAE file (``mae_pretrain_vit_*.pth``, a full MAE checkpoint, our pretraining
+    checkpoint or ``encoder.pth``) is loaded into the ViT with position tables resized, and a
+    report says what loaded, what is new and what was dropped. Anything else (detectron2
+    checkpoints, for fine-tuning or resuming) goes through detectron2's own loading.
+    """
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith((".pkl", ".pyth")):
+            return super()._load_file(filename)
+        loaded = load_file(filename)  # weights_only=True
+        state = find_state_dict(loaded)
+        if is_bare_vit(state):
+            return {"model": state, "__mae__": True}
+        return loaded if "model" in loaded else {"model": loaded}
+
+    def _load_model(self, checkpoint: Dict[str, Any]):
+        if not checkpoint.pop("__mae__", False):
+            return super()._load_model(checkpoint)
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        vit_name, vit = find_vit(model)
+        report = load_pretrained(vit, checkpoint.pop("model"), log=False)
+        n_other = sum(1 for k in model.state_dict() if not k.startswith(vit_name + "."))
+        logger.info(
+            "MAE weights into %s:\n%s\n  new outside the ViT (pyramid, FPN, RPN, ROI heads): "
+            "%d tensors",
+            vit_name,
+            report.summary(),
+            n_other,
+        )
+        return None
+
+
+def convert_to_detectron2(src: str, dst: str, cfg) -> Dict[str, int]:
+    """Writes an MAE/ViT checkpoint as a detectron2 one for the backbone of ``cfg``.
+
+    Position tables are resized to ``MODEL.VIT.IMG_SIZE`` and a patch-14 kernel to 16, so the
+    file loads into the detector with detectron2's plain DetectionCheckpointer.
+    """
+    from .backbone import MAEViTBackbone, backbone_kwargs
+
+    kwargs = backbone_kwargs(cfg)
+    kwargs.pop("pretrained", None)
+    backbone = MAEViTBackbone(**kwargs)
+    report = load_pretrained(backbone.vit, src)
+    loaded = {k for k in report.loaded}
+    state = {D2_VIT_PREFIX + k: v for k, v in backbone.vit.state_dict().items() if k in loaded}
+    save_atomic({"model": state, "__author__": "mae-transfer", "matching_heuristics": False}, dst)
+    return {"written": len(state), "dropped": len(report.dropped), "new": len(report.new)}

@@ -1,0 +1,87 @@
+"""detectron2 config keys for the MAE ViT backbone, the recipe's solver and data options."""
+
+from __future__ import annotations
+
+import logging
+from typing import List
+
+from detectron2.config import CfgNode as CN
+
+from mae_transfer.pyramid import NORMS
+from mae_transfer.registry import resolve_name
+from mae_transfer.vit import REL_POS_TYPES
+
+logger = logging.getLogger(__name__)
+
+
+def add_mae_vit_config(cfg: CN) -> CN:
+    """Adds ``MODEL.VIT.*``, ``SOLVER.{OPTIMIZER,LAYER_DECAY,BETAS}``, ``INPUT.LSJ.*`` and
+    ``DATASETS.COCO`` to a detectron2 config (defaults: ViT-B, the ViTDet recipe)."""
+    cfg.MODEL.VIT = CN()
+    cfg.MODEL.VIT.NAME = "vit_base_patch16"  # registered encoder, see mae_transfer.list_models
+    cfg.MODEL.VIT.IMG_SIZE = 1024  # size the position table is built for (any input works)
+    cfg.MODEL.VIT.PATCH_SIZE = 0  # 0: the model's own (patch 14 is used as 16)
+    cfg.MODEL.VIT.OUT_INDICES = []  # [] = equal split: B 2,5,8,11; L 5,11,17,23; H 7,15,23,31
+    cfg.MODEL.VIT.WINDOW_SIZE = 14  # 0 = global attention in every block
+    cfg.MODEL.VIT.GLOBAL_BLOCKS = []  # [] = the stage ends (OUT_INDICES), as ViTDet
+    cfg.MODEL.VIT.REL_POS = "decomposed"  # "", "decomposed" or "bias"; zero-initialised
+    cfg.MODEL.VIT.DROP_PATH_RATE = 0.1
+    cfg.MODEL.VIT.LAYER_SCALE = 0.0  # init value of layer scale; 0 = off
+    cfg.MODEL.VIT.USE_CHECKPOINT = False  # activation checkpointing, trades compute for memory
+    cfg.MODEL.VIT.NORM = "LN"  # norm in the x4 upsampling path: BN, SyncBN, LN, GN
+    cfg.MODEL.VIT.PRETRAINED = ""  # alternative to MODEL.WEIGHTS, loaded when the model is built
+    cfg.MODEL.VIT.SIZE_OVERRIDES = []  # [[key, value], ...] e.g. [["embed_dim", 64]] (tiny models)
+
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # or "SGD"
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    cfg.SOLVER.LAYER_DECAY = 0.7  # layer-wise lr decay: 0.7 / 0.8 / 0.9 for B / L / H
+
+    cfg.INPUT.LSJ = CN()
+    cfg.INPUT.LSJ.ENABLED = False  # large-scale jitter: ResizeScale + FixedSizeCrop
+    cfg.INPUT.LSJ.IMAGE_SIZE = 1024
+    cfg.INPUT.LSJ.MIN_SCALE = 0.1
+    cfg.INPUT.LSJ.MAX_SCALE = 2.0
+
+    # COCO-format datasets to register: [[name, json_file, image_root], ...]
+    cfg.DATASETS.COCO = []
+    return cfg
+
+
+def validate_config(cfg: CN) -> None:
+    """Rejects bad MODEL.VIT / SOLVER / INPUT.LSJ values before anything is built."""
+    errors: List[str] = []
+    v = cfg.MODEL.VIT
+    try:
+        resolve_name(v.NAME)
+    except KeyError as e:
+        errors.append(f"MODEL.VIT.NAME: {str(e).strip(chr(39))}")
+    if v.NORM not in NORMS:
+        errors.append(f"MODEL.VIT.NORM must be one of {NORMS}, got {v.NORM!r}")
+    if (v.REL_POS or None) not in REL_POS_TYPES:
+        errors.append(f"MODEL.VIT.REL_POS must be '', 'decomposed' or 'bias', got {v.REL_POS!r}")
+    if v.WINDOW_SIZE < 0:
+        errors.append(f"MODEL.VIT.WINDOW_SIZE must be >= 0, got {v.WINDOW_SIZE}")
+    if v.OUT_INDICES and (len(v.OUT_INDICES) != 4 or list(v.OUT_INDICES) != sorted(v.OUT_INDICES)):
+        errors.append(f"MODEL.VIT.OUT_INDICES must be 4 increasing indices, got {v.OUT_INDICES}")
+    if not 0.0 <= v.DROP_PATH_RATE < 1.0:
+        errors.append(f"MODEL.VIT.DROP_PATH_RATE must be in [0, 1), got {v.DROP_PATH_RATE}")
+    if not 0.0 < cfg.SOLVER.LAYER_DECAY <= 1.0:
+        errors.append(f"SOLVER.LAYER_DECAY must be in (0, 1], got {cfg.SOLVER.LAYER_DECAY}")
+    if cfg.SOLVER.OPTIMIZER.upper() not in ("ADAMW", "SGD"):
+        errors.append(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
+    if cfg.SOLVER.BASE_LR <= 0:
+        errors.append(f"SOLVER.BASE_LR must be > 0, got {cfg.SOLVER.BASE_LR}")
+    if any(s >= cfg.SOLVER.MAX_ITER for s in cfg.SOLVER.STEPS):
+        errors.append(
+            f"SOLVER.STEPS {tuple(cfg.SOLVER.STEPS)} must be < MAX_ITER {cfg.SOLVER.MAX_ITER}"
+        )
+    lsj = cfg.INPUT.LSJ
+    if lsj.ENABLED and not 0 < lsj.MIN_SCALE <= lsj.MAX_SCALE:
+        errors.append(
+            f"INPUT.LSJ scales must satisfy 0 < MIN <= MAX, got {lsj.MIN_SCALE}, {lsj.MAX_SCALE}"
+        )
+    for entry in cfg.DATASETS.COCO:
+        if len(entry) != 3:
+            errors.append(f"DATASETS.COCO entries are [name, json_file, image_root], got {entry}")
+    if errors:
+        raise ValueError("invalid detectron2 config:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,166 @@
+"""Training and evaluation with detectron2's DefaultTrainer, for the MAE recipe.
+
+What changes from detectron2's defaults: AdamW with layer-wise lr decay and no weight decay on
+norms/biases/position tables; large-scale jitter; MAE checkpoints accepted as MODEL.WEIGHTS;
+COCO datasets registered from the config; COCOEvaluator with the Python implementation when
+detectron2 has no compiled ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Dict, List
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.data import transforms as T
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.evaluation import COCOEvaluator
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+from mae_transfer.compat.detectron2_compat import HAS_COMPILED_OPS
+from mae_transfer.optim import param_groups
+
+from .checkpoint import MAECheckpointer, find_vit
+from .config import add_mae_vit_config, validate_config
+
+logger = logging.getLogger(__name__)
+
+
+def build_cfg(config_file: str, opts=(), coco_train=None, coco_val=None):
+    """The frozen-to-be config: file, then ``KEY VALUE`` overrides, then data set flags."""
+    cfg = get_cfg()
+    add_mae_vit_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    for split, files in (("train", coco_train), ("val", coco_val)):
+        if files:
+            name = f"custom_coco_{split}"
+            cfg.DATASETS.COCO = [e for e in cfg.DATASETS.COCO if e[0] != name] + [[name, *files]]
+            if split == "train":
+                cfg.DATASETS.TRAIN = (name,)
+            else:
+                cfg.DATASETS.TEST = (name,)
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+        if cfg.SOLVER.AMP.ENABLED:
+            logger.warning(
+                "SOLVER.AMP.ENABLED turned off: detectron2's AMP needs CUDA (fp32 on CPU)"
+            )
+            cfg.SOLVER.AMP.ENABLED = False
+    validate_config(cfg)
+    return cfg
+
+
+def register_coco_datasets(cfg) -> List[str]:
+    """Registers each ``DATASETS.COCO`` entry [name, json_file, image_root] (once)."""
+    names = []
+    for name, json_file, image_root in cfg.DATASETS.COCO:
+        if name not in DatasetCatalog.list():
+            register_coco_instances(name, {}, json_file, image_root)
+        names.append(name)
+    return names
+
+
+def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
+    """LSJ (ResizeScale 0.1-2.0 + FixedSizeCrop + flip) for training when INPUT.LSJ.ENABLED;
+    detectron2's resize otherwise."""
+    lsj = cfg.INPUT.LSJ
+    if not lsj.ENABLED:
+        from detectron2.data.detection_utils import build_augmentation
+
+        return build_augmentation(cfg, is_train)
+    size = lsj.IMAGE_SIZE
+    if not is_train:
+        return [T.ResizeShortestEdge(short_edge_length=size, max_size=size)]
+    return [
+        T.RandomFlip(horizontal=True),
+        T.ResizeScale(lsj.MIN_SCALE, lsj.MAX_SCALE, target_height=size, target_width=size),
+        T.FixedSizeCrop(crop_size=(size, size)),
+    ]
+
+
+def build_mapper(cfg, is_train: bool) -> DatasetMapper:
+    return DatasetMapper(
+        cfg,
+        is_train=is_train,
+        augmentations=build_augmentations(cfg, is_train),
+        recompute_boxes=is_train and cfg.INPUT.LSJ.ENABLED and cfg.MODEL.MASK_ON,
+    )
+
+
+def layer_decay_groups(
+    model: torch.nn.Module, base_lr: float, weight_decay: float, layer_decay: float
+) -> List[Dict]:
+    """Parameter groups with lr = base_lr x layer scale, weight decay off for norms/biases/
+    position tables (see :mod:`mae_transfer.optim`); also usable from a LazyConfig."""
+    _, vit = find_vit(model)
+    groups = param_groups(model.named_parameters(), weight_decay, layer_decay, depth=vit.depth)
+    for g in groups:
+        g["lr"] = base_lr * g["lr_scale"]
+    return groups
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW (or SGD) with layer-wise lr decay over the ViT blocks; gradient clipping per cfg."""
+    s = cfg.SOLVER
+    groups = layer_decay_groups(model, s.BASE_LR, s.WEIGHT_DECAY, s.LAYER_DECAY)
+    if s.OPTIMIZER.upper() == "SGD":
+        opt = torch.optim.SGD(groups, lr=s.BASE_LR, momentum=s.MOMENTUM)
+    else:
+        fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+        opt = torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), **fused)
+    return maybe_add_gradient_clipping(cfg, opt)
+
+
+class Trainer(DefaultTrainer):
+    """detectron2's DefaultTrainer with the pieces above."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # MODEL.WEIGHTS may be an MAE checkpoint: swap in the checkpointer that understands it.
+        self.checkpointer = MAECheckpointer(
+            self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        for h in self._hooks:
+            if isinstance(h, hooks.PeriodicCheckpointer):
+                h.checkpointer = self.checkpointer
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return COCOEvaluator(
+            dataset_name,
+            output_dir=output_folder or cfg.OUTPUT_DIR,
+            use_fast_impl=HAS_COMPILED_OPS,
+        )
+
+
+def summarize(results: Dict) -> Dict[str, float]:
+    """{'bbox_AP': .., 'bbox_AP50': .., 'segm_AP': .., ...} from COCOEvaluator results."""
+    out = {}
+    for dataset_results in [results] if "bbox" in results else results.values():
+        for task in ("bbox", "segm"):
+            for k in ("AP", "AP50", "AP75"):
+                if task in dataset_results and k in dataset_results[task]:
+                    out[f"{task}_{k}"] = float(dataset_results[task][k])
+    return out

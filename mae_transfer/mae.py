@@ -1,0 +1,258 @@
+"""Masked Autoencoder with a ViT backbone, a drop-in for the official ``models_mae.py``.
+
+Same constructor keywords, same ``forward(imgs, mask_ratio) -> (loss, pred, mask)``, same
+parameter names and shapes (official checkpoints load with a plain ``load_state_dict``), same
+initialisation and the same draw of masking noise, so that one seed gives one mask in both.
+Beyond the official code: any ``(H, W)`` input size, an optional ``noise=`` argument, and an
+encoder that accepts a different input size than it was built for (sin-cos tables regenerated).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from .pos_embed import Size2, sincos_pos_embed, to_2tuple
+
+__all__ = ["MaskedAutoencoderViT", "patchify", "unpatchify", "random_masking"]
+
+
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """imgs: (N, C, H, W) -> (N, L, p*p*C), patches row-major, pixels ordered (p, p, C)."""
+    n, c, h, w = imgs.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+    x = imgs.reshape(n, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, grid_size: Size2 | None = None) -> torch.Tensor:
+    """x: (N, L, p*p*C) -> (N, C, H, W); ``grid_size`` (gh, gw) defaults to a square grid."""
+    n, length, dim = x.shape
+    p = patch_size
+    if grid_size is None:
+        side = int(length**0.5)
+        grid_size = (side, side)
+    gh, gw = to_2tuple(grid_size)
+    if gh * gw != length:
+        raise ValueError(f"{length} patches do not form a {gh}x{gw} grid; pass grid_size")
+    c = dim // (p * p)
+    x = x.reshape(n, gh, gw, p, p, c)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(n, c, gh * p, gw * p)
+
+
+def random_masking(
+    x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random masking by sorting uniform noise, as in the official code.
+
+    Args:
+        x: (N, L, D) patch tokens.
+        mask_ratio: fraction of patches removed; ``int(L * (1 - mask_ratio))`` are kept.
+        noise: (N, L) sort keys; drawn as ``torch.rand(N, L)`` when omitted.
+
+    Returns:
+        x_masked: (N, len_keep, D) the kept tokens, in shuffled order.
+        mask: (N, L), 0 is keep, 1 is remove, in the original patch order.
+        ids_restore: (N, L) indices that undo the shuffle.
+    """
+    n, length, dim = x.shape
+    len_keep = int(length * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(n, length, device=x.device)
+    elif noise.shape != (n, length):
+        raise ValueError(f"noise must have shape {(n, length)}, got {tuple(noise.shape)}")
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+    mask = torch.ones(n, length, device=x.device)  # fp32 even under autocast
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return x_masked, mask, ids_restore
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """Masked Autoencoder with a VisionTransformer backbone (He et al. 2021)."""
+
+    def __init__(
+        self,
+        img_size: Size2 = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_layer=nn.LayerNorm,
+        norm_pix_loss: bool = False,
+    ):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.norm_pix_loss = norm_pix_loss
+
+        # Encoder. strict_img_size=False: other input sizes are allowed, see _pos_embed().
+        self.patch_embed = PatchEmbed(
+            self.img_size, patch_size, in_chans, embed_dim, strict_img_size=False
+        )
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Fixed sin-cos table; a frozen Parameter (not a buffer) to keep the official key type.
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False
+        )
+        self.blocks = nn.ModuleList(
+            [
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(depth)
+            ]
+        )
+        self.norm = norm_layer(embed_dim)
+
+        # Decoder.
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False
+        )
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(
+                    decoder_embed_dim,
+                    decoder_num_heads,
+                    mlp_ratio,
+                    qkv_bias=True,
+                    norm_layer=norm_layer,
+                )
+                for _ in range(decoder_depth)
+            ]
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self._sincos_cache: Dict[Tuple[int, int, int, str], torch.Tensor] = {}
+        self.initialize_weights()
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        return self.patch_embed.grid_size
+
+    def initialize_weights(self) -> None:
+        """Official init: sin-cos tables, xavier-uniform Linear/patch conv, normal(0.02) tokens."""
+        grid = self.grid_size
+        self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], grid))
+        self.decoder_pos_embed.data.copy_(sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid))
+        w = self.patch_embed.proj.weight.data
+        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        torch.nn.init.normal_(self.cls_token, std=0.02)
+        torch.nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    def no_weight_decay(self) -> set:
+        return {"pos_embed", "cls_token", "mask_token", "decoder_pos_embed"}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _pos_embed(self, table: nn.Parameter, grid: Tuple[int, int]) -> torch.Tensor:
+        """The (1, 1 + gh*gw, D) sin-cos table for ``grid``: the stored one at the built size."""
+        if grid == self.grid_size:
+            return table
+        key = (*grid, table.shape[-1], str(table.device))
+        if key not in self._sincos_cache:
+            emb = sincos_pos_embed(table.shape[-1], grid, device=table.device)
+            self._sincos_cache[key] = emb.to(table.dtype)
+        return self._sincos_cache[key]
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs: (N, C, H, W) -> (N, L, p*p*C)."""
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor, grid_size: Size2 | None = None) -> torch.Tensor:
+        """x: (N, L, p*p*C) -> (N, C, H, W); the grid defaults to the model's when L matches."""
+        if grid_size is None and x.shape[1] == self.grid_size[0] * self.grid_size[1]:
+            grid_size = self.grid_size
+        return unpatchify(x, self.patch_size, grid_size)
+
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise=None):
+        """x: (N, L, D) -> (x_masked, mask, ids_restore); see :func:`random_masking`."""
+        return random_masking(x, mask_ratio, noise)
+
+    # -- the three steps -------------------------------------------------------------------
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise=None):
+        """imgs: (N, C, H, W) -> latent (N, 1 + len_keep, D), mask (N, L), ids_restore (N, L)."""
+        grid = (imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size)
+        pos = self._pos_embed(self.pos_embed, grid)
+        x = self.patch_embed(imgs)
+        x = x + pos[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        cls_token = self.cls_token + pos[:, :1, :]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x, mask, ids_restore
+
+    def forward_decoder(
+        self, x: torch.Tensor, ids_restore: torch.Tensor, grid: Tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """x: (N, 1 + len_keep, D) latent -> (N, L, p*p*C) predicted pixels of every patch."""
+        x = self.decoder_embed(x)
+        n, length = ids_restore.shape
+        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # no cls token
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1)
+        x = x + self._pos_embed(self.decoder_pos_embed, grid or self.grid_size)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        x = self.decoder_pred(x)
+        return x[:, 1:, :]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor):
+        """Mean squared error per patch, averaged over the removed patches only.
+
+        imgs: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L), 0 is keep, 1 is remove.
+        """
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (N, L), loss per patch
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None):
+        """imgs: (N, C, H, W) -> (loss, pred (N, L, p*p*C), mask (N, L))."""
+        grid = (imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore, grid)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+
+def build_mae(norm_eps: float = 1e-6, **kwargs) -> MaskedAutoencoderViT:
+    """MaskedAutoencoderViT with LayerNorm(eps=norm_eps), as all official factories use."""
+    kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=norm_eps))
+    return MaskedAutoencoderViT(**kwargs)

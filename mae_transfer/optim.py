@@ -1,0 +1,83 @@
+"""Parameter groups: no weight decay on norms/biases/tokens/position tables, layer-wise lr decay.
+
+One rule for pretraining, detectron2 and mmseg. A parameter's layer id is 0 for the patch and
+position embeddings (and class token), ``i + 1`` for ViT block ``i``, and ``depth + 1`` for
+everything after the ViT (final norm, pyramid, FPN, heads); its lr scale is
+``decay ** (depth + 1 - layer_id)``, so the heads train at the full lr (as in MAE's
+``param_groups_lrd``, ViTDet's ``get_vit_lr_decay_rate`` and BEiT's layer-decay constructor).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import torch.nn as nn
+
+# Name fragments of parameters that never get weight decay (besides 1-d params and biases).
+NO_DECAY_KEYWORDS = (
+    "pos_embed",
+    "cls_token",
+    "mask_token",
+    "rel_pos_h",
+    "rel_pos_w",
+    "relative_position_bias_table",
+)
+_BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_EMBED_RE = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed|cls_token)(?:\.|$)")
+
+
+def no_weight_decay(name: str, param: nn.Parameter, extra: Iterable[str] = ()) -> bool:
+    """True for biases, norm weights and other 1-d parameters, tokens and position tables."""
+    if param.ndim <= 1 or name.endswith(".bias"):
+        return True
+    last = name.rsplit(".", 1)[-1]
+    return last in NO_DECAY_KEYWORDS or any(k in name for k in extra)
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """Layer id of a parameter name for layer-wise lr decay (see module docstring)."""
+    if _EMBED_RE.search(name) and "decoder" not in name:
+        return 0
+    m = _BLOCK_RE.search(name)
+    if m and "decoder" not in name:
+        return int(m.group(1)) + 1
+    return depth + 1
+
+
+def param_groups(
+    named_params: Iterable[Tuple[str, nn.Parameter]],
+    weight_decay: float,
+    layer_decay: float = 1.0,
+    depth: int = 0,
+    extra_no_decay: Sequence[str] = (),
+) -> List[Dict]:
+    """Optimizer parameter groups with ``weight_decay`` and an ``lr_scale`` per group.
+
+    Args:
+        named_params: (name, parameter) pairs; frozen ones are skipped.
+        weight_decay: decay for matrices; 0 for the parameters of :func:`no_weight_decay`.
+        layer_decay: per-layer lr decay (1.0 = none); needs ``depth``, the ViT's block count.
+        extra_no_decay: more name fragments exempt from weight decay.
+
+    Returns:
+        groups with keys ``params``, ``param_names``, ``weight_decay``, ``lr_scale``, sorted by
+        layer id and then by decay.
+    """
+    groups: Dict[Tuple[int, bool], Dict] = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        skip = no_weight_decay(name, p, extra_no_decay)
+        layer = vit_layer_id(name, depth) if layer_decay != 1.0 else depth + 1
+        key = (layer, skip)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "param_names": [],
+                "weight_decay": 0.0 if skip else weight_decay,
+                "lr_scale": layer_decay ** (depth + 1 - layer),
+            }
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return [groups[k] for k in sorted(groups)]

@@ -1,0 +1,172 @@
+"""The 4-stage multi-scale adapter: ViT block outputs -> stride 4/8/16/32 feature maps.
+
+Framework-free; the detectron2 and mmseg backbones are thin wrappers around
+:class:`ViTPyramid`. As in the paper (A.3) and BEiT/mmseg: the ViT blocks are split into four
+stages, each stage's last output is taken, and rescaled from the patch stride to 4, 8, 16, 32:
+
+    x4   = ConvT(2, 2) -> norm -> GELU -> ConvT(2, 2)      (patch 16 -> stride 4)
+    x2   = ConvT(2, 2)                                      (patch 16 -> stride 8)
+    x1   = identity                                         (stride 16)
+    x0.5 = max-pool(2)                                      (stride 32)
+
+Other patch sizes get the matching factors (patch 8: x2, x1, x0.5, x0.25; patch 32: x8 ... x1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm2d
+
+from .checkpoint import LoadReport, load_pretrained
+from .models import STAGE_INDICES_EQUAL, STAGE_INDICES_SEG, VIT_SIZES, equal_split, size_of
+from .registry import create_model, resolve_name
+from .vit import VisionTransformer
+
+logger = logging.getLogger(__name__)
+
+NORMS = ("BN", "SyncBN", "LN", "GN", "")
+STRIDES = (4, 8, 16, 32)
+
+
+def make_norm(norm: str, channels: int) -> nn.Module:
+    """'BN' | 'SyncBN' | 'LN' (over channels of an NCHW map) | 'GN' (32 groups) | '' (none)."""
+    if norm == "BN":
+        return nn.BatchNorm2d(channels)
+    if norm == "SyncBN":
+        return nn.SyncBatchNorm(channels)
+    if norm == "LN":
+        return LayerNorm2d(channels, eps=1e-6)
+    if norm == "GN":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    if norm == "":
+        return nn.Identity()
+    raise ValueError(f"unknown pyramid norm {norm!r}; expected one of {NORMS}")
+
+
+def make_rescale(channels: int, factor: float, norm: str) -> nn.Module:
+    """Resamples an NCHW map by a power-of-two ``factor`` (ConvT up, max-pool down)."""
+    if factor == 1:
+        return nn.Identity()
+    if factor < 1:
+        k = int(round(1 / factor))
+        return nn.MaxPool2d(kernel_size=k, stride=k, ceil_mode=True)
+    layers: List[nn.Module] = []
+    for i in range(int(round(math.log2(factor)))):
+        if i:
+            layers += [make_norm(norm, channels), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
+def pyramid_factors(patch_size: int, strides: Sequence[int] = STRIDES) -> List[float]:
+    """patch / stride for each output, checked to be powers of two."""
+    factors = [patch_size / s for s in strides]
+    for f in factors:
+        if f <= 0 or abs(math.log2(f) - round(math.log2(f))) > 1e-9:
+            raise ValueError(
+                f"patch size {patch_size} cannot reach strides {tuple(strides)} by powers of two; "
+                "use patch_size=16 (a patch-14 checkpoint's kernel is resized when loaded)"
+            )
+    return factors
+
+
+class ViTPyramid(nn.Module):
+    """A ViT and the per-stage rescaling: image -> 4 NCHW maps at strides 4, 8, 16, 32.
+
+    Args:
+        vit: the encoder (``class_token=False`` for window attention / relative position).
+        out_indices: the zero-based block whose output feeds each of the 4 levels.
+        norm: norm inside the x4 (and larger) upsampling path, one of :data:`NORMS`.
+    """
+
+    def __init__(self, vit: VisionTransformer, out_indices: Sequence[int], norm: str = "BN"):
+        super().__init__()
+        if len(out_indices) != 4 or list(out_indices) != sorted(set(out_indices)):
+            raise ValueError(f"out_indices must be 4 increasing block indices, got {out_indices}")
+        if not out_indices[0] >= 0 or out_indices[-1] >= vit.depth:
+            raise ValueError(f"out_indices {tuple(out_indices)} out of range for depth {vit.depth}")
+        self.vit = vit
+        self.out_indices = tuple(out_indices)
+        self.strides = STRIDES
+        self.channels = vit.embed_dim
+        factors = pyramid_factors(vit.patch_size)
+        self.rescale = nn.ModuleList([make_rescale(vit.embed_dim, f, norm) for f in factors])
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """x: (B, 3, H, W) -> 4 maps (B, D, ~H/s, ~W/s) for s = 4, 8, 16, 32."""
+        feats = self.vit.forward_intermediates(x, self.out_indices)
+        return [op(f) for op, f in zip(self.rescale, feats)]
+
+    def load_pretrained(self, path: str) -> LoadReport:
+        """Loads an MAE / ViT checkpoint (any form) into the ViT; the rescaling stays as built."""
+        return load_pretrained(self.vit, path)
+
+
+def default_out_indices(model: str, depth: int, kind: str = "equal") -> tuple:
+    """Stage ends: the paper's equal split ('equal') or the BEiT/mmseg one ('seg')."""
+    table = STAGE_INDICES_EQUAL if kind == "equal" else STAGE_INDICES_SEG
+    try:
+        size = size_of(model)
+        if VIT_SIZES[size]["depth"] == depth:
+            return table[size]
+    except KeyError:
+        pass
+    return equal_split(depth)
+
+
+def build_pyramid_vit(
+    model: str = "vit_base_patch16",
+    img_size=1024,
+    out_indices: Optional[Sequence[int]] = None,
+    stage_split: str = "equal",
+    window_size: int = 0,
+    global_blocks: Optional[Sequence[int]] = None,
+    **vit_kwargs,
+) -> Tuple[VisionTransformer, tuple]:
+    """The encoder (by registered name) for a pyramid, and its stage ends.
+
+    A patch size that is not a power of two (ViT-H/14) becomes 16; the checkpoint's kernel is
+    resized when it loads. ``out_indices`` default to the paper's equal split
+    (``stage_split='equal'``) or BEiT/mmseg's (``'seg'``). With window attention, the blocks at
+    the stage ends are global unless ``global_blocks`` says otherwise (ViTDet's choice).
+    """
+    vit_kwargs.setdefault("class_token", False)
+    patch = vit_kwargs.get("patch_size") or _default_patch(model)
+    if patch & (patch - 1):
+        logger.info(
+            "%s: patch %d used as patch 16 (kernel resized when weights load)", model, patch
+        )
+        patch = 16
+    vit_kwargs["patch_size"] = patch
+    depth = vit_kwargs.get("depth") or VIT_SIZES[size_of(resolve_name(model))]["depth"]
+    if not out_indices:
+        out_indices = default_out_indices(model, depth, stage_split)
+    if window_size and not global_blocks:
+        global_blocks = out_indices
+    vit = create_model(
+        model,
+        img_size=img_size,
+        window_size=window_size,
+        global_blocks=tuple(global_blocks or ()),
+        **vit_kwargs,
+    )
+    return vit, tuple(out_indices)
+
+
+def build_vit_pyramid(norm: str = "BN", pretrained: Optional[str] = None, **kwargs) -> ViTPyramid:
+    """:class:`ViTPyramid` from :func:`build_pyramid_vit` arguments; optionally loads weights."""
+    vit, out_indices = build_pyramid_vit(**kwargs)
+    pyramid = ViTPyramid(vit, out_indices, norm)
+    if pretrained:
+        pyramid.load_pretrained(pretrained)
+    return pyramid
+
+
+def _default_patch(model: str) -> int:
+    name = resolve_name(model)
+    return int(name.rsplit("patch", 1)[-1])

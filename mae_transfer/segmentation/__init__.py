@@ -1,0 +1,13 @@
+"""mmsegmentation glue: the MAE ViT as a registered backbone, the layer-decay optimizer
+constructor, and the toy data set. Reach it from a config with
+
+    custom_imports = dict(imports=["mae_transfer.segmentation"], allow_failed_imports=False)
+"""
+
+from mae_transfer.compat import mmengine_compat  # noqa: F401  (safe resume with torch>=2.6)
+
+from .backbone import MAEViT
+from .dataset import ToyADEDataset
+from .optim import MAELayerDecayOptimizerConstructor
+
+__all__ = ["MAELayerDecayOptimizerConstructor", "MAEViT", "ToyADEDataset"]

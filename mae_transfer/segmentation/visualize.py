@@ -1,0 +1,71 @@
+"""Colour overlays of segmentation predictions (and ground truth), tiled into one PNG."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+@torch.no_grad()
+def predict(model, image_path: str) -> np.ndarray:
+    """(H, W) class indices for one image, with the model's own test pipeline (model.cfg)."""
+    from mmseg.apis import inference_model
+
+    model.eval()
+    result = inference_model(model, image_path)
+    return result.pred_sem_seg.data[0].cpu().numpy()
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
+    """Blends a colour per class over an RGB image; label 255 (ignore) is left uncoloured."""
+    colors = np.zeros((256, 3), np.float64)
+    colors[: len(palette)] = np.asarray(palette, np.float64)
+    out = image.astype(np.float64)
+    valid = labels != 255
+    out[valid] = (1 - alpha) * out[valid] + alpha * colors[labels[valid]]
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def load_labels(path: str, reduce_zero_label: bool = True) -> np.ndarray:
+    """A label PNG as class indices, ADE-style 0 -> 255 (ignore) and c -> c - 1."""
+    labels = np.asarray(Image.open(path)).astype(np.int64)
+    if reduce_zero_label:
+        labels = np.where(labels == 0, 255, labels - 1)
+    return labels.astype(np.uint8 if labels.max() <= 255 else np.int64)
+
+
+def comparison_grid(
+    image_paths: Sequence[str],
+    columns: Sequence[tuple],
+    palette,
+    gt_paths: Optional[Sequence[str]] = None,
+    scale: int = 2,
+) -> np.ndarray:
+    """Rows of image | ground truth | each (title, model) prediction, with titles on top."""
+    titles = ["image"] + (["ground truth"] if gt_paths else []) + [t for t, _ in columns]
+    rows: List[np.ndarray] = []
+    for i, path in enumerate(image_paths):
+        img = np.asarray(Image.open(path).convert("RGB"))
+        cells = [img]
+        if gt_paths:
+            cells.append(overlay(img, load_labels(gt_paths[i]), palette))
+        cells += [overlay(img, predict(model, path), palette) for _, model in columns]
+        rows.append(np.concatenate([_pad(c) for c in cells], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    grid = np.asarray(
+        Image.fromarray(grid).resize(
+            (grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST
+        )
+    )
+    cell_w = grid.shape[1] // len(titles)
+    head = Image.new("RGB", (grid.shape[1], 20), (255, 255, 255))
+    for k, t in enumerate(titles):
+        ImageDraw.Draw(head).text((k * cell_w + 4, 4), t, fill=(0, 0, 0))
+    return np.concatenate([np.asarray(head), grid], axis=0)
+
+
+def _pad(img: np.ndarray, pad: int = 2) -> np.ndarray:
+    return np.pad(img, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)

@@ -1,0 +1,405 @@
+"""Encoder-only ViT for transfer, built from the same blocks and names as the MAE encoder.
+
+Official MAE encoder weights load by name (``patch_embed.proj``, ``blocks.{i}.attn.qkv``, ...).
+On top of the plain ViT it has the options that dense prediction needs:
+
+- any input size: the input is padded to a multiple of the patch size and the learned absolute
+  position table is interpolated to the patch grid of each input;
+- window attention in all but a few global blocks (ViTDet), with padding to whole windows;
+- relative position: ``"decomposed"`` (ViTDet, per-axis tables added to the logits) or
+  ``"bias"`` (BEiT/mmseg, a per-head bias table), both zero-initialised;
+- layer scale, stochastic depth, activation checkpointing;
+- ``forward_intermediates`` returning NCHW maps of chosen blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
+
+from .pos_embed import Size2, resize_pos_embed, sincos_pos_embed
+
+__all__ = ["VisionTransformer", "Attention", "Block", "build_vit", "REL_POS_TYPES"]
+
+REL_POS_TYPES = (None, "decomposed", "bias")
+HW = Tuple[int, int]
+
+
+# -- relative position -----------------------------------------------------------------------
+def _resize_1d_table(table: torch.Tensor, length: int) -> torch.Tensor:
+    """table: (L, C) -> (length, C) by linear interpolation along L."""
+    if table.shape[0] == length:
+        return table
+    out = F.interpolate(table.t().unsqueeze(0).float(), size=length, mode="linear")
+    return out.squeeze(0).t().to(table.dtype)
+
+
+def _relative_index(q_size: int, k_size: int, device) -> torch.Tensor:
+    """(q_size, k_size) index into a table of 2 * max(q, k) - 1 relative offsets."""
+    q = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
+    k = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
+    return ((q - k) + (k_size - 1) * max(q_size / k_size, 1.0)).long()
+
+
+def decomposed_rel_pos_bias(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: HW
+) -> torch.Tensor:
+    """Additive logits of decomposed relative position (Li et al. 2021, ViTDet).
+
+    Args:
+        q: (B, heads, h*w, head_dim) queries, unscaled.
+        rel_pos_h, rel_pos_w: (2*size-1, head_dim) tables; resized when the grid differs.
+        hw: query (= key) grid.
+
+    Returns:
+        (B, heads, h*w, h*w) bias for the attention logits.
+    """
+    h, w = hw
+    b, heads, _, dim = q.shape
+    table_h = _resize_1d_table(rel_pos_h, 2 * h - 1)[_relative_index(h, h, q.device)]  # (h, h, C)
+    table_w = _resize_1d_table(rel_pos_w, 2 * w - 1)[_relative_index(w, w, q.device)]  # (w, w, C)
+    r_q = q.reshape(b, heads, h, w, dim)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, table_h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, table_w)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, h, w, h, w)
+    return bias.reshape(b, heads, h * w, h * w)
+
+
+def _bias_table_index(hw: HW, device) -> torch.Tensor:
+    """(h*w, h*w) index into a ((2h-1) * (2w-1)) table of 2D relative offsets."""
+    h, w = hw
+    coords = torch.stack(
+        torch.meshgrid(
+            torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
+        )
+    ).flatten(1)  # (2, h*w)
+    rel = coords[:, :, None] - coords[:, None, :]
+    return (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
+
+
+def relative_position_bias(table: torch.Tensor, table_hw: HW, hw: HW) -> torch.Tensor:
+    """Per-head bias (BEiT-style table without class-token entries).
+
+    Args:
+        table: ((2*th-1) * (2*tw-1), heads), built for grid ``table_hw``.
+        hw: the grid of this input; the table is resized bicubically when it differs.
+
+    Returns:
+        (1, heads, h*w, h*w).
+    """
+    h, w = hw
+    th, tw = table_hw
+    heads = table.shape[1]
+    if (th, tw) != (h, w):
+        grid = table.t().reshape(1, heads, 2 * th - 1, 2 * tw - 1).float()
+        grid = F.interpolate(grid, size=(2 * h - 1, 2 * w - 1), mode="bicubic", align_corners=False)
+        table = grid.reshape(heads, -1).t().to(table.dtype)
+    bias = table[_bias_table_index(hw, table.device).reshape(-1)]
+    return bias.reshape(h * w, h * w, heads).permute(2, 0, 1).unsqueeze(0)
+
+
+# -- windows ----------------------------------------------------------------------------------
+def window_partition(x: torch.Tensor, window: int) -> Tuple[torch.Tensor, HW]:
+    """x: (B, H, W, C) -> (B * nW, window*window, C) after zero-padding H, W; returns padded HW."""
+    b, h, w, c = x.shape
+    pad_h, pad_w = (-h) % window, (-w) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window, window, wp // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c), (hp, wp)
+
+
+def window_unpartition(x: torch.Tensor, window: int, padded: HW, hw: HW) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B * nW, window*window, C) -> (B, H, W, C)."""
+    hp, wp = padded
+    h, w = hw
+    b = x.shape[0] // ((hp // window) * (wp // window))
+    x = x.view(b, hp // window, wp // window, window, window, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    return x[:, :h, :w, :] if (hp, wp) != (h, w) else x
+
+
+def _padding_mask(hw: HW, padded: HW, window: int, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive (B * nW, 1, 1, window*window) mask that hides zero-padded keys in each window."""
+    valid = torch.zeros(1, padded[0], padded[1], 1, dtype=like.dtype, device=like.device)
+    valid[:, : hw[0], : hw[1]] = 1
+    valid, _ = window_partition(valid, window)  # (nW, window*window, 1)
+    mask = torch.zeros_like(valid).masked_fill(valid == 0, float("-inf"))
+    return mask.transpose(1, 2).unsqueeze(1).repeat(batch, 1, 1, 1)
+
+
+# -- attention and block ----------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head self-attention (timm names ``qkv``, ``proj``) with optional relative position."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        rel_pos: Optional[str] = None,
+        rel_pos_size: Optional[HW] = None,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+        if rel_pos not in REL_POS_TYPES:
+            raise ValueError(f"rel_pos must be one of {REL_POS_TYPES}, got {rel_pos!r}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.rel_pos = rel_pos
+        self.rel_pos_size = rel_pos_size
+        if rel_pos is not None:
+            h, w = rel_pos_size
+            if rel_pos == "decomposed":
+                self.rel_pos_h = nn.Parameter(torch.zeros(2 * h - 1, self.head_dim))
+                self.rel_pos_w = nn.Parameter(torch.zeros(2 * w - 1, self.head_dim))
+            else:
+                self.relative_position_bias_table = nn.Parameter(
+                    torch.zeros((2 * h - 1) * (2 * w - 1), num_heads)
+                )
+
+    def _bias(self, q: torch.Tensor, hw: HW) -> Optional[torch.Tensor]:
+        if self.rel_pos == "decomposed":
+            return decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, hw)
+        if self.rel_pos == "bias":
+            bias = relative_position_bias(self.relative_position_bias_table, self.rel_pos_size, hw)
+            return bias.to(q.dtype)
+        return None
+
+    def forward(
+        self, x: torch.Tensor, hw: Optional[HW] = None, mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Self-attention over tokens.
+
+        Args:
+            x: (B, N, C).
+            hw: the token grid (N = h*w); needed when rel_pos is used.
+            mask: optional additive logit mask broadcastable to (B, heads, N, N).
+
+        Returns:
+            (B, N, C).
+        """
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
+        bias = self._bias(q, hw) if self.rel_pos else None
+        if mask is not None:
+            bias = mask if bias is None else bias + mask
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
+        )
+        x = x.transpose(1, 2).reshape(b, n, c)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; global or window attention (timm parameter names)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        init_values: Optional[float] = None,
+        norm_layer=nn.LayerNorm,
+        act_layer=nn.GELU,
+        window_size: int = 0,
+        rel_pos: Optional[str] = None,
+        rel_pos_size: Optional[HW] = None,
+    ):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = norm_layer(dim)
+        if window_size:
+            rel_pos_size = (window_size, window_size)
+        self.attn = Attention(dim, num_heads, qkv_bias, rel_pos=rel_pos, rel_pos_size=rel_pos_size)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+
+    def _attention(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
+        if not self.window_size:
+            return self.attn(x, hw)
+        b, n, c = x.shape
+        windows, padded = window_partition(x.view(b, hw[0], hw[1], c), self.window_size)
+        mask = _padding_mask(hw, padded, self.window_size, b, x) if padded != hw else None
+        windows = self.attn(windows, (self.window_size, self.window_size), mask)
+        return window_unpartition(windows, self.window_size, padded, hw).reshape(b, n, c)
+
+    def forward(self, x: torch.Tensor, hw: Optional[HW] = None) -> torch.Tensor:
+        """x: (B, N, C) tokens of an h*w grid -> (B, N, C)."""
+        x = x + self.drop_path(self.ls1(self._attention(self.norm1(x), hw)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+# -- the encoder ------------------------------------------------------------------------------
+class VisionTransformer(nn.Module):
+    """ViT encoder with MAE/timm parameter names, for any input size (see module docstring)."""
+
+    def __init__(
+        self,
+        img_size: Size2 = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_layer=None,
+        class_token: bool = True,
+        drop_path_rate: float = 0.0,
+        init_values: Optional[float] = None,
+        window_size: int = 0,
+        global_blocks: Sequence[int] = (),
+        rel_pos: Optional[str] = None,
+        use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        _check_vit_args(depth, class_token, window_size, global_blocks, rel_pos, drop_path_rate)
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.use_checkpoint = use_checkpoint
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.patch_embed = PatchEmbed(
+            img_size, patch_size, in_chans, embed_dim, strict_img_size=False, dynamic_img_pad=True
+        )
+        self.grid_size = tuple(self.patch_embed.grid_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        num_pos = self.patch_embed.num_patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
+        self.global_blocks = tuple(sorted(global_blocks))
+        self.blocks = nn.ModuleList(
+            [
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias,
+                    drop_path=dpr[i],
+                    init_values=init_values,
+                    norm_layer=norm_layer,
+                    window_size=0 if i in self.global_blocks else window_size,
+                    rel_pos=rel_pos,
+                    rel_pos_size=self.grid_size,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.norm = norm_layer(embed_dim)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """MAE's init: sin-cos position table, xavier-uniform Linear and patch conv."""
+        self.pos_embed.data.copy_(
+            sincos_pos_embed(self.embed_dim, self.grid_size, cls_token=self.cls_token is not None)
+        )
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set:
+        return {"pos_embed", "cls_token"}
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, HW]:
+        """(B, C, H, W) -> tokens (B, P + h*w, D) with position added, and the grid (h, w)."""
+        hw = (math.ceil(x.shape[-2] / self.patch_size), math.ceil(x.shape[-1] / self.patch_size))
+        x = self.patch_embed(x)
+        pos = resize_pos_embed(self.pos_embed, hw, self.num_prefix_tokens, self.grid_size)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + pos, hw
+
+    def _run_block(self, blk: Block, x: torch.Tensor, hw: HW) -> torch.Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
+        return blk(x, hw)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, P + h*w, D) normalised tokens, class token first if present."""
+        x, hw = self._embed(x)
+        for blk in self.blocks:
+            x = self._run_block(blk, x, hw)
+        return self.norm(x)
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Sequence[int], norm: bool = False
+    ) -> List[torch.Tensor]:
+        """Outputs of the blocks ``indices`` (zero-based) as NCHW maps.
+
+        Args:
+            x: (B, C, H, W), any H, W (padded up to a multiple of the patch size).
+            indices: block indices, increasing; negative values count from the end.
+            norm: apply the final LayerNorm to each map.
+
+        Returns:
+            list of (B, D, ceil(H / p), ceil(W / p)).
+        """
+        wanted = sorted({i % self.depth for i in indices})
+        x, hw = self._embed(x)
+        outs: Dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks[: wanted[-1] + 1]):
+            x = self._run_block(blk, x, hw)
+            if i in wanted:
+                y = self.norm(x) if norm else x
+                y = y[:, self.num_prefix_tokens :]
+                outs[i] = y.transpose(1, 2).reshape(y.shape[0], -1, hw[0], hw[1])
+        return [outs[i % self.depth] for i in indices]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+def _check_vit_args(depth, class_token, window_size, global_blocks, rel_pos, drop_path_rate):
+    if rel_pos not in REL_POS_TYPES:
+        raise ValueError(f"rel_pos must be one of {REL_POS_TYPES}, got {rel_pos!r}")
+    bad = [i for i in global_blocks if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"global_blocks {bad} out of range for depth {depth} (0..{depth - 1})")
+    if window_size < 0:
+        raise ValueError(f"window_size must be >= 0 (0 = global attention), got {window_size}")
+    if class_token and (window_size or rel_pos):
+        raise ValueError(
+            "class_token=True cannot be combined with window attention or relative position; "
+            "dense-prediction backbones use class_token=False (a checkpoint's cls token is "
+            "dropped)"
+        )
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+
+
+def build_vit(norm_eps: float = 1e-6, **kwargs) -> VisionTransformer:
+    """VisionTransformer with LayerNorm(eps=norm_eps), as the MAE encoder."""
+    kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=norm_eps))
+    return VisionTransformer(**kwargs)

@@ -1,0 +1,22 @@
+"""``python -m pretrain.export CHECKPOINT OUTPUT``: encoder-only checkpoint, official format."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .engine import export_encoder
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser("python -m pretrain.export", description=__doc__)
+    p.add_argument("checkpoint", help="pretraining checkpoint (ours or official full)")
+    p.add_argument("output", help="where to write {'model': encoder state dict}")
+    args = p.parse_args(argv)
+    n = export_encoder(args.checkpoint, args.output)
+    print(f"wrote {n} encoder tensors to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Checkpoint forms, resizing, the load report and its errors."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from conftest import TINY_MAE
+
+from mae_transfer import CheckpointError, create_model, load_pretrained
+from mae_transfer.checkpoint import save_atomic
+
+
+@pytest.fixture
+def mae():
+    return create_model("mae_vit_base_patch16", img_size=32, **TINY_MAE)
+
+
+def encoder_state(mae):
+    return {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask"))}
+
+
+def vit(**kw):
+    args = dict(embed_dim=32, depth=2, num_heads=2, img_size=32)
+    return create_model("vit_base_patch16", **{**args, **kw})
+
+
+def forms(mae):
+    enc, full = encoder_state(mae), mae.state_dict()
+    return {
+        "official_encoder": {"model": enc},
+        "official_full": {"model": full},
+        "training": {"model": full, "optimizer": {}, "epoch": 3, "args": {"model": "x"}},
+        "plain": enc,
+        "ddp": {f"module.{k}": v for k, v in full.items()},
+        "mmengine": {"meta": {}, "state_dict": {f"backbone.vit.{k}": v for k, v in enc.items()}},
+        "detectron2": {
+            "model": {f"backbone.bottom_up.vit.{k}": v for k, v in enc.items()},
+            "iteration": 10,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["official_encoder", "official_full", "training", "plain", "ddp", "mmengine", "detectron2"],
+)
+def test_every_form_loads_into_the_encoder(form, mae, tmp_path):
+    path = tmp_path / f"{form}.pth"
+    torch.save(forms(mae)[form], path)
+    model = vit()
+    report = load_pretrained(model, str(path))
+    assert report.ok and len(report.loaded) == len(model.state_dict())
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, mae.blocks[1].mlp.fc2.weight)
+    if form in ("official_full", "training", "ddp"):
+        assert "mask_token" in report.dropped and "decoder_pred.weight" in report.dropped
+
+
+def test_full_checkpoint_loads_into_mae_at_another_size(mae, tmp_path):
+    path = tmp_path / "full.pth"
+    torch.save({"model": mae.state_dict()}, path)
+    big = create_model("mae_vit_base_patch16", img_size=(48, 64), **TINY_MAE)
+    report = load_pretrained(big, str(path))
+    assert report.ok and len(report.resized) == 2
+    assert torch.equal(big.decoder_pred.weight, mae.decoder_pred.weight)
+
+
+def test_learned_position_table_is_interpolated_and_cls_dropped(mae):
+    model = vit(img_size=(64, 48), class_token=False, rel_pos="decomposed")
+    report = load_pretrained(model, {"model": mae.state_dict()})
+    assert model.pos_embed.shape == (1, 12, 32)
+    assert any(r.startswith("pos_embed (1, 5, 32)->(1, 12, 32)") for r in report.resized)
+    assert "cls_token" in report.dropped
+    assert report.new and all("rel_pos" in k for k in report.new)
+    assert report.ok
+
+
+def test_patch14_kernel_resized_to_16():
+    src = create_model("mae_vit_huge_patch14", img_size=28, **TINY_MAE)
+    model = vit(img_size=32, patch_size=16)
+    report = load_pretrained(model, src.state_dict())
+    assert any(
+        "patch_embed.proj.weight (32, 3, 14, 14)->(32, 3, 16, 16)" in r for r in report.resized
+    )
+    # A constant image gives the same patch response through both kernels.
+    x = torch.ones(1, 3, 14, 14)
+    y14 = torch.nn.functional.conv2d(x, src.patch_embed.proj.weight)
+    y16 = torch.nn.functional.conv2d(torch.ones(1, 3, 16, 16), model.patch_embed.proj.weight)
+    assert torch.allclose(y14, y16, atol=1e-5)
+
+
+def test_wrong_model_size_is_an_error_naming_the_cause(mae):
+    model = create_model("vit_base_patch16", embed_dim=64, depth=4, num_heads=2, img_size=32)
+    with pytest.raises(CheckpointError, match="wrong model size"):
+        load_pretrained(model, {"model": mae.state_dict()})
+
+
+def test_not_a_vit_is_an_error(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(8, 3, 7, 7)}}, path)
+    with pytest.raises(CheckpointError, match="holds no ViT"):
+        load_pretrained(vit(), str(path))
+
+
+class Arbitrary:
+    """Stands for any pickled class a checkpoint might smuggle in."""
+
+
+def test_pickled_objects_are_refused_by_weights_only(tmp_path):
+    path = tmp_path / "unsafe.pth"
+    torch.save({"model": {}, "obj": Arbitrary()}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_pretrained(vit(), str(path))
+
+
+def test_official_training_checkpoint_with_namespace_args_loads(mae, tmp_path):
+    path = tmp_path / "official_training.pth"
+    args = argparse.Namespace(model="mae_vit_base_patch16", norm_pix_loss=True)
+    torch.save({"model": mae.state_dict(), "optimizer": {}, "epoch": 1, "args": args}, path)
+    assert load_pretrained(vit(), str(path)).ok
+
+
+def test_partial_mismatch_is_reported_not_silent(mae):
+    state = encoder_state(mae)
+    state["blocks.0.mlp.fc1.weight"] = torch.zeros(7, 7)
+    model = vit()
+    report = load_pretrained(model, state)
+    assert not report.ok
+    assert any(m.startswith("blocks.0.mlp.fc1.weight") for m in report.mismatched)
+    assert "SHAPE MISMATCH" in report.summary()
+
+
+def test_save_atomic_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    save_atomic({"a": torch.ones(2)}, str(path))
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic({"a": Boom()}, str(path))
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]

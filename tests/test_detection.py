@@ -1,0 +1,209 @@
+"""The detectron2 backbone: shapes, configs, weights, a short training run with evaluation."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("detectron2")
+
+from conftest import ROOT, TINY_MAE  # noqa: E402
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.layers import ShapeSpec  # noqa: E402
+from detectron2.modeling import BACKBONE_REGISTRY, build_model  # noqa: E402
+
+import mae_transfer.detection  # noqa: E402,F401
+from mae_transfer import create_model, load_pretrained  # noqa: E402
+from mae_transfer.datasets import write_toy_coco  # noqa: E402
+from mae_transfer.detection import MAECheckpointer, MAEViTBackbone, convert_to_detectron2  # noqa: E402
+from mae_transfer.detection.train import (  # noqa: E402
+    Trainer,
+    build_cfg,
+    build_optimizer,
+    register_coco_datasets,  # noqa: E402
+)
+
+CONFIG_DIR = os.path.join(ROOT, "configs", "detectron2")
+TINY_CONFIG = os.path.join(CONFIG_DIR, "demo_tiny.yaml")
+TINY_OPTS = ["MODEL.VIT.SIZE_OVERRIDES", "[['embed_dim', 32], ['depth', 4], ['num_heads', 2]]"]
+
+
+def tiny_backbone(**kw) -> MAEViTBackbone:
+    args = dict(model="vit_base_patch16", embed_dim=32, depth=4, num_heads=2, img_size=64)
+    return MAEViTBackbone(**{**args, **kw})
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (70, 90), (33, 130)])
+@pytest.mark.parametrize("patch", [16, 8])
+def test_output_names_strides_channels_odd_sizes(hw, patch):
+    bb = tiny_backbone(patch_size=patch, window_size=2, rel_pos="decomposed", norm="LN")
+    out = bb(torch.randn(1, 3, *hw))
+    assert list(out) == ["res2", "res3", "res4", "res5"]
+    shapes = bb.output_shape()
+    for name, stride in zip(out, (4, 8, 16, 32)):
+        assert shapes[name].stride == stride and shapes[name].channels == 32
+        grid = (-(-hw[0] // patch), -(-hw[1] // patch))
+        factor = patch / stride
+        expect = [int(g * factor) if factor >= 1 else -(-g // int(1 / factor)) for g in grid]
+        assert list(out[name].shape) == [1, 32, *expect], name
+    assert bb.size_divisibility == 32
+
+
+def test_patch14_model_is_used_as_patch16():
+    bb = MAEViTBackbone(model="vit_huge_patch14", embed_dim=32, depth=4, num_heads=2, img_size=64)
+    assert bb.vit.patch_size == 16
+    assert bb(torch.randn(1, 3, 64, 64))["res5"].shape == (1, 32, 2, 2)
+    mae = create_model("mae_vit_huge_patch14", img_size=56, **{**TINY_MAE, "depth": 4})
+    report = load_pretrained(bb.vit, mae.state_dict())
+    assert "patch_embed.proj.weight (32, 3, 14, 14)->(32, 3, 16, 16)" in report.resized
+
+
+def test_fpn_backbone_registered_and_gives_p2_to_p6():
+    cfg = build_cfg(TINY_CONFIG, TINY_OPTS)
+    fpn = BACKBONE_REGISTRY.get("build_mae_vit_fpn_backbone")(cfg, ShapeSpec(channels=3))
+    out = fpn(torch.randn(2, 3, 128, 96))
+    assert {k: v.shape[-2:] for k, v in out.items()} == {
+        "p2": (32, 24),
+        "p3": (16, 12),
+        "p4": (8, 6),
+        "p5": (4, 3),
+        "p6": (2, 2),
+    }
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))))
+def test_every_yaml_config_builds_a_model(path):
+    if os.path.basename(path).startswith("Base-"):
+        pytest.skip("base file")
+    cfg = build_cfg(path, ["MODEL.DEVICE", "meta"])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert n > 1e5
+    assert type(model.backbone.bottom_up).__name__ == "MAEViTBackbone"
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "lazy", "*.py"))))
+def test_every_lazy_config_builds_a_model(path):
+    cfg = LazyConfig.load(path)
+    cfg.model.backbone.bottom_up.update(
+        embed_dim=32, depth=4, num_heads=2, img_size=64, out_indices=None
+    )
+    model = instantiate(cfg.model)
+    assert type(model.backbone.bottom_up).__name__ == "MAEViTBackbone"
+    assert model.backbone.bottom_up.vit.global_blocks == (0, 1, 2, 3)
+
+
+def test_bad_config_values_get_clear_errors():
+    with pytest.raises(ValueError, match="MODEL.VIT.NORM must be one of"):
+        build_cfg(TINY_CONFIG, ["MODEL.VIT.NORM", "BatchNorm"])
+    with pytest.raises(ValueError, match="MODEL.VIT.NAME: unknown model 'vit_gigantic'"):
+        build_cfg(TINY_CONFIG, ["MODEL.VIT.NAME", "vit_gigantic"])
+    with pytest.raises(ValueError, match="SOLVER.LAYER_DECAY must be in"):
+        build_cfg(TINY_CONFIG, ["SOLVER.LAYER_DECAY", "1.5"])
+
+
+def test_layer_decay_param_groups():
+    cfg = build_cfg(TINY_CONFIG, TINY_OPTS + ["SOLVER.LAYER_DECAY", "0.5", "SOLVER.BASE_LR", "1.0"])
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    lr = {n: g["lr"] for g in opt.param_groups for n in g["param_names"]}
+    wd = {n: g["weight_decay"] for g in opt.param_groups for n in g["param_names"]}
+    vit = "backbone.bottom_up.vit."
+    assert lr[vit + "patch_embed.proj.weight"] == pytest.approx(0.5**5)
+    assert lr[vit + "blocks.0.attn.qkv.weight"] == pytest.approx(0.5**4)
+    assert lr[vit + "blocks.3.mlp.fc1.weight"] == pytest.approx(0.5)
+    assert lr["roi_heads.box_predictor.cls_score.weight"] == pytest.approx(1.0)
+    assert wd[vit + "pos_embed"] == 0 and wd[vit + "blocks.0.norm1.weight"] == 0
+    assert wd[vit + "blocks.0.attn.qkv.weight"] == cfg.SOLVER.WEIGHT_DECAY
+
+
+@pytest.fixture(scope="module")
+def toy_coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_coco")
+    return write_toy_coco(str(root), num_train=24, num_val=6, size=96)
+
+
+def _cfg(toy_coco, out, weights="", iters=30):
+    datasets = repr([["toy_coco_train", *toy_coco["train"]], ["toy_coco_val", *toy_coco["val"]]])
+    opts = TINY_OPTS + [
+        "MODEL.WEIGHTS",
+        weights,
+        "OUTPUT_DIR",
+        str(out),
+        "DATASETS.COCO",
+        datasets,
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.STEPS",
+        "()",
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "SOLVER.WARMUP_ITERS",
+        "5",
+        "SOLVER.BASE_LR",
+        "0.001",
+        "INPUT.LSJ.IMAGE_SIZE",
+        "96",
+        "MODEL.VIT.IMG_SIZE",
+        "96",
+    ]
+    cfg = build_cfg(TINY_CONFIG, opts)
+    register_coco_datasets(cfg)
+    return cfg
+
+
+def _official_encoder_file(tmp_path):
+    mae = create_model(
+        "mae_vit_tiny_patch16",
+        patch_size=8,
+        img_size=64,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
+    enc = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask"))}
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": enc}, path)
+    return str(path), enc
+
+
+def test_official_and_our_checkpoints_load_as_model_weights(toy_coco, tmp_path, caplog):
+    path, enc = _official_encoder_file(tmp_path)
+    cfg = _cfg(toy_coco, tmp_path / "out", weights=path)
+    model = build_model(cfg)
+    with caplog.at_level("INFO"):
+        MAECheckpointer(model).load(path)
+    vit = model.backbone.bottom_up.vit
+    assert torch.equal(vit.blocks[2].attn.qkv.weight, enc["blocks.2.attn.qkv.weight"])
+    assert vit.pos_embed.shape == (1, 144, 32)  # 8x8 table interpolated to 96 / 8 = 12
+    text = caplog.text
+    assert "resized (1): pos_embed (1, 65, 32)->(1, 144, 32)" in text
+    assert "dropped from checkpoint (not used by this model) (1): cls_token" in text
+    assert "new outside the ViT (pyramid, FPN, RPN, ROI heads)" in text
+    d2_file = tmp_path / "converted.pth"
+    counts = convert_to_detectron2(path, str(d2_file), cfg)
+    assert counts["written"] == len(vit.state_dict())
+    fresh = build_model(cfg)
+    MAECheckpointer(fresh).load(str(d2_file))  # a detectron2 checkpoint: detectron2's own path
+    assert torch.equal(fresh.backbone.bottom_up.vit.pos_embed, vit.pos_embed)
+
+
+def test_training_lowers_loss_and_evaluation_returns_coco_ap(toy_coco, tmp_path):
+    path, _ = _official_encoder_file(tmp_path)
+    cfg = _cfg(toy_coco, tmp_path / "out", weights=path, iters=40)
+    cfg.freeze()
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    for task in ("bbox", "segm"):
+        assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(results[task])
+    assert os.path.isfile(tmp_path / "out" / "model_final.pth")

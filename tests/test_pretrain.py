@@ -1,0 +1,319 @@
+"""Pretraining: config checks, robust data, resume, NaN stop, DDP equivalence, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_MAE, write_images
+
+from pretrain.config import ConfigError, PretrainConfig, load_config, make_config, validate
+from pretrain.data import PretrainDataset, ResumableDistributedSampler, collate
+from pretrain.distributed import DistInfo
+from pretrain.engine import LAST, NonFiniteLossError, Trainer, cosine_lr
+from pretrain.main import main as pretrain_main
+
+
+def tiny_cfg(tmp_path, data, **kw) -> PretrainConfig:
+    values = dict(
+        model="mae_vit_base_patch16",
+        model_kwargs=TINY_MAE,
+        input_size=32,
+        batch_size=4,
+        epochs=2,
+        warmup_epochs=1,
+        blr=1e-3,
+        data_path=data,
+        num_workers=0,
+        output_dir=str(tmp_path / "out"),
+        device="cpu",
+        log_every_iters=1,
+        norm_pix_loss=True,
+    )
+    values.update(kw)
+    cfg = make_config(values)
+    validate(cfg)
+    return cfg
+
+
+def train(cfg) -> Trainer:
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    t.train()
+    t.close()
+    return t
+
+
+def test_config_precedence_defaults_yaml_flags(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("batch_size: 7\nmask_ratio: 0.6\ninput_size: [32, 48]\n")
+    cfg, _ = load_config(["--config", str(y), "--mask_ratio", "0.5", "--norm_pix_loss"])
+    assert (cfg.batch_size, cfg.mask_ratio, cfg.input_size) == (7, 0.5, [32, 48])
+    assert cfg.norm_pix_loss is True and cfg.weight_decay == 0.05
+
+
+def test_bad_values_are_all_rejected_before_training(tmp_path, image_dir):
+    cfg = make_config(
+        dict(
+            data_path=image_dir,
+            mask_ratio=1.5,
+            batch_size=0,
+            amp="fp8",
+            warmup_epochs=50,
+            epochs=10,
+            model="mae_vit_giant",
+        )
+    )
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    for part in (
+        "mask_ratio must be in [0, 1), got 1.5",
+        "batch_size must be an int >= 1, got 0",
+        "amp must be one of",
+        "warmup_epochs must be in [0, epochs=10], got 50",
+        "unknown model 'mae_vit_giant'",
+    ):
+        assert part in msg
+    with pytest.raises(ConfigError, match="unknown config key"):
+        make_config({"batchsize": 3})
+
+
+def test_cli_rejects_bad_config_and_writes_nothing(tmp_path, image_dir):
+    out = tmp_path / "out"
+    code = pretrain_main(["--data_path", image_dir, "--mask_ratio", "2", "--output_dir", str(out)])
+    assert code == 2 and not out.exists()
+    code = pretrain_main(["--data_path", str(tmp_path / "missing"), "--output_dir", str(out)])
+    assert code == 2 and not out.exists()
+
+
+def test_input_size_must_fit_patch(tmp_path, image_dir):
+    cfg = tiny_cfg(tmp_path, image_dir, input_size=40)
+    with pytest.raises(ConfigError, match="not a multiple of the patch size 16"):
+        Trainer(cfg, torch.device("cpu"), DistInfo())
+
+
+def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path):
+    d = tmp_path / "data" / "train" / "n01"
+    write_images(str(d), 6)
+    (d / "truncated.png").write_bytes((d / "img_001.png").read_bytes()[:80])
+    (d / "not_an_image.jpg").write_text("hello")
+    (d / "notes.txt").write_text("ignored: not an image extension")
+    ds = PretrainDataset(str(tmp_path / "data"), 32, num_patches=4)
+    assert len(ds.files) == 8  # .txt ignored; the two bad ones found by extension
+    # Each bad file met is counted: item 6 skips both bad files, item 7 the truncated one.
+    assert [ds[(0, i)][2] for i in range(len(ds))] == [0, 0, 0, 0, 0, 0, 2, 1]
+    cfg = tiny_cfg(tmp_path, str(tmp_path / "data"), epochs=1, batch_size=2)
+    t = train(cfg)
+    assert t.skipped_images >= 1
+
+
+def test_sampler_splits_global_batches_across_processes():
+    one = list(ResumableDistributedSampler(20, 4, 0, 1, seed=3))
+    two = [list(ResumableDistributedSampler(20, 2, r, 2, seed=3)) for r in (0, 1)]
+    for b in range(5):
+        assert sorted(one[4 * b : 4 * b + 4]) == sorted(
+            two[0][2 * b : 2 * b + 2] + two[1][2 * b : 2 * b + 2]
+        )
+    s = ResumableDistributedSampler(20, 4, 0, 1, seed=3)
+    s.set_epoch(0, start_batch=2)
+    assert list(s) == one[8:]
+
+
+def test_augmentation_and_noise_depend_only_on_epoch_and_index(image_dir):
+    ds = PretrainDataset(image_dir, 32, num_patches=4, seed=1)
+    a, b = ds[(2, 5)], ds[(2, 5)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(ds[(3, 5)][0], a[0])
+    x, noise, skipped = collate([a, b])
+    assert x.shape == (2, 3, 32, 32) and noise.shape == (2, 4) and skipped == 0
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = PretrainConfig(epochs=10, warmup_epochs=2, min_lr=1e-6)
+    assert cosine_lr(0.0, cfg, 1e-3) == 0.0
+    assert cosine_lr(1.0, cfg, 1e-3) == pytest.approx(5e-4)
+    assert cosine_lr(2.0, cfg, 1e-3) == pytest.approx(1e-3)
+    assert cosine_lr(6.0, cfg, 1e-3) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)
+    assert cosine_lr(10.0, cfg, 1e-3) == pytest.approx(1e-6)
+
+
+def test_optimizer_groups_and_effective_lr(tmp_path, image_dir):
+    cfg = tiny_cfg(tmp_path, image_dir, accum_iter=2, blr=1.5e-4)
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    assert t.base_lr == pytest.approx(1.5e-4 * 4 * 2 / 256)
+    assert t.optimizer.defaults["betas"] == (0.9, 0.95)
+    no_decay = {
+        n for g in t.optimizer.param_groups if g["weight_decay"] == 0 for n in g["param_names"]
+    }
+    assert {
+        "cls_token",
+        "mask_token",
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.bias",
+    } <= no_decay
+    assert "blocks.0.attn.qkv.weight" not in no_decay
+    assert "pos_embed" not in no_decay  # frozen sin-cos: not optimised at all
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, image_dir):
+    ref = train(tiny_cfg(tmp_path / "a", image_dir, epochs=3, save_every_iters=1, accum_iter=1))
+
+    class Killed(Exception):
+        pass
+
+    cfg = tiny_cfg(tmp_path / "b", image_dir, epochs=3, save_every_iters=1)
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    step, calls = t._step, []
+
+    def dying_step(*a):
+        calls.append(1)
+        if len(calls) == 5:  # mid-epoch 2 (3 iterations per epoch)
+            raise Killed
+        return step(*a)
+
+    t._step = dying_step
+    with pytest.raises(Killed):
+        t.train()
+    resumed = train(cfg)  # auto-resumes from checkpoint-last.pth
+    assert (resumed.epoch, resumed.iter) == (3, 0)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    a = ref.optimizer.state_dict()["state"]
+    b = resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_dir):
+    cfg = tiny_cfg(tmp_path, image_dir, epochs=2, save_every_iters=1)
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    forward, calls = t.ddp.forward, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        loss, pred, mask = forward(*a, **k)
+        return (loss * float("nan") if len(calls) == 4 else loss), pred, mask
+
+    t.ddp.forward = poisoned
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 1, iteration 0"):
+        t.train()
+    ckpt = torch.load(os.path.join(cfg.output_dir, LAST), weights_only=True)
+    assert (ckpt["epoch"], ckpt["iter"]) == (1, 0)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def _run_ddp_or_single(tmp_path, image_dir, nproc: int, batch: int) -> dict:
+    out = tmp_path / f"out{nproc}"
+    args = [
+        "--config",
+        str(tmp_path / "tiny.yaml"),
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        str(batch),
+    ]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "pretrain", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            "29517",
+            "-m",
+            "pretrain",
+            *args,
+        ]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out / LAST, weights_only=True)
+
+
+def test_two_process_gloo_ddp_equals_one_process(tmp_path, image_dir):
+    cfg = dict(
+        model="mae_vit_base_patch16",
+        model_kwargs=TINY_MAE,
+        input_size=32,
+        epochs=2,
+        warmup_epochs=1,
+        blr=1e-3,
+        data_path=image_dir,
+        num_workers=0,
+        device="cpu",
+        norm_pix_loss=True,
+    )
+    (tmp_path / "tiny.yaml").write_text(json.dumps(cfg))
+    single = _run_ddp_or_single(tmp_path, image_dir, 1, 6)
+    ddp = _run_ddp_or_single(tmp_path, image_dir, 2, 3)
+    assert single["epoch"] == ddp["epoch"] == 2
+    for k, v in single["model"].items():
+        assert torch.allclose(v, ddp["model"][k], rtol=1e-4, atol=1e-6), k
+
+
+def test_cli_end_to_end_and_reconstruction_picture(tmp_path, image_dir):
+    out = tmp_path / "out"
+    cfg = dict(
+        model="mae_vit_base_patch16",
+        model_kwargs=TINY_MAE,
+        input_size=32,
+        epochs=1,
+        warmup_epochs=0,
+        batch_size=4,
+        data_path=image_dir,
+        num_workers=1,
+    )
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain",
+        "--config",
+        str(tmp_path / "c.yaml"),
+        "--output_dir",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in (
+        "config.yaml",
+        LAST,
+        "checkpoint-0.pth",
+        "encoder.pth",
+        "log.jsonl",
+        "loss_curve.png",
+    ):
+        assert (out / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    encoder = torch.load(out / "encoder.pth", weights_only=True)["model"]
+    assert "blocks.0.attn.qkv.weight" in encoder and not any(
+        k.startswith("decoder") for k in encoder
+    )
+    png = tmp_path / "recon.png"
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "tools", "visualize_reconstruction.py"),
+        "--checkpoint",
+        str(out / LAST),
+        "--images",
+        image_dir,
+        "--num",
+        "2",
+        "--output",
+        str(png),
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cmd[3] = str(out / "encoder.pth")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "has no decoder" in r.stderr

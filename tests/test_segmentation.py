@@ -1,0 +1,164 @@
+"""The mmseg backbone: shapes, configs, weights through init_cfg, layer decay, train + test."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("mmseg")
+
+from conftest import ROOT  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.optim import build_optim_wrapper  # noqa: E402
+from mmseg.registry import MODELS  # noqa: E402
+from mmseg.utils import register_all_modules  # noqa: E402
+
+import mae_transfer.segmentation  # noqa: E402,F401
+from mae_transfer import create_model  # noqa: E402
+from mae_transfer.datasets import write_toy_ade  # noqa: E402
+from mae_transfer.segmentation import MAEViT  # noqa: E402
+from mae_transfer.segmentation.demo import demo_options  # noqa: E402
+from mae_transfer.segmentation.runner import build_cfg, make_runner  # noqa: E402
+
+register_all_modules(init_default_scope=True)
+CONFIG_DIR = os.path.join(ROOT, "configs", "mmseg")
+TINY_CONFIG = os.path.join(CONFIG_DIR, "demo_tiny_toy-128x128.py")
+TINY = dict(model="vit_base_patch16", embed_dim=32, depth=4, num_heads=2, img_size=64)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (70, 90), (129, 33)])
+def test_output_shapes_for_odd_sizes(hw):
+    bb = MAEViT(**TINY, norm="BN", rel_pos="bias", init_values=0.1, drop_path_rate=0.1)
+    outs = bb(torch.randn(2, 3, *hw))
+    assert isinstance(outs, tuple) and len(outs) == 4
+    g = (-(-hw[0] // 16), -(-hw[1] // 16))
+    expect = [(4 * g[0], 4 * g[1]), (2 * g[0], 2 * g[1]), g, (-(-g[0] // 2), -(-g[1] // 2))]
+    assert [tuple(o.shape) for o in outs] == [(2, 32, *e) for e in expect]
+    assert bb.out_indices == (0, 1, 2, 3)
+
+
+def test_default_stage_indices_follow_beit():
+    with torch.device("meta"):
+        assert MAEViT(model="vit_base_patch16").out_indices == (3, 5, 7, 11)
+        assert MAEViT(model="vit_large_patch16").out_indices == (7, 11, 15, 23)
+        huge = MAEViT(model="vit_huge_patch14")
+    assert huge.out_indices == (7, 15, 23, 31) and huge.vit.patch_size == 16
+
+
+@pytest.mark.parametrize("path", sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))))
+def test_every_config_builds(path):
+    cfg = Config.fromfile(path)
+    cfg.model.backbone.pretrained = None
+    with torch.device("meta"):
+        model = MODELS.build(cfg.model)
+    assert type(model.backbone).__name__ == "MAEViT"
+    d = model.backbone.channels
+    assert cfg.model.decode_head.in_channels == [d] * 4
+
+
+def _checkpoints(tmp_path):
+    mae = create_model(
+        "mae_vit_base_patch16",
+        img_size=32,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
+    enc = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask"))}
+    official = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": enc}, official)
+    ours = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": mae.state_dict(), "optimizer": {}, "epoch": 5, "args": {}}, ours)
+    return enc, {"official": str(official), "ours": str(ours)}
+
+
+@pytest.mark.parametrize("form", ["official", "ours"])
+def test_checkpoints_load_through_init_cfg_with_report(form, tmp_path):
+    enc, files = _checkpoints(tmp_path)
+    bb = MAEViT(**TINY, norm="BN", init_cfg=dict(type="Pretrained", checkpoint=files[form]))
+    bb.init_weights()
+    r = bb.load_report
+    assert r.ok and len(r.loaded) == len(enc) - 1  # all but the class token
+    assert "cls_token" in r.dropped
+    assert any(x.startswith("pos_embed (1, 5, 32)->(1, 16, 32)") for x in r.resized)
+    assert r.new and all("relative_position_bias_table" in k for k in r.new)
+    assert ("mask_token" in r.dropped) == (form == "ours")
+    assert torch.equal(bb.vit.blocks[3].mlp.fc2.weight, enc["blocks.3.mlp.fc2.weight"])
+
+
+def test_pretrained_path_loads_when_the_runner_inits_the_model(tmp_path):
+    enc, files = _checkpoints(tmp_path)
+    cfg = Config.fromfile(TINY_CONFIG)
+    cfg.model.backbone.update(embed_dim=32, num_heads=2, pretrained=files["official"])
+    cfg.model.decode_head.in_channels = [32] * 4
+    cfg.model.auxiliary_head.in_channels = 32
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    assert torch.equal(
+        model.backbone.vit.blocks[0].attn.qkv.weight, enc["blocks.0.attn.qkv.weight"]
+    )
+
+
+def test_optimizer_constructor_layer_scales():
+    cfg = Config.fromfile(TINY_CONFIG)
+    model = MODELS.build(cfg.model)
+    wrapper_cfg = dict(cfg.optim_wrapper)
+    wrapper_cfg["paramwise_cfg"] = dict(layer_decay_rate=0.5)
+    wrapper = build_optim_wrapper(model, wrapper_cfg)
+    base = cfg.optim_wrapper.optimizer.lr
+    groups = wrapper.optimizer.param_groups
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    scale = {n: by_param[id(p)]["lr"] / base for n, p in named.items()}
+    assert scale["backbone.vit.pos_embed"] == pytest.approx(0.5**5)
+    assert scale["backbone.vit.blocks.0.attn.qkv.weight"] == pytest.approx(0.5**4)
+    assert scale["backbone.vit.blocks.3.attn.qkv.weight"] == pytest.approx(0.5)
+    assert scale["decode_head.conv_seg.weight"] == pytest.approx(1.0)
+    wd = {n: by_param[id(p)]["weight_decay"] for n, p in named.items()}
+    assert wd["backbone.vit.blocks.0.attn.relative_position_bias_table"] == 0
+    assert wd["backbone.vit.blocks.0.norm1.weight"] == 0
+    assert wd["backbone.vit.blocks.0.attn.qkv.weight"] == cfg.optim_wrapper.optimizer.weight_decay
+
+
+def test_bad_config_values_get_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="model.backbone.norm must be one of"):
+        build_cfg(TINY_CONFIG, {"model.backbone.norm": "BatchNorm"})
+    with pytest.raises(ValueError, match="model.backbone.pretrained: file not found"):
+        build_cfg(TINY_CONFIG, {"model.backbone.pretrained": str(tmp_path / "nope.pth")})
+    with pytest.raises(ValueError, match="layer_decay_rate must be in"):
+        build_cfg(TINY_CONFIG, {"optim_wrapper.paramwise_cfg.layer_decay_rate": 0})
+
+
+def test_training_lowers_loss_testing_returns_miou_and_resume_works(tmp_path):
+    root = str(tmp_path / "toy_ade")
+    write_toy_ade(root, num_train=16, num_val=4, size=64)
+    _, files = _checkpoints(tmp_path)
+    opts = demo_options(root, str(tmp_path / "work"), files["official"], iters=30)
+    opts.update(
+        {
+            "model.backbone.embed_dim": 32,
+            "model.backbone.num_heads": 2,
+            "model.decode_head.in_channels": [32] * 4,
+            "model.auxiliary_head.in_channels": 32,
+            "default_hooks.checkpoint.interval": 15,
+            "train_dataloader.batch_size": 4,
+        }
+    )
+    runner = make_runner(build_cfg(TINY_CONFIG, opts))
+    runner.train()
+    losses = runner.message_hub.get_scalar("train/loss").data[0]
+    assert losses[-5:].mean() < losses[:5].mean()
+    metrics = runner.val()
+    assert {"mIoU", "aAcc", "mAcc"} <= set(metrics) and 0 <= metrics["mIoU"] <= 100
+    opts.update({"train_cfg.max_iters": 35})
+    cfg = build_cfg(TINY_CONFIG, opts)
+    cfg.resume = True
+    resumed = make_runner(cfg)
+    resumed.train()
+    assert resumed.iter == 35

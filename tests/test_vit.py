@@ -1,0 +1,102 @@
+"""The encoder-only ViT for transfer: shapes, windows, relative position, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_VIT
+
+from mae_transfer import create_model
+from mae_transfer.vit import window_partition, window_unpartition
+
+
+def vit(**kw):
+    return create_model("vit_base_patch16", **{**TINY_VIT, "img_size": 64, **kw})
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (50, 70), (33, 97)])
+def test_forward_intermediates_any_size(hw):
+    model = vit(class_token=False, window_size=2, global_blocks=(1, 3), rel_pos="decomposed")
+    outs = model.forward_intermediates(torch.randn(2, 3, *hw), [0, 1, 2, 3])
+    gh, gw = -(-hw[0] // 16), -(-hw[1] // 16)
+    assert [tuple(o.shape) for o in outs] == [(2, 32, gh, gw)] * 4
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_forward_features_with_class_token():
+    model = vit()
+    assert model.forward_features(torch.randn(1, 3, 48, 80)).shape == (1, 1 + 15, 32)
+
+
+def test_window_partition_roundtrip_with_padding():
+    x = torch.randn(2, 5, 7, 3)
+    windows, padded = window_partition(x, 3)
+    assert padded == (6, 9) and windows.shape == (2 * 2 * 3, 9, 3)
+    assert torch.equal(window_unpartition(windows, 3, padded, (5, 7)), x)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80)])
+def test_one_window_covering_the_image_equals_global_attention(hw):
+    glob = vit(class_token=False).eval()
+    win = vit(class_token=False, window_size=8).eval()  # grid <= 5x5: one (padded) window
+    win.load_state_dict(glob.state_dict())
+    x = torch.randn(2, 3, *hw)
+    assert torch.allclose(glob.forward_features(x), win.forward_features(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("rel_pos", ["decomposed", "bias"])
+def test_relative_position_is_zero_initialised_and_trained(rel_pos):
+    plain = vit(class_token=False).eval()
+    rel = vit(class_token=False, rel_pos=rel_pos).eval()
+    missing = rel.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all("rel" in k for k in missing)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(plain.forward_features(x), rel.forward_features(x), atol=1e-6)
+    rel.train()
+    rel.forward_features(x).sum().backward()
+    grads = [p.grad for n, p in rel.named_parameters() if "rel" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("rel_pos", ["decomposed", "bias"])
+def test_relative_position_tables_resize_to_other_grids(rel_pos):
+    model = vit(class_token=False, rel_pos=rel_pos)
+    for p in model.parameters():
+        if p.ndim == 2 and p.shape[0] in (7, 49):
+            torch.nn.init.normal_(p)
+    out = model.forward_intermediates(torch.randn(1, 3, 96, 48), [3])[0]
+    assert out.shape == (1, 32, 6, 3) and torch.isfinite(out).all()
+
+
+def test_gradient_on_every_parameter_with_all_options():
+    model = vit(
+        class_token=False,
+        window_size=2,
+        global_blocks=(3,),
+        rel_pos="decomposed",
+        drop_path_rate=0.1,
+        init_values=0.1,
+        use_checkpoint=True,
+    )
+    model.train()
+    outs = model.forward_intermediates(torch.randn(2, 3, 40, 56), [1, 3])
+    sum(o.sum() for o in outs).backward()
+    # the final norm is not used by intermediates without norm=True
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None and not n.startswith("norm")
+    ]
+    assert not missing
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(class_token=True, window_size=4), "class_token=True cannot"),
+        (dict(class_token=False, global_blocks=(7,)), "out of range"),
+        (dict(class_token=False, rel_pos="rope"), "rel_pos must be one of"),
+        (dict(drop_path_rate=1.5), "drop_path_rate"),
+    ],
+)
+def test_bad_arguments_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        vit(**kw)

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""UperNet on the MAE ViT with mmsegmentation: train (mmseg's tools/train.py conventions).
+
+    python tools/train_seg.py configs/mmseg/upernet_mae_vit_base_8xb2-160k_ade20k-512x512.py
+    torchrun --nproc_per_node 8 tools/train_seg.py CONFIG --launcher pytorch --amp
+    python tools/train_seg.py CONFIG --resume --work-dir work_dirs/x \
+        --cfg-options model.backbone.pretrained=mae_pretrain_vit_base.pth
+
+The backbone loads official mae_pretrain_vit_*.pth or our checkpoints directly (no conversion).
+On a machine without CUDA: SyncBN becomes BN, AMP is off (fp32), the dist backend is gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mae_transfer.segmentation.runner import build_cfg, make_runner  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a segmentor (mmseg conventions)")
+    p.add_argument("config", help="mmseg config file")
+    p.add_argument("--work-dir", help="where logs and checkpoints go")
+    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument(
+        "--cfg-options",
+        nargs="+",
+        action=_DictAction,
+        default={},
+        help="override config values: key=value (e.g. train_cfg.max_iters=100)",
+    )
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = p.parse_args(argv)
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args
+
+
+class _DictAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        from mmengine.config import DictAction
+
+        DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = build_cfg(args.config, args.cfg_options, args.work_dir, args.launcher, args.amp)
+    cfg.resume = args.resume
+    runner = make_runner(cfg)
+    runner.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

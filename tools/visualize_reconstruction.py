@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""PNG grid of MAE reconstructions from any checkpoint that has a decoder.
+
+    python tools/visualize_reconstruction.py --checkpoint output_dir/checkpoint-last.pth
+    python tools/visualize_reconstruction.py --checkpoint mae_visualize_vit_large.pth \
+        --images my_photos/ --mask_ratio 0.75 --output recon.png
+
+Columns: original | masked | reconstruction | reconstruction with the visible patches pasted
+back. Without --images, the photographs embedded in scikit-image are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mae_transfer.checkpoint import CheckpointError  # noqa: E402
+from pretrain.data import find_images  # noqa: E402
+from pretrain.samples import sample_images  # noqa: E402
+from pretrain.visualize import load_mae_for_visualization, visualize  # noqa: E402
+
+
+def collect_images(items, limit: int):
+    if not items:
+        return [img for _, img in sample_images()[:limit]]
+    paths = []
+    for item in items:
+        paths.extend(find_images(item) if os.path.isdir(item) else [item])
+    return paths[:limit]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="full MAE checkpoint (with decoder)")
+    p.add_argument("--model", default=None, help="model name, when the checkpoint does not say")
+    p.add_argument("--images", nargs="*", default=None, help="image files or folders")
+    p.add_argument("--num", type=int, default=4, help="number of images (rows)")
+    p.add_argument("--input_size", type=int, nargs="+", default=None, help="H [W]")
+    p.add_argument("--mask_ratio", type=float, default=0.75)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="reconstruction.png")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    size = args.input_size[0] if args.input_size and len(args.input_size) == 1 else args.input_size
+    try:
+        model = load_mae_for_visualization(args.checkpoint, args.model, size)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    images = collect_images(args.images, args.num)
+    title = f"{os.path.basename(args.checkpoint)}, mask ratio {args.mask_ratio}"
+    path = visualize(model, images, args.output, args.mask_ratio, args.seed, title)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
