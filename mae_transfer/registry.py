@@ -13,6 +13,15 @@ from typing import Callable, Dict, List
 import torch.nn as nn
 
 _FACTORIES: Dict[str, Callable[..., nn.Module]] = {}
+
+
+class UnknownModelError(KeyError):
+    """A model name that is not registered; the message lists the registered ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 _ALIASES: Dict[str, str] = {}
 
 
@@ -44,7 +53,7 @@ def resolve_name(name: str) -> str:
         return name
     if name in _ALIASES:
         return _ALIASES[name]
-    raise KeyError(
+    raise UnknownModelError(
         f"unknown model {name!r}; registered: {', '.join(list_models(include_aliases=True))}"
     )
 

@@ -289,7 +289,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         num_pos = self.patch_embed.num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear rule
         self.global_blocks = tuple(sorted(global_blocks))
         self.blocks = nn.ModuleList(
             [

@@ -171,7 +171,7 @@ def validate(cfg: PretrainConfig) -> None:
     try:
         resolve_name(cfg.model)
     except KeyError as e:
-        errors.append(str(e).strip("'\""))
+        errors.append(str(e))
     need(
         isinstance(cfg.model_kwargs, dict),
         f"model_kwargs must be a mapping, got {cfg.model_kwargs!r}",

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 pytest.importorskip("detectron2")
 
+import mae_transfer.detection  # noqa: E402,F401  (compat fixes before detectron2's imports)
+
+# isort: split
 from conftest import ROOT, TINY_MAE  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, build_model  # noqa: E402
 
-import mae_transfer.detection  # noqa: E402,F401
 from mae_transfer import create_model, load_pretrained  # noqa: E402
 from mae_transfer.datasets import write_toy_coco  # noqa: E402
 from mae_transfer.detection import MAECheckpointer, MAEViTBackbone, convert_to_detectron2  # noqa: E402
@@ -207,3 +211,78 @@ def test_training_lowers_loss_and_evaluation_returns_coco_ap(toy_coco, tmp_path)
     for task in ("bbox", "segm"):
         assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(results[task])
     assert os.path.isfile(tmp_path / "out" / "model_final.pth")
+
+
+def test_command_line_tools_train_evaluate_and_draw(toy_coco, tmp_path):
+    """tools/train_det.py (train, then --eval-only) and tools/visualize_det.py, run as users do."""
+    path, _ = _official_encoder_file(tmp_path)
+    out = tmp_path / "cli"
+    common = [
+        "--config-file",
+        TINY_CONFIG,
+        "--coco-train",
+        *toy_coco["train"],
+        "--coco-val",
+        *toy_coco["val"],
+    ]
+    opts = TINY_OPTS + [
+        "SOLVER.MAX_ITER",
+        "4",
+        "SOLVER.STEPS",
+        "()",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "OUTPUT_DIR",
+        str(out),
+        "MODEL.VIT.IMG_SIZE",
+        "96",
+    ]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    tool = os.path.join(ROOT, "tools", "train_det.py")
+    r = subprocess.run(
+        [sys.executable, tool, *common, *opts, "MODEL.WEIGHTS", path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = out / "model_final.pth"
+    assert final.is_file() and (out / "config.yaml").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    r = subprocess.run(
+        [sys.executable, tool, *common, "--eval-only", *opts, "MODEL.WEIGHTS", str(final)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "copypaste: Task: segm" in r.stdout + r.stderr
+    png = tmp_path / "pred.png"
+    vis = os.path.join(ROOT, "tools", "visualize_det.py")
+    r = subprocess.run(
+        [
+            sys.executable,
+            vis,
+            "--config-file",
+            TINY_CONFIG,
+            "--weights",
+            str(final),
+            "--images",
+            toy_coco["val"][1],
+            "--num",
+            "2",
+            "--score-thresh",
+            "0.0",
+            "--output",
+            str(png),
+            *TINY_OPTS,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

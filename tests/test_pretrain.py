@@ -317,3 +317,37 @@ def test_cli_end_to_end_and_reconstruction_picture(tmp_path, image_dir):
     cmd[3] = str(out / "encoder.pth")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "has no decoder" in r.stderr
+
+
+def test_slurm_launcher_runs_a_job_in_debug_mode(tmp_path, image_dir):
+    pytest.importorskip("submitit")
+    out = tmp_path / "out"
+    cfg = dict(
+        model="mae_vit_base_patch16",
+        model_kwargs=TINY_MAE,
+        input_size=32,
+        epochs=1,
+        warmup_epochs=0,
+        batch_size=4,
+        data_path=image_dir,
+        num_workers=0,
+        device="cpu",
+    )
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain.submit",
+        "--cluster",
+        "debug",
+        "--ngpus",
+        "1",
+        "--config",
+        str(tmp_path / "c.yaml"),
+        "--output_dir",
+        str(out),
+    ]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / LAST).is_file() and (out / "submitit").is_dir()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
+import sys
 
 import pytest
 import torch
@@ -162,3 +164,43 @@ def test_training_lowers_loss_testing_returns_miou_and_resume_works(tmp_path):
     resumed = make_runner(cfg)
     resumed.train()
     assert resumed.iter == 35
+    _check_test_and_visualize_tools(tmp_path, root, opts)
+
+
+def _check_test_and_visualize_tools(tmp_path, root, opts):
+    """tools/test_seg.py and tools/visualize_seg.py on the checkpoint the runner wrote."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import test_seg
+    import visualize_seg
+
+    ckpt = str(tmp_path / "work" / "iter_35.pth")
+    cfg_opts = [
+        f"{k}={v}"
+        for k, v in opts.items()
+        if k.endswith("data_root") or "channels" in k or k.endswith(("embed_dim", "num_heads"))
+    ]
+    metrics_json = tmp_path / "metrics.json"
+    assert (
+        test_seg.main(
+            [
+                TINY_CONFIG,
+                ckpt,
+                "--work-dir",
+                str(tmp_path / "test"),
+                "--out",
+                str(metrics_json),
+                "--cfg-options",
+                *cfg_opts,
+            ]
+        )
+        == 0
+    )
+    assert "mIoU" in json.loads(metrics_json.read_text())
+    png = tmp_path / "overlay.png"
+    val = os.path.join(root, "images", "validation")
+    dumped = tmp_path / "work" / "config.py"
+    assert (
+        visualize_seg.main([str(dumped), ckpt, "--images", val, "--num", "2", "--output", str(png)])
+        == 0
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

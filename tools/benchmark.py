@@ -21,7 +21,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -59,21 +58,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
 def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
-    """Growth of peak memory while ``fn`` runs once (run each case in a fresh process)."""
+    """Peak memory growth while ``fn`` runs once (the first step of a fresh process).
+
+    CUDA: peak allocated bytes. CPU: the resident-set high-water mark (VmHWM), reset just
+    before by writing 5 to /proc/self/clear_refs, minus the resident set before the call.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    base = _rss_mb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_mb("VmRSS")
     fn()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return _status_mb("VmHWM") - base
 
 
 def matmul_peak(device: torch.device, dtype=torch.float32, n: int = 2048, repeats: int = 5) -> Dict:

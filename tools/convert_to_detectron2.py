@@ -19,6 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mae_transfer.detection  # noqa: E402,F401
+
+# isort: split
 from mae_transfer.detection import convert_to_detectron2  # noqa: E402
 from mae_transfer.detection.train import build_cfg  # noqa: E402
 

@@ -93,6 +93,15 @@ install_detectron2_fallback() {
   cp -r "$tmp"/*/detectron2 "$site/detectron2"
   rm -rf "$tmp"
 }
+write_detectron2_hook() {
+  # The compatibility fixes must run before detectron2's submodules import: a .pth line loads
+  # an import hook (standard library only) that applies them at the first `import detectron2`.
+  local site hook
+  site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  hook="$ROOT/mae_transfer/compat/detectron2_hook.py"
+  printf "import os, importlib.util as u; p = '%s'; s = os.path.isfile(p) and u.spec_from_file_location('mae_transfer_detectron2_hook', p); s and s.loader.exec_module(u.module_from_spec(s))\n" \
+    "$hook" >"$site/mae_transfer_detectron2_compat.pth"
+}
 if ! have "import detectron2"; then
   if [ -n "${DETECTRON2_SOURCE:-}" ]; then
     log "installing detectron2 from $DETECTRON2_SOURCE"
@@ -103,6 +112,9 @@ if ! have "import detectron2"; then
   else
     install_detectron2_fallback
   fi
+fi
+if ! "$PY" -c "import detectron2, glob, os, sys; sys.exit(not glob.glob(os.path.join(os.path.dirname(detectron2.__file__), '_C*.so')))" 2>/dev/null; then
+  write_detectron2_hook  # no compiled ops: the pure-Python build needs the fixes
 fi
 
 # 4. this project.

@@ -21,10 +21,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import mae_transfer.detection  # noqa: E402,F401  (compat fixes + backbone registration)
+
+# isort: split
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
-import mae_transfer.detection  # noqa: E402,F401  (compat fixes + backbone registration)
 from mae_transfer.detection import MAECheckpointer  # noqa: E402
 from mae_transfer.detection.train import (  # noqa: E402
     Trainer,

@@ -15,10 +15,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import mae_transfer.detection  # noqa: E402,F401
+
+# isort: split
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-import mae_transfer.detection  # noqa: E402,F401
 from mae_transfer.detection import MAECheckpointer  # noqa: E402
 from mae_transfer.detection.train import (
     build_cfg,  # noqa: E402

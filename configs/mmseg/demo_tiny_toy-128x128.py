@@ -23,9 +23,22 @@ model = dict(
         drop_path_rate=0.0,
     ),
     decode_head=dict(
-        in_channels=[96] * 4, channels=64, num_classes=5, norm_cfg=norm_cfg, pool_scales=(1, 2, 4)
+        in_channels=[96] * 4,
+        channels=64,
+        num_classes=5,
+        norm_cfg=norm_cfg,
+        pool_scales=(1, 2, 4),
+        # The shapes cover few pixels (sky 42%, ground 48%, circle 4.1%, square 2.5%, triangle
+        # 1.9%): online hard-pixel mining keeps the loss on what is still wrong, so that 300
+        # iterations learn every class (plain cross-entropy leaves the rarest at IoU 0).
+        sampler=dict(type="OHEMPixelSampler", thresh=0.7, min_kept=4096),
     ),
-    auxiliary_head=dict(in_channels=96, channels=32, num_classes=5, norm_cfg=norm_cfg),
+    auxiliary_head=dict(
+        in_channels=96,
+        channels=32,
+        num_classes=5,
+        norm_cfg=norm_cfg,
+    ),
     test_cfg=dict(mode="whole"),
 )
 dataset_type = "ToyADEDataset"

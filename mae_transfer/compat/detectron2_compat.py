@@ -11,7 +11,9 @@ Importing this module applies four fixes, each a no-op where the real thing exis
 4. ``get_norm("LN", C)`` (channel LayerNorm for FPN and heads, the ViTDet recipe) came after
    0.6; it is added, with timm's ``LayerNorm2d``, when missing.
 
-It must be imported before the first ``import detectron2``; the adapter module does so.
+It must run before the first import of a detectron2 submodule: ``mae_transfer.detection``
+imports it first, and ``tools/setup_env.sh`` installs an import hook
+(:mod:`detectron2_hook`) that runs it at the first ``import detectron2`` from anywhere.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def _patch_pillow() -> None:
 
 def _install_ops_stand_in() -> None:
     global HAS_COMPILED_OPS
-    if "detectron2._C" in sys.modules or importlib.util.find_spec("detectron2") is None:
+    current = sys.modules.get("detectron2._C")
+    if current is not None:
+        HAS_COMPILED_OPS = not isinstance(current, _MissingOps)
         return
     if importlib.util.find_spec("detectron2._C") is not None:
         return
@@ -103,10 +107,21 @@ def _add_layer_norm() -> None:
             module.get_norm = get_norm
 
 
+_applied = False
+
+
 def apply() -> None:
-    """Applies all fixes; safe to call more than once."""
+    """Applies all fixes once; a no-op when detectron2 is not installed."""
+    global _applied
+    if _applied:
+        return
     _patch_numpy()
     _patch_pillow()
+    if importlib.util.find_spec("detectron2") is None:
+        return
+    _applied = True  # before importing detectron2: the import hook calls apply() again
+    import detectron2  # noqa: F401  (the package only; its submodules need the fixes below)
+
     _install_ops_stand_in()
     _add_layer_norm()
 

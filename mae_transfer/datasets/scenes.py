@@ -71,7 +71,7 @@ def render_scene(seed: int, index: int, size: int = 128, max_shapes: int = 4) ->
     for _ in range(50):  # rejection sampling of non-overlapping discs
         if len(shapes) >= rng.integers(1, max_shapes + 1):
             break
-        r = rng.uniform(0.08, 0.2) * size
+        r = rng.uniform(0.1, 0.22) * size
         cx, cy = rng.uniform(r, size - r, 2)
         if any(
             np.hypot(cx - s.polygon[:, 0].mean(), cy - s.polygon[:, 1].mean()) < r + _radius(s) + 2
@@ -83,7 +83,8 @@ def render_scene(seed: int, index: int, size: int = 128, max_shapes: int = 4) ->
     pil = Image.fromarray(img.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
     for s in shapes:
-        base = np.array([(230, 60, 50), (240, 210, 40), (150, 60, 200)][s.kind], dtype=float)
+        # a typical colour per class (red, yellow, magenta), jittered: away from sky and ground
+        base = np.array([(230, 60, 50), (240, 210, 40), (225, 50, 215)][s.kind], dtype=float)
         color = tuple(int(c) for c in (base + rng.uniform(-40, 40, 3)).clip(0, 255))
         draw.polygon([tuple(p) for p in s.polygon], fill=color)
     out = np.asarray(pil).astype(np.float64) + rng.normal(0, 4, (size, size, 3))

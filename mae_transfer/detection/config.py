@@ -54,7 +54,7 @@ def validate_config(cfg: CN) -> None:
     try:
         resolve_name(v.NAME)
     except KeyError as e:
-        errors.append(f"MODEL.VIT.NAME: {str(e).strip(chr(39))}")
+        errors.append(f"MODEL.VIT.NAME: {e}")
     if v.NORM not in NORMS:
         errors.append(f"MODEL.VIT.NORM must be one of {NORMS}, got {v.NORM!r}")
     if (v.REL_POS or None) not in REL_POS_TYPES:

@@ -22,7 +22,7 @@ CONFIG = os.path.join(
 
 def run_demo(out: str, encoder: str, quick: bool = False) -> Dict:
     """Trains twice (MAE encoder / random init), evaluates, draws; returns APs and paths."""
-    n_train, n_val, iters = (32, 8, 10) if quick else (240, 60, 300)
+    n_train, n_val, iters = (32, 8, 10) if quick else (240, 60, 200)
     files = write_toy_coco(os.path.join(out, "data", "toy_coco"), n_train, n_val)
     datasets = [["toy_coco_train", *files["train"]], ["toy_coco_val", *files["val"]]]
     setup_logger(name="detectron2", abbrev_name="d2")
@@ -48,7 +48,7 @@ def run_demo(out: str, encoder: str, quick: bool = False) -> Dict:
         register_coco_datasets(cfg)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)
-        results[init] = summarize(trainer.train() or {})
+        results[init] = summarize(trainer.train())
         paths = [d["file_name"] for d in DatasetCatalog.get("toy_coco_val")[:4]]
         png = os.path.join(out, "detection", f"predictions_{init}.png")
         draw_predictions(cfg, trainer.model, paths, png, score_thresh=0.5)

@@ -49,7 +49,7 @@ def build_cfg(config_file: str, opts=(), coco_train=None, coco_val=None):
                 cfg.DATASETS.TRAIN = (name,)
             else:
                 cfg.DATASETS.TEST = (name,)
-    if not torch.cuda.is_available():
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
         if cfg.SOLVER.AMP.ENABLED:
             logger.warning(
@@ -133,6 +133,11 @@ class Trainer(DefaultTrainer):
         for h in self._hooks:
             if isinstance(h, hooks.PeriodicCheckpointer):
                 h.checkpointer = self.checkpointer
+
+    def train(self):
+        """Trains, then returns the final evaluation results (detectron2 0.6 returns None)."""
+        super().train()
+        return getattr(self, "_last_eval_results", None)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

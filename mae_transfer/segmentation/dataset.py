@@ -14,7 +14,7 @@ class ToyADEDataset(BaseSegDataset):
 
     METAINFO = dict(
         classes=TOY_ADE_CLASSES,
-        palette=[[70, 130, 180], [140, 110, 60], [230, 60, 50], [240, 210, 40], [150, 60, 200]],
+        palette=[[70, 130, 180], [140, 110, 60], [230, 60, 50], [240, 210, 40], [225, 50, 215]],
     )
 
     def __init__(self, img_suffix=".jpg", seg_map_suffix=".png", reduce_zero_label=True, **kwargs):

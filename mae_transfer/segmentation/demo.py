@@ -9,6 +9,7 @@ from PIL import Image
 
 from mae_transfer.datasets import write_toy_ade
 
+from .dataset import ToyADEDataset
 from .runner import build_cfg, make_runner
 from .visualize import comparison_grid
 
@@ -21,7 +22,8 @@ def demo_options(data_root: str, work_dir: str, pretrained, iters: int) -> Dict:
     opts = {"work_dir": work_dir, "model.backbone.pretrained": pretrained}
     for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
         opts[f"{loader}.dataset.data_root"] = data_root
-    opts.update({"train_cfg.max_iters": iters, "train_cfg.val_interval": iters + 1})
+    # no validation inside train(): run_demo calls runner.val() once, for the metrics
+    opts.update({"train_cfg.max_iters": iters, "train_cfg.val_begin": iters + 1})
     opts["default_hooks.checkpoint.interval"] = iters
     return opts
 
@@ -48,7 +50,7 @@ def run_demo(out: str, encoder: str, quick: bool = False) -> Dict:
     names = sorted(os.listdir(val_dir))[:4]
     images = [os.path.join(val_dir, n) for n in names]
     gts = [os.path.join(root, "annotations", "validation", n[:-4] + ".png") for n in names]
-    palette = models[0][1].dataset_meta["palette"]
+    palette = ToyADEDataset.METAINFO["palette"]
     grid = comparison_grid(images, models, palette, gts)
     results["overlay"] = os.path.join(out, "segmentation", "overlay.png")
     Image.fromarray(grid).save(results["overlay"])

@@ -71,7 +71,7 @@ def validate(cfg: Config) -> None:
         try:
             resolve_name(bb.get("model", "vit_base_patch16"))
         except KeyError as e:
-            errors.append(f"model.backbone.model: {str(e).strip(chr(39))}")
+            errors.append(f"model.backbone.model: {e}")
         if bb.get("norm", "SyncBN") not in NORMS:
             errors.append(f"model.backbone.norm must be one of {NORMS}, got {bb.get('norm')!r}")
         if bb.get("rel_pos") not in REL_POS_TYPES:

@@ -2,12 +2,14 @@
 # Mask R-CNN recipe (new_baselines) with the backbone swapped for the MAE ViT pyramid.
 #   python -c "from detectron2.config import LazyConfig; cfg = LazyConfig.load('<this file>')"
 # then detectron2's tools/lazyconfig_train_net.py, with `import mae_transfer.detection` first.
+import mae_transfer.detection  # noqa: F401  (compat fixes before detectron2 builds anything)
+
+# isort: split
 import torch
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-import mae_transfer.detection  # noqa: F401  (compat fixes before detectron2 builds anything)
 from mae_transfer.detection import MAEViTBackbone
 from mae_transfer.detection.train import layer_decay_groups
 

@@ -3,7 +3,6 @@
 custom_imports = dict(imports=["mae_transfer.segmentation"], allow_failed_imports=False)
 
 norm_cfg = dict(type="SyncBN", requires_grad=True)  # BN on a single CPU process (train_seg.py)
-crop_size = (512, 512)
 data_preprocessor = dict(
     type="SegDataPreProcessor",
     # MAE was pretrained on RGB ImageNet-normalised images; mmcv loads BGR, hence bgr_to_rgb.
@@ -12,7 +11,7 @@ data_preprocessor = dict(
     bgr_to_rgb=True,
     pad_val=0,
     seg_pad_val=255,
-    size=crop_size,
+    size=(512, 512),  # pad to the crop size (the dataset config's crop_size)
 )
 model = dict(
     type="EncoderDecoder",
