@@ -36,6 +36,18 @@ def cpu_has_native_bf16() -> bool:
         return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
 
 
+@functools.cache
+def fused_adamw_supported(device_type: str) -> bool:
+    """Whether ``torch.optim.AdamW(..., fused=True)`` runs on this device type."""
+    try:
+        p = torch.nn.Parameter(torch.zeros(2, device=device_type))
+        p.grad = torch.ones_like(p)
+        torch.optim.AdamW([p], fused=True).step()
+        return True
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
 def resolve_amp(mode: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
     """Autocast dtype (None = fp32) and whether a GradScaler is needed.
 

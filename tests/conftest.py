@@ -44,6 +44,28 @@ def write_images(directory: str, n: int, size=(40, 56), seed: int = 0) -> list:
     return paths
 
 
+def save_mae_checkpoints(directory, img_size=32, patch_size=16, depth=4) -> tuple:
+    """A tiny MAE saved in the official encoder-only form and as our training checkpoint.
+
+    Returns:
+        (encoder state dict, {"official": path, "ours": path}).
+    """
+    from mae_transfer import create_model
+
+    mae = create_model(
+        "mae_vit_base_patch16",
+        img_size=img_size,
+        patch_size=patch_size,
+        **{**TINY_MAE, "depth": depth},
+    )
+    enc = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask"))}
+    official = os.path.join(str(directory), "mae_pretrain_vit_tiny.pth")
+    torch.save({"model": enc}, official)
+    ours = os.path.join(str(directory), "checkpoint-last.pth")
+    torch.save({"model": mae.state_dict(), "optimizer": {}, "epoch": 5, "args": {}}, ours)
+    return enc, {"official": official, "ours": ours}
+
+
 @pytest.fixture
 def image_dir(tmp_path):
     d = tmp_path / "images"

@@ -15,7 +15,7 @@ pytest.importorskip("detectron2")
 import mae_transfer.detection  # noqa: E402,F401  (compat fixes before detectron2's imports)
 
 # isort: split
-from conftest import ROOT, TINY_MAE  # noqa: E402
+from conftest import ROOT, TINY_MAE, save_mae_checkpoints  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, build_model  # noqa: E402
@@ -161,21 +161,8 @@ def _cfg(toy_coco, out, weights="", iters=30):
 
 
 def _official_encoder_file(tmp_path):
-    mae = create_model(
-        "mae_vit_tiny_patch16",
-        patch_size=8,
-        img_size=64,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-    )
-    enc = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask"))}
-    path = tmp_path / "mae_pretrain_vit_tiny.pth"
-    torch.save({"model": enc}, path)
-    return str(path), enc
+    enc, files = save_mae_checkpoints(tmp_path, img_size=64, patch_size=8)
+    return files["official"], enc
 
 
 def test_official_and_our_checkpoints_load_as_model_weights(toy_coco, tmp_path, caplog):

@@ -18,7 +18,8 @@ from pretrain.engine import LAST, NonFiniteLossError, Trainer, cosine_lr
 from pretrain.main import main as pretrain_main
 
 
-def tiny_cfg(tmp_path, data, **kw) -> PretrainConfig:
+def tiny_values(data, **kw) -> dict:
+    """Config values of a tiny CPU run on ``data``; keyword arguments override."""
     values = dict(
         model="mae_vit_base_patch16",
         model_kwargs=TINY_MAE,
@@ -29,13 +30,21 @@ def tiny_cfg(tmp_path, data, **kw) -> PretrainConfig:
         blr=1e-3,
         data_path=data,
         num_workers=0,
-        output_dir=str(tmp_path / "out"),
         device="cpu",
         log_every_iters=1,
         norm_pix_loss=True,
     )
     values.update(kw)
-    cfg = make_config(values)
+    return values
+
+
+def write_yaml(path, values: dict) -> str:
+    path.write_text(json.dumps(values))  # JSON is YAML
+    return str(path)
+
+
+def tiny_cfg(tmp_path, data, **kw) -> PretrainConfig:
+    cfg = make_config(tiny_values(data, output_dir=str(tmp_path / "out"), **kw))
     validate(cfg)
     return cfg
 
@@ -237,19 +246,7 @@ def _run_ddp_or_single(tmp_path, image_dir, nproc: int, batch: int) -> dict:
 
 
 def test_two_process_gloo_ddp_equals_one_process(tmp_path, image_dir):
-    cfg = dict(
-        model="mae_vit_base_patch16",
-        model_kwargs=TINY_MAE,
-        input_size=32,
-        epochs=2,
-        warmup_epochs=1,
-        blr=1e-3,
-        data_path=image_dir,
-        num_workers=0,
-        device="cpu",
-        norm_pix_loss=True,
-    )
-    (tmp_path / "tiny.yaml").write_text(json.dumps(cfg))
+    write_yaml(tmp_path / "tiny.yaml", tiny_values(image_dir))
     single = _run_ddp_or_single(tmp_path, image_dir, 1, 6)
     ddp = _run_ddp_or_single(tmp_path, image_dir, 2, 3)
     assert single["epoch"] == ddp["epoch"] == 2
@@ -259,17 +256,9 @@ def test_two_process_gloo_ddp_equals_one_process(tmp_path, image_dir):
 
 def test_cli_end_to_end_and_reconstruction_picture(tmp_path, image_dir):
     out = tmp_path / "out"
-    cfg = dict(
-        model="mae_vit_base_patch16",
-        model_kwargs=TINY_MAE,
-        input_size=32,
-        epochs=1,
-        warmup_epochs=0,
-        batch_size=4,
-        data_path=image_dir,
-        num_workers=1,
+    write_yaml(
+        tmp_path / "c.yaml", tiny_values(image_dir, epochs=1, warmup_epochs=0, num_workers=1)
     )
-    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
     env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [
         sys.executable,
@@ -322,18 +311,7 @@ def test_cli_end_to_end_and_reconstruction_picture(tmp_path, image_dir):
 def test_slurm_launcher_runs_a_job_in_debug_mode(tmp_path, image_dir):
     pytest.importorskip("submitit")
     out = tmp_path / "out"
-    cfg = dict(
-        model="mae_vit_base_patch16",
-        model_kwargs=TINY_MAE,
-        input_size=32,
-        epochs=1,
-        warmup_epochs=0,
-        batch_size=4,
-        data_path=image_dir,
-        num_workers=0,
-        device="cpu",
-    )
-    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    write_yaml(tmp_path / "c.yaml", tiny_values(image_dir, epochs=1, warmup_epochs=0))
     cmd = [
         sys.executable,
         "-m",
@@ -351,3 +329,9 @@ def test_slurm_launcher_runs_a_job_in_debug_mode(tmp_path, image_dir):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / LAST).is_file() and (out / "submitit").is_dir()
+
+
+def test_too_few_images_for_one_batch_is_a_config_error(tmp_path, image_dir):
+    cfg = tiny_cfg(tmp_path, image_dir, batch_size=64)
+    with pytest.raises(ConfigError, match="12 images are fewer than one global batch"):
+        Trainer(cfg, torch.device("cpu"), DistInfo())

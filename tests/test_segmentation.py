@@ -12,14 +12,13 @@ import torch
 
 pytest.importorskip("mmseg")
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, save_mae_checkpoints  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 from mmseg.utils import register_all_modules  # noqa: E402
 
 import mae_transfer.segmentation  # noqa: E402,F401
-from mae_transfer import create_model  # noqa: E402
 from mae_transfer.datasets import write_toy_ade  # noqa: E402
 from mae_transfer.segmentation import MAEViT  # noqa: E402
 from mae_transfer.segmentation.demo import demo_options  # noqa: E402
@@ -61,28 +60,9 @@ def test_every_config_builds(path):
     assert cfg.model.decode_head.in_channels == [d] * 4
 
 
-def _checkpoints(tmp_path):
-    mae = create_model(
-        "mae_vit_base_patch16",
-        img_size=32,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-    )
-    enc = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask"))}
-    official = tmp_path / "mae_pretrain_vit_tiny.pth"
-    torch.save({"model": enc}, official)
-    ours = tmp_path / "checkpoint-last.pth"
-    torch.save({"model": mae.state_dict(), "optimizer": {}, "epoch": 5, "args": {}}, ours)
-    return enc, {"official": str(official), "ours": str(ours)}
-
-
 @pytest.mark.parametrize("form", ["official", "ours"])
 def test_checkpoints_load_through_init_cfg_with_report(form, tmp_path):
-    enc, files = _checkpoints(tmp_path)
+    enc, files = save_mae_checkpoints(tmp_path)
     bb = MAEViT(**TINY, norm="BN", init_cfg=dict(type="Pretrained", checkpoint=files[form]))
     bb.init_weights()
     r = bb.load_report
@@ -95,7 +75,7 @@ def test_checkpoints_load_through_init_cfg_with_report(form, tmp_path):
 
 
 def test_pretrained_path_loads_when_the_runner_inits_the_model(tmp_path):
-    enc, files = _checkpoints(tmp_path)
+    enc, files = save_mae_checkpoints(tmp_path)
     cfg = Config.fromfile(TINY_CONFIG)
     cfg.model.backbone.update(embed_dim=32, num_heads=2, pretrained=files["official"])
     cfg.model.decode_head.in_channels = [32] * 4
@@ -140,7 +120,7 @@ def test_bad_config_values_get_clear_errors(tmp_path):
 def test_training_lowers_loss_testing_returns_miou_and_resume_works(tmp_path):
     root = str(tmp_path / "toy_ade")
     write_toy_ade(root, num_train=16, num_val=4, size=64)
-    _, files = _checkpoints(tmp_path)
+    _, files = save_mae_checkpoints(tmp_path)
     opts = demo_options(root, str(tmp_path / "work"), files["official"], iters=30)
     opts.update(
         {
@@ -198,7 +178,7 @@ def _check_test_and_visualize_tools(tmp_path, root, opts):
     assert "mIoU" in json.loads(metrics_json.read_text())
     png = tmp_path / "overlay.png"
     val = os.path.join(root, "images", "validation")
-    dumped = tmp_path / "work" / "config.py"
+    dumped = tmp_path / "work" / os.path.basename(TINY_CONFIG)  # the config mmengine saved
     assert (
         visualize_seg.main([str(dumped), ckpt, "--images", val, "--num", "2", "--output", str(png)])
         == 0

@@ -27,6 +27,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import maybe_add_gradient_clipping
 
 from mae_transfer.compat.detectron2_compat import HAS_COMPILED_OPS
+from mae_transfer.device import fused_adamw_supported
 from mae_transfer.optim import param_groups
 
 from .checkpoint import MAECheckpointer, find_vit
@@ -116,7 +117,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     if s.OPTIMIZER.upper() == "SGD":
         opt = torch.optim.SGD(groups, lr=s.BASE_LR, momentum=s.MOMENTUM)
     else:
-        fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+        device = next(model.parameters()).device.type
+        fused = {"fused": True} if fused_adamw_supported(device) else {}
         opt = torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), **fused)
     return maybe_add_gradient_clipping(cfg, opt)
 
@@ -153,8 +155,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)  # even with no detections
         return COCOEvaluator(
             dataset_name,
+            tasks=tasks,
             output_dir=output_folder or cfg.OUTPUT_DIR,
             use_fast_impl=HAS_COMPILED_OPS,
         )
