@@ -18,6 +18,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from .pos_embed import Size2, sincos_pos_embed, to_2tuple
+from .weight_init import init_linear_and_norm, init_patch_embed
 
 __all__ = ["MaskedAutoencoderViT", "patchify", "unpatchify", "random_masking"]
 
@@ -154,21 +155,10 @@ class MaskedAutoencoderViT(nn.Module):
         grid = self.grid_size
         self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], grid))
         self.decoder_pos_embed.data.copy_(sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid))
-        w = self.patch_embed.proj.weight.data
-        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        init_patch_embed(self.patch_embed.proj)
         torch.nn.init.normal_(self.cls_token, std=0.02)
         torch.nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            torch.nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_linear_and_norm)
 
     def no_weight_decay(self) -> set:
         return {"pos_embed", "cls_token", "mask_token", "decoder_pos_embed"}

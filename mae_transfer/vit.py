@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 
 from .pos_embed import Size2, resize_pos_embed, sincos_pos_embed
+from .weight_init import init_linear_and_norm, init_patch_embed
 
 __all__ = ["VisionTransformer", "Attention", "Block", "build_vit", "REL_POS_TYPES"]
 
@@ -316,18 +317,10 @@ class VisionTransformer(nn.Module):
         self.pos_embed.data.copy_(
             sincos_pos_embed(self.embed_dim, self.grid_size, cls_token=self.cls_token is not None)
         )
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        init_patch_embed(self.patch_embed.proj)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_linear_and_norm)
 
     def no_weight_decay(self) -> set:
         return {"pos_embed", "cls_token"}
