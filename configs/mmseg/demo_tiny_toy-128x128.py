@@ -29,8 +29,8 @@ model = dict(
         norm_cfg=norm_cfg,
         pool_scales=(1, 2, 4),
         # The shapes cover few pixels (sky 42%, ground 48%, circle 4.1%, square 2.5%, triangle
-        # 1.9%): online hard-pixel mining keeps the loss on what is still wrong, so that 300
-        # iterations learn every class (plain cross-entropy leaves the rarest at IoU 0).
+        # 1.9%): online hard-pixel mining keeps the loss on what is still wrong, so that a few
+        # hundred iterations learn every class (plain cross-entropy left the rarest at IoU 0).
         sampler=dict(type="OHEMPixelSampler", thresh=0.7, min_kept=4096),
     ),
     auxiliary_head=dict(
@@ -85,11 +85,12 @@ val_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
 test_evaluator = val_evaluator
 optim_wrapper = dict(
     type="OptimWrapper",
-    optimizer=dict(type="AdamW", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05),
+    # 3e-3: at 1e-3 the rarer shapes were still at IoU 0 after 300 iterations for some seeds
+    optimizer=dict(type="AdamW", lr=3e-3, betas=(0.9, 0.999), weight_decay=0.05),
     constructor="MAELayerDecayOptimizerConstructor",
     paramwise_cfg=dict(layer_decay_rate=0.75),
 )
-max_iters = 300
+max_iters = 450
 param_scheduler = [
     dict(type="LinearLR", start_factor=1e-3, by_epoch=False, begin=0, end=30),
     dict(type="PolyLR", eta_min=0.0, power=1.0, begin=30, end=max_iters, by_epoch=False),
@@ -106,3 +107,4 @@ env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo"))
 vis_backends = [dict(type="LocalVisBackend"), dict(type="TensorboardVisBackend")]
 visualizer = dict(type="SegLocalVisualizer", vis_backends=vis_backends, name="visualizer")
 log_processor = dict(by_epoch=False)
+randomness = dict(seed=0)  # the demo compares two runs: same data order and head init for both

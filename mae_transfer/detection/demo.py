@@ -7,6 +7,7 @@ from typing import Dict
 
 import numpy as np
 from detectron2.data import DatasetCatalog
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 
@@ -22,7 +23,7 @@ CONFIG = os.path.join(
 
 def run_demo(out: str, encoder: str, quick: bool = False) -> Dict:
     """Trains twice (MAE encoder / random init), evaluates, draws; returns APs and paths."""
-    n_train, n_val, iters = (32, 8, 10) if quick else (240, 60, 200)
+    n_train, n_val, iters = (32, 8, 10) if quick else (240, 60, 180)
     files = write_toy_coco(os.path.join(out, "data", "toy_coco"), n_train, n_val)
     datasets = [["toy_coco_train", *files["train"]], ["toy_coco_val", *files["val"]]]
     setup_logger(name="detectron2", abbrev_name="d2")
@@ -46,6 +47,7 @@ def run_demo(out: str, encoder: str, quick: bool = False) -> Dict:
         cfg = build_cfg(CONFIG, opts)
         cfg.freeze()
         register_coco_datasets(cfg)
+        seed_all_rng(cfg.SEED)  # same init, data order and sampling for both runs
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)
         results[init] = summarize(trainer.train())

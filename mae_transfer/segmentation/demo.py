@@ -30,7 +30,7 @@ def demo_options(data_root: str, work_dir: str, pretrained, iters: int) -> Dict:
 
 def run_demo(out: str, encoder: str, quick: bool = False) -> Dict:
     """Trains twice (MAE encoder / random init), evaluates mIoU, draws overlays."""
-    n_train, n_val, iters = (32, 8, 10) if quick else (240, 60, 300)
+    n_train, n_val, iters = (32, 8, 10) if quick else (240, 60, 450)
     root = os.path.join(out, "data", "toy_ade")
     write_toy_ade(root, n_train, n_val)
     results: Dict = {}
