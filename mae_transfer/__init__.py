@@ -1,8 +1,8 @@
 """mae-transfer: Masked Autoencoder pretraining and transfer to dense prediction.
 
 The core depends on torch and timm only; the detectron2 and mmseg adapters live in
-``mae_transfer.detectron2_backbone`` and ``mae_transfer.mmseg_backbone`` and import their
-framework themselves.
+``mae_transfer.detection`` and ``mae_transfer.segmentation`` and import their framework
+themselves.
 """
 
 from .checkpoint import CheckpointError, LoadReport, load_pretrained, save_atomic

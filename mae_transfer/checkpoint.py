@@ -201,7 +201,10 @@ def adapt_state_dict(
     out: Dict[str, torch.Tensor] = {}
     for name, value in state.items():
         if name not in own:
-            (report.dropped if _expected_unused(name, own) else report.unexpected).append(name)
+            unused = _expected_unused(name, own) or name.startswith(
+                tuple(getattr(model, "unused_checkpoint_prefixes", ()))
+            )
+            (report.dropped if unused else report.unexpected).append(name)
             continue
         target = own[name]
         if value.shape == target.shape:

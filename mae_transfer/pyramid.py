@@ -90,6 +90,7 @@ class ViTPyramid(nn.Module):
             raise ValueError(f"out_indices must be 4 increasing block indices, got {out_indices}")
         if not out_indices[0] >= 0 or out_indices[-1] >= vit.depth:
             raise ValueError(f"out_indices {tuple(out_indices)} out of range for depth {vit.depth}")
+        _prune_unused(vit, out_indices[-1])
         self.vit = vit
         self.out_indices = tuple(out_indices)
         self.strides = STRIDES
@@ -105,6 +106,27 @@ class ViTPyramid(nn.Module):
     def load_pretrained(self, path: str) -> LoadReport:
         """Loads an MAE / ViT checkpoint (any form) into the ViT; the rescaling stays as built."""
         return load_pretrained(self.vit, path)
+
+
+def _prune_unused(vit: VisionTransformer, last: int) -> None:
+    """Removes what the pyramid never runs: the final norm and blocks after the last stage.
+
+    Parameters without a gradient would make DDP (``find_unused_parameters=False``, the default
+    in detectron2 and mmengine) fail at the second iteration. Checkpoint loading reports their
+    weights as dropped. ``vit.depth`` keeps the full depth (layer-wise lr decay counts it).
+    """
+    kept = last + 1
+    dropped = ["norm."] + [f"blocks.{i}." for i in range(kept, len(vit.blocks))]
+    if kept < len(vit.blocks):
+        logger.info(
+            "pyramid: blocks %d-%d come after the last stage (block %d) and are removed",
+            kept,
+            len(vit.blocks) - 1,
+            last,
+        )
+        vit.blocks = vit.blocks[:kept]
+    vit.norm = nn.Identity()
+    vit.unused_checkpoint_prefixes = tuple(dropped)
 
 
 def default_out_indices(model: str, depth: int, kind: str = "equal") -> tuple:
@@ -130,17 +152,16 @@ def build_pyramid_vit(
 ) -> Tuple[VisionTransformer, tuple]:
     """The encoder (by registered name) for a pyramid, and its stage ends.
 
-    A patch size that is not a power of two (ViT-H/14) becomes 16; the checkpoint's kernel is
-    resized when it loads. ``out_indices`` default to the paper's equal split
-    (``stage_split='equal'``) or BEiT/mmseg's (``'seg'``). With window attention, the blocks at
-    the stage ends are global unless ``global_blocks`` says otherwise (ViTDet's choice).
+    Patch 14 (ViT-H/14) becomes 16, the checkpoint's kernel resized when it loads; another
+    patch size that is not a power of two is rejected by :func:`pyramid_factors`.
+    ``out_indices`` default to the paper's equal split (``stage_split='equal'``) or
+    BEiT/mmseg's (``'seg'``). With window attention, the blocks at the stage ends are global
+    unless ``global_blocks`` says otherwise (ViTDet's choice).
     """
     vit_kwargs.setdefault("class_token", False)
     patch = vit_kwargs.get("patch_size") or _default_patch(model)
-    if patch & (patch - 1):
-        logger.info(
-            "%s: patch %d used as patch 16 (kernel resized when weights load)", model, patch
-        )
+    if patch == 14:  # ViT-H/14: as ViTDet, run as patch 16 (other sizes: pyramid_factors says)
+        logger.info("%s: patch 14 used as patch 16 (kernel resized when weights load)", model)
         patch = 16
     vit_kwargs["patch_size"] = patch
     depth = vit_kwargs.get("depth") or VIT_SIZES[size_of(resolve_name(model))]["depth"]

@@ -281,6 +281,7 @@ class VisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.depth = depth
+        self.unused_checkpoint_prefixes: Tuple[str, ...] = ()  # set by adapters that prune
         self.use_checkpoint = use_checkpoint
         self.num_prefix_tokens = 1 if class_token else 0
         self.patch_embed = PatchEmbed(

@@ -149,7 +149,21 @@ def make_config(values: Dict[str, Any]) -> PretrainConfig:
     values = dict(values)
     if isinstance(values.get("input_size"), (list, tuple)) and len(values["input_size"]) == 1:
         values["input_size"] = values["input_size"][0]
+    for name, f in _fields().items():
+        if isinstance(values.get(name), str) and name != "input_size":
+            values[name] = _parse_number(values[name], _flag_type(f))
     return PretrainConfig(**values)
+
+
+def _parse_number(text: str, kind: type) -> Any:
+    """'1e-3' as a float (YAML reads exponents without a dot as strings); else the text as is."""
+    if kind is str:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        return text  # validate() names it
+    return int(value) if kind is int and value.is_integer() else value
 
 
 def save_config(cfg: PretrainConfig, path: str) -> None:
@@ -166,6 +180,19 @@ def validate(cfg: PretrainConfig) -> None:
         if not ok:
             errors.append(msg)
 
+    # numbers first: a wrong type is named once and its default stands in for the range checks
+    fixes = {}
+    for name, f in _fields().items():
+        kind, value = _flag_type(f), getattr(cfg, name)
+        if name == "input_size" or kind is str or value is None:
+            continue
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not is_number or (kind is int and not isinstance(value, int)):
+            what = "an integer" if kind is int else "a number"
+            errors.append(f"{name} must be {what}, got {value!r}")
+            fixes[name] = f.default
+    cfg = dataclasses.replace(cfg, **fixes)
+
     from mae_transfer.registry import resolve_name
 
     try:
@@ -181,7 +208,10 @@ def validate(cfg: PretrainConfig) -> None:
         len(sizes) in (1, 2) and all(isinstance(s, int) and s > 0 for s in sizes),
         f"input_size must be a positive int or [H, W], got {cfg.input_size!r}",
     )
-    need(0.0 <= cfg.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    need(
+        0.0 < cfg.mask_ratio < 1.0,
+        f"mask_ratio must be in (0, 1): the loss is taken on masked patches; got {cfg.mask_ratio}",
+    )
     need(cfg.mask_noise in MASK_NOISE_MODES, f"mask_noise must be one of {MASK_NOISE_MODES}")
     for name in ("batch_size", "accum_iter", "epochs", "dataset_repeats", "save_every_epochs"):
         value = getattr(cfg, name)
@@ -208,6 +238,14 @@ def validate(cfg: PretrainConfig) -> None:
         errors.append("data_path is required: an ImageNet root (with train/) or a folder of images")
     elif not os.path.isdir(cfg.data_path):
         errors.append(f"data_path {cfg.data_path!r} is not a directory")
+    else:
+        from .data import first_image
+
+        if first_image(cfg.data_path) is None:
+            errors.append(
+                f"data_path {cfg.data_path!r} holds no images: expected an ImageNet root with "
+                "train/<class>/*.JPEG or a folder of images"
+            )
     if cfg.resume and not os.path.isfile(cfg.resume):
         errors.append(f"resume checkpoint {cfg.resume!r} does not exist")
     if errors:

@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 
@@ -25,10 +26,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_CONSECUTIVE_BAD = 50
 
 
+def _image_root(root: str) -> str:
+    train = os.path.join(root, "train")
+    return train if os.path.isdir(train) else root
+
+
+def first_image(root: str) -> Optional[str]:
+    """The first image file found under ``root`` (stops there: cheap on ImageNet), or None."""
+    for dirpath, _, filenames in os.walk(_image_root(root), followlinks=True):
+        for f in filenames:
+            if f.lower().endswith(IMG_EXTENSIONS):
+                return os.path.join(dirpath, f)
+    return None
+
+
 def find_images(root: str) -> List[str]:
     """Image files under ``root`` (``root/train`` when it exists, the ImageNet layout), sorted."""
-    train = os.path.join(root, "train")
-    base = train if os.path.isdir(train) else root
+    base = _image_root(root)
     files = []
     for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
         dirnames.sort()
@@ -115,7 +129,13 @@ class PretrainDataset(Dataset):
             path = self.files[(i + step) % len(self.files)]
             try:
                 return load_rgb(path), skipped
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            except (
+                OSError,
+                UnidentifiedImageError,
+                ValueError,
+                SyntaxError,
+                DecompressionBombError,
+            ) as e:
                 skipped += 1
                 if path not in self._bad:
                     self._bad.add(path)

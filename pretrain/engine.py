@@ -57,7 +57,9 @@ class Trainer:
 
     def __init__(self, cfg: PretrainConfig, device: torch.device, dist_info: DistInfo):
         self.cfg, self.device, self.dist = cfg, device, dist_info
-        torch.manual_seed(cfg.seed)  # same init on every process; DDP also broadcasts rank 0's
+        # seed + rank as the official code: DDP broadcasts rank 0's initial weights, and with
+        # mask_noise=global (noise drawn in the forward) every rank then draws its own masks
+        torch.manual_seed(cfg.seed + dist_info.rank)
         self.model = self._build_model()
         self.loader, self.sampler = self._build_data()
         self.ipe = self.sampler.batches_per_epoch  # iterations per epoch
@@ -135,12 +137,14 @@ class Trainer:
         return loader, sampler
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP first, then torch.compile over it (so compiled graphs split at DDP buckets)."""
+        if self.dist.enabled:
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        self.ddp_module = model  # for no_sync()
         if self.cfg.compile:
             model = torch.compile(model)
-        if not self.dist.enabled:
-            return model
-        ids = [self.dist.local_rank] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        return model
 
     def _tensorboard(self):
         if not self.dist.is_main:
@@ -163,13 +167,34 @@ class Trainer:
         if "optimizer" not in ckpt:
             logger.info("loaded weights only from %s (no optimizer state: a fresh start)", path)
             return
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            self._resume_official(ckpt, path)
+            return
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.iter = int(ckpt["epoch"]), int(ckpt.get("iter", 0))
         self.skipped_images = int(ckpt.get("skipped_images", 0))
         _set_rng_state(ckpt.get("rng", {}))
+        if self.dist.rank:  # rank 0's state was saved; the others keep their own streams
+            torch.manual_seed(
+                cfg.seed + self.dist.rank + 7919 * (self.epoch * self.ipe + self.iter)
+            )
         logger.info("resumed from %s at epoch %d, iteration %d", path, self.epoch, self.iter)
+
+    def _resume_official(self, ckpt: Dict, path: str) -> None:
+        """An official ``main_pretrain.py`` checkpoint-N.pth: N is the last *finished* epoch.
+
+        Its optimizer has the official parameter groups ([no decay, decay], tokens decayed),
+        which do not map one to one onto ours, so the AdamW moments start afresh.
+        """
+        self.epoch, self.iter = int(ckpt.get("epoch", -1)) + 1, 0
+        logger.warning(
+            "%s is an official MAE checkpoint: resuming its weights at epoch %d; its optimizer "
+            "state uses the official parameter groups and is not loaded (AdamW moments restart)",
+            path,
+            self.epoch,
+        )
 
     def checkpoint_state(self) -> Dict:
         return {
@@ -210,15 +235,32 @@ class Trainer:
             mininterval=1.0 if _is_tty() else 10.0,
         )
         stats: Dict[str, float] = {}
+        if self.epoch >= cfg.epochs:
+            logger.info("nothing to do: %s has finished all %d epochs", cfg.output_dir, cfg.epochs)
+            stats = self._last_epoch_stats()
         while self.epoch < cfg.epochs:
             stats = self._train_epoch(bar)
         bar.close()
         barrier(self.dist)
         return stats
 
+    def _last_epoch_stats(self) -> Dict[str, float]:
+        """The epoch record of a finished run, from its log.jsonl (empty when there is none)."""
+        path = os.path.join(self.cfg.output_dir, "log.jsonl")
+        stats: Dict[str, float] = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    record = json.loads(line)
+                    if "train_loss" in record:
+                        stats = record
+        return stats
+
     def _train_epoch(self, bar) -> Dict[str, float]:
         cfg, epoch = self.cfg, self.epoch
         self.sampler.set_epoch(epoch, start_batch=self.iter)
+        if self.iter == 0:  # as the official loop: a partial accumulation never crosses epochs
+            self.optimizer.zero_grad(set_to_none=True)
         self.ddp.train()
         loss_sum, n, t0 = 0.0, 0, time.time()
         window = []  # losses since the last log line
@@ -258,7 +300,11 @@ class Trainer:
         imgs = imgs.to(self.device, non_blocking=True)
         noise = noise.to(self.device, non_blocking=True) if cfg.mask_noise == "per_sample" else None
         update = (self.iter + 1) % cfg.accum_iter == 0
-        sync = contextlib.nullcontext() if update or not self.dist.enabled else self.ddp.no_sync()
+        sync = (
+            contextlib.nullcontext()
+            if update or not self.dist.enabled
+            else self.ddp_module.no_sync()
+        )
         with sync:
             with torch.autocast(
                 self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None

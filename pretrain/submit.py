@@ -13,6 +13,7 @@ preemption the job requeues itself and resumes from ``output_dir/checkpoint-last
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Optional, Sequence
@@ -57,7 +58,13 @@ class PretrainJob:
     def checkpoint(self):
         import submitit
 
-        return submitit.helpers.DelayedSubmission(PretrainJob(self.cfg))  # resumes from last
+        # the requeued job continues from output_dir/checkpoint-last.pth, not from the file a
+        # first --resume named (which would throw away everything since)
+        last = os.path.join(self.cfg.output_dir, "checkpoint-last.pth")
+        cfg = self.cfg
+        if os.path.isfile(last):
+            cfg = dataclasses.replace(cfg, resume="", auto_resume=True)
+        return submitit.helpers.DelayedSubmission(PretrainJob(cfg))
 
 
 def _set_dist_env() -> None:

@@ -65,8 +65,55 @@ def test_patch14_model_is_used_as_patch16():
     assert "patch_embed.proj.weight (32, 3, 14, 14)->(32, 3, 16, 16)" in report.resized
 
 
-def test_fpn_backbone_registered_and_gives_p2_to_p6():
+@pytest.mark.parametrize("hw", [(70, 90), (33, 130)])
+def test_patch14_model_at_odd_sizes(hw):
+    bb = MAEViTBackbone(model="vit_huge_patch14", embed_dim=32, depth=4, num_heads=2, img_size=64)
+    out = bb(torch.randn(1, 3, *hw))
+    grid = (-(-hw[0] // 16), -(-hw[1] // 16))
+    assert out["res4"].shape[-2:] == grid and out["res2"].shape[-2:] == (4 * grid[0], 4 * grid[1])
+
+
+def test_other_non_power_of_two_patch_sizes_are_rejected():
+    with pytest.raises(ValueError, match="patch size 12 cannot reach strides"):
+        tiny_backbone(patch_size=12)
+
+
+def test_every_parameter_gets_a_gradient():
+    """DDP (find_unused_parameters=False, detectron2's default) needs it: the ViT's final norm
+    and blocks after the last stage are removed, not left without gradients."""
+    bb = tiny_backbone(depth=5, out_indices=(0, 1, 2, 3), window_size=2, rel_pos="decomposed")
+    assert len(bb.vit.blocks) == 4 and not list(bb.vit.norm.parameters())
+    sum(o.sum() for o in bb(torch.randn(2, 3, 64, 64)).values()).backward()
+    no_grad = [n for n, p in bb.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad
+    vit = create_model(
+        "vit_base_patch16", embed_dim=32, depth=5, num_heads=2, img_size=64, class_token=False
+    )
+    report = load_pretrained(bb.vit, vit.state_dict())
+    assert "blocks.4.mlp.fc2.weight" in report.dropped and "norm.weight" in report.dropped
+    assert not report.unexpected and not report.missing
+
+
+def test_square_pad_puts_test_images_on_the_training_grid():
+    """Smaller (test) inputs are padded to the LSJ square, as ViTDet; never stretched."""
+    bb = tiny_backbone(square_pad=64, window_size=2, rel_pos="decomposed").eval()
+    ref = tiny_backbone(window_size=2, rel_pos="decomposed").eval()
+    ref.load_state_dict(bb.state_dict())
+    x = torch.randn(1, 3, 64, 40)
+    out = bb(x)
+    expect = ref(torch.nn.functional.pad(x, (0, 24)))
+    assert out["res4"].shape[-2:] == (4, 4)
+    for k in out:
+        assert torch.allclose(out[k], expect[k], atol=1e-6)
+    assert bb.padding_constraints["square_size"] == 64
     cfg = build_cfg(TINY_CONFIG, TINY_OPTS)
+    from mae_transfer.detection.backbone import backbone_kwargs
+
+    assert backbone_kwargs(cfg)["square_pad"] == cfg.INPUT.LSJ.IMAGE_SIZE  # -1: the LSJ size
+
+
+def test_fpn_backbone_registered_and_gives_p2_to_p6():
+    cfg = build_cfg(TINY_CONFIG, TINY_OPTS + ["MODEL.VIT.SQUARE_PAD", "0"])  # no square padding
     fpn = BACKBONE_REGISTRY.get("build_mae_vit_fpn_backbone")(cfg, ShapeSpec(channels=3))
     out = fpn(torch.randn(2, 3, 128, 96))
     assert {k: v.shape[-2:] for k, v in out.items()} == {
@@ -99,6 +146,13 @@ def test_every_lazy_config_builds_a_model(path):
     model = instantiate(cfg.model)
     assert type(model.backbone.bottom_up).__name__ == "MAEViTBackbone"
     assert model.backbone.bottom_up.vit.global_blocks == (0, 1, 2, 3)
+    assert len(model.proposal_generator.rpn_head.conv) == 2  # 2-conv RPN head (ViTDet)
+    # lazyconfig_train_net's way: params.model set, then the lr given once (params.base_lr)
+    cfg.optimizer.params.model = model
+    cfg.optimizer.params.base_lr = 3e-4
+    opt = instantiate(cfg.optimizer)
+    assert opt.defaults["lr"] == 3e-4
+    assert max(g["lr"] for g in opt.param_groups) == pytest.approx(3e-4)
 
 
 def test_bad_config_values_get_clear_errors():
@@ -176,14 +230,38 @@ def test_official_and_our_checkpoints_load_as_model_weights(toy_coco, tmp_path, 
     assert vit.pos_embed.shape == (1, 144, 32)  # 8x8 table interpolated to 96 / 8 = 12
     text = caplog.text
     assert "resized (1): pos_embed (1, 65, 32)->(1, 144, 32)" in text
-    assert "dropped from checkpoint (not used by this model) (1): cls_token" in text
-    assert "new outside the ViT (pyramid, FPN, RPN, ROI heads)" in text
+    # the final norm is not used by the pyramid (stage outputs are taken before it)
+    assert (
+        "dropped from checkpoint (not used by this model) (3): cls_token, norm.weight, norm.bias"
+        in text
+    )
+    assert "new outside the ViT (trained from scratch)" in text
+    assert "backbone.fpn_lateral (12)" in text and "roi_heads.box_predictor (4)" in text
+    assert "UNEXPECTED" not in text and "MISSING" not in text
+
+    # our pretraining checkpoint (encoder + decoder + mask token) through MODEL.WEIGHTS
+    caplog.clear()
+    ours = build_model(cfg)
+    with caplog.at_level("INFO"):
+        MAECheckpointer(ours).load(os.path.join(str(tmp_path), "checkpoint-last.pth"))
+    assert torch.equal(
+        ours.backbone.bottom_up.vit.blocks[2].attn.qkv.weight, vit.blocks[2].attn.qkv.weight
+    )
+    assert "decoder_embed.weight" in caplog.text and "mask_token" in caplog.text
+    assert "UNEXPECTED" not in caplog.text
+
     d2_file = tmp_path / "converted.pth"
     counts = convert_to_detectron2(path, str(d2_file), cfg)
     assert counts["written"] == len(vit.state_dict())
     fresh = build_model(cfg)
     MAECheckpointer(fresh).load(str(d2_file))  # a detectron2 checkpoint: detectron2's own path
     assert torch.equal(fresh.backbone.bottom_up.vit.pos_embed, vit.pos_embed)
+    # without the FPN the ViT sits at backbone.vit
+    plain = cfg.clone()
+    plain.MODEL.BACKBONE.NAME = "build_mae_vit_backbone"
+    convert_to_detectron2(path, str(d2_file), plain)
+    keys = torch.load(str(d2_file), weights_only=True)["model"]
+    assert all(k.startswith("backbone.vit.") for k in keys)
 
 
 def test_training_lowers_loss_and_evaluation_returns_coco_ap(toy_coco, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -80,7 +81,7 @@ def test_bad_values_are_all_rejected_before_training(tmp_path, image_dir):
         validate(cfg)
     msg = str(e.value)
     for part in (
-        "mask_ratio must be in [0, 1), got 1.5",
+        "mask_ratio must be in (0, 1)",
         "batch_size must be an int >= 1, got 0",
         "amp must be one of",
         "warmup_epochs must be in [0, epochs=10], got 50",
@@ -89,6 +90,24 @@ def test_bad_values_are_all_rejected_before_training(tmp_path, image_dir):
         assert part in msg
     with pytest.raises(ConfigError, match="unknown config key"):
         make_config({"batchsize": 3})
+
+
+def test_yaml_numbers_wrong_types_zero_mask_and_empty_folders(tmp_path, image_dir):
+    y = tmp_path / "c.yaml"
+    y.write_text("blr: 1e-3\nepochs: '3'\nwarmup_epochs: 1\n")  # YAML reads 1e-3 as a string
+    cfg, _ = load_config(["--config", str(y), "--data_path", image_dir])
+    assert cfg.blr == 1e-3 and cfg.epochs == 3
+    validate(cfg)
+    empty = tmp_path / "empty"
+    (empty / "train" / "n01").mkdir(parents=True)
+    (empty / "train" / "n01" / "notes.txt").write_text("not an image")
+    bad = make_config(dict(data_path=str(empty), blr="fast", epochs=2.5, mask_ratio=0.0))
+    with pytest.raises(ConfigError) as e:
+        validate(bad)
+    msg = str(e.value)
+    assert "blr must be a number, got 'fast'" in msg
+    assert "epochs must be an integer, got 2.5" in msg
+    assert "mask_ratio must be in (0, 1)" in msg and "holds no images" in msg
 
 
 def test_cli_rejects_bad_config_and_writes_nothing(tmp_path, image_dir):
@@ -194,6 +213,41 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, image_dir):
     a = ref.optimizer.state_dict()["state"]
     b = resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+
+
+def test_resume_with_accumulation_equals_uninterrupted(tmp_path, image_dir):
+    """3 iterations per epoch, accum_iter 2: the odd iteration never carries into the next epoch
+    (as in the official loop), so a run resumed from an epoch end matches."""
+    ref = train(tiny_cfg(tmp_path / "a", image_dir, epochs=3, accum_iter=2))
+    cfg = tiny_cfg(tmp_path / "b", image_dir, epochs=3, accum_iter=2)
+    part = Trainer(dataclasses.replace(cfg, epochs=3), torch.device("cpu"), DistInfo())
+    part._train_epoch(__import__("tqdm").tqdm(disable=True))  # one epoch, then "killed"
+    part.close()
+    resumed = train(cfg)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_official_checkpoint_resumes_at_the_next_epoch(tmp_path, image_dir):
+    """main_pretrain.py's checkpoint-N.pth holds N = the last finished epoch."""
+    first = train(tiny_cfg(tmp_path / "a", image_dir, epochs=1))
+    official = tmp_path / "checkpoint-0.pth"
+    state = first.checkpoint_state()
+    torch.save({k: state[k] for k in ("model", "optimizer", "scaler")} | {"epoch": 0}, official)
+    cfg = tiny_cfg(tmp_path / "b", image_dir, epochs=2, resume=str(official))
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    assert (t.epoch, t.iter) == (1, 0)
+    assert torch.equal(t.model.pos_embed, first.model.pos_embed)
+    t.close()
+
+
+def test_a_finished_run_returns_its_last_stats(tmp_path, image_dir):
+    cfg = tiny_cfg(tmp_path, image_dir, epochs=1)
+    loss = train(cfg).checkpoint_state()["epoch"]
+    again = Trainer(cfg, torch.device("cpu"), DistInfo())  # auto-resumes a finished run
+    stats = again.train()
+    again.close()
+    assert loss == 1 and stats["epoch"] == 0 and stats["train_loss"] > 0
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_dir):

@@ -41,6 +41,13 @@ def test_output_shapes_for_odd_sizes(hw):
     assert bb.out_indices == (0, 1, 2, 3)
 
 
+def test_every_parameter_gets_a_gradient():
+    """mmengine's DDP wrapper has find_unused_parameters=False: no parameter may sit idle."""
+    bb = MAEViT(**TINY, norm="BN", rel_pos="bias", init_values=0.1)
+    sum(o.sum() for o in bb(torch.randn(2, 3, 64, 64))).backward()
+    assert not [n for n, p in bb.named_parameters() if p.requires_grad and p.grad is None]
+
+
 def test_default_stage_indices_follow_beit():
     with torch.device("meta"):
         assert MAEViT(model="vit_base_patch16").out_indices == (3, 5, 7, 11)
@@ -66,8 +73,8 @@ def test_checkpoints_load_through_init_cfg_with_report(form, tmp_path):
     bb = MAEViT(**TINY, norm="BN", init_cfg=dict(type="Pretrained", checkpoint=files[form]))
     bb.init_weights()
     r = bb.load_report
-    assert r.ok and len(r.loaded) == len(enc) - 1  # all but the class token
-    assert "cls_token" in r.dropped
+    assert r.ok and len(r.loaded) == len(enc) - 3  # all but the class token and final norm
+    assert {"cls_token", "norm.weight", "norm.bias"} <= set(r.dropped)
     assert any(x.startswith("pos_embed (1, 5, 32)->(1, 16, 32)") for x in r.resized)
     assert r.new and all("relative_position_bias_table" in k for k in r.new)
     assert ("mask_token" in r.dropped) == (form == "ours")
@@ -115,6 +122,10 @@ def test_bad_config_values_get_clear_errors(tmp_path):
         build_cfg(TINY_CONFIG, {"model.backbone.pretrained": str(tmp_path / "nope.pth")})
     with pytest.raises(ValueError, match="layer_decay_rate must be in"):
         build_cfg(TINY_CONFIG, {"optim_wrapper.paramwise_cfg.layer_decay_rate": 0})
+    # testing a trained checkpoint does not need the pretraining file
+    missing = {"model.backbone.pretrained": str(tmp_path / "nope.pth")}
+    cfg = build_cfg(TINY_CONFIG, missing, for_training=False)
+    assert cfg.model.backbone.pretrained is None
 
 
 def test_training_lowers_loss_testing_returns_miou_and_resume_works(tmp_path):

@@ -122,10 +122,24 @@ def time_breakdown(fn: Callable[[], None]) -> Dict[str, float]:
     }
 
 
+def _sdpa_macs(inputs, outputs) -> int:
+    """fvcore has no handle for fused attention: q @ k^T and attn @ v, B*heads*L*S*(E + Ev)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    *batch, length, dim = q
+    n = 1
+    for b in batch:
+        n *= b
+    return n * length * k[-2] * (dim + v[-1])
+
+
 def fvcore_gmacs(model: torch.nn.Module, inputs: tuple) -> float:
+    """Forward multiply-adds per call (billions), attention matmuls included."""
     from fvcore.nn import FlopCountAnalysis
 
     fca = FlopCountAnalysis(model, inputs)
+    fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return fca.total() / 1e9
 
@@ -181,12 +195,16 @@ def _pretrain_case(
     mask_tokens: bool,
     tiny: bool,
     compile_: bool,
+    amp: str = "auto",
 ) -> Dict:
     from mae_transfer import create_model
+    from mae_transfer.device import resolve_amp
     from mae_transfer.optim import param_groups
     from pretrain.engine import _adamw_impl
 
     dev = torch.device(device)
+    amp_dtype, use_scaler = resolve_amp(amp, dev)  # as pretraining: bf16 on CUDA, fp32 on CPU
+    scaler = torch.amp.GradScaler(dev.type) if use_scaler else None
     torch.manual_seed(0)
     model = create_model(model_name, img_size=size, norm_pix_loss=True, **(TINY if tiny else {}))
     model = (_WithMaskTokens(model) if mask_tokens else model).to(dev)
@@ -200,16 +218,23 @@ def _pretrain_case(
     imgs = torch.randn(batch, 3, size, size, device=dev)
 
     def step():
-        loss, _, _ = run(imgs, mask_ratio=mask_ratio)
-        loss.backward()
-        opt.step()
+        with torch.autocast(dev.type, amp_dtype, enabled=amp_dtype is not None):
+            loss, _, _ = run(imgs, mask_ratio=mask_ratio)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         opt.zero_grad(set_to_none=True)
 
     mem = peak_memory_mb(step, dev)
-    peak_before = matmul_peak(dev)["gflops"]
+    peak_dtype = amp_dtype or torch.float32
+    peak_before = matmul_peak(dev, peak_dtype)["gflops"]
     t = timed(step, warmup, repeats, dev)
     # this process's own ceiling, measured around the timing (shared machines drift)
-    peak = max(peak_before, matmul_peak(dev)["gflops"])
+    peak = max(peak_before, matmul_peak(dev, peak_dtype)["gflops"])
     shares = time_breakdown(step) if dev.type == "cpu" else {}
     target = model.mae if mask_tokens else model
     gmac = fvcore_gmacs(model.eval(), (imgs[:1], mask_ratio))
@@ -221,6 +246,7 @@ def _pretrain_case(
         "input": size,
         "mask_ratio": mask_ratio,
         "mask_tokens_in_encoder": mask_tokens,
+        "precision": str(peak_dtype).replace("torch.", ""),
         "img_s": batch / t["median_s"],
         "img_s_min": batch / t["max_s"],
         "img_s_max": batch / t["min_s"],
@@ -250,6 +276,7 @@ def _pretrain_row(args, mask_ratio=0.75, mask_tokens=False, compile_=False, mode
         mask_tokens,
         args.tiny,
         compile_,
+        args.amp,
     )
 
 
@@ -549,6 +576,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny models and inputs (a smoke run)")
     p.add_argument("--compile", action="store_true", help="torch.compile the pretraining model")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="pretraining precision, as in pretraining: auto = bf16 on CUDA, fp32 on CPU "
+        "(ratio_to_peak is then against a matrix multiply in that precision)",
+    )
     p.add_argument("--json", default=None, help="write all numbers here")
     args = p.parse_args(argv)
     if args.tiny:

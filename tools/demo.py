@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Dict
@@ -49,7 +50,10 @@ def parse_args(argv=None):
 def stage_pretrain(out: str, quick: bool) -> Dict:
     photos = write_sample_photos(os.path.join(out, "data", "photos"))
     values = read_yaml(os.path.join(ROOT, "configs", "pretrain", "demo_tiny.yaml"))
-    values.update(data_path=os.path.dirname(photos[0]), output_dir=os.path.join(out, "pretrain"))
+    run_dir = os.path.join(out, "pretrain")
+    if os.path.isdir(run_dir):  # a demo run starts over (no resuming into an earlier demo's run)
+        shutil.rmtree(run_dir)
+    values.update(data_path=os.path.dirname(photos[0]), output_dir=run_dir)
     if quick:
         values.update(epochs=2, warmup_epochs=1, dataset_repeats=4, batch_size=16)
     stats = run_pretraining(make_config(values))

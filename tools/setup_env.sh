@@ -52,27 +52,39 @@ log "installing requirements.txt"
 
 # 2. mmcv with compiled ops.
 install_mmcv() {
-  mkdir -p "$CACHE/wheels"
-  local whl
-  whl=$(ls "$CACHE"/wheels/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)
-  if [ -z "$whl" ]; then
-    log "building mmcv $MMCV_VERSION with ops from source: ~19 min on 2 cores, once (cached in $CACHE/wheels)"
-    local tmp
-    tmp=$(mktemp -d)
-    # torch >= 2.14 headers need C++20, mmcv's setup.py appends -std=c++17: swap it on the way to g++.
-    cat >"$tmp/cxx" <<'EOS'
+  # mmcv's ops link against torch's C++ ABI: the cache is keyed by torch version and Python tag.
+  local key dir whl
+  key=$("$PY" -c "import sys, torch; print(f'torch{torch.__version__.split(\"+\")[0]}-cp{sys.version_info[0]}{sys.version_info[1]}')")
+  dir="$CACHE/wheels/$key"
+  mkdir -p "$dir"
+  whl=$(ls "$dir"/mmcv-"$MMCV_VERSION"-*.whl "$CACHE"/wheels/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+  if [ -n "$whl" ]; then
+    log "installing cached $(basename "$whl")"
+    "${PIP[@]}" install -q --no-deps --force-reinstall "$whl"
+    if have "import mmcv.ops"; then
+      [ "$(dirname "$whl")" = "$dir" ] || mv "$whl" "$dir/"  # an unkeyed wheel from older scripts
+      "${PIP[@]}" install -q addict yapf
+      return
+    fi
+    log "cached $(basename "$whl") does not load with this torch: rebuilding"
+    rm -f "$whl"
+  fi
+  log "building mmcv $MMCV_VERSION with ops from source: ~19 min on 2 cores, once (cached in $dir)"
+  local tmp
+  tmp=$(mktemp -d)
+  # torch >= 2.14 headers need C++20, mmcv's setup.py appends -std=c++17: swap it on the way to g++.
+  cat >"$tmp/cxx" <<'EOS'
 #!/usr/bin/env bash
 args=()
 for a in "$@"; do [ "$a" = "-std=c++17" ] && a="-std=c++20"; args+=("$a"); done
 exec "${MAE_REAL_CXX:-g++}" "${args[@]}"
 EOS
-    chmod +x "$tmp/cxx"
-    CXX="$tmp/cxx" MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-      "${PIP[@]}" wheel --no-build-isolation --no-deps -w "$tmp/wheels" "mmcv==$MMCV_VERSION"
-    cp "$tmp"/wheels/mmcv-*.whl "$CACHE/wheels/"
-    rm -rf "$tmp"
-    whl=$(ls "$CACHE"/wheels/mmcv-"$MMCV_VERSION"-*.whl | head -n1)
-  fi
+  chmod +x "$tmp/cxx"
+  CXX="$tmp/cxx" MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    "${PIP[@]}" wheel --no-build-isolation --no-deps -w "$tmp/wheels" "mmcv==$MMCV_VERSION"
+  cp "$tmp"/wheels/mmcv-*.whl "$dir/"
+  rm -rf "$tmp"
+  whl=$(ls "$dir"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)
   log "installing $(basename "$whl")"
   "${PIP[@]}" install -q --no-deps --force-reinstall "$whl"
   "${PIP[@]}" install -q addict yapf

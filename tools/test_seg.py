@@ -32,7 +32,9 @@ def main(argv=None) -> int:
         ns = argparse.Namespace()
         DictAction(["--cfg-options"], "o")(p, ns, args.cfg_options)
         options = ns.o
-    cfg = build_cfg(args.config, options, args.work_dir, args.launcher, amp=False)
+    cfg = build_cfg(
+        args.config, options, args.work_dir, args.launcher, amp=False, for_training=False
+    )
     cfg.load_from = args.checkpoint
     metrics = make_runner(cfg).test()
     print(json.dumps({k: float(v) for k, v in metrics.items()}, indent=1))

@@ -1,6 +1,7 @@
 """Makes the pure-Python detectron2 0.6 release importable on current torch / numpy / Pillow.
 
-Importing this module applies four fixes, each a no-op where the real thing exists:
+Importing this module applies four fixes, each a no-op where the real thing exists (2 and 3
+only with the pure-Python build, i.e. when ``detectron2._C`` is missing):
 
 1. ``detectron2._C`` (detectron2's compiled ops) is absent from the registry's source release. A
    stand-in module is registered that raises a clear error when one of its ops is really called.
@@ -111,18 +112,21 @@ _applied = False
 
 
 def apply() -> None:
-    """Applies all fixes once; a no-op when detectron2 is not installed."""
+    """Applies the fixes once; a no-op when detectron2 is not installed.
+
+    The numpy and Pillow aliases are only added for the pure-Python build (no ``detectron2._C``):
+    a compiled, current detectron2 needs neither, and gets no global changes from here.
+    """
     global _applied
-    if _applied:
-        return
-    _patch_numpy()
-    _patch_pillow()
-    if importlib.util.find_spec("detectron2") is None:
+    if _applied or importlib.util.find_spec("detectron2") is None:
         return
     _applied = True  # before importing detectron2: the import hook calls apply() again
     import detectron2  # noqa: F401  (the package only; its submodules need the fixes below)
 
     _install_ops_stand_in()
+    if not HAS_COMPILED_OPS:
+        _patch_numpy()
+        _patch_pillow()
     _add_layer_norm()
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Dict, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
@@ -20,12 +22,21 @@ class MAEViTBackbone(ViTPyramid, Backbone):
     Keeps the ViT's own parameter names under ``vit.`` so MAE checkpoints map one to one.
     """
 
-    def __init__(self, norm: str = "LN", pretrained: Optional[str] = None, **kwargs):
-        """Args: ``norm`` of the upsampling path, an optional checkpoint, and the arguments of
+    def __init__(
+        self,
+        norm: str = "LN",
+        pretrained: Optional[str] = None,
+        square_pad: int = 0,
+        **kwargs,
+    ):
+        """Args: ``norm`` of the upsampling path, an optional checkpoint, ``square_pad`` (pad
+        smaller inputs at the bottom / right to this square, as ViTDet: the position table then
+        covers test images as it covered the training crops), and the arguments of
         :func:`mae_transfer.pyramid.build_pyramid_vit` (model name, img_size, out_indices,
         window_size, global_blocks, rel_pos, drop_path_rate, ...)."""
         vit, out_indices = build_pyramid_vit(**kwargs)
         super().__init__(vit, out_indices, norm)
+        self.square_pad = square_pad
         self._out_features = list(OUT_FEATURES)
         self._out_feature_strides = dict(zip(OUT_FEATURES, self.strides))
         self._out_feature_channels = {name: self.channels for name in OUT_FEATURES}
@@ -33,6 +44,10 @@ class MAEViTBackbone(ViTPyramid, Backbone):
             self.load_pretrained(pretrained)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        h, w = x.shape[-2:]
+        if self.square_pad and (h < self.square_pad or w < self.square_pad):
+            # zeros after detectron2's normalisation = the mean pixel, as ImageList's padding
+            x = F.pad(x, (0, max(self.square_pad - w, 0), 0, max(self.square_pad - h, 0)))
         return dict(zip(self._out_features, ViTPyramid.forward(self, x)))
 
     @property
@@ -42,7 +57,8 @@ class MAEViTBackbone(ViTPyramid, Backbone):
 
     @property
     def padding_constraints(self) -> Dict[str, int]:
-        return {"size_divisibility": self.size_divisibility, "square_size": 0}
+        # detectron2 >= 0.7 pads batches to square_size itself; 0.6 ignores it (forward pads)
+        return {"size_divisibility": self.size_divisibility, "square_size": self.square_pad}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {
@@ -66,11 +82,19 @@ def backbone_kwargs(cfg) -> dict:
         init_values=v.LAYER_SCALE or None,
         use_checkpoint=v.USE_CHECKPOINT,
         pretrained=v.PRETRAINED or None,
+        square_pad=_square_pad(cfg),
     )
     if v.PATCH_SIZE:
         kwargs["patch_size"] = v.PATCH_SIZE
     kwargs.update(_size_overrides(v.SIZE_OVERRIDES))
     return kwargs
+
+
+def _square_pad(cfg) -> int:
+    pad = cfg.MODEL.VIT.SQUARE_PAD
+    if pad >= 0:
+        return pad
+    return cfg.INPUT.LSJ.IMAGE_SIZE if cfg.INPUT.LSJ.ENABLED else 0
 
 
 def _size_overrides(pairs: Sequence) -> dict:
@@ -88,6 +112,9 @@ def build_mae_vit_backbone(cfg, input_shape: ShapeSpec) -> MAEViTBackbone:
 def build_mae_vit_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """The ViT pyramid + detectron2's FPN with ``LastLevelMaxPool`` (P2-P6)."""
     bottom_up = build_mae_vit_backbone(cfg, input_shape)
+    extra = {}
+    if "square_pad" in inspect.signature(FPN.__init__).parameters:  # detectron2 >= 0.7
+        extra["square_pad"] = bottom_up.square_pad
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
@@ -95,4 +122,5 @@ def build_mae_vit_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
         norm=cfg.MODEL.FPN.NORM,
         top_block=LastLevelMaxPool(),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        **extra,
     )

@@ -20,7 +20,7 @@ from mae_transfer.pyramid import ViTPyramid
 
 logger = logging.getLogger(__name__)
 
-D2_VIT_PREFIX = "backbone.bottom_up.vit."
+D2_VIT_PREFIX = "backbone.bottom_up.vit."  # with build_mae_vit_fpn_backbone
 
 
 def find_vit(model: nn.Module) -> Tuple[str, nn.Module]:
@@ -53,7 +53,9 @@ class MAECheckpointer(DetectionCheckpointer):
         state = find_state_dict(loaded)
         if is_bare_vit(state):
             return {"model": state, "__mae__": True}
-        return loaded if "model" in loaded else {"model": loaded}
+        if "model" in loaded:  # detectron2's own checkpoints (with optimizer, iteration, ...)
+            return loaded
+        return {"model": state}  # a bare or mmengine-style ({"state_dict": ...}) whole model
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         if not checkpoint.pop("__mae__", False):
@@ -61,15 +63,28 @@ class MAECheckpointer(DetectionCheckpointer):
         model = self.model.module if hasattr(self.model, "module") else self.model
         vit_name, vit = find_vit(model)
         report = load_pretrained(vit, checkpoint.pop("model"), log=False)
-        n_other = sum(1 for k in model.state_dict() if not k.startswith(vit_name + "."))
-        logger.info(
-            "MAE weights into %s:\n%s\n  new outside the ViT (pyramid, FPN, RPN, ROI heads): "
-            "%d tensors",
+        others = [k for k in model.state_dict() if not k.startswith(vit_name + ".")]
+        (logger.info if report.ok else logger.warning)(
+            "MAE weights into %s:\n%s\n  new outside the ViT (trained from scratch): %d tensors"
+            " in %s",
             vit_name,
             report.summary(),
-            n_other,
+            len(others),
+            ", ".join(module_groups(others)),
         )
         return None
+
+
+def module_groups(names) -> list:
+    """Parameter names collapsed to their top two modules (level numbers dropped), with counts:
+    ['backbone.fpn_lateral (12)', 'backbone.bottom_up (2)', 'roi_heads.box_head (8)', ...]."""
+    counts: Dict[str, int] = {}
+    for name in names:
+        parts = name.split(".")[:2]
+        parts[-1] = parts[-1].rstrip("0123456789") or parts[-1]
+        key = ".".join(parts)
+        counts[key] = counts.get(key, 0) + 1
+    return [f"{k} ({n})" for k, n in counts.items()]
 
 
 def convert_to_detectron2(src: str, dst: str, cfg) -> Dict[str, int]:
@@ -85,6 +100,9 @@ def convert_to_detectron2(src: str, dst: str, cfg) -> Dict[str, int]:
     backbone = MAEViTBackbone(**kwargs)
     report = load_pretrained(backbone.vit, src)
     loaded = {k for k in report.loaded}
-    state = {D2_VIT_PREFIX + k: v for k, v in backbone.vit.state_dict().items() if k in loaded}
+    # where the ViT sits in the detector: under the FPN's bottom_up, or the backbone itself
+    fpn = cfg.MODEL.BACKBONE.NAME != "build_mae_vit_backbone"
+    prefix = D2_VIT_PREFIX if fpn else "backbone.vit."
+    state = {prefix + k: v for k, v in backbone.vit.state_dict().items() if k in loaded}
     save_atomic({"model": state, "__author__": "mae-transfer", "matching_heuristics": False}, dst)
     return {"written": len(state), "dropped": len(report.dropped), "new": len(report.new)}

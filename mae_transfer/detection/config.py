@@ -30,6 +30,9 @@ def add_mae_vit_config(cfg: CN) -> CN:
     cfg.MODEL.VIT.USE_CHECKPOINT = False  # activation checkpointing, trades compute for memory
     cfg.MODEL.VIT.NORM = "LN"  # norm in the x4 upsampling path: BN, SyncBN, LN, GN
     cfg.MODEL.VIT.PRETRAINED = ""  # alternative to MODEL.WEIGHTS, loaded when the model is built
+    # pad inputs to a square of this size (never crop): test images then see the position table
+    # as in training (LSJ crops) instead of a stretched one; -1 = INPUT.LSJ.IMAGE_SIZE with LSJ
+    cfg.MODEL.VIT.SQUARE_PAD = -1
     cfg.MODEL.VIT.SIZE_OVERRIDES = []  # [[key, value], ...] e.g. [["embed_dim", 64]] (tiny models)
 
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # or "SGD"
@@ -59,6 +62,8 @@ def validate_config(cfg: CN) -> None:
         errors.append(f"MODEL.VIT.NORM must be one of {NORMS}, got {v.NORM!r}")
     if (v.REL_POS or None) not in REL_POS_TYPES:
         errors.append(f"MODEL.VIT.REL_POS must be '', 'decomposed' or 'bias', got {v.REL_POS!r}")
+    if v.SQUARE_PAD < -1 or (v.SQUARE_PAD > 0 and v.SQUARE_PAD % 32):
+        errors.append(f"MODEL.VIT.SQUARE_PAD must be -1, 0 or a multiple of 32, got {v.SQUARE_PAD}")
     if v.WINDOW_SIZE < 0:
         errors.append(f"MODEL.VIT.WINDOW_SIZE must be >= 0, got {v.WINDOW_SIZE}")
     if v.OUT_INDICES and (len(v.OUT_INDICES) != 4 or list(v.OUT_INDICES) != sorted(v.OUT_INDICES)):

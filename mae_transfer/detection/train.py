@@ -118,7 +118,10 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         opt = torch.optim.SGD(groups, lr=s.BASE_LR, momentum=s.MOMENTUM)
     else:
         device = next(model.parameters()).device.type
-        fused = {"fused": True} if fused_adamw_supported(device) else {}
+        # a fused AdamW unscales AMP gradients inside its own step, after detectron2's clipping
+        # wrapper has clipped them: clipping would then see scaled gradients
+        clip_scaled = s.AMP.ENABLED and s.CLIP_GRADIENTS.ENABLED
+        fused = {"fused": True} if fused_adamw_supported(device) and not clip_scaled else {}
         opt = torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), **fused)
     return maybe_add_gradient_clipping(cfg, opt)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -69,7 +70,8 @@ class MAEViT(ViTPyramid):
         if not self.pretrained:
             return
         self.load_report = load_pretrained(self.vit, self.pretrained, log=False)
-        print_log(f"MAEViT: {self.load_report.summary()}", logger="current")
+        level = logging.INFO if self.load_report.ok else logging.WARNING
+        print_log(f"MAEViT: {self.load_report.summary()}", logger="current", level=level)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         return tuple(super().forward(x))

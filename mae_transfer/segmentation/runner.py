@@ -31,11 +31,20 @@ def build_cfg(
     work_dir: Optional[str] = None,
     launcher: str = "none",
     amp: bool = False,
+    for_training: bool = True,
 ) -> Config:
-    """Reads ``config``, applies overrides and the device rules; checks values before running."""
+    """Reads ``config``, applies overrides and the device rules; checks values before running.
+
+    ``for_training=False`` (testing a trained checkpoint) drops the backbone's pretraining file:
+    the checkpoint under test holds every weight, so that file need not exist.
+    """
     cfg = Config.fromfile(config)
     if options:
         cfg.merge_from_dict(options)
+    backbone = cfg.model.get("backbone", {})
+    if not for_training and backbone.get("type") == "MAEViT":
+        backbone["pretrained"] = None
+        backbone["init_cfg"] = None
     cfg.launcher = launcher
     cfg.work_dir = (
         work_dir

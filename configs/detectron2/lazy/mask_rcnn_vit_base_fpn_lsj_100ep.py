@@ -34,17 +34,21 @@ model.backbone.bottom_up = L(MAEViTBackbone)(
     rel_pos="decomposed",
     drop_path_rate=0.1,
     norm="LN",
+    square_pad=1024,  # test images padded to the LSJ crop size (ViTDet), not stretched
     pretrained=None,  # or "mae_pretrain_vit_base.pth"
 )
 model.backbone.in_features = ["res2", "res3", "res4", "res5"]
 model.backbone.norm = "LN"
 model.backbone.top_block = L(LastLevelMaxPool)()
 model.roi_heads.box_head.conv_norm = model.roi_heads.mask_head.conv_norm = "LN"
+model.proposal_generator.head.conv_dims = [-1, -1]  # 2 convs in the RPN head (ViTDet)
 
 # AdamW with layer-wise lr decay (0.7 for ViT-B); lazyconfig_train_net sets params.model.
+# The groups carry their own lr (base x decay^depth), so the lr is set once, in params.base_lr
+# (optimizer.lr follows it by interpolation; override `optimizer.params.base_lr=...`).
 optimizer = L(torch.optim.AdamW)(
     params=L(layer_decay_groups)(model=None, base_lr=1e-4, weight_decay=0.1, layer_decay=0.7),
-    lr=1e-4,
+    lr="${.params.base_lr}",
     betas=(0.9, 0.999),
 )
 lr_multiplier.warmup_length = 250 / train.max_iter  # ViTDet: 250 warmup iterations
