@@ -212,6 +212,13 @@ class Trainer:
     def save(self, also_epoch_copy: bool = False) -> None:
         if not self.dist.is_main:
             return
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # a finite loss can still come with an overflowing update
+            raise NonFiniteLossError(
+                f"non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) at "
+                f"epoch {self.epoch}, iteration {self.iter}: not saved, the last checkpoint in "
+                f"{self.cfg.output_dir} is intact. Lower the lr or set --clip_grad."
+            )
         state = self.checkpoint_state()
         save_atomic(state, os.path.join(self.cfg.output_dir, LAST))
         if also_epoch_copy:

@@ -155,6 +155,34 @@ def test_every_lazy_config_builds_a_model(path):
     assert max(g["lr"] for g in opt.param_groups) == pytest.approx(3e-4)
 
 
+def test_amp_trainer_runs_the_chosen_precision():
+    """SOLVER.AMP.PRECISION: bf16 steps without loss scaling (checked on CPU with a toy model)."""
+    from detectron2.utils.events import EventStorage
+
+    from mae_transfer.detection.train import PrecisionAMPTrainer
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.fc(x)
+            assert y.dtype == torch.bfloat16  # autocast is on
+            return {"loss": y.float().pow(2).mean()}
+
+    model = Toy()
+    before = model.fc.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = PrecisionAMPTrainer(model, [torch.randn(4, 8)] * 2, opt, torch.bfloat16, "cpu")
+    assert not t.grad_scaler.is_enabled()
+    with EventStorage():
+        t.run_step()
+    assert not torch.equal(before, model.fc.weight)
+    with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION must be one of"):
+        build_cfg(TINY_CONFIG, ["SOLVER.AMP.PRECISION", "fp8"])
+
+
 def test_bad_config_values_get_clear_errors():
     with pytest.raises(ValueError, match="MODEL.VIT.NORM must be one of"):
         build_cfg(TINY_CONFIG, ["MODEL.VIT.NORM", "BatchNorm"])
@@ -315,6 +343,18 @@ def test_command_line_tools_train_evaluate_and_draw(toy_coco, tmp_path):
     final = out / "model_final.pth"
     assert final.is_file() and (out / "config.yaml").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    # --resume continues from the last checkpoint (iteration, optimizer, scheduler)
+    i = opts.index("SOLVER.MAX_ITER") + 1
+    more = [*opts[:i], "6", *opts[i + 1 :]]
+    r = subprocess.run(
+        [sys.executable, tool, *common, "--resume", *more, "MODEL.WEIGHTS", path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Starting training from iteration 4" in r.stdout + r.stderr
     r = subprocess.run(
         [sys.executable, tool, *common, "--eval-only", *opts, "MODEL.WEIGHTS", str(final)],
         capture_output=True,

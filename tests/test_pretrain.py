@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -248,6 +249,17 @@ def test_a_finished_run_returns_its_last_stats(tmp_path, image_dir):
     stats = again.train()
     again.close()
     assert loss == 1 and stats["epoch"] == 0 and stats["train_loss"] > 0
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, image_dir):
+    t = train(tiny_cfg(tmp_path, image_dir, epochs=1))
+    last = os.path.join(t.cfg.output_dir, LAST)
+    before = pathlib.Path(last).read_bytes()
+    with torch.no_grad():
+        t.model.blocks[0].mlp.fc1.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="blocks.0.mlp.fc1.weight"):
+        t.save()
+    assert pathlib.Path(last).read_bytes() == before
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_dir):

@@ -149,12 +149,18 @@ def test_training_lowers_loss_testing_returns_miou_and_resume_works(tmp_path):
     assert losses[-5:].mean() < losses[:5].mean()
     metrics = runner.val()
     assert {"mIoU", "aAcc", "mAcc"} <= set(metrics) and 0 <= metrics["mIoU"] <= 100
-    opts.update({"train_cfg.max_iters": 35})
-    cfg = build_cfg(TINY_CONFIG, opts)
-    cfg.resume = True
-    resumed = make_runner(cfg)
-    resumed.train()
-    assert resumed.iter == 35
+    # tools/train_seg.py --resume, as users run it: continues from iter_30.pth to 35
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import train_seg
+
+    opts.update({"train_cfg.max_iters": 35, "train_cfg.val_begin": 36})
+    cli = [f"{k}={v}".replace(" ", "") for k, v in opts.items()]
+    assert train_seg.main([TINY_CONFIG, "--resume", "--cfg-options", *cli]) == 0
+    assert (tmp_path / "work" / "iter_35.pth").is_file()
+    state = torch.load(tmp_path / "work" / "iter_35.pth", map_location="cpu", weights_only=False)
+    assert state["meta"]["iter"] == 35
+    logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*/*.log"))
+    assert "resumed epoch: 0, iter: 30" in logs
     _check_test_and_visualize_tools(tmp_path, root, opts)
 
 

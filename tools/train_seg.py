@@ -26,7 +26,11 @@ def parse_args(argv=None):
     p.add_argument("config", help="mmseg config file")
     p.add_argument("--work-dir", help="where logs and checkpoints go")
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision on CUDA: bf16 where the GPU has it, else fp16 + loss scaling",
+    )
     p.add_argument(
         "--cfg-options",
         nargs="+",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import List
 
+import torch
 from detectron2.config import CfgNode as CN
 
 from mae_transfer.pyramid import NORMS
@@ -12,6 +13,18 @@ from mae_transfer.registry import resolve_name
 from mae_transfer.vit import REL_POS_TYPES
 
 logger = logging.getLogger(__name__)
+
+
+AMP_PRECISIONS = ("auto", "float16", "bfloat16")
+
+
+def amp_dtype(cfg: CN) -> torch.dtype:
+    """SOLVER.AMP.PRECISION as a dtype ('auto': bf16 on GPUs that support it, else fp16)."""
+    name = cfg.SOLVER.AMP.PRECISION
+    if name == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        name = "bfloat16" if bf16 else "float16"
+    return getattr(torch, name)
 
 
 def add_mae_vit_config(cfg: CN) -> CN:
@@ -38,6 +51,11 @@ def add_mae_vit_config(cfg: CN) -> CN:
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # or "SGD"
     cfg.SOLVER.BETAS = (0.9, 0.999)
     cfg.SOLVER.LAYER_DECAY = 0.7  # layer-wise lr decay: 0.7 / 0.8 / 0.9 for B / L / H
+
+    # AMP precision (detectron2 0.6 knows fp16 only): auto = bf16 where the GPU has it (no loss
+    # scaling, no fp16 overflow at ViT-L/H scale), else fp16 with a grad scaler
+    if "PRECISION" not in cfg.SOLVER.AMP:
+        cfg.SOLVER.AMP.PRECISION = "auto"
 
     cfg.INPUT.LSJ = CN()
     cfg.INPUT.LSJ.ENABLED = False  # large-scale jitter: ResizeScale + FixedSizeCrop
@@ -74,6 +92,9 @@ def validate_config(cfg: CN) -> None:
         errors.append(f"SOLVER.LAYER_DECAY must be in (0, 1], got {cfg.SOLVER.LAYER_DECAY}")
     if cfg.SOLVER.OPTIMIZER.upper() not in ("ADAMW", "SGD"):
         errors.append(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
+    if cfg.SOLVER.AMP.PRECISION not in AMP_PRECISIONS:
+        precision = cfg.SOLVER.AMP.PRECISION
+        errors.append(f"SOLVER.AMP.PRECISION must be one of {AMP_PRECISIONS}, got {precision!r}")
     if cfg.SOLVER.BASE_LR <= 0:
         errors.append(f"SOLVER.BASE_LR must be > 0, got {cfg.SOLVER.BASE_LR}")
     if any(s >= cfg.SOLVER.MAX_ITER for s in cfg.SOLVER.STEPS):

@@ -9,6 +9,7 @@ detectron2 has no compiled ops.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from typing import Dict, List
 
@@ -22,7 +23,7 @@ from detectron2.data import (
 )
 from detectron2.data import transforms as T
 from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import AMPTrainer, DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import maybe_add_gradient_clipping
 
@@ -31,7 +32,7 @@ from mae_transfer.device import fused_adamw_supported
 from mae_transfer.optim import param_groups
 
 from .checkpoint import MAECheckpointer, find_vit
-from .config import add_mae_vit_config, validate_config
+from .config import add_mae_vit_config, amp_dtype, validate_config
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +121,37 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         device = next(model.parameters()).device.type
         # a fused AdamW unscales AMP gradients inside its own step, after detectron2's clipping
         # wrapper has clipped them: clipping would then see scaled gradients
-        clip_scaled = s.AMP.ENABLED and s.CLIP_GRADIENTS.ENABLED
+        fp16 = s.AMP.ENABLED and amp_dtype(cfg) == torch.float16
+        clip_scaled = fp16 and s.CLIP_GRADIENTS.ENABLED
         fused = {"fused": True} if fused_adamw_supported(device) and not clip_scaled else {}
         opt = torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), **fused)
     return maybe_add_gradient_clipping(cfg, opt)
+
+
+class PrecisionAMPTrainer(AMPTrainer):
+    """detectron2 0.6's AMPTrainer with a chosen autocast dtype: bf16 runs without loss scaling
+    (the grad scaler is disabled), fp16 as detectron2 does it."""
+
+    def __init__(self, model, data_loader, optimizer, dtype: torch.dtype, device_type="cuda"):
+        scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+        super().__init__(model, data_loader, optimizer, grad_scaler=scaler)
+        self.dtype, self.device_type = dtype, device_type
+
+    def run_step(self):
+        assert self.model.training, "[PrecisionAMPTrainer] the model is in eval mode"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                loss_dict = {"total_loss": loss_dict}
+            losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
 
 
 class Trainer(DefaultTrainer):
@@ -131,6 +159,9 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED:  # SOLVER.AMP.PRECISION (detectron2 0.6 knows fp16 only)
+            t = self._trainer
+            self._trainer = PrecisionAMPTrainer(t.model, t.data_loader, t.optimizer, amp_dtype(cfg))
         # MODEL.WEIGHTS may be an MAE checkpoint: swap in the checkpointer that understands it.
         self.checkpointer = MAECheckpointer(
             self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)

@@ -55,7 +55,10 @@ def build_cfg(
     wrapper = cfg.optim_wrapper
     if amp and cuda:
         wrapper.type = "AmpOptimWrapper"
-        wrapper.setdefault("loss_scale", "dynamic")
+        if torch.cuda.is_bf16_supported():  # bf16: fp32's range, no loss scaling needed
+            wrapper.setdefault("dtype", "bfloat16")
+        else:
+            wrapper.setdefault("loss_scale", "dynamic")
     elif wrapper.get("type") == "AmpOptimWrapper" and not cuda:
         print_log("AmpOptimWrapper -> OptimWrapper: no CUDA, training in fp32", logger="current")
         wrapper.type = "OptimWrapper"
