@@ -306,8 +306,17 @@ def test_training_lowers_loss_and_evaluation_returns_coco_ap(toy_coco, tmp_path)
     assert os.path.isfile(tmp_path / "out" / "model_final.pth")
 
 
+def run_tool(name: str, *args: str) -> str:
+    """Runs tools/<name> in a fresh interpreter, as users do; returns stdout + stderr."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, os.path.join(ROOT, "tools", name), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
 def test_command_line_tools_train_evaluate_and_draw(toy_coco, tmp_path):
-    """tools/train_det.py (train, then --eval-only) and tools/visualize_det.py, run as users do."""
+    """tools/train_det.py (train, --resume, --eval-only) and tools/visualize_det.py."""
     path, _ = _official_encoder_file(tmp_path)
     out = tmp_path / "cli"
     common = [
@@ -330,64 +339,19 @@ def test_command_line_tools_train_evaluate_and_draw(toy_coco, tmp_path):
         "MODEL.VIT.IMG_SIZE",
         "96",
     ]
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    tool = os.path.join(ROOT, "tools", "train_det.py")
-    r = subprocess.run(
-        [sys.executable, tool, *common, *opts, "MODEL.WEIGHTS", path],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_tool("train_det.py", *common, *opts, "MODEL.WEIGHTS", path)
     final = out / "model_final.pth"
     assert final.is_file() and (out / "config.yaml").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
     # --resume continues from the last checkpoint (iteration, optimizer, scheduler)
     i = opts.index("SOLVER.MAX_ITER") + 1
     more = [*opts[:i], "6", *opts[i + 1 :]]
-    r = subprocess.run(
-        [sys.executable, tool, *common, "--resume", *more, "MODEL.WEIGHTS", path],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Starting training from iteration 4" in r.stdout + r.stderr
-    r = subprocess.run(
-        [sys.executable, tool, *common, "--eval-only", *opts, "MODEL.WEIGHTS", str(final)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "copypaste: Task: segm" in r.stdout + r.stderr
+    log = run_tool("train_det.py", *common, "--resume", *more, "MODEL.WEIGHTS", path)
+    assert "Starting training from iteration 4" in log
+    log = run_tool("train_det.py", *common, "--eval-only", *opts, "MODEL.WEIGHTS", str(final))
+    assert "copypaste: Task: segm" in log
     png = tmp_path / "pred.png"
-    vis = os.path.join(ROOT, "tools", "visualize_det.py")
-    r = subprocess.run(
-        [
-            sys.executable,
-            vis,
-            "--config-file",
-            TINY_CONFIG,
-            "--weights",
-            str(final),
-            "--images",
-            toy_coco["val"][1],
-            "--num",
-            "2",
-            "--score-thresh",
-            "0.0",
-            "--output",
-            str(png),
-            *TINY_OPTS,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    draw = ["--weights", str(final), "--images", toy_coco["val"][1], "--num", "2"]
+    draw += ["--score-thresh", "0.0", "--output", str(png)]
+    run_tool("visualize_det.py", "--config-file", TINY_CONFIG, *draw, *TINY_OPTS)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
