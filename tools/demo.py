@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -121,6 +122,8 @@ def print_summary(summary: Dict, out: str) -> None:
                 f"  {init + ' init':<38} {r.get('bbox_AP', float('nan')):6.1f}"
                 f"   {r.get('segm_AP', float('nan')):6.1f}"
             )
+        if any(math.isnan(d[i].get("bbox_AP", math.nan)) for i in INITS):
+            lines.append("  (nan: no detection above the score threshold; --quick is too short)")
         lines.append(f"  predictions {d['predictions']}")
     if "segmentation" in summary:
         s = summary["segmentation"]
