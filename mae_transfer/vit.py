@@ -73,6 +73,40 @@ def decomposed_rel_pos_bias(
     return bias.reshape(b, heads, h * w, h * w)
 
 
+def fold_decomposed_rel_pos(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    hw: HW,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys whose dot product is ``scale * q.k + decomposed relative position``.
+
+    The bias of :func:`decomposed_rel_pos_bias` is rel_h[query, key row] + rel_w[query, key
+    column]; appending those per-query tables to q and one-hot key rows / columns to k puts it
+    inside the q.k product. Attention then runs in ``scaled_dot_product_attention``'s fused
+    kernel (scale 1) with no (N x N) bias tensor: at 1024 px that is 0.8 GB per global block
+    that need not exist, and the fused kernel replaces the math one an attention bias with a
+    gradient would force.
+
+    Returns:
+        (q', k') of width head_dim + h + w.
+    """
+    h, w = hw
+    b, heads, n, dim = q.shape
+    table_h = _resize_1d_table(rel_pos_h, 2 * h - 1)[_relative_index(h, h, q.device)]  # (h, h, C)
+    table_w = _resize_1d_table(rel_pos_w, 2 * w - 1)[_relative_index(w, w, q.device)]  # (w, w, C)
+    r_q = q.reshape(b, heads, h, w, dim)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, table_h).reshape(b, heads, n, h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, table_w).reshape(b, heads, n, w)
+    idx = torch.arange(n, device=q.device)
+    onehot = torch.cat([F.one_hot(idx // w, h), F.one_hot(idx % w, w)], dim=-1).to(k.dtype)
+    q2 = torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], dim=-1)
+    k2 = torch.cat([k, onehot.expand(b, heads, n, h + w)], dim=-1)
+    return q2, k2
+
+
 def _bias_table_index(hw: HW, device) -> torch.Tensor:
     """(h*w, h*w) index into a ((2h-1) * (2w-1)) table of 2D relative offsets."""
     h, w = hw
@@ -198,12 +232,19 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
-        bias = self._bias(q, hw) if self.rel_pos else None
-        if mask is not None:
-            bias = mask if bias is None else bias + mask
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
-        )
+        drop = self.attn_drop if self.training else 0.0
+        if self.rel_pos == "decomposed":  # folded into q.k: fused attention, no N x N bias
+            q, k = fold_decomposed_rel_pos(
+                q, k, self.rel_pos_h, self.rel_pos_w, hw, self.head_dim**-0.5
+            )
+            v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))  # fused kernels want equal widths
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
+            x = x[..., : self.head_dim]
+        else:
+            bias = self._bias(q, hw) if self.rel_pos else None
+            if mask is not None:
+                bias = mask if bias is None else bias + mask
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         x = x.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(x))
 

@@ -100,3 +100,38 @@ def test_gradient_on_every_parameter_with_all_options():
 def test_bad_arguments_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         vit(**kw)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_folded_decomposed_rel_pos_equals_the_explicit_bias(with_mask):
+    """Relative position folded into q.k (fused attention) = the explicit (N x N) bias, values
+    and gradients, also with a padded-key mask."""
+    import torch.nn.functional as F
+
+    from mae_transfer.vit import Attention, decomposed_rel_pos_bias
+
+    torch.manual_seed(0)
+    hw = (3, 5)
+    attn = Attention(32, num_heads=2, rel_pos="decomposed", rel_pos_size=(4, 4))
+    with torch.no_grad():  # zero-initialised in the model; random here so the bias matters
+        attn.rel_pos_h.normal_()
+        attn.rel_pos_w.normal_()
+    x = torch.randn(2, 15, 32)
+    mask = None
+    if with_mask:
+        mask = torch.zeros(2, 1, 1, 15)
+        mask[:, ..., -4:] = float("-inf")
+    out = attn(x, hw, mask)
+    grads = torch.autograd.grad(out.sum(), [attn.rel_pos_h, attn.qkv.weight])
+
+    qkv = attn.qkv(x).reshape(2, 15, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    bias = decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, hw)
+    if mask is not None:
+        bias = bias + mask
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    ref = attn.proj(ref.transpose(1, 2).reshape(2, 15, 32))
+    ref_grads = torch.autograd.grad(ref.sum(), [attn.rel_pos_h, attn.qkv.weight])
+    assert torch.allclose(out, ref, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-4)
