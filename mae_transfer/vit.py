@@ -62,6 +62,17 @@ def decomposed_rel_pos_bias(
     Returns:
         (B, heads, h*w, h*w) bias for the attention logits.
     """
+    b, heads, n, _ = q.shape
+    rel_h, rel_w = _decomposed_rel_terms(q, rel_pos_h, rel_pos_w, hw)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, h, w, h, w)
+    return bias.reshape(b, heads, n, n)
+
+
+def _decomposed_rel_terms(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: HW
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each query's logit terms per key row and per key column: (B, heads, h, w, h) and
+    (B, heads, h, w, w); the bias of query -> key (r, c) is rel_h[..., r] + rel_w[..., c]."""
     h, w = hw
     b, heads, _, dim = q.shape
     table_h = _resize_1d_table(rel_pos_h, 2 * h - 1)[_relative_index(h, h, q.device)]  # (h, h, C)
@@ -69,8 +80,7 @@ def decomposed_rel_pos_bias(
     r_q = q.reshape(b, heads, h, w, dim)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, table_h)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, table_w)
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, h, w, h, w)
-    return bias.reshape(b, heads, h * w, h * w)
+    return rel_h, rel_w
 
 
 def fold_decomposed_rel_pos(
@@ -94,12 +104,9 @@ def fold_decomposed_rel_pos(
         (q', k') of width head_dim + h + w.
     """
     h, w = hw
-    b, heads, n, dim = q.shape
-    table_h = _resize_1d_table(rel_pos_h, 2 * h - 1)[_relative_index(h, h, q.device)]  # (h, h, C)
-    table_w = _resize_1d_table(rel_pos_w, 2 * w - 1)[_relative_index(w, w, q.device)]  # (w, w, C)
-    r_q = q.reshape(b, heads, h, w, dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, table_h).reshape(b, heads, n, h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, table_w).reshape(b, heads, n, w)
+    b, heads, n, _ = q.shape
+    rel_h, rel_w = _decomposed_rel_terms(q, rel_pos_h, rel_pos_w, hw)
+    rel_h, rel_w = rel_h.reshape(b, heads, n, h), rel_w.reshape(b, heads, n, w)
     idx = torch.arange(n, device=q.device)
     onehot = torch.cat([F.one_hot(idx // w, h), F.one_hot(idx % w, w)], dim=-1).to(k.dtype)
     q2 = torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], dim=-1)
@@ -209,8 +216,7 @@ class Attention(nn.Module):
                 )
 
     def _bias(self, q: torch.Tensor, hw: HW) -> Optional[torch.Tensor]:
-        if self.rel_pos == "decomposed":
-            return decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, hw)
+        """BEiT's per-head bias ('decomposed' is folded into q.k in forward instead)."""
         if self.rel_pos == "bias":
             bias = relative_position_bias(self.relative_position_bias_table, self.rel_pos_size, hw)
             return bias.to(q.dtype)
