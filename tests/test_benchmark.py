@@ -38,4 +38,9 @@ def test_benchmark_all_tiny_writes_json(tmp_path):
     assert [r["mask_ratio"] for r in data["maskratio"]] == [0.5, 0.6, 0.7, 0.75, 0.8, 0.9]
     kinds = {r.get("backbone") or r.get("iteration") for r in data["transfer"]}
     assert kinds == {"det", "seg", "maskrcnn", "upernet"}
+    assert 0 < pre["gemm_ratio_to_peak"] < 10 and 0 < pre["share_gemm"] < 1
+    det = [r for r in data["transfer"] if r.get("backbone") == "det" and r["input"] == 128]
+    assert len(det) == 3 and any("ViTDet" in r["attention"] for r in det)
+    window = next(r for r in det if r["attention"].startswith("window"))
+    assert window["time_vs_vitdet"] > 0 and window["mem_vs_vitdet"] >= 0  # tiny: memory ~0
     assert "| img_s" in r.stdout or "img_s |" in r.stdout

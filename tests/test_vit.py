@@ -44,6 +44,29 @@ def test_one_window_covering_the_image_equals_global_attention(hw):
     assert torch.allclose(glob.forward_features(x), win.forward_features(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("grid", [(4, 4), (5, 7)])
+def test_window_block_projects_only_real_tokens(grid):
+    """Projections outside the windows give the tokens what ViTDet's projected padded windows do."""
+    from mae_transfer.vit import Block, _padding_mask
+
+    torch.manual_seed(0)
+    blk = Block(32, 4, window_size=3, rel_pos="decomposed").eval()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.normal_(0, 0.2)  # non-zero biases and relative tables
+    x = torch.randn(2, grid[0] * grid[1], 32)
+    y = blk.norm1(x).view(2, *grid, 32)
+    windows, padded = window_partition(y, 3)  # zero tokens, projected like the real ones
+    mask = _padding_mask(grid, padded, 3, 2, y) if padded != grid else None
+    ref = blk.attn(windows, (3, 3), mask)
+    ref = x + window_unpartition(ref, 3, padded, grid).reshape_as(x)
+    ref = ref + blk.mlp(blk.norm2(ref))
+    out = blk(x, grid)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in blk.parameters())
+
+
 @pytest.mark.parametrize("rel_pos", ["decomposed", "bias"])
 def test_relative_position_is_zero_initialised_and_trained(rel_pos):
     plain = vit(class_token=False).eval()

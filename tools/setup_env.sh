@@ -51,6 +51,11 @@ log "installing requirements.txt"
 "${PIP[@]}" install -q -r "$ROOT/requirements.txt"
 
 # 2. mmcv with compiled ops.
+install_mmcv_wheel() {
+  log "installing $(basename "$1")"
+  "${PIP[@]}" install -q --no-deps --force-reinstall "$1"
+  "${PIP[@]}" install -q addict yapf  # mmcv's own dependencies (the wheel went in with --no-deps)
+}
 install_mmcv() {
   # mmcv's ops link against torch's C++ ABI: the cache is keyed by torch version and Python tag.
   local key dir whl
@@ -59,11 +64,9 @@ install_mmcv() {
   mkdir -p "$dir"
   whl=$(ls "$dir"/mmcv-"$MMCV_VERSION"-*.whl "$CACHE"/wheels/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)
   if [ -n "$whl" ]; then
-    log "installing cached $(basename "$whl")"
-    "${PIP[@]}" install -q --no-deps --force-reinstall "$whl"
+    install_mmcv_wheel "$whl"
     if have "import mmcv.ops"; then
       [ "$(dirname "$whl")" = "$dir" ] || mv "$whl" "$dir/"  # an unkeyed wheel from older scripts
-      "${PIP[@]}" install -q addict yapf
       return
     fi
     log "cached $(basename "$whl") does not load with this torch: rebuilding"
@@ -84,10 +87,7 @@ EOS
     "${PIP[@]}" wheel --no-build-isolation --no-deps -w "$tmp/wheels" "mmcv==$MMCV_VERSION"
   cp "$tmp"/wheels/mmcv-*.whl "$dir/"
   rm -rf "$tmp"
-  whl=$(ls "$dir"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)
-  log "installing $(basename "$whl")"
-  "${PIP[@]}" install -q --no-deps --force-reinstall "$whl"
-  "${PIP[@]}" install -q addict yapf
+  install_mmcv_wheel "$(ls "$dir"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)"
 }
 if ! have "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'"; then
   install_mmcv
