@@ -294,7 +294,7 @@ class Block(nn.Module):
             return self.attn(x, hw)
         # The projections run on the h*w tokens; only the attention sees the windows' zero
         # padding, whose keys the mask hides and whose outputs are cropped (ViTDet projects the
-        # padded windows: 20-70% more qkv / proj work at 1024 / 512 px with window 14).
+        # padded windows: 20-72% more qkv / proj work at 1024 / 512 px with window 14).
         b, n, c = x.shape
         attn = self.attn
         qkv, padded = window_partition(attn.qkv(x).view(b, hw[0], hw[1], -1), self.window_size)
