@@ -205,6 +205,9 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.rel_pos = rel_pos
         self.rel_pos_size = rel_pos_size
+        # 'decomposed' folded into q.k (fused attention); False: an explicit (N x N) bias, the
+        # way ViTDet computes it (same values; kept as the reference for tests and benchmarks)
+        self.fold_rel_pos = True
         if rel_pos is not None:
             h, w = rel_pos_size
             if rel_pos == "decomposed":
@@ -216,7 +219,9 @@ class Attention(nn.Module):
                 )
 
     def _bias(self, q: torch.Tensor, hw: HW) -> Optional[torch.Tensor]:
-        """BEiT's per-head bias ('decomposed' is folded into q.k in forward instead)."""
+        """The explicit additive bias: BEiT's per-head table, or unfolded decomposed terms."""
+        if self.rel_pos == "decomposed":
+            return decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, hw)
         if self.rel_pos == "bias":
             bias = relative_position_bias(self.relative_position_bias_table, self.rel_pos_size, hw)
             return bias.to(q.dtype)
@@ -245,7 +250,7 @@ class Attention(nn.Module):
         qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
         drop = self.attn_drop if self.training else 0.0
-        if self.rel_pos == "decomposed":  # folded into q.k: fused attention, no N x N bias
+        if self.rel_pos == "decomposed" and self.fold_rel_pos:  # fused attention, no N x N bias
             q, k = fold_decomposed_rel_pos(
                 q, k, self.rel_pos_h, self.rel_pos_w, hw, self.head_dim**-0.5
             )

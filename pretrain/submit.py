@@ -58,9 +58,11 @@ class PretrainJob:
     def checkpoint(self):
         import submitit
 
+        from .engine import LAST
+
         # the requeued job continues from output_dir/checkpoint-last.pth, not from the file a
         # first --resume named (which would throw away everything since)
-        last = os.path.join(self.cfg.output_dir, "checkpoint-last.pth")
+        last = os.path.join(self.cfg.output_dir, LAST)
         cfg = self.cfg
         if os.path.isfile(last):
             cfg = dataclasses.replace(cfg, resume="", auto_resume=True)

@@ -158,3 +158,5 @@ def test_folded_decomposed_rel_pos_equals_the_explicit_bias(with_mask):
     assert torch.allclose(out, ref, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, atol=1e-4)
+    attn.fold_rel_pos = False  # the library's own explicit path (the benchmark's ViTDet case)
+    assert torch.allclose(attn(x, hw, mask), ref, atol=1e-5)
