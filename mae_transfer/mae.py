@@ -203,6 +203,18 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.norm(x)
         return x, mask, ids_restore
 
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The encoder on every patch, no masking: (N, C, H, W) -> (N, 1 + L, D) normalised
+        tokens, class token first (what a k-NN or linear probe of the encoder reads)."""
+        grid = (imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size)
+        pos = self._pos_embed(self.pos_embed, grid)
+        x = self.patch_embed(imgs) + pos[:, 1:, :]
+        cls_token = (self.cls_token + pos[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat((cls_token, x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
     def forward_decoder(
         self, x: torch.Tensor, ids_restore: torch.Tensor, grid: Tuple[int, int] | None = None
     ) -> torch.Tensor:

@@ -15,10 +15,10 @@ import sys
 from typing import Dict, Optional, Sequence
 
 from mae_transfer.device import resolve_device
+from mae_transfer.engine.distributed import cleanup, init_distributed
 from mae_transfer.registry import list_models
 
 from .config import ConfigError, PretrainConfig, load_config, validate
-from .distributed import cleanup, init_distributed
 from .engine import LAST, NonFiniteLossError, Trainer, export_encoder
 from .plots import plot_loss_curve
 

@@ -11,11 +11,10 @@ import torch
 from PIL import Image
 
 from mae_transfer.checkpoint import CheckpointError, find_state_dict, load_file
+from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from mae_transfer.mae import MaskedAutoencoderViT
 from mae_transfer.models import DECODER, VIT_SIZES
 from mae_transfer.registry import create_model
-
-from .data import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -195,6 +195,10 @@ def test_encoder_equals_timm_vit_with_copied_weights():
     keep_order = torch.arange(6.0).expand(2, 6)
     latent, _, _ = model.forward_encoder(x, 0.0, noise=keep_order)
     assert torch.allclose(latent, ref.forward_features(x), atol=1e-6)
+    # the unmasked encoder (k-NN / probes) is the same computation, and draws no random numbers
+    state = torch.get_rng_state()
+    assert torch.allclose(model.forward_features(x), latent, atol=1e-6)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_unpatchify_non_square_needs_grid():

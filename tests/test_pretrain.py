@@ -13,10 +13,12 @@ import pytest
 import torch
 from conftest import ROOT, TINY_MAE, write_images
 
+from mae_transfer.data import ResumableDistributedSampler, collate
+from mae_transfer.engine.distributed import DistInfo
+from mae_transfer.engine.schedule import cosine_lr
 from pretrain.config import ConfigError, PretrainConfig, load_config, make_config, validate
-from pretrain.data import PretrainDataset, ResumableDistributedSampler, collate
-from pretrain.distributed import DistInfo
-from pretrain.engine import LAST, NonFiniteLossError, Trainer, cosine_lr
+from pretrain.data import PretrainDataset
+from pretrain.engine import LAST, NonFiniteLossError, Trainer
 from pretrain.main import main as pretrain_main
 
 

@@ -222,8 +222,8 @@ def _pretrain_case(
 ) -> Dict:
     from mae_transfer import create_model
     from mae_transfer.device import resolve_amp
+    from mae_transfer.engine.trainer import adamw_impl
     from mae_transfer.optim import param_groups
-    from pretrain.engine import _adamw_impl
 
     dev = torch.device(device)
     amp_dtype, use_scaler = resolve_amp(amp, dev)  # as pretraining: bf16 on CUDA, fp32 on CPU
@@ -235,7 +235,7 @@ def _pretrain_case(
         param_groups(model.named_parameters(), 0.05),
         lr=1e-4,
         betas=(0.9, 0.95),
-        **_adamw_impl(dev),
+        **adamw_impl(dev),
     )
     run = torch.compile(model) if compile_ else model
     imgs = torch.randn(batch, 3, size, size, device=dev)
@@ -333,7 +333,8 @@ def bench_data(args) -> List[Dict]:
     from PIL import Image
     from torch.utils.data import DataLoader
 
-    from pretrain.data import PretrainDataset, ResumableDistributedSampler, collate
+    from mae_transfer.data import ResumableDistributedSampler, collate
+    from pretrain.data import PretrainDataset
 
     rows = []
     with tempfile.TemporaryDirectory() as d:

@@ -21,13 +21,13 @@ import mae_transfer.detection  # noqa: E402,F401
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
+from mae_transfer.data import find_images  # noqa: E402
 from mae_transfer.detection import MAECheckpointer  # noqa: E402
 from mae_transfer.detection.train import (
     build_cfg,  # noqa: E402
     register_coco_datasets,  # noqa: E402
 )
 from mae_transfer.detection.visualize import draw_predictions  # noqa: E402
-from pretrain.data import find_images  # noqa: E402
 
 
 def main(argv=None) -> int:

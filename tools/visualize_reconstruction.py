@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mae_transfer.checkpoint import CheckpointError  # noqa: E402
-from pretrain.data import find_images  # noqa: E402
+from mae_transfer.data import find_images  # noqa: E402
 from pretrain.samples import sample_images  # noqa: E402
 from pretrain.visualize import load_mae_for_visualization, visualize  # noqa: E402
 

@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from PIL import Image  # noqa: E402
 
 import mae_transfer.segmentation  # noqa: E402,F401
+from mae_transfer.data import find_images  # noqa: E402
 from mae_transfer.segmentation.visualize import comparison_grid  # noqa: E402
-from pretrain.data import find_images  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,42 @@
+"""Data pieces shared by pretraining and the evaluation protocols (torch, torchvision, PIL).
+
+- :mod:`.folder`: image folders and class folders (the ImageNet layout), robust decoding that
+  skips and counts unreadable files;
+- :mod:`.transforms`: pretraining crops, evaluation resize + centre crop;
+- :mod:`.sampler`: a resumable distributed sampler and per-sample seeds, so that batches and
+  augmentations depend on (seed, epoch, image) only, never on process or worker counts.
+"""
+
+from .folder import (
+    IMG_EXTENSIONS,
+    ClassFolder,
+    collate,
+    find_classes,
+    find_images,
+    first_image,
+    load_rgb,
+    read_good,
+    split_root,
+)
+from .sampler import ResumableDistributedSampler, ShardSampler, sample_seed, seeded
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMG_EXTENSIONS",
+    "ClassFolder",
+    "collate",
+    "eval_transform",
+    "pretrain_transform",
+    "ResumableDistributedSampler",
+    "ShardSampler",
+    "find_classes",
+    "find_images",
+    "first_image",
+    "load_rgb",
+    "read_good",
+    "sample_seed",
+    "seeded",
+    "split_root",
+]

@@ -1,0 +1,135 @@
+"""Image folders and class folders, with decoding that skips and counts unreadable files."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Set, Tuple
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
+
+logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# What a corrupt, truncated or mislabelled file raises while being decoded.
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, DecompressionBombError)
+MAX_CONSECUTIVE_BAD = 50
+
+
+def split_root(root: str, split: str = "train") -> str:
+    """``root/split`` when it exists (the ImageNet layout), else ``root`` itself."""
+    sub = os.path.join(root, split)
+    return sub if os.path.isdir(sub) else root
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def first_image(root: str, split: str = "train") -> Optional[str]:
+    """The first image file found under ``root`` (stops there: cheap on ImageNet), or None."""
+    for dirpath, _, filenames in os.walk(split_root(root, split), followlinks=True):
+        for f in filenames:
+            if _is_image(f):
+                return os.path.join(dirpath, f)
+    return None
+
+
+def list_images(base: str) -> List[str]:
+    """Image files under ``base``, recursively, in sorted order (possibly none)."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        dirnames.sort()
+        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+    return files
+
+
+def find_images(root: str, split: str = "train") -> List[str]:
+    """Image files under ``root`` (``root/train`` when it exists), sorted, recursively."""
+    base = split_root(root, split)
+    files = list_images(base)
+    if not files:
+        raise FileNotFoundError(
+            f"no images ({', '.join(IMG_EXTENSIONS)}) found under {base}; "
+            "expected an ImageNet root with train/<class>/*.JPEG or a folder of images"
+        )
+    return files
+
+
+@dataclass
+class ClassFolder:
+    """``root/<class>/**/<image>``: class names sorted, labels their indices (torchvision's
+    ImageFolder convention, so ImageNet's synset folders give the usual 0-999 labels)."""
+
+    root: str
+    classes: List[str]
+    samples: List[Tuple[str, int]]
+
+    @property
+    def targets(self) -> List[int]:
+        return [label for _, label in self.samples]
+
+
+def find_classes(root: str) -> ClassFolder:
+    """Scans a class-folder tree; a clear error when it holds no class folder with images."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root} is not a directory")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    samples: List[Tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        samples += [(path, label) for path in list_images(os.path.join(root, name))]
+    if not samples:
+        raise FileNotFoundError(
+            f"no class folders with images under {root}: expected {root}/<class>/<image> "
+            f"(e.g. an ImageNet train/ or val/ folder)"
+        )
+    return ClassFolder(root, classes, samples)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Opens and fully decodes an image as RGB; raises on corrupt or truncated files."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+        return img.convert("RGB")
+
+
+def read_good(
+    paths: Sequence[str], i: int, bad: Set[str], loader=load_rgb
+) -> Tuple[int, object, int]:
+    """Decodes ``paths[i]``, or the next decodable file after it (wrapping around).
+
+    Args:
+        paths: the data set's files.
+        i: the index asked for.
+        bad: files already reported unreadable (each is logged once per process).
+        loader: path -> decoded image; raises one of :data:`UNREADABLE` on a bad file.
+
+    Returns:
+        (index of the file used, the decoded image, how many unreadable files were skipped).
+    """
+    skipped = 0
+    for step in range(min(len(paths), MAX_CONSECUTIVE_BAD)):
+        j = (i + step) % len(paths)
+        try:
+            return j, loader(paths[j]), skipped
+        except UNREADABLE as e:
+            skipped += 1
+            if paths[j] not in bad:
+                bad.add(paths[j])
+                logger.warning("skipping unreadable image %s: %s", paths[j], e)
+    raise RuntimeError(
+        f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from {paths[i]}: "
+        "is data_path a folder of images?"
+    )
+
+
+def collate(batch) -> tuple:
+    """Batches items of the form (field, ..., skipped): tensors are stacked, numbers become a
+    tensor, the skipped-file counts are summed into an int."""
+    *fields, skipped = zip(*batch)
+    out = [torch.stack(f) if isinstance(f[0], torch.Tensor) else torch.tensor(f) for f in fields]
+    return (*out, int(sum(skipped)))

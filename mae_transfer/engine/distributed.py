@@ -1,0 +1,136 @@
+"""Process-group set-up for one process, torchrun (multi-node included) and Slurm, and the few
+collectives the training loops need."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, List, Sequence
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def local_cuda_index(local_rank: int) -> int:
+    """The CUDA device of a process: its local rank modulo the devices it can see.
+
+    With one GPU bound per task (Slurm ``--gpus-per-task=1``, ``CUDA_VISIBLE_DEVICES`` set per
+    process) every process sees a single device 0 while its local rank runs 0..7.
+    """
+    return local_rank % max(torch.cuda.device_count(), 1)
+
+
+def init_distributed(device_type: str, dist_url: str = "env://") -> DistInfo:
+    """Joins the process group when launched by torchrun / srun; a no-op for one process.
+
+    torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT. Under Slurm without torchrun,
+    SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS are used (MASTER_ADDR must be set, as
+    pretrain/submit.py does). The backend is nccl for CUDA and gloo for CPU.
+    """
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(
+        rank=_env_int("RANK", "SLURM_PROCID", default=0),
+        local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0),
+        world_size=world,
+    )
+    os.environ.setdefault("RANK", str(info.rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    if device_type == "cuda":  # before NCCL initialises, so that it binds to this device
+        torch.cuda.set_device(local_cuda_index(info.local_rank))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend,
+        init_method=dist_url,
+        world_size=world,
+        rank=info.rank,
+        timeout=datetime.timedelta(minutes=30),
+    )
+    logger.info("process %d/%d joined (%s)", info.rank, world, backend)
+    return info
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: Sequence[float], info: DistInfo) -> List[float]:
+    """Sums a few numbers (floats or 0-d tensors) over all processes; one host sync."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in values])
+    if info.enabled:
+        t = t.to(_collective_device())
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def all_reduce_min(value: float, info: DistInfo) -> float:
+    """The smallest ``value`` over all processes (e.g. "does every rank see this file?")."""
+    if not info.enabled:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every process (a decision made once, followed by all)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
+def all_gather_rows(x: torch.Tensor, info: DistInfo) -> List[torch.Tensor]:
+    """Every process's ``x`` (rows may differ in number), as a list indexed by rank."""
+    if not info.enabled:
+        return [x]
+    dev = _collective_device()
+    n = torch.tensor([x.shape[0]], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(info.world_size)]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=dev)
+    padded[: x.shape[0]] = x.to(dev)
+    out = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(out, padded)
+    return [o[: int(s.item())].to(x.device) for o, s in zip(out, sizes)]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
