@@ -14,39 +14,19 @@ import os
 import sys
 from typing import Dict, Optional, Sequence
 
-from mae_transfer.device import resolve_device
-from mae_transfer.engine.distributed import cleanup, init_distributed
+from mae_transfer.engine.launch import exit_code, run_training, setup_logging
 from mae_transfer.registry import list_models
 
-from .config import ConfigError, PretrainConfig, load_config, validate
-from .engine import LAST, NonFiniteLossError, Trainer, export_encoder
+from .config import PretrainConfig, load_config, validate
+from .engine import LAST, Trainer, export_encoder
 from .plots import plot_loss_curve
 
 logger = logging.getLogger("pretrain")
 
 
-def setup_logging(rank: int = 0) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(
-        level=level, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S", force=True
-    )
-
-
 def run(cfg: PretrainConfig) -> Dict[str, float]:
     """Validates ``cfg``, trains, exports the encoder and the loss curve; returns last stats."""
-    validate(cfg)
-    device = resolve_device(cfg.device)
-    info = init_distributed(device.type, cfg.dist_url)
-    setup_logging(info.rank)
-    try:
-        trainer = Trainer(cfg, device, info)
-        stats = trainer.train()
-        trainer.close()
-        if info.is_main:
-            _finish(cfg)
-        return stats
-    finally:
-        cleanup(info)
+    return run_training(cfg, validate, Trainer, finish=lambda trainer: _finish(cfg))
 
 
 def _finish(cfg: PretrainConfig) -> None:
@@ -61,16 +41,15 @@ def _finish(cfg: PretrainConfig) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
-    try:
+
+    def body():
         cfg, args = load_config(argv)
         if args.list_models:
             print("\n".join(list_models("mae_*", include_aliases=True)))
-            return 0
+            return
         run(cfg)
-    except (ConfigError, NonFiniteLossError) as e:
-        logger.error("%s", e)
-        return 2 if isinstance(e, ConfigError) else 1
-    return 0
+
+    return exit_code(body, logger)
 
 
 if __name__ == "__main__":

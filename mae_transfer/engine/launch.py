@@ -1,0 +1,63 @@
+"""Running a protocol: logging set-up, validation, devices and process group, the trainer.
+
+The entry points (``python -m pretrain``, ``tools/finetune.py``, ``tools/linprobe.py``) are a
+config class, a ``validate`` function and an :class:`EpochTrainer` subclass handed to
+:func:`run_training`, and :func:`exit_code` around it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Optional, Type
+
+from mae_transfer.device import resolve_device
+
+from .config import ConfigError, TrainConfig
+from .distributed import cleanup, init_distributed
+from .trainer import EpochTrainer, NonFiniteLossError
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(rank: int = 0) -> None:
+    """INFO on rank 0, warnings only elsewhere (64 ranks repeating every line helps nobody)."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(
+        level=level, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S", force=True
+    )
+
+
+def run_training(
+    cfg: TrainConfig,
+    validate: Callable[[TrainConfig], None],
+    trainer_cls: Type[EpochTrainer],
+    finish: Optional[Callable[[EpochTrainer], None]] = None,
+) -> Dict[str, float]:
+    """Validates ``cfg`` (before anything is built), joins the process group when launched by
+    torchrun / srun, trains, then calls ``finish(trainer)`` on rank 0; returns the last stats."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    info = init_distributed(device.type, cfg.dist_url)
+    setup_logging(info.rank)
+    try:
+        trainer = trainer_cls(cfg, device, info)
+        stats = trainer.train()
+        trainer.close()
+        if info.is_main and finish is not None:
+            finish(trainer)
+        return stats
+    finally:
+        cleanup(info)
+
+
+def exit_code(fn: Callable[[], object], log: logging.Logger = logger) -> int:
+    """Runs a CLI body: 0 when it returns, 2 for a bad config, 1 for a non-finite stop."""
+    try:
+        fn()
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except NonFiniteLossError as e:
+        log.error("%s", e)
+        return 1
+    return 0
