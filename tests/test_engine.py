@@ -1,0 +1,365 @@
+"""The shared training machinery on paths no single CPU process exercises: several ranks (gloo),
+resuming across world sizes, mocked CUDA devices, no host sync per step."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import TINY_MAE, write_images
+
+import mae_transfer.engine.trainer as trainer_module
+from mae_transfer.engine import distributed as distributed_module
+from mae_transfer.engine.config import ConfigError
+from mae_transfer.engine.distributed import DistInfo, init_distributed, local_cuda_index
+from mae_transfer.engine.state import get_rng_state, set_rng_state
+from mae_transfer.engine.trainer import LAST, NonFiniteLossError, set_tf32, tf32_enabled
+from pretrain.config import make_config, validate
+from pretrain.engine import Trainer
+
+
+def tiny_cfg(out, data, **kw):
+    values = dict(
+        model="mae_vit_base_patch16",
+        model_kwargs=TINY_MAE,
+        input_size=32,
+        batch_size=4,
+        epochs=2,
+        warmup_epochs=1,
+        blr=1e-3,
+        data_path=data,
+        num_workers=0,
+        device="cpu",
+        amp="fp32",
+        log_every_iters=1,
+        output_dir=str(out),
+    )
+    values.update(kw)
+    cfg = make_config(values)
+    validate(cfg)
+    return cfg
+
+
+def train(cfg) -> Trainer:
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    t.train()
+    t.close()
+    return t
+
+
+# -- several ranks ---------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, fn, args, queue):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    try:
+        queue.put((rank, "ok", fn(info, *args)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        queue.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        distributed_module.cleanup(info)
+
+
+def run_ranks(fn, *args, world: int = 2, timeout: float = 240) -> dict:
+    """Runs ``fn(dist_info, *args)`` in ``world`` gloo processes; {rank: (status, result)}."""
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        rank, status, value = queue.get(timeout=timeout)
+        results[rank] = (status, value)
+    for p in procs:
+        p.join(timeout=30)
+    return results
+
+
+def _resume_with_own_output_dir(info, dirs, data):
+    cfg = tiny_cfg(dirs[info.rank], data, epochs=3)
+    t = Trainer(cfg, torch.device("cpu"), info)
+    return t.epoch, t.iter, float(sum(p.detach().double().sum() for p in t.model.parameters()))
+
+
+def test_rank0_decides_what_every_rank_resumes_from(tmp_path, image_dir):
+    """Rank 1's output_dir has no checkpoint (node-local storage, stale caches): it must still
+    resume from the one rank 0 chose, or the replicas would silently train apart."""
+    first = train(tiny_cfg(tmp_path / "rank0", image_dir, epochs=1))
+    dirs = [str(tmp_path / "rank0"), str(tmp_path / "rank1")]
+    results = run_ranks(_resume_with_own_output_dir, dirs, image_dir)
+    assert all(status == "ok" for status, _ in results.values()), results
+    (e0, i0, w0), (e1, i1, w1) = results[0][1], results[1][1]
+    assert (e0, i0) == (e1, i1) == (1, 0)
+    expected = float(sum(p.detach().double().sum() for p in first.model.parameters()))
+    assert w0 == w1 == pytest.approx(expected)
+
+
+def _save_with_inf_weights(info, out, data):
+    t = Trainer(tiny_cfg(out, data, epochs=1), torch.device("cpu"), info)
+    with torch.no_grad():
+        t.model.blocks[0].mlp.fc1.weight[0, 0] = float("inf")
+    try:
+        t.save()
+    except NonFiniteLossError as e:
+        return f"raised: {e}"
+    return "saved"
+
+
+def test_non_finite_weights_stop_every_rank(tmp_path, image_dir):
+    """Only rank 0 used to check: the others walked on into the next collective and waited
+    for the 30-minute timeout. Every rank must stop, with the message."""
+    results = run_ranks(_save_with_inf_weights, str(tmp_path / "out"), image_dir)
+    for rank, (status, value) in results.items():
+        assert status == "ok" and value.startswith("raised: non-finite weights"), (rank, value)
+    assert not (tmp_path / "out" / LAST).exists()
+
+
+def _nan_loss_on_rank1(info, out, data):
+    cfg = tiny_cfg(out, data, epochs=2, log_every_iters=2, batch_size=2)
+    t = Trainer(cfg, torch.device("cpu"), info)
+    compute, calls = t.compute_loss, []
+
+    def poisoned(*a):
+        calls.append(1)
+        loss = compute(*a)
+        return loss * float("nan") if info.rank == 1 and len(calls) == 4 else loss
+
+    t.compute_loss = poisoned
+    try:
+        t.train()
+    except NonFiniteLossError as e:
+        finite = all(torch.isfinite(p).all() for p in t.model.parameters())
+        return str(e), t.epoch, t.iter, finite
+    return "finished", t.epoch, t.iter, True
+
+
+def test_a_nan_loss_on_one_rank_stops_all_ranks_together(tmp_path, image_dir):
+    results = run_ranks(_nan_loss_on_rank1, str(tmp_path / "out"), image_dir)
+    seen = {rank: value for rank, (status, value) in results.items() if status == "ok"}
+    assert len(seen) == 2, results
+    # 3 iterations per epoch: call 4 is epoch 1, iteration 0; the log step after iteration 1
+    # sees it, on both ranks, and the NaN update was skipped on both (weights finite)
+    for message, epoch, it, finite in seen.values():
+        assert message.startswith("loss is nan at epoch 1, iteration 0-1"), message
+        assert (epoch, it, finite) == (1, 2, True)
+    ckpt = torch.load(tmp_path / "out" / LAST, weights_only=True)
+    assert (ckpt["epoch"], ckpt["iter"]) == (1, 0)
+
+
+def _grads_after_two_updates(info, out, data):
+    cfg = tiny_cfg(out, data, epochs=1, log_every_iters=100, batch_size=2)
+    t = Trainer(cfg, torch.device("cpu"), info)
+    t.sampler.set_epoch(0)
+    t.set_train_mode()
+    ptrs = []
+    for step, (*tensors, skipped) in enumerate(t.loader):
+        t._step(tensors, skipped)
+        grads = [p.grad for p in t.model.parameters() if p.requires_grad]
+        if any(g is None for g in grads):
+            return "gradients freed after the update"
+        ptrs.append([g.data_ptr() for g in grads])
+    # DDP makes the gradients bucket views during the first backward: compare the later steps
+    return len(ptrs) == 3 and ptrs[1] == ptrs[2]
+
+
+def test_ddp_gradients_stay_in_their_buckets_between_updates(tmp_path, image_dir):
+    """gradient_as_bucket_view saves a copy of every gradient only if they are zeroed in place:
+    set to None, backward allocates new ones and DDP copies them into the buckets each step."""
+    results = run_ranks(_grads_after_two_updates, str(tmp_path / "out"), image_dir)
+    assert all(status == "ok" and value is True for status, value in results.values()), results
+
+
+# -- resuming with another batch size / world size / accumulation -----------------------------
+def _killed_after(cfg, iterations: int) -> Trainer:
+    """A run stopped after ``iterations`` batches of epoch 0, with its checkpoint saved."""
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    t.sampler.set_epoch(0)
+    t.set_train_mode()
+    for step, (*tensors, skipped) in enumerate(t.loader):
+        t._step(tensors, skipped)
+        if step + 1 == iterations:
+            break
+    t._flush()
+    t.save()
+    t.close()
+    return t
+
+
+def test_mid_epoch_resume_continues_at_the_same_sample_with_another_global_batch(
+    tmp_path, tmp_path_factory
+):
+    data = str(tmp_path_factory.mktemp("data"))
+    write_images(data, 24)
+    out = tmp_path / "out"
+    _killed_after(tiny_cfg(out, data, batch_size=4, save_every_iters=1), iterations=2)  # 8 seen
+    ref = Trainer(tiny_cfg(out, data, batch_size=4), torch.device("cpu"), DistInfo())
+    seen = list(ref.sampler)  # epoch 0's keys, from its first sample
+    ref.close()
+    for batch, accum, expect_iter in ((2, 1, 4), (8, 1, 1), (2, 2, 4), (2, 4, 4)):
+        t = Trainer(
+            tiny_cfg(out, data, batch_size=batch, accum_iter=accum),
+            torch.device("cpu"),
+            DistInfo(),
+        )
+        assert (t.epoch, t.iter) == (0, expect_iter), (batch, accum)
+        t.sampler.set_epoch(0, start_batch=t.iter)
+        # the same permutation, continued at sample 8 (epochs are cut to whole global batches)
+        rest = [k for k in t.sampler]
+        assert rest == seen[8 : 8 + len(rest)] and len(rest) == 16, (batch, accum)
+        t.close()
+
+
+def test_mid_epoch_resume_refuses_a_misaligned_update(tmp_path, image_dir):
+    out = tmp_path / "out"
+    _killed_after(tiny_cfg(out, image_dir, batch_size=4, save_every_iters=1), iterations=2)
+    for batch, accum in ((3, 1), (2, 3)):
+        with pytest.raises(ConfigError, match="8 samples into epoch 0.*not a whole number"):
+            Trainer(
+                tiny_cfg(out, image_dir, batch_size=batch, accum_iter=accum),
+                torch.device("cpu"),
+                DistInfo(),
+            )
+
+
+def test_the_newer_of_resume_and_checkpoint_last_wins(tmp_path, image_dir):
+    """After a torchrun elastic restart the command line still names the first --resume file;
+    the run's own, newer checkpoint-last.pth must win (and an older one must not)."""
+    out = tmp_path / "out"
+    train(tiny_cfg(out, image_dir, epochs=1, save_every_epochs=1))
+    early = tmp_path / "early.pth"
+    os.replace(out / "checkpoint-0.pth", early)
+    train(tiny_cfg(out, image_dir, epochs=2))  # checkpoint-last at epoch 2
+    t = Trainer(
+        tiny_cfg(out, image_dir, epochs=3, resume=str(early)), torch.device("cpu"), DistInfo()
+    )
+    assert t.epoch == 2
+    t.close()
+    os.replace(out / LAST, tmp_path / "late.pth")
+    os.replace(early, out / LAST)
+    t = Trainer(
+        tiny_cfg(out, image_dir, epochs=3, resume=str(tmp_path / "late.pth")),
+        torch.device("cpu"),
+        DistInfo(),
+    )
+    assert t.epoch == 2
+    t.close()
+
+
+# -- no host sync per step, and no non-finite update ------------------------------------------
+def test_one_host_sync_per_log_step_not_per_iteration(tmp_path, image_dir, monkeypatch):
+    calls = []
+    real = trainer_module.all_reduce_sum
+
+    def counting(values, info):
+        calls.append(len(values))
+        return real(values, info)
+
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", counting)
+    train(tiny_cfg(tmp_path / "out", image_dir, epochs=1, log_every_iters=100))
+    assert len(calls) == 1  # 3 iterations, one flush at the end of the epoch
+
+
+def test_a_nan_between_log_steps_is_never_applied(tmp_path, image_dir):
+    cfg = tiny_cfg(tmp_path / "out", image_dir, epochs=1, log_every_iters=100)
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    compute, calls, before = t.compute_loss, [], {}
+
+    def poisoned(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            before.update({n: p.detach().clone() for n, p in t.model.named_parameters()})
+            return compute(*a) * float("nan")
+        if len(calls) == 3:  # the NaN update (iteration 1) was skipped: nothing moved
+            assert all(torch.equal(p, before[n]) for n, p in t.model.named_parameters())
+        return compute(*a)
+
+    t.compute_loss = poisoned
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 0, iteration 0-2"):
+        t.train()
+    assert len(calls) == 3 and not (tmp_path / "out" / LAST).exists()
+
+
+# -- CUDA placement, RNG and TF32 without a GPU -----------------------------------------------
+def test_slurm_local_id_is_taken_modulo_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert local_cuda_index(5) == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert local_cuda_index(5) == 5
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(distributed_module.dist, "init_process_group", lambda *a, **k: None)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_PROCID", "13")
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    info = init_distributed("cuda")
+    assert (info.rank, info.local_rank, info.world_size) == (13, 5, 16)
+    assert chosen == [1]  # one GPU per task bound 4 ways: local id 5 is this node's 2nd GPU
+
+
+def test_cuda_rng_state_is_the_process_own_device_only(monkeypatch):
+    """A checkpoint saved on 8 visible GPUs must resume on a process that sees one."""
+    restored = []
+
+    def set_state(state, device="cuda"):
+        index = torch.device(device).index or 0
+        if index >= 1:
+            raise RuntimeError(f"invalid device ordinal {index}")
+        restored.append((int(state[0]), index))
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    dev = torch.device("cuda", 0)
+    saved = get_rng_state(dev)
+    assert torch.equal(saved["cuda"], torch.tensor([7]))
+    set_rng_state(saved, dev)
+    old_format = {"torch": torch.get_rng_state(), "cuda": [torch.tensor([i]) for i in range(8)]}
+    set_rng_state(old_format, dev)
+    assert restored == [(7, 0), (0, 0)]
+
+
+def test_tf32_is_a_choice_for_training_and_on_for_evaluation():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    set_tf32(False)
+    assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    with tf32_enabled(torch.device("cuda")):
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    assert matmul.fp32_precision == "ieee"
+    with tf32_enabled(torch.device("cpu")):  # nothing to do on a CPU
+        assert matmul.fp32_precision == "ieee"
+    set_tf32(True)
+    assert matmul.fp32_precision == "tf32"
+    set_tf32(False)
+
+
+def test_config_dataclasses_share_the_run_fields():
+    from mae_transfer.engine.config import TrainConfig
+    from pretrain.config import PretrainConfig
+
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert shared <= {f.name for f in dataclasses.fields(PretrainConfig)}
+    assert PretrainConfig().epochs == 400 and TrainConfig().epochs == 100
