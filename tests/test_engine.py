@@ -172,7 +172,7 @@ def _grads_after_two_updates(info, out, data):
     t.sampler.set_epoch(0)
     t.set_train_mode()
     ptrs = []
-    for step, (*tensors, skipped) in enumerate(t.loader):
+    for *tensors, skipped in t.loader:
         t._step(tensors, skipped)
         grads = [p.grad for p in t.model.parameters() if p.requires_grad]
         if any(g is None for g in grads):
@@ -309,8 +309,9 @@ def test_slurm_local_id_is_taken_modulo_the_visible_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(distributed_module.dist, "init_process_group", lambda *a, **k: None)
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # init_distributed sets RANK, WORLD_SIZE:
+        monkeypatch.setenv(name, "0")  # recorded here, so that they are removed afterwards
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_NTASKS", "16")
     monkeypatch.setenv("SLURM_PROCID", "13")
     monkeypatch.setenv("SLURM_LOCALID", "5")

@@ -233,11 +233,16 @@ class EpochTrainer:
         """Rank 0 picks the checkpoint that is furthest along (an explicit ``resume`` or
         ``checkpoint-last.pth``, e.g. after an elastic restart) and every rank follows it: ranks
         deciding on their own could see different files and silently train apart."""
-        cfg, path = self.cfg, None
+        cfg, path, error = self.cfg, None, None
         if self.dist.is_main:
             last = os.path.join(cfg.output_dir, LAST) if cfg.auto_resume else ""
-            path = newest_checkpoint([cfg.resume, last], self.checkpoint_format)
-        path = broadcast_object(path, self.dist)
+            try:
+                path = newest_checkpoint([cfg.resume, last], self.checkpoint_format)
+            except Exception as e:  # noqa: BLE001 - every rank raises it, none waits forever
+                error = f"{type(e).__name__}: {e}"
+        path, error = broadcast_object((path, error), self.dist)
+        if error:
+            raise ConfigError(f"cannot choose the checkpoint to resume from: {error}")
         if path and all_reduce_min(float(os.path.isfile(path)), self.dist) < 1:
             raise ConfigError(
                 f"checkpoint {path}, chosen by rank 0 to resume from, is missing on some "
