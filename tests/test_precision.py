@@ -77,7 +77,8 @@ def _fresh_decisions(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "gpu,expect", [("sm70", None), ("sm75", None), ("sm80", torch.bfloat16), ("sm90", torch.bfloat16)]
+    "gpu,expect",
+    [("sm70", None), ("sm75", None), ("sm80", torch.bfloat16), ("sm90", torch.bfloat16)],
 )
 def test_auto_is_bf16_only_on_gpus_with_bf16_tensor_cores(monkeypatch, gpu, expect):
     """V100 / T4 emulate bf16 (torch.cuda.is_bf16_supported() says True there): auto is fp32
