@@ -90,6 +90,7 @@ def fold_decomposed_rel_pos(
     rel_pos_w: torch.Tensor,
     hw: HW,
     scale: float,
+    multiple: int = 8,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys whose dot product is ``scale * q.k + decomposed relative position``.
 
@@ -100,17 +101,25 @@ def fold_decomposed_rel_pos(
     that need not exist, and the fused kernel replaces the math one an attention bias with a
     gradient would force.
 
+    The width is zero-padded up to a ``multiple`` (zero columns add nothing to q.k): in 16-bit
+    the memory-efficient and cuDNN kernels take only widths that are multiples of 8, and
+    64 + 2 x 14 = 92 (ViT-B/L windows) or 80 + 28 = 108 (ViT-H) would fall back to the math
+    kernel, which holds every window's logits in fp32.
+
     Returns:
-        (q', k') of width head_dim + h + w.
+        (q', k') of width head_dim + h + w rounded up to ``multiple``.
     """
     h, w = hw
-    b, heads, n, _ = q.shape
+    b, heads, n, dim = q.shape
+    pad = -(dim + h + w) % multiple
     rel_h, rel_w = _decomposed_rel_terms(q, rel_pos_h, rel_pos_w, hw)
     rel_h, rel_w = rel_h.reshape(b, heads, n, h), rel_w.reshape(b, heads, n, w)
     idx = torch.arange(n, device=q.device)
     onehot = torch.cat([F.one_hot(idx // w, h), F.one_hot(idx % w, w)], dim=-1).to(k.dtype)
-    q2 = torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], dim=-1)
-    k2 = torch.cat([k, onehot.expand(b, heads, n, h + w)], dim=-1)
+    onehot = F.pad(onehot, (0, pad))
+    zeros = q.new_zeros(b, heads, n, pad)
+    q2 = torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype), zeros], dim=-1)
+    k2 = torch.cat([k, onehot.expand(b, heads, n, h + w + pad)], dim=-1)
     return q2, k2
 
 

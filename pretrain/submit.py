@@ -6,6 +6,8 @@
 
 One task per GPU; each joins the process group via the environment set here. On time-out or
 preemption the job requeues itself and resumes from ``output_dir/checkpoint-last.pth``.
+Everything is validated before submitting except ``data_path``, which may be mounted only on
+the cluster's nodes: each task checks it when it starts.
 ``--cluster local`` runs the tasks as local processes and ``--cluster debug`` in this process
 (both handy to try the set-up without Slurm).
 """
@@ -14,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from typing import Optional, Sequence
 
-from .config import PretrainConfig, load_config, validate
+from .config import ConfigError, PretrainConfig, load_config, validate
+
+logger = logging.getLogger("pretrain.submit")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -90,6 +95,22 @@ def _set_dist_env() -> None:
     )
 
 
+def validate_before_submitting(cfg: PretrainConfig) -> None:
+    """``validate(cfg)`` on the submitting host, except that ``data_path`` exists and holds
+    images here: the data set may be mounted only on the cluster's nodes, where every task
+    validates the whole config (``data_path`` included) before it starts."""
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        # validate()'s data_path messages start with "data_path '<path>' " (a missing, empty or
+        # unreadable folder); "data_path is required" and all other errors still stop here
+        unseen = f"data_path {cfg.data_path!r} "
+        errors = [m for m in str(e).split("\n  - ")[1:] if not m.startswith(unseen)]
+        if errors:
+            raise ConfigError("invalid pretraining config:\n  - " + "\n  - ".join(errors)) from None
+        logger.info("data_path %s not found here: the job checks it on its nodes", cfg.data_path)
+
+
 def executor_parameters(args) -> dict:
     params = dict(
         nodes=args.nodes,
@@ -111,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args, rest = parse_args(argv)
     cfg, _ = load_config(rest)
-    validate(cfg)
+    validate_before_submitting(cfg)
     job_dir = args.job_dir or os.path.join(cfg.output_dir, "submitit")
     executor = submitit.AutoExecutor(folder=job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
     params = executor_parameters(args)

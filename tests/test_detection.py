@@ -355,3 +355,143 @@ def test_command_line_tools_train_evaluate_and_draw(toy_coco, tmp_path):
     draw += ["--score-thresh", "0.0", "--output", str(png)]
     run_tool("visualize_det.py", "--config-file", TINY_CONFIG, *draw, *TINY_OPTS)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def fresh_precision(monkeypatch):
+    """Fakes the CPU / GPU precision checks per test (see tests/test_precision.py)."""
+    from mae_transfer import device
+
+    monkeypatch.setattr(device, "_logged", set())
+    device.cpu_bf16_check.cache_clear()
+    yield monkeypatch
+    device.cpu_bf16_check.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "device,hardware,precision,expect",
+    [
+        ("cuda", "sm75", "auto", None),  # T4: bf16 is emulated there; fp32
+        ("cuda", "sm80", "auto", torch.bfloat16),
+        ("cuda", "sm90", "auto", torch.bfloat16),
+        ("cuda", "sm70", "float16", torch.float16),  # V100: fp16 on request
+        ("cpu", "amx", "auto", torch.bfloat16),  # an AMX CPU trains in bf16
+        ("cpu", "avx2", "auto", None),  # an AVX2 CPU in fp32
+    ],
+)
+def test_amp_precision_auto_follows_the_device(
+    fresh_precision, device, hardware, precision, expect
+):
+    from test_precision import fake_cpu, fake_cuda
+
+    from mae_transfer.detection.config import amp_dtype
+
+    if device == "cuda":
+        fake_cuda(fresh_precision, hardware)
+    else:
+        fake_cpu(fresh_precision, {"amx_bf16"} if hardware == "amx" else {"avx2"})
+    opts = ["MODEL.DEVICE", device, "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", precision]
+    cfg = build_cfg(TINY_CONFIG, opts)
+    assert cfg.SOLVER.AMP.ENABLED and amp_dtype(cfg) == expect
+    cfg.SOLVER.AMP.ENABLED = False
+    assert amp_dtype(cfg) is None
+
+
+def test_cpu_training_uses_the_precision_trainer_and_a_bf16_step_is_finite(
+    fresh_precision, toy_coco, tmp_path
+):
+    """SOLVER.AMP on CPU follows the CPU rule through PrecisionAMPTrainer(device_type='cpu'):
+    auto = bf16 on an AMX CPU, fp32 (SimpleTrainer) elsewhere; a bf16 step of Mask R-CNN runs."""
+    from detectron2.engine import SimpleTrainer
+    from detectron2.utils.events import EventStorage
+    from test_precision import fake_cpu
+
+    from mae_transfer.detection.train import PrecisionAMPTrainer
+
+    def trainer(*opts):
+        cfg = _cfg(toy_coco, tmp_path / "out", iters=2)
+        cfg.merge_from_list(["SOLVER.AMP.ENABLED", "True", "SOLVER.IMS_PER_BATCH", "2", *opts])
+        cfg.freeze()
+        return Trainer(cfg)
+
+    fake_cpu(fresh_precision, {"avx2"})
+    assert type(trainer()._trainer) is SimpleTrainer
+    fake_cpu(fresh_precision, {"avx512_bf16", "amx_bf16"})
+    t = trainer()._trainer
+    assert isinstance(t, PrecisionAMPTrainer)
+    assert (t.dtype, t.device_type) == (torch.bfloat16, "cpu")
+    assert not t.grad_scaler.is_enabled()
+    t.model.train()
+    with EventStorage() as storage:
+        t.run_step()
+    losses = {k: v[0] for k, v in storage.latest().items() if k.startswith("loss")}
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+def _fake_update(trainer) -> None:
+    """An optimizer step through the trainer's loss scaler, with made-up gradients (no data)."""
+    scaler = getattr(trainer._trainer, "grad_scaler", None)
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.full_like(p, 1e-3)
+    if scaler is None or not scaler.is_enabled():
+        trainer.optimizer.step()
+        return
+    scaler.scale(torch.ones(()))  # initialises the scale, as a backward pass would
+    scaler.step(trainer.optimizer)
+    scaler.update()
+
+
+def test_resume_across_precisions_keeps_optimizer_state_and_implementation(
+    fresh_precision, toy_coco, tmp_path
+):
+    """bf16 (fused AdamW) -> fp16 + clipping (not fused) -> fp16 (fused): each resume restores
+    the AdamW moments, survives the empty loss-scaler state of a bf16 run, and keeps the
+    resuming run's own fused / non-fused choice."""
+    from mae_transfer.device import fused_adamw_supported
+
+    if not fused_adamw_supported("cpu"):
+        pytest.skip("fused AdamW is not available on this CPU build of torch")
+
+    def trainer(*opts):
+        cfg = _cfg(toy_coco, tmp_path / "out", iters=2)
+        cfg.merge_from_list(["SOLVER.AMP.ENABLED", "True", *opts])
+        cfg.freeze()
+        return Trainer(cfg)
+
+    def moments(t):
+        return [s["exp_avg"].clone() for s in t.optimizer.state.values()]
+
+    a = trainer("SOLVER.AMP.PRECISION", "bfloat16")
+    assert a.optimizer.param_groups[0]["fused"]
+    _fake_update(a)
+    a.checkpointer.save("model_0000000")
+    b = trainer("SOLVER.AMP.PRECISION", "float16", "SOLVER.CLIP_GRADIENTS.ENABLED", "True")
+    assert not b.optimizer.param_groups[0]["fused"]
+    b.resume_or_load(resume=True)  # the bf16 run saved an empty loss-scaler state
+    assert b.start_iter == 1 and len(b.optimizer.state) == len(a.optimizer.state)
+    assert all(torch.equal(x, y) for x, y in zip(moments(a), moments(b)))
+    assert not any(g["fused"] for g in b.optimizer.param_groups)  # clipping needs unfused
+    _fake_update(b)
+    b.iter = 1
+    b.checkpointer.save("model_0000001")
+    c = trainer("SOLVER.AMP.PRECISION", "float16")
+    c.resume_or_load(resume=True)
+    assert c.start_iter == 2
+    assert c._trainer.grad_scaler.get_scale() == b._trainer.grad_scaler.get_scale()
+    assert all(g["fused"] for g in c.optimizer.param_groups)
+    _fake_update(c)  # a fused step takes the scaler's grad_scale; an unfused one would assert
+
+
+def test_lazy_config_schedule_matches_the_yaml_recipe():
+    """The LazyConfig trains on the ViTDet schedule, as the YAML: warmup 250 iterations from
+    lr x 0.001 (not the R-50 recipe's 0.067), steps at 88.9% / 96.3% of 184,375 iterations."""
+    lazy = LazyConfig.load(os.path.join(CONFIG_DIR, "lazy", "mask_rcnn_vit_base_fpn_lsj_100ep.py"))
+    yaml = build_cfg(os.path.join(CONFIG_DIR, "mask_rcnn_vit_base_fpn_lsj_100ep.yaml"))
+    lr = lazy.lr_multiplier
+    assert lr.warmup_factor == yaml.SOLVER.WARMUP_FACTOR == 0.001
+    assert lr.warmup_length * lazy.train.max_iter == pytest.approx(yaml.SOLVER.WARMUP_ITERS)
+    assert lazy.train.max_iter == yaml.SOLVER.MAX_ITER
+    assert tuple(lr.scheduler.milestones) == tuple(yaml.SOLVER.STEPS)
+    assert lazy.optimizer.params.base_lr == yaml.SOLVER.BASE_LR
+    assert lazy.optimizer.params.weight_decay == yaml.SOLVER.WEIGHT_DECAY

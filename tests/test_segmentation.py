@@ -201,3 +201,133 @@ def _check_test_and_visualize_tools(tmp_path, root, opts):
         == 0
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+RECIPE = os.path.join(CONFIG_DIR, "upernet_mae_vit_base_8xb2-160k_ade20k-512x512.py")
+
+
+@pytest.fixture
+def fresh_precision(monkeypatch):
+    """Fakes the CPU / GPU precision checks per test (see tests/test_precision.py)."""
+    from mae_transfer import device
+
+    monkeypatch.setattr(device, "_logged", set())
+    device.cpu_bf16_check.cache_clear()
+    yield monkeypatch
+    device.cpu_bf16_check.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "hardware,amp,wrapper,dtype",
+    [
+        ("avx2", None, "OptimWrapper", None),  # the recipe's amp = "auto" on a CPU without bf16
+        ("amx", None, "AutocastOptimWrapper", "bfloat16"),  # ... on an AMX CPU
+        ("sm75", None, "OptimWrapper", None),  # T4: emulated bf16, so fp32
+        ("sm80", None, "AutocastOptimWrapper", "bfloat16"),  # A100: bf16, no loss scaler
+        ("sm90", "auto", "AutocastOptimWrapper", "bfloat16"),
+        ("sm70", "fp16", "AmpOptimWrapper", "float16"),  # V100: fp16 + loss scaling on request
+        ("sm80", "fp32", "OptimWrapper", None),
+        ("avx2", "bf16", "AutocastOptimWrapper", "bfloat16"),  # on request (with a warning)
+    ],
+)
+def test_precision_sets_the_optim_wrapper(fresh_precision, hardware, amp, wrapper, dtype):
+    from test_precision import fake_cpu, fake_cuda
+
+    if hardware.startswith("sm"):
+        fake_cuda(fresh_precision, hardware)
+    else:
+        fake_cpu(fresh_precision, {"amx_bf16"} if hardware == "amx" else {"avx2"})
+    cfg = build_cfg(RECIPE, {"model.backbone.pretrained": None}, amp=amp)
+    w = cfg.optim_wrapper
+    assert (w.type, w.get("dtype")) == (wrapper, dtype)
+    assert w.get("loss_scale") == ("dynamic" if dtype == "float16" else None)
+
+
+def test_fp16_without_cuda_and_unknown_modes_are_refused(fresh_precision):
+    from test_precision import fake_cpu
+
+    fake_cpu(fresh_precision, {"avx2"})
+    with pytest.raises(ValueError, match="amp fp16 needs CUDA"):
+        build_cfg(RECIPE, {"model.backbone.pretrained": None}, amp="fp16")
+    with pytest.raises(ValueError, match="must be one of"):
+        build_cfg(RECIPE, {"model.backbone.pretrained": None, "amp": "fp8"})
+
+
+@pytest.mark.parametrize(
+    "launcher,env,gpu",
+    [("pytorch", {"LOCAL_RANK": "5"}, 5), ("slurm", {"LOCAL_RANK": "0", "SLURM_LOCALID": "3"}, 3)],
+)
+def test_the_precision_check_reads_this_ranks_gpu(fresh_precision, launcher, env, gpu):
+    """Each rank looks at its own GPU (as mmengine will set it), not at GPU 0, and allocates
+    nothing before mmengine sets the device."""
+    from test_precision import fake_cuda
+
+    touched = fake_cuda(fresh_precision, "sm80", count=8)
+    for k, v in env.items():
+        fresh_precision.setenv(k, v)
+    cfg = build_cfg(RECIPE, {"model.backbone.pretrained": None}, launcher=launcher)
+    assert cfg.optim_wrapper.type == "AutocastOptimWrapper"
+    assert touched and set(touched) == {gpu}
+
+
+def test_bf16_autocast_wrapper_trains_a_step_on_cpu():
+    """AutocastOptimWrapper (bf16, no loss scaler): the forward runs in bf16 on CPU, the loss
+    is finite and the weights move (what `auto` picks on an AMX CPU)."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    cfg = Config.fromfile(TINY_CONFIG)
+    cfg.model.backbone.update(embed_dim=32, num_heads=2)
+    cfg.model.decode_head.update(in_channels=[32] * 4, channels=16)
+    cfg.model.auxiliary_head.update(in_channels=32, channels=16)
+    cfg.model.data_preprocessor.size = (64, 64)
+    model = MODELS.build(cfg.model)
+    wrapper = build_optim_wrapper(
+        model, {**cfg.optim_wrapper, "type": "AutocastOptimWrapper", "dtype": "bfloat16"}
+    )
+    dtypes = []
+    model.backbone.register_forward_hook(lambda m, i, out: dtypes.append(out[0].dtype))
+    samples = []
+    for _ in range(2):
+        s = SegDataSample()
+        s.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, 64, 64)))
+        s.set_metainfo(dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64)))
+        samples.append(s)
+    data = dict(
+        inputs=[torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)] * 2, data_samples=samples
+    )
+    before = model.backbone.vit.blocks[0].attn.qkv.weight.detach().clone()
+    log = model.train_step(data, wrapper)
+    assert dtypes == [torch.bfloat16]
+    assert torch.isfinite(log["loss"])
+    assert not torch.equal(before, model.backbone.vit.blocks[0].attn.qkv.weight)
+
+
+def test_recipe_scales_the_lr_with_the_total_batch(tmp_path):
+    """auto_scale_lr (base batch 16) is on in the ADE20K recipe and applied by mmengine's Runner:
+    a run of total batch 2 trains at lr x 2 / 16; --no-auto-scale-lr turns it off."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import train_seg
+
+    recipe = Config.fromfile(RECIPE)
+    assert recipe.auto_scale_lr == dict(enable=True, base_batch_size=16)
+    assert recipe.amp == "auto" and recipe.optim_wrapper.type == "OptimWrapper"
+    args = train_seg.parse_args([RECIPE, "--no-auto-scale-lr", "--amp"])
+    assert (args.auto_scale_lr, args.amp) == (False, "auto")
+    assert train_seg.parse_args([RECIPE]).amp is None
+    cfg = build_cfg(RECIPE, {"model.backbone.pretrained": None}, auto_scale_lr=False)
+    assert cfg.auto_scale_lr == dict(enable=False, base_batch_size=16)
+    with pytest.raises(ValueError, match="auto_scale_lr.base_batch_size"):
+        build_cfg(TINY_CONFIG, auto_scale_lr=True)
+
+    root = str(tmp_path / "toy_ade")
+    write_toy_ade(root, num_train=4, num_val=2, size=64)
+    opts = demo_options(root, str(tmp_path / "work"), None, iters=1)
+    opts.update({"train_dataloader.batch_size": 2, "auto_scale_lr.base_batch_size": 16})
+    opts.update({"model.backbone.embed_dim": 32, "model.backbone.num_heads": 2})
+    opts.update({"model.decode_head.in_channels": [32] * 4, "model.auxiliary_head.in_channels": 32})
+    runner = make_runner(build_cfg(TINY_CONFIG, opts, auto_scale_lr=True))
+    runner.train()
+    base = Config.fromfile(TINY_CONFIG).optim_wrapper.optimizer.lr
+    initial = max(g["initial_lr"] for g in runner.optim_wrapper.optimizer.param_groups)
+    assert initial == pytest.approx(base * 2 / 16)

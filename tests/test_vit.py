@@ -160,3 +160,70 @@ def test_folded_decomposed_rel_pos_equals_the_explicit_bias(with_mask):
         assert torch.allclose(g, r, atol=1e-4)
     attn.fold_rel_pos = False  # the library's own explicit path (the benchmark's ViTDet case)
     assert torch.allclose(attn(x, hw, mask), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [1024, 1000])
+def test_detection_attention_widths_stay_on_fused_kernels_in_bf16(size, monkeypatch):
+    """Every attention call of a ViTDet-style model (head_dim 64, window 14, decomposed relative
+    position, global blocks) under bf16 autocast gets q, k, v of a width that is a multiple of 8:
+    in 16-bit the memory-efficient and cuDNN kernels take nothing else (64 + 2 x 14 = 92 unpadded).
+    The spy records shapes and returns zeros of the right shape, so no attention is computed."""
+    import torch.nn.functional as F
+
+    calls = []
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        calls.append((tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype))
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = create_model(
+        "vit_base_patch16",
+        embed_dim=128,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=1.0,
+        img_size=1024,
+        class_token=False,
+        window_size=14,
+        global_blocks=(1,),
+        rel_pos="decomposed",
+    ).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.forward_intermediates(torch.zeros(1, 3, size, size), [1])
+    grid = -(-size // 16)
+    window_width, global_width = 64 + 2 * 14, 64 + 2 * grid
+    assert len(calls) == 2, calls
+    assert {c[3] for c in calls} == {torch.bfloat16}  # autocast reached the attention
+    assert calls[0][0][-1] >= window_width and calls[1][0][-1] >= global_width
+    for q, k, v, _ in calls:
+        assert q[-1] == k[-1] == v[-1] and q[-1] % 8 == 0, (q, k, v)
+
+
+@pytest.mark.parametrize("hw", [(3, 4), (14, 14), (3, 5)])
+def test_zero_padded_folded_width_equals_the_explicit_bias(hw):
+    """The zero-padded folded q.k (width rounded up to 8) = the explicit (N x N) bias in fp32,
+    values and gradients, with head_dim 64 as ViT-B/L (14 x 14 windows: 92 -> 96)."""
+    from mae_transfer.vit import Attention, fold_decomposed_rel_pos
+
+    torch.manual_seed(0)
+    attn = Attention(128, num_heads=2, rel_pos="decomposed", rel_pos_size=hw)
+    with torch.no_grad():
+        attn.rel_pos_h.normal_()
+        attn.rel_pos_w.normal_()
+    n = hw[0] * hw[1]
+    q = torch.randn(2, 2, n, 64)
+    width = fold_decomposed_rel_pos(q, q, attn.rel_pos_h, attn.rel_pos_w, hw, 1.0)[0].shape[-1]
+    assert width % 8 == 0 and width - (64 + sum(hw)) < 8
+    x = torch.randn(2, n, 128, dtype=torch.float32)
+    mask = torch.zeros(2, 1, 1, n)
+    mask[..., -3:] = float("-inf")  # padded keys, as in a window at the image border
+    params = [attn.rel_pos_h, attn.rel_pos_w, attn.qkv.weight]
+    out = attn(x, hw, mask)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    attn.fold_rel_pos = False
+    ref = attn(x, hw, mask)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max() <= 1e-5 * r.abs().max(), (g - r).abs().max()

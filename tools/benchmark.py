@@ -625,7 +625,8 @@ def main(argv=None) -> int:
         "--amp",
         default="auto",
         choices=["auto", "fp32", "bf16", "fp16"],
-        help="pretraining precision, as in pretraining: auto = bf16 on CUDA, fp32 on CPU "
+        help="pretraining precision, as in pretraining: auto = bf16 where the device has native "
+        "bf16 (GPUs of compute capability >= 8.0, CPUs with AMX / AVX512-BF16), else fp32 "
         "(ratio_to_peak is then against a matrix multiply in that precision)",
     )
     p.add_argument("--json", default=None, help="write all numbers here")
@@ -636,7 +637,9 @@ def main(argv=None) -> int:
         IN_PROCESS, PEAK_N = True, 512
     device = torch.device(args.device)
     results: Dict = {"machine": machine(device), "matmul": {"fp32": matmul_peak(device)}}
-    if device.type == "cpu" or torch.cuda.is_bf16_supported():
+    from mae_transfer.device import cuda_bf16_native
+
+    if device.type == "cpu" or cuda_bf16_native(device):
         results["matmul"]["bf16"] = matmul_peak(
             device, torch.bfloat16, n=512 if device.type == "cpu" else 2048, repeats=2
         )

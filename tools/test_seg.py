@@ -32,8 +32,9 @@ def main(argv=None) -> int:
         ns = argparse.Namespace()
         DictAction(["--cfg-options"], "o")(p, ns, args.cfg_options)
         options = ns.o
+    # evaluated in fp32: the numbers do not depend on the GPU generation
     cfg = build_cfg(
-        args.config, options, args.work_dir, args.launcher, amp=False, for_training=False
+        args.config, options, args.work_dir, args.launcher, amp="fp32", for_training=False
     )
     cfg.load_from = args.checkpoint
     metrics = make_runner(cfg).test()

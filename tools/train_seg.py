@@ -2,12 +2,13 @@
 """UperNet on the MAE ViT with mmsegmentation: train (mmseg's tools/train.py conventions).
 
     python tools/train_seg.py configs/mmseg/upernet_mae_vit_base_8xb2-160k_ade20k-512x512.py
-    torchrun --nproc_per_node 8 tools/train_seg.py CONFIG --launcher pytorch --amp
+    torchrun --nproc_per_node 8 tools/train_seg.py CONFIG --launcher pytorch --amp bf16
     python tools/train_seg.py CONFIG --resume --work-dir work_dirs/x \
         --cfg-options model.backbone.pretrained=mae_pretrain_vit_base.pth
 
 The backbone loads official mae_pretrain_vit_*.pth or our checkpoints directly (no conversion).
-On a machine without CUDA: SyncBN becomes BN, AMP is off (fp32), the dist backend is gloo.
+On a machine without CUDA: SyncBN becomes BN, the dist backend is gloo, and --amp auto follows
+the CPU rule (bf16 with AMX / AVX512-BF16, else fp32).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mae_transfer.segmentation.runner import build_cfg, make_runner  # noqa: E402
+from mae_transfer.segmentation.runner import AMP_MODES, build_cfg, make_runner  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -28,8 +29,22 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
     p.add_argument(
         "--amp",
-        action="store_true",
-        help="mixed precision on CUDA: bf16 where the GPU has it, else fp16 + loss scaling",
+        nargs="?",
+        const="auto",
+        default=None,
+        choices=AMP_MODES,
+        help="precision, as pretraining's --amp: auto = bf16 autocast where this process's GPU "
+        "(compute capability >= 8.0) or the CPU (AMX / AVX512-BF16) has native bf16, else fp32; "
+        "fp16 = dynamic loss scaling (CUDA); bf16 = no loss scaling. Default: the config's `amp` "
+        "(the ADE20K recipe: auto). A bare --amp means auto; it used to mean fp16 on GPUs "
+        "without bf16, which now takes --amp fp16",
+    )
+    p.add_argument(
+        "--auto-scale-lr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="scale the lr by (GPUs x batch per GPU) / auto_scale_lr.base_batch_size "
+        "(default: the config's auto_scale_lr.enable; on in the ADE20K recipe)",
     )
     p.add_argument(
         "--cfg-options",
@@ -54,7 +69,14 @@ class _DictAction(argparse.Action):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = build_cfg(args.config, args.cfg_options, args.work_dir, args.launcher, args.amp)
+    cfg = build_cfg(
+        args.config,
+        args.cfg_options,
+        args.work_dir,
+        args.launcher,
+        amp=args.amp,
+        auto_scale_lr=args.auto_scale_lr,
+    )
     cfg.resume = args.resume
     runner = make_runner(cfg)
     runner.train()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import List
+from typing import List, Optional
 
 import torch
 from detectron2.config import CfgNode as CN
 
+from mae_transfer.device import resolve_amp
 from mae_transfer.pyramid import NORMS
 from mae_transfer.registry import resolve_name
 from mae_transfer.vit import REL_POS_TYPES
@@ -16,15 +17,18 @@ logger = logging.getLogger(__name__)
 
 
 AMP_PRECISIONS = ("auto", "float16", "bfloat16")
+_AMP_MODES = {"auto": "auto", "float16": "fp16", "bfloat16": "bf16"}  # pretraining's --amp names
 
 
-def amp_dtype(cfg: CN) -> torch.dtype:
-    """SOLVER.AMP.PRECISION as a dtype ('auto': bf16 on GPUs that support it, else fp16)."""
-    name = cfg.SOLVER.AMP.PRECISION
-    if name == "auto":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        name = "bfloat16" if bf16 else "float16"
-    return getattr(torch, name)
+def amp_dtype(cfg: CN) -> Optional[torch.dtype]:
+    """The run's autocast dtype, None for fp32: fp32 unless ``SOLVER.AMP.ENABLED``; then
+    ``SOLVER.AMP.PRECISION`` on ``MODEL.DEVICE``, whose ``auto`` is pretraining's
+    (:func:`mae_transfer.device.resolve_amp`): bf16 where the GPU / CPU has native bf16, else
+    fp32. float16 (with loss scaling) only when asked for."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
+    mode = _AMP_MODES[cfg.SOLVER.AMP.PRECISION]
+    return resolve_amp(mode, torch.device(cfg.MODEL.DEVICE))[0]
 
 
 def add_mae_vit_config(cfg: CN) -> CN:
@@ -52,8 +56,9 @@ def add_mae_vit_config(cfg: CN) -> CN:
     cfg.SOLVER.BETAS = (0.9, 0.999)
     cfg.SOLVER.LAYER_DECAY = 0.7  # layer-wise lr decay: 0.7 / 0.8 / 0.9 for B / L / H
 
-    # AMP precision (detectron2 0.6 knows fp16 only): auto = bf16 where the GPU has it (no loss
-    # scaling, no fp16 overflow at ViT-L/H scale), else fp16 with a grad scaler
+    # AMP precision when SOLVER.AMP.ENABLED (detectron2 0.6 knows fp16 only): auto = bf16 where
+    # the device has native bf16 (GPUs from compute capability 8.0, CPUs with AMX/AVX512-BF16:
+    # no loss scaling, no fp16 overflow at ViT-L/H scale), else fp32; float16 = fp16 + grad scaler
     if "PRECISION" not in cfg.SOLVER.AMP:
         cfg.SOLVER.AMP.PRECISION = "auto"
 

@@ -8,10 +8,12 @@ detectron2 has no compiled ops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import warnings
 import weakref
-from typing import Dict, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from detectron2.config import get_cfg
@@ -23,7 +25,8 @@ from detectron2.data import (
 )
 from detectron2.data import transforms as T
 from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import AMPTrainer, DefaultTrainer, hooks
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import maybe_add_gradient_clipping
 
@@ -52,12 +55,10 @@ def build_cfg(config_file: str, opts=(), coco_train=None, coco_val=None):
             else:
                 cfg.DATASETS.TEST = (name,)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        # SOLVER.AMP then follows the CPU rule (amp_dtype): bf16 autocast where the CPU has AMX
+        # or AVX512-BF16, else fp32
+        logger.info("MODEL.DEVICE %s -> cpu: CUDA is not available", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
-        if cfg.SOLVER.AMP.ENABLED:
-            logger.warning(
-                "SOLVER.AMP.ENABLED turned off: detectron2's AMP needs CUDA (fp32 on CPU)"
-            )
-            cfg.SOLVER.AMP.ENABLED = False
     validate_config(cfg)
     return cfg
 
@@ -121,16 +122,33 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         device = next(model.parameters()).device.type
         # a fused AdamW unscales AMP gradients inside its own step, after detectron2's clipping
         # wrapper has clipped them: clipping would then see scaled gradients
-        fp16 = s.AMP.ENABLED and amp_dtype(cfg) == torch.float16
-        clip_scaled = fp16 and s.CLIP_GRADIENTS.ENABLED
+        clip_scaled = amp_dtype(cfg) == torch.float16 and s.CLIP_GRADIENTS.ENABLED
         fused = {"fused": True} if fused_adamw_supported(device) and not clip_scaled else {}
         opt = torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), **fused)
     return maybe_add_gradient_clipping(cfg, opt)
 
 
+OPTIMIZER_IMPL_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+@contextlib.contextmanager
+def keep_optimizer_impl(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Keeps this run's optimizer implementation (fused / foreach ...) across a state load.
+
+    ``Optimizer.load_state_dict`` restores every saved group option, so a checkpoint of a fused
+    AdamW turns fused back on in a run that chose it off (fp16 with clipping), and a non-fused
+    checkpoint turns it off in a fused run, whose GradScaler then hands the step a grad_scale
+    that only the fused kernel accepts (fp16: an assertion error at the first step).
+    """
+    chosen = [{k: g[k] for k in OPTIMIZER_IMPL_KEYS if k in g} for g in optimizer.param_groups]
+    yield
+    for group, keys in zip(optimizer.param_groups, chosen):
+        group.update(keys)
+
+
 class PrecisionAMPTrainer(AMPTrainer):
-    """detectron2 0.6's AMPTrainer with a chosen autocast dtype: bf16 runs without loss scaling
-    (the grad scaler is disabled), fp16 as detectron2 does it."""
+    """detectron2 0.6's AMPTrainer with a chosen autocast dtype and device: bf16 runs without
+    loss scaling (the grad scaler is disabled), fp16 with it, on CUDA or CPU."""
 
     def __init__(self, model, data_loader, optimizer, dtype: torch.dtype, device_type="cuda"):
         scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
@@ -153,15 +171,26 @@ class PrecisionAMPTrainer(AMPTrainer):
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
 
+    def load_state_dict(self, state_dict):
+        """Also from a run in another precision: a bf16 or fp32 checkpoint has no (or an empty)
+        loss-scaler state, which an enabled GradScaler refuses; fp16 scaling then starts afresh."""
+        SimpleTrainer.load_state_dict(self, state_dict)
+        scaler_state = state_dict.get("grad_scaler") or {}
+        if scaler_state:
+            self.grad_scaler.load_state_dict(scaler_state)  # a disabled (bf16) scaler ignores it
+        elif self.grad_scaler.is_enabled():
+            logger.info("no loss-scaler state in the checkpoint (bf16 / fp32 run): starts afresh")
+
 
 class Trainer(DefaultTrainer):
     """detectron2's DefaultTrainer with the pieces above."""
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.SOLVER.AMP.ENABLED:  # SOLVER.AMP.PRECISION (detectron2 0.6 knows fp16 only)
-            t = self._trainer
-            self._trainer = PrecisionAMPTrainer(t.model, t.data_loader, t.optimizer, amp_dtype(cfg))
+        # detectron2 builds its CUDA-only AMPTrainer (and GradScaler) first; replaced below
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*GradScaler")
+            super().__init__(cfg)
+        self._trainer = self._precision_trainer(cfg, amp_dtype(cfg))
         # MODEL.WEIGHTS may be an MAE checkpoint: swap in the checkpointer that understands it.
         self.checkpointer = MAECheckpointer(
             self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
@@ -169,6 +198,32 @@ class Trainer(DefaultTrainer):
         for h in self._hooks:
             if isinstance(h, hooks.PeriodicCheckpointer):
                 h.checkpointer = self.checkpointer
+
+    def _precision_trainer(self, cfg, dtype: Optional[torch.dtype]) -> SimpleTrainer:
+        """SOLVER.AMP resolved (:func:`amp_dtype`): fp32 -> SimpleTrainer, bf16 / fp16 ->
+        PrecisionAMPTrainer on MODEL.DEVICE's type (detectron2 0.6 knows CUDA fp16 only)."""
+        t = self._trainer
+        if dtype is None and type(t) is SimpleTrainer:
+            return t
+        if dtype is None:
+            return SimpleTrainer(t.model, t.data_loader, t.optimizer)
+        device_type = torch.device(cfg.MODEL.DEVICE).type
+        return PrecisionAMPTrainer(t.model, t.data_loader, t.optimizer, dtype, device_type)
+
+    def state_dict(self):
+        """Iteration, hooks (lr scheduler) and the inner trainer's optimizer and loss scaler (the
+        registry's detectron2 0.6 saves no optimizer state; newer releases save it this way)."""
+        ret = TrainerBase.state_dict(self)
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        TrainerBase.load_state_dict(self, state_dict)
+        if "_trainer" not in state_dict:
+            logger.warning("the checkpoint holds no optimizer state: AdamW moments start afresh")
+            return
+        with keep_optimizer_impl(self.optimizer):
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     def train(self):
         """Trains, then returns the final evaluation results (detectron2 0.6 returns None)."""

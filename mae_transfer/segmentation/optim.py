@@ -1,13 +1,16 @@
-"""Layer-wise lr decay for mmengine, on the MAE/timm parameter names (``blocks.N``)."""
+"""Layer-wise lr decay for mmengine, on the MAE/timm parameter names (``blocks.N``), and a
+loss-scaler-free autocast wrapper for bf16 training on GPUs and CPUs."""
 
 from __future__ import annotations
 
-from typing import List
+from contextlib import contextmanager
+from typing import Iterator, List, Union
 
+import torch
 import torch.nn as nn
 from mmengine.logging import print_log
-from mmengine.optim import DefaultOptimWrapperConstructor
-from mmseg.registry import OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
+from mmseg.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS
 
 from mae_transfer.optim import param_groups
 from mae_transfer.pyramid import ViTPyramid
@@ -53,3 +56,23 @@ def _vit_depth(model: nn.Module) -> int:
         if isinstance(m, ViTPyramid):
             return m.vit.depth
     raise ValueError("no MAEViT backbone in the model; give paramwise_cfg num_layers")
+
+
+@OPTIM_WRAPPERS.register_module()
+class AutocastOptimWrapper(OptimWrapper):
+    """OptimWrapper whose forward runs under ``torch.autocast(dtype)`` on the model's device, with
+    no loss scaling: bf16 training on GPUs and on CPUs with native bf16.
+
+    mmengine's ``AmpOptimWrapper`` runs on CUDA only and always holds a GradScaler, which bf16
+    (fp32's exponent range) does not need. ``dtype``: 'bfloat16' (or 'float16', unscaled).
+    """
+
+    def __init__(self, dtype: Union[str, torch.dtype] = "bfloat16", **kwargs):
+        super().__init__(**kwargs)
+        self.cast_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+    @contextmanager
+    def optim_context(self, model: nn.Module) -> Iterator[None]:
+        device_type = next(model.parameters()).device.type
+        with super().optim_context(model), torch.autocast(device_type, dtype=self.cast_dtype):
+            yield

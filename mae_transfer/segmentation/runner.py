@@ -10,6 +10,8 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
+from mae_transfer.device import resolve_amp
+
 
 def _replace_sync_bn(node: Any) -> Any:
     """SyncBN -> BN everywhere in a config (a single CPU process has nothing to sync with)."""
@@ -25,18 +27,28 @@ def _replace_sync_bn(node: Any) -> Any:
     return node
 
 
+AMP_MODES = ("auto", "fp32", "bf16", "fp16")
+
+
 def build_cfg(
     config: str,
     options: Optional[Dict] = None,
     work_dir: Optional[str] = None,
     launcher: str = "none",
-    amp: bool = False,
+    amp: Optional[str] = None,
     for_training: bool = True,
+    auto_scale_lr: Optional[bool] = None,
 ) -> Config:
     """Reads ``config``, applies overrides and the device rules; checks values before running.
 
-    ``for_training=False`` (testing a trained checkpoint) drops the backbone's pretraining file:
-    the checkpoint under test holds every weight, so that file need not exist.
+    Args:
+        amp: precision, overriding the config's ``amp`` key: 'auto' (bf16 where this process's
+            GPU or the CPU has native bf16, else fp32; as pretraining), 'fp32', 'bf16' or
+            'fp16' (CUDA, dynamic loss scaling). None and no ``amp`` key: the config's
+            optim_wrapper as written (fp32 on a machine without CUDA).
+        for_training: False (testing a trained checkpoint) drops the backbone's pretraining
+            file: the checkpoint under test holds every weight, so that file need not exist.
+        auto_scale_lr: overrides ``auto_scale_lr.enable`` (lr x real batch / base batch).
     """
     cfg = Config.fromfile(config)
     if options:
@@ -51,24 +63,63 @@ def build_cfg(
         or cfg.get("work_dir")
         or os.path.join("work_dirs", os.path.splitext(os.path.basename(config))[0])
     )
+    if auto_scale_lr is not None:
+        cfg.auto_scale_lr = {**cfg.get("auto_scale_lr", {}), "enable": auto_scale_lr}
+    if amp is not None:
+        cfg.amp = amp
     cuda = torch.cuda.is_available()
-    wrapper = cfg.optim_wrapper
-    if amp and cuda:
-        wrapper.type = "AmpOptimWrapper"
-        if torch.cuda.is_bf16_supported():  # bf16: fp32's range, no loss scaling needed
-            wrapper.setdefault("dtype", "bfloat16")
-        else:
-            wrapper.setdefault("loss_scale", "dynamic")
-    elif wrapper.get("type") == "AmpOptimWrapper" and not cuda:
+    if cfg.get("amp"):
+        set_precision(cfg, cfg.amp, local_device(launcher))
+    elif cfg.optim_wrapper.get("type") == "AmpOptimWrapper" and not cuda:
         print_log("AmpOptimWrapper -> OptimWrapper: no CUDA, training in fp32", logger="current")
-        wrapper.type = "OptimWrapper"
-        wrapper.pop("loss_scale", None)
+        cfg.optim_wrapper.type = "OptimWrapper"
+        cfg.optim_wrapper.pop("loss_scale", None)
     if not cuda:
         if launcher == "none":
             _replace_sync_bn(cfg._cfg_dict)
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
     validate(cfg)
     return cfg
+
+
+def local_device(launcher: str = "none") -> torch.device:
+    """This process's device before mmengine sets it (as mmengine's launchers will choose it:
+    LOCAL_RANK, SLURM_LOCALID, the Open MPI local rank), so that every rank looks at its own GPU
+    instead of GPU 0."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    env = os.environ
+    if launcher == "slurm":
+        local = env.get("SLURM_LOCALID", env.get("SLURM_PROCID", "0"))
+    elif launcher == "mpi":
+        local = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+    else:
+        local = env.get("LOCAL_RANK", "0")
+    return torch.device("cuda", int(local) % torch.cuda.device_count())
+
+
+def set_precision(cfg: Config, mode: str, device: torch.device) -> None:
+    """The optim_wrapper for precision ``mode`` on ``device`` (see :func:`build_cfg`):
+    fp32 -> OptimWrapper; bf16 -> AutocastOptimWrapper (no loss scaling, GPU or CPU);
+    fp16 -> AmpOptimWrapper with dynamic loss scaling (CUDA only, as in mmengine)."""
+    if mode not in AMP_MODES:
+        raise ValueError(f"amp (--amp or the config's amp) must be one of {AMP_MODES}: {mode!r}")
+    dtype, _ = resolve_amp(mode, device)
+    wrapper = cfg.optim_wrapper
+    for key in ("loss_scale", "dtype"):
+        wrapper.pop(key, None)
+    if dtype is None:
+        wrapper.type = "OptimWrapper"
+    elif dtype == torch.bfloat16:
+        wrapper.update(type="AutocastOptimWrapper", dtype="bfloat16")
+    elif device.type != "cuda":
+        raise ValueError(
+            f"amp fp16 needs CUDA (mmengine's AmpOptimWrapper), not {device.type}; "
+            "use --amp bf16 or fp32"
+        )
+    else:
+        wrapper.update(type="AmpOptimWrapper", dtype="float16", loss_scale="dynamic")
+    print_log(f"precision {mode}: {wrapper.type} {wrapper.get('dtype', 'fp32')}", logger="current")
 
 
 def validate(cfg: Config) -> None:
@@ -102,6 +153,12 @@ def validate(cfg: Config) -> None:
     lr = cfg.optim_wrapper.get("optimizer", {}).get("lr", 1.0)
     if lr <= 0:
         errors.append(f"optim_wrapper.optimizer.lr must be > 0, got {lr}")
+    scale = cfg.get("auto_scale_lr") or {}
+    if scale.get("enable") and not scale.get("base_batch_size", 0) > 0:
+        errors.append(
+            "auto_scale_lr.base_batch_size (the total batch the lr is set for, e.g. 16) is "
+            f"needed with auto_scale_lr.enable, got {scale.get('base_batch_size')!r}"
+        )
     if errors:
         raise ValueError("invalid mmseg config:\n  - " + "\n  - ".join(errors))
 

@@ -52,4 +52,9 @@ optimizer = L(torch.optim.AdamW)(
     betas=(0.9, 0.999),
 )
 lr_multiplier.warmup_length = 250 / train.max_iter  # ViTDet: 250 warmup iterations
+# from lr x 0.001, as ViTDet and ../Base-MaskRCNN-MAE-ViT-FPN.yaml (the R-50 recipe has 0.067)
+lr_multiplier.warmup_factor = 0.001
+# Precision: detectron2's lazyconfig_train_net runs its fp16 AMPTrainer when train.amp.enabled
+# (on here, as in ViTDet); our `auto` rule (bf16 on GPUs of compute capability >= 8.0) applies
+# to tools/train_det.py with the YAML configs.
 train.init_checkpoint = ""

@@ -1,0 +1,71 @@
+"""Slurm submission (pretrain/submit.py): what is checked before submitting, what in the job."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from conftest import TINY_MAE
+
+from pretrain.config import ConfigError
+
+submitit = pytest.importorskip("submitit")
+
+
+class FakeExecutor:
+    """submitit.AutoExecutor that records the job instead of submitting it."""
+
+    submitted: list = []
+
+    def __init__(self, folder, cluster=None, **kwargs):
+        self.cluster = "slurm"
+
+    def update_parameters(self, **kwargs):
+        self.parameters = kwargs
+
+    def submit(self, job):
+        FakeExecutor.submitted.append(job)
+        return SimpleNamespace(job_id="42")
+
+
+def submit(monkeypatch, tmp_path, **values):
+    from pretrain import submit as submit_module
+
+    FakeExecutor.submitted = []
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
+    config = dict(
+        model="mae_vit_base_patch16",
+        model_kwargs=TINY_MAE,
+        input_size=32,
+        batch_size=4,
+        epochs=1,
+        warmup_epochs=0,
+        num_workers=0,
+        device="cpu",
+        output_dir=str(tmp_path / "out"),
+        **values,
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(config))
+    assert submit_module.main(["--ngpus", "1", "--config", str(path)]) == 0
+    return FakeExecutor.submitted
+
+
+def test_data_path_mounted_only_on_the_cluster_is_checked_in_the_job(monkeypatch, tmp_path):
+    """A data set that is not on the submitting host does not stop the submission; the job
+    itself rejects it, with the message, if it is missing on the nodes too."""
+    cluster_only = "/datasets/only-on-the-cluster/imagenet"
+    jobs = submit(monkeypatch, tmp_path, data_path=cluster_only)
+    assert len(jobs) == 1 and jobs[0].cfg.data_path == cluster_only
+    with pytest.raises(ConfigError, match="data_path '/datasets/only-on-the-cluster/imagenet'"):
+        jobs[0]()  # what each task runs first: the whole validation, data_path included
+
+
+def test_everything_else_is_still_checked_before_submitting(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        submit(monkeypatch, tmp_path, data_path="/not/here", blr=-1.0, mask_ratio=1.5)
+    assert "blr must be > 0" in str(e.value) and "mask_ratio" in str(e.value)
+    assert "/not/here" not in str(e.value) and not FakeExecutor.submitted
+    with pytest.raises(ConfigError, match="data_path is required"):
+        submit(monkeypatch, tmp_path, data_path="")
