@@ -37,6 +37,7 @@ def tiny_values(data, **kw) -> dict:
         device="cpu",
         log_every_iters=1,
         norm_pix_loss=True,
+        amp="fp32",  # bitwise comparisons (resume, DDP) whatever auto picks on this CPU
     )
     values.update(kw)
     return values
