@@ -364,9 +364,11 @@ class EpochTrainer:
         if self.epoch >= cfg.epochs:
             logger.info("nothing to do: %s has finished all %d epochs", cfg.output_dir, cfg.epochs)
             stats = self.log.last_record("train_loss")
-        while self.epoch < cfg.epochs:
-            stats = self._train_epoch(bar)
-        bar.close()
+        try:
+            while self.epoch < cfg.epochs:
+                stats = self._train_epoch(bar)
+        finally:
+            bar.close()
         barrier(self.dist)
         return stats
 
