@@ -93,11 +93,16 @@ def make_config(values: Dict[str, Any]) -> PretrainConfig:
     return _make_config(PretrainConfig, values)
 
 
-def validate(cfg: PretrainConfig) -> None:
-    """Raises ConfigError listing every invalid value; checks nothing that needs the model."""
+def validate(cfg: PretrainConfig, check_paths: bool = True) -> None:
+    """Raises ConfigError listing every invalid value; checks nothing that needs the model.
+
+    ``check_paths=False``: not whether data, k-NN folders and ``resume`` exist here (a Slurm
+    submission: the storage may be mounted only on the cluster's nodes, where every task runs
+    the full check before it starts).
+    """
     checks = Checks("pretraining")
     cfg = check_types(cfg, checks)
-    check_train_config(cfg, checks)
+    check_train_config(cfg, checks, check_paths)
     need = checks.need
     from mae_transfer.registry import resolve_name
 
@@ -122,16 +127,18 @@ def validate(cfg: PretrainConfig) -> None:
     need(
         cfg.dataset_repeats >= 1, f"dataset_repeats must be an int >= 1, got {cfg.dataset_repeats}"
     )
-    _check_data_path(cfg, checks)
-    _check_knn(cfg, checks)
+    _check_data_path(cfg, checks, check_paths)
+    _check_knn(cfg, checks, check_paths)
     checks.raise_if_any()
 
 
-def _check_data_path(cfg: PretrainConfig, checks: Checks) -> None:
+def _check_data_path(cfg: PretrainConfig, checks: Checks, check_paths: bool) -> None:
     if not cfg.data_path:
         checks.errors.append(
             "data_path is required: an ImageNet root (with train/) or a folder of images"
         )
+    elif not check_paths:
+        return
     elif not os.path.isdir(cfg.data_path):
         checks.errors.append(f"data_path {cfg.data_path!r} is not a directory")
     else:
@@ -144,7 +151,7 @@ def _check_data_path(cfg: PretrainConfig, checks: Checks) -> None:
             )
 
 
-def _check_knn(cfg: PretrainConfig, checks: Checks) -> None:
+def _check_knn(cfg: PretrainConfig, checks: Checks, check_paths: bool) -> None:
     need = checks.need
     need(
         bool(cfg.knn_train) == bool(cfg.knn_val),
@@ -152,7 +159,8 @@ def _check_knn(cfg: PretrainConfig, checks: Checks) -> None:
     )
     for name in ("knn_train", "knn_val"):
         path = getattr(cfg, name)
-        need(not path or os.path.isdir(path), f"{name} {path!r} is not a directory")
+        ok = not path or not check_paths or os.path.isdir(path)
+        need(ok, f"{name} {path!r} is not a directory")
     need(cfg.knn_every >= 1, f"knn_every must be an int >= 1, got {cfg.knn_every}")
     need(
         cfg.knn_max_images >= 0, f"knn_max_images must be >= 0 (0 = all), got {cfg.knn_max_images}"

@@ -212,8 +212,12 @@ def check_types(cfg: C, checks: Checks) -> C:
     return dataclasses.replace(cfg, **fixes)
 
 
-def check_train_config(cfg: TrainConfig, checks: Checks) -> None:
-    """Range checks of the :class:`TrainConfig` fields (after :func:`check_types`)."""
+def check_train_config(cfg: TrainConfig, checks: Checks, check_paths: bool = True) -> None:
+    """Range checks of the :class:`TrainConfig` fields (after :func:`check_types`).
+
+    ``check_paths=False`` skips whether files exist (``resume``): a Slurm submission is checked
+    on a host that may not mount the cluster's storage; each task checks them when it starts.
+    """
     need = checks.need
     for name in ("batch_size", "accum_iter", "epochs", "save_every_epochs", "log_every_iters"):
         value = getattr(cfg, name)
@@ -236,6 +240,6 @@ def check_train_config(cfg: TrainConfig, checks: Checks) -> None:
         f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",
     )
     need(
-        not cfg.resume or os.path.isfile(cfg.resume),
+        not check_paths or not cfg.resume or os.path.isfile(cfg.resume),
         f"resume checkpoint {cfg.resume!r} does not exist",
     )
