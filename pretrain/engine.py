@@ -6,13 +6,16 @@ is :class:`mae_transfer.engine.EpochTrainer`'s.
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, List
 
 import torch
 
 from mae_transfer.checkpoint import find_state_dict, load_file, save_atomic
+from mae_transfer.classification.knn import KNNEvaluator
 from mae_transfer.data.transforms import hw
 from mae_transfer.engine.config import ConfigError
+from mae_transfer.engine.distributed import DistInfo
 from mae_transfer.engine.trainer import LAST, EpochTrainer, NonFiniteLossError
 from mae_transfer.optim import param_groups
 from mae_transfer.registry import create_model
@@ -22,6 +25,8 @@ from .data import PretrainDataset
 
 __all__ = ["LAST", "NonFiniteLossError", "Trainer", "export_encoder"]
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_FORMAT = "mae-transfer-pretrain/1"
 
 
@@ -30,7 +35,24 @@ class Trainer(EpochTrainer):
 
     checkpoint_format = CHECKPOINT_FORMAT
     betas = (0.9, 0.95)  # the paper's AdamW betas for pretraining
+    evaluate_at_start = True  # the k-NN curve starts at the initialisation
     cfg: PretrainConfig
+
+    def __init__(self, cfg: PretrainConfig, device: torch.device, dist_info: DistInfo):
+        super().__init__(cfg, device, dist_info)
+        self.knn = None
+        if cfg.knn_train:
+            self.knn = KNNEvaluator(
+                cfg.knn_train,
+                cfg.knn_val,
+                cfg.input_size,
+                dist_info,
+                max_images=cfg.knn_max_images,
+                batch_size=cfg.batch_size,
+                num_workers=min(cfg.num_workers, 2),
+                seed=cfg.seed,
+            )
+            logger.info("k-NN monitor every %d epochs: %s", cfg.knn_every, self.knn.describe())
 
     def build_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -69,6 +91,21 @@ class Trainer(EpochTrainer):
         noise = noise if cfg.mask_noise == "per_sample" else None  # global: drawn in forward
         loss, _, _ = self.ddp(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
         return loss
+
+    def evaluate(self) -> Dict[str, float]:
+        """The k-NN monitor of the encoder, every ``knn_every`` epochs and after the last one
+        (the engine runs it in eval mode with the training's random streams set aside)."""
+        cfg = self.cfg
+        if self.knn is None or (self.epoch % cfg.knn_every and self.epoch != cfg.epochs):
+            return {}
+        metrics = self.knn(self.model, self.device, cfg.knn_pool, amp_dtype=self.amp_dtype)
+        self.bar_extras["knn"] = f"{metrics['knn_k20_top1']:.1f}"
+        logger.info(
+            "k-NN after %d epochs: %s",
+            self.epoch,
+            ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()),
+        )
+        return metrics
 
     def describe(self) -> str:
         return f"model {self.cfg.model}, " + super().describe().split(", ", 1)[1]

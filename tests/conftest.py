@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import traceback
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,3 +74,48 @@ def image_dir(tmp_path):
     d = tmp_path / "images"
     write_images(str(d), 12)
     return str(d)
+
+
+# -- several ranks (gloo) -------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, fn, args, queue):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    from mae_transfer.engine.distributed import cleanup, init_distributed
+
+    info = init_distributed("cpu")
+    try:
+        queue.put((rank, "ok", fn(info, *args)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        queue.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        cleanup(info)
+
+
+def run_ranks(fn, *args, world: int = 2, timeout: float = 240) -> dict:
+    """Runs ``fn(dist_info, *args)`` in ``world`` gloo processes; {rank: (status, result)}."""
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        rank, status, value = queue.get(timeout=timeout)
+        results[rank] = (status, value)
+    for p in procs:
+        p.join(timeout=30)
+    return results

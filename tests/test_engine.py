@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import TINY_MAE, write_images
+from conftest import TINY_MAE, run_ranks, write_images
 
 import mae_transfer.engine.trainer as trainer_module
 from mae_transfer.engine import distributed as distributed_module
@@ -53,48 +50,6 @@ def train(cfg) -> Trainer:
 
 
 # -- several ranks ---------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world, port, fn, args, queue):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
-    info = init_distributed("cpu")
-    try:
-        queue.put((rank, "ok", fn(info, *args)))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        queue.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
-        distributed_module.cleanup(info)
-
-
-def run_ranks(fn, *args, world: int = 2, timeout: float = 240) -> dict:
-    """Runs ``fn(dist_info, *args)`` in ``world`` gloo processes; {rank: (status, result)}."""
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in procs:
-        rank, status, value = queue.get(timeout=timeout)
-        results[rank] = (status, value)
-    for p in procs:
-        p.join(timeout=30)
-    return results
-
-
 def _resume_with_own_output_dir(info, dirs, data):
     cfg = tiny_cfg(dirs[info.rank], data, epochs=3)
     t = Trainer(cfg, torch.device("cpu"), info)

@@ -10,6 +10,7 @@
 from .folder import (
     IMG_EXTENSIONS,
     ClassFolder,
+    ClassFolderDataset,
     collate,
     find_classes,
     find_images,
@@ -26,6 +27,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMG_EXTENSIONS",
     "ClassFolder",
+    "ClassFolderDataset",
     "collate",
     "eval_transform",
     "pretrain_transform",

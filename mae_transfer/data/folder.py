@@ -133,3 +133,47 @@ def collate(batch) -> tuple:
     *fields, skipped = zip(*batch)
     out = [torch.stack(f) if isinstance(f[0], torch.Tensor) else torch.tensor(f) for f in fields]
     return (*out, int(sum(skipped)))
+
+
+class ClassFolderDataset(torch.utils.data.Dataset):
+    """Labelled images from class folders; items are ``(image, label, skipped)``.
+
+    Keys are ``(epoch, index)`` as the samplers of :mod:`mae_transfer.data.sampler` yield them;
+    a random ``transform`` runs under :func:`~mae_transfer.data.seeded` with the sample's seed,
+    so augmentation is a pure function of (seed, epoch, index). An unreadable file is replaced
+    by the next readable one (with that one's label), logged once and counted.
+
+    Args:
+        folder: a scanned class-folder tree (:func:`find_classes`).
+        transform: PIL image -> tensor.
+        seed: the run's seed.
+        max_images: keep a fixed random subset of this many images (0 = all).
+    """
+
+    def __init__(self, folder: ClassFolder, transform, seed: int = 0, max_images: int = 0):
+        from .sampler import sample_seed
+
+        self.folder, self.transform, self.seed = folder, transform, seed
+        self.samples = folder.samples
+        if 0 < max_images < len(self.samples):
+            g = torch.Generator().manual_seed(sample_seed(seed, -1, len(self.samples)))
+            keep = torch.randperm(len(self.samples), generator=g)[:max_images].sort().values
+            self.samples = [self.samples[i] for i in keep.tolist()]
+        self.paths = [p for p, _ in self.samples]
+        self._bad: Set[str] = set()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.folder.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key) -> Tuple[torch.Tensor, int, int]:
+        from .sampler import sample_seed, seeded
+
+        epoch, index = key
+        used, img, skipped = read_good(self.paths, index, self._bad)
+        with seeded(sample_seed(self.seed, epoch, index)):
+            x = self.transform(img)
+        return x, self.samples[used][1], skipped

@@ -116,6 +116,7 @@ class EpochTrainer:
 
     checkpoint_format = "mae-transfer/1"
     betas = (0.9, 0.999)
+    evaluate_at_start = False  # also evaluate the initial model (epoch -1 in log.jsonl)
 
     def __init__(self, cfg: TrainConfig, device: torch.device, dist_info: DistInfo):
         self.cfg, self.device, self.dist = cfg, device, dist_info
@@ -364,6 +365,11 @@ class EpochTrainer:
         if self.epoch >= cfg.epochs:
             logger.info("nothing to do: %s has finished all %d epochs", cfg.output_dir, cfg.epochs)
             stats = self.log.last_record("train_loss")
+        elif self.evaluate_at_start and self.epoch == self.iter == 0:
+            metrics = self._evaluate()
+            if metrics:
+                self.log.record({"epoch": -1, **metrics})
+                self.log.scalars(metrics, -1, "epoch")
         try:
             while self.epoch < cfg.epochs:
                 stats = self._train_epoch(bar)

@@ -1,0 +1,220 @@
+"""Weighted k-NN classification of frozen encoder features: the monitor of pretraining and a
+standalone evaluation of any checkpoint.
+
+The classifier of Wu et al. 2018 as DINO and solo-learn use it: features are L2-normalised, a
+test image's k nearest training images by cosine similarity vote for their class with weight
+``exp(similarity / T)``. MAE features are known to be weak under k-NN (less linearly separable
+than contrastive ones, the paper's Fig. 9): the numbers track a run's progress, they do not rank
+MAE against other methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from mae_transfer.data import (
+    ClassFolderDataset,
+    ShardSampler,
+    collate,
+    eval_transform,
+    find_classes,
+)
+from mae_transfer.engine.distributed import DistInfo, all_gather_rows
+
+logger = logging.getLogger(__name__)
+
+KS = (20, 200)
+TEMPERATURE = 0.07
+POOLS = ("cls", "avg")
+
+
+def knn_scores(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = TEMPERATURE,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Class scores of each test feature: the sum of ``exp(sim / T)`` over its ``k`` nearest
+    training features of that class.
+
+    Args:
+        train_feats: (N, D); train_labels: (N,) class indices; test_feats: (M, D). Features
+            are L2-normalised here (cosine similarity).
+        k: neighbours, capped at N.
+        chunk_size: test rows per similarity block (memory stays O(chunk_size * N)).
+
+    Returns:
+        (M, num_classes) scores.
+    """
+    return _votes(
+        train_feats, train_labels, test_feats, num_classes, (k,), temperature, chunk_size
+    )[k]
+
+
+def _votes(train_feats, train_labels, test_feats, num_classes, ks, temperature, chunk_size):
+    """{k: (M, C) scores} for several k from one top-k search (the largest k)."""
+    train = F.normalize(train_feats.float(), dim=1)
+    test = F.normalize(test_feats.float(), dim=1)
+    labels = train_labels.long()
+    k_max = min(max(ks), train.shape[0])
+    out = {k: torch.zeros(test.shape[0], num_classes) for k in ks}
+    for start in range(0, test.shape[0], chunk_size):
+        sim, idx = (test[start : start + chunk_size] @ train.T).topk(k_max, dim=1)
+        weight, neighbour = (sim / temperature).exp(), labels[idx]  # both (chunk, k_max)
+        for k in ks:
+            kk = min(k, k_max)
+            scores = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+            scores.scatter_add_(1, neighbour[:, :kk], weight[:, :kk])
+            out[k][start : start + chunk_size] = scores.cpu()
+    return out
+
+
+def knn_accuracy(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    ks: Sequence[int] = KS,
+    temperature: float = TEMPERATURE,
+    chunk_size: int = 256,
+) -> Dict[int, float]:
+    """Top-1 accuracy in percent of the weighted k-NN classifier, for each k in ``ks``."""
+    votes = _votes(train_feats, train_labels, test_feats, num_classes, ks, temperature, chunk_size)
+    truth = test_labels.long().cpu()
+    return {k: 100.0 * (v.argmax(dim=1) == truth).float().mean().item() for k, v in votes.items()}
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str, prefix_tokens: int = 1) -> torch.Tensor:
+    """(B, P + L, D) encoder tokens -> (B, D): the class token, or the mean of the patches."""
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "avg":
+        return tokens[:, prefix_tokens:].mean(dim=1)
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    pool: str = "cls",
+    amp_dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features and labels of every batch of ``loader``.
+
+    ``model.forward_features(imgs)`` gives (B, 1 + L, D) tokens (our ViT, or the MAE model's
+    unmasked encoder). The model runs in eval mode; its previous mode is restored.
+
+    Returns:
+        (N, D) fp32 features and (N,) labels, on the CPU.
+    """
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        for imgs, targets, *_ in loader:
+            imgs = imgs.to(device, non_blocking=True)
+            with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+                tokens = model.forward_features(imgs)
+            feats.append(F.normalize(pool_tokens(tokens, pool).float(), dim=1).cpu())
+            labels.append(targets.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+class KNNEvaluator:
+    """k-NN accuracy of an encoder on two class-folder sets, each process extracting a shard of
+    each set and all of them gathering the features.
+
+    Args:
+        train_dir, val_dir: class folders (``<dir>/<class>/<image>``); the same class names.
+        input_size: int or (H, W) of the encoder's input (resize by 1/0.875, centre crop).
+        max_images: a fixed random subset of this many images per set (0 = all).
+        batch_size, num_workers: of the feature-extraction loaders.
+    """
+
+    def __init__(
+        self,
+        train_dir: str,
+        val_dir: str,
+        input_size,
+        dist: Optional[DistInfo] = None,
+        max_images: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        folders = find_classes(train_dir), find_classes(val_dir)
+        if folders[0].classes != folders[1].classes:
+            raise ValueError(
+                f"k-NN class folders differ: {train_dir} has {folders[0].classes[:5]}..., "
+                f"{val_dir} has {folders[1].classes[:5]}...; both need the same class names"
+            )
+        transform = eval_transform(input_size)
+        self.sets = [ClassFolderDataset(f, transform, seed, max_images) for f in folders]
+        self.num_classes = len(folders[0].classes)
+        self.dist = dist = dist or DistInfo()
+        self.loaders = [
+            DataLoader(
+                ds,
+                batch_size=batch_size,
+                sampler=ShardSampler(len(ds), dist.rank, dist.world_size),
+                num_workers=num_workers,
+                collate_fn=collate,
+            )
+            for ds in self.sets
+        ]
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        pool: str = "cls",
+        ks: Sequence[int] = KS,
+        temperature: float = TEMPERATURE,
+        amp_dtype: Optional[torch.dtype] = None,
+    ) -> Dict[str, float]:
+        """{'knn_k20_top1': ..., 'knn_k200_top1': ...} (the same on every process)."""
+        (tr_f, tr_l), (va_f, va_l) = [
+            self._gather(*extract_features(model, loader, device, pool, amp_dtype))
+            for loader in self.loaders
+        ]
+        acc = knn_accuracy(tr_f, tr_l, va_f, va_l, self.num_classes, ks, temperature)
+        return {f"knn_k{k}_top1": v for k, v in acc.items()}
+
+    def _gather(self, feats: torch.Tensor, labels: torch.Tensor):
+        rows = torch.cat([feats, labels[:, None].float()], dim=1)
+        rows = torch.cat(all_gather_rows(rows, self.dist))
+        return rows[:, :-1], rows[:, -1].long()
+
+    def describe(self) -> str:
+        return (
+            f"k-NN on {len(self.sets[0])} / {len(self.sets[1])} images of "
+            f"{self.num_classes} classes"
+        )
+
+
+def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> torch.nn.Module:
+    """The ViT encoder ``model`` (``vit_*`` or the MAE name ``mae_vit_*``) with a class token,
+    built for ``input_size`` and loaded from any checkpoint form (with the load report)."""
+    from mae_transfer.checkpoint import load_pretrained
+    from mae_transfer.data.transforms import hw
+    from mae_transfer.registry import create_model, resolve_name
+
+    name = resolve_name(model)
+    if name.startswith("mae_"):
+        name = name[len("mae_") :]
+    vit = create_model(name, img_size=hw(input_size), **overrides)
+    load_pretrained(vit, path)
+    return vit

@@ -1,0 +1,213 @@
+"""k-NN: the weighted vote on constructed cases, feature extraction, several ranks, the monitor
+inside pretraining (which must not change the run) and the standalone command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY_MAE, run_ranks, save_mae_checkpoints
+from PIL import Image
+
+from mae_transfer.classification.knn import (
+    KNNEvaluator,
+    extract_features,
+    knn_accuracy,
+    knn_scores,
+)
+from mae_transfer.engine.distributed import DistInfo
+from pretrain.config import make_config, validate
+from pretrain.engine import Trainer
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+
+
+def write_colour_classes(root, per_class: int, seed: int) -> str:
+    """Class folders whose images are noisy fields of the class's colour."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            img = np.asarray(rgb) + rng.normal(0, 20, (40, 40, 3))
+            path = os.path.join(root, name, f"{i:03d}.png")
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
+    return str(root)
+
+
+class MeanColour(torch.nn.Module):
+    """A stand-in encoder whose class token is the image's mean colour (a separable feature)."""
+
+    def forward_features(self, x):
+        return x.mean(dim=(2, 3))[:, None, :].expand(-1, 2, -1)
+
+
+def test_votes_are_weighted_by_exp_similarity_over_t():
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    test = torch.tensor([[2.0, 0.0]])  # normalised to (1, 0): similarities 1, 0.8, 0
+    s2 = knn_scores(train, labels, test, num_classes=2, k=2, temperature=0.5)
+    assert torch.allclose(s2, torch.tensor([[math.exp(2.0), math.exp(1.6)]]))
+    s3 = knn_scores(train, labels, test, num_classes=2, k=3, temperature=0.5)
+    assert torch.allclose(s3, torch.tensor([[math.exp(2.0), math.exp(1.6) + 1.0]]))
+    big = knn_scores(train, labels, test, num_classes=2, k=200, temperature=0.5)  # k capped at 3
+    assert torch.allclose(big, s3)
+
+
+def test_accuracy_on_a_case_with_a_known_answer():
+    """One class-0 point right next to the test points, many class-1 points a little further:
+    k = 1 follows the nearest (100% class 0), k = 20 the crowd (0%)."""
+    torch.manual_seed(0)
+    angle = torch.tensor([0.0] + [0.3] * 20)
+    train = torch.stack([angle.cos(), angle.sin()], dim=1)
+    labels = torch.tensor([0] + [1] * 20)
+    test = torch.tensor([[1.0, 0.01], [1.0, -0.01]])
+    acc = knn_accuracy(train, labels, test, torch.tensor([0, 0]), 2, ks=(1, 20), temperature=1.0)
+    assert acc == {1: 100.0, 20: 0.0}
+    # two well separated clusters: perfect at any k; shuffled training labels: about chance
+    centres = torch.randn(2, 16) * 5
+    x = torch.cat([centres[0] + torch.randn(100, 16), centres[1] + torch.randn(100, 16)])
+    y = torch.arange(2).repeat_interleave(100)
+    assert knn_accuracy(x[::2], y[::2], x[1::2], y[1::2], 2) == {20: 100.0, 200: 100.0}
+    shuffled = y[::2][torch.randperm(100)]
+    assert knn_accuracy(x[::2], shuffled, x[1::2], y[1::2], 2)[20] < 75
+
+
+def test_extract_features_normalises_and_restores_the_mode(tmp_path):
+    root = write_colour_classes(tmp_path / "train", 4, seed=0)
+    model = MeanColour().train()
+    ev = KNNEvaluator(root, root, 32)
+    feats, labels = extract_features(model, ev.loaders[0], torch.device("cpu"))
+    assert (
+        model.training and feats.shape == (12, 3) and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    )
+    assert torch.allclose(feats.norm(dim=1), torch.ones(12))
+
+
+def test_evaluator_on_class_folders(tmp_path):
+    train = write_colour_classes(tmp_path / "train", 6, seed=0)
+    val = write_colour_classes(tmp_path / "val", 3, seed=1)
+    ev = KNNEvaluator(train, val, 32, max_images=9)
+    assert [len(s) for s in ev.sets] == [9, 9]
+    acc = ev(MeanColour(), torch.device("cpu"), ks=(3,))
+    assert acc == {"knn_k3_top1": 100.0}
+    os.rename(os.path.join(val, "blue"), os.path.join(val, "navy"))
+    with pytest.raises(ValueError, match="k-NN class folders differ"):
+        KNNEvaluator(train, val, 32)
+
+
+def _knn_on_ranks(info, train, val):
+    ev = KNNEvaluator(train, val, 32, info, batch_size=4)
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(3, 8)  # a feature that is not perfectly separable
+
+    class Enc(torch.nn.Module):
+        def forward_features(self, x):
+            return enc(x.mean(dim=(2, 3)))[:, None, :]
+
+    return ev(Enc(), torch.device("cpu"), ks=(1, 5))
+
+
+def test_several_ranks_gather_every_feature(tmp_path):
+    train = write_colour_classes(tmp_path / "train", 7, seed=0)
+    val = write_colour_classes(tmp_path / "val", 5, seed=1)
+    single = _knn_on_ranks(DistInfo(), train, val)
+    results = run_ranks(_knn_on_ranks, train, val)
+    assert all(status == "ok" and value == single for status, value in results.values()), results
+
+
+def _pretrain_cfg(out, data, **kw):
+    values = dict(
+        model="mae_vit_base_patch16",
+        model_kwargs=TINY_MAE,
+        input_size=32,
+        batch_size=4,
+        epochs=2,
+        warmup_epochs=1,
+        data_path=data,
+        num_workers=0,
+        device="cpu",
+        amp="fp32",
+        log_every_iters=1,
+        output_dir=str(out),
+        **kw,
+    )
+    cfg = make_config(values)
+    validate(cfg)
+    return cfg
+
+
+def test_the_monitor_logs_a_curve_and_leaves_pretraining_unchanged(tmp_path, image_dir):
+    train = write_colour_classes(tmp_path / "knn_train", 4, seed=0)
+    val = write_colour_classes(tmp_path / "knn_val", 2, seed=1)
+    # global mask noise: masks drawn in the forward from torch's global generator, which a
+    # k-NN pass would move on (every DataLoader iterator draws a seed from it)
+    noise = dict(mask_noise="global")
+    plain = Trainer(
+        _pretrain_cfg(tmp_path / "a", image_dir, **noise), torch.device("cpu"), DistInfo()
+    )
+    plain.train()
+    plain.close()
+    cfg = _pretrain_cfg(tmp_path / "b", image_dir, knn_train=train, knn_val=val, **noise)
+    monitored = Trainer(cfg, torch.device("cpu"), DistInfo())
+    monitored.train()
+    monitored.close()
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(v, monitored.model.state_dict()[k]), k
+    with open(tmp_path / "b" / "log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    curve = [(r["epoch"], r["knn_k20_top1"]) for r in records if "knn_k20_top1" in r]
+    assert [e for e, _ in curve] == [-1, 0, 1] and all(0 <= a <= 100 for _, a in curve)
+    assert "knn" in monitored.bar_extras
+
+
+def test_monitor_config_is_checked(tmp_path, image_dir):
+    with pytest.raises(Exception, match="needs both knn_train and knn_val"):
+        _pretrain_cfg(tmp_path, image_dir, knn_train=image_dir)
+    with pytest.raises(Exception, match="knn_pool must be one of"):
+        _pretrain_cfg(tmp_path, image_dir, knn_train=image_dir, knn_val=image_dir, knn_pool="max")
+
+
+def test_standalone_command_on_an_official_format_checkpoint(tmp_path):
+    _, paths = save_mae_checkpoints(tmp_path, img_size=32, depth=2)
+    train = write_colour_classes(tmp_path / "train", 4, seed=0)
+    val = write_colour_classes(tmp_path / "val", 2, seed=1)
+    out = tmp_path / "acc.json"
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "tools", "knn.py"),
+        "--checkpoint",
+        paths["official"],
+        "--model",
+        "mae_vit_base_patch16",
+        "--embed_dim",
+        "32",
+        "--depth",
+        "2",
+        "--num_heads",
+        "2",
+        "--train",
+        train,
+        "--val",
+        val,
+        "--input_size",
+        "32",
+        "--k",
+        "5",
+        "--num_workers",
+        "0",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    acc = json.loads(out.read_text())
+    assert set(acc) == {"knn_k5_top1"} and 0 <= acc["knn_k5_top1"] <= 100
+    assert "knn_k5_top1" in r.stdout and "loaded" in r.stderr

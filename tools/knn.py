@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Weighted k-NN accuracy of a checkpoint's encoder on class folders (the pretraining monitor's
+protocol, on any checkpoint: official MAE, ours, fine-tuned).
+
+    python tools/knn.py --checkpoint mae_pretrain_vit_base.pth --model vit_base_patch16 \
+        --train /datasets/imagenet/train --val /datasets/imagenet/val --max_images 50000
+    torchrun --nproc_per_node 8 tools/knn.py ...      # features extracted on every GPU
+
+Prints the top-1 for each k (default 20 and 200) and, with --json, writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from mae_transfer.classification.knn import (  # noqa: E402
+    KS,
+    POOLS,
+    TEMPERATURE,
+    KNNEvaluator,
+    encoder_for_checkpoint,
+)
+from mae_transfer.device import resolve_amp, resolve_device  # noqa: E402
+from mae_transfer.engine.distributed import cleanup, init_distributed  # noqa: E402
+from mae_transfer.engine.launch import setup_logging  # noqa: E402
+from mae_transfer.engine.trainer import tf32_enabled  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="any checkpoint with a ViT encoder")
+    p.add_argument("--model", default="vit_base_patch16", help="registered encoder (or MAE) name")
+    p.add_argument("--train", required=True, help="class folders: the k-NN memory bank")
+    p.add_argument("--val", required=True, help="class folders to classify")
+    p.add_argument("--input_size", type=int, nargs="+", default=[224])
+    p.add_argument("--pool", choices=POOLS, default="cls")
+    p.add_argument("--k", type=int, nargs="+", default=list(KS))
+    p.add_argument("--temperature", type=float, default=TEMPERATURE)
+    p.add_argument("--max_images", type=int, default=0, help="per set, fixed subset (0 = all)")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--num_workers", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    for size in ("embed_dim", "depth", "num_heads", "patch_size"):
+        p.add_argument(f"--{size}", type=int, default=None, help="override the model's size")
+    p.add_argument("--json", default=None, help="write the accuracies here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    device = resolve_device(args.device)
+    info = init_distributed(device.type)
+    setup_logging(info.rank)
+    size = args.input_size[0] if len(args.input_size) == 1 else args.input_size[:2]
+    overrides = {k: getattr(args, k) for k in ("embed_dim", "depth", "num_heads", "patch_size")}
+    try:
+        model = encoder_for_checkpoint(
+            args.checkpoint, args.model, size, **{k: v for k, v in overrides.items() if v}
+        ).to(device)
+        evaluator = KNNEvaluator(
+            args.train, args.val, size, info, args.max_images, args.batch_size, args.num_workers
+        )
+        amp_dtype, _ = resolve_amp(args.amp, device)
+        with tf32_enabled(device):
+            acc = evaluator(model, device, args.pool, args.k, args.temperature, amp_dtype)
+    finally:
+        cleanup(info)
+    if info.is_main:
+        print(f"{evaluator.describe()}, {args.pool} features, T = {args.temperature}:")
+        for name, value in acc.items():
+            print(f"  {name}: {value:.2f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(acc, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
