@@ -32,10 +32,13 @@ logger = logging.getLogger(__name__)
 
 ANCHOR_KEY = "patch_embed.proj.weight"
 STATE_DICT_KEYS = ("model", "state_dict", "module", "model_state")
-# Checkpoint keys a ViT encoder is expected not to use: the MAE decoder and its mask token.
+# Checkpoint keys a ViT encoder is expected not to use: the MAE decoder and its mask token
+# (and a fine-tuned classifier's fc_norm / head, see _expected_unused).
 DECODER_PREFIXES = ("decoder_", "mask_token")
 # Keys an encoder may lack in the checkpoint and is expected to learn from scratch.
 NEW_PARAM_MARKERS = ("rel_pos_h", "rel_pos_w", "relative_position_bias_table", ".ls1.", ".ls2.")
+# A classifier's pooling norm and head: new when it starts from a pretraining checkpoint.
+NEW_PARAM_PREFIXES = ("fc_norm.", "head.")
 MIN_LOADED_FRACTION = 0.5
 
 
@@ -241,11 +244,15 @@ def getattr_path(module: nn.Module, name: str):
 def _expected_unused(name: str, own: Mapping[str, torch.Tensor]) -> bool:
     if name.startswith(DECODER_PREFIXES):
         return True
+    if name.startswith("norm.") and "norm.weight" not in own:  # a classifier pooling to fc_norm
+        return True
+    if name.startswith(NEW_PARAM_PREFIXES):  # a classifier's head, loaded into an encoder
+        return True
     return name == "cls_token" and "cls_token" not in own
 
 
 def _expected_new(name: str) -> bool:
-    return any(marker in name for marker in NEW_PARAM_MARKERS)
+    return name.startswith(NEW_PARAM_PREFIXES) or any(m in name for m in NEW_PARAM_MARKERS)
 
 
 def load_pretrained(

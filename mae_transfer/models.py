@@ -6,6 +6,7 @@ an encoder built for transfer always matches the checkpoint of the same name.
 
 from __future__ import annotations
 
+import re
 from typing import Dict
 
 from .mae import MaskedAutoencoderViT, build_mae
@@ -107,6 +108,18 @@ def vit_large_patch16(**kwargs) -> VisionTransformer:
 @register_model
 def vit_huge_patch14(**kwargs) -> VisionTransformer:
     return _vit("huge", 14, **kwargs)
+
+
+def encoder_args(name: str) -> dict:
+    """The encoder arguments of a registered name: ``vit_base_patch16`` or its MAE name
+    ``mae_vit_base_patch16`` -> patch size, mlp ratio, width, depth and heads."""
+    from .registry import resolve_name
+
+    name = resolve_name(name)
+    match = re.search(r"_patch(\d+)", name)
+    if match is None:
+        raise KeyError(f"cannot tell the patch size of model {name!r}")
+    return dict(patch_size=int(match.group(1)), mlp_ratio=4.0, **VIT_SIZES[size_of(name)])
 
 
 def size_of(name: str) -> str:

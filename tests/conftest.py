@@ -47,6 +47,21 @@ def write_images(directory: str, n: int, size=(40, 56), seed: int = 0) -> list:
     return paths
 
 
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+
+
+def write_colour_classes(root, per_class: int, seed: int) -> str:
+    """Class folders whose images are noisy fields of the class's colour."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            img = np.asarray(rgb) + rng.normal(0, 20, (40, 40, 3))
+            path = os.path.join(root, name, f"{i:03d}.png")
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
+    return str(root)
+
+
 def save_mae_checkpoints(directory, img_size=32, patch_size=16, depth=4) -> tuple:
     """A tiny MAE saved in the official encoder-only form and as our training checkpoint.
 

@@ -9,11 +9,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_MAE, run_ranks, save_mae_checkpoints
-from PIL import Image
+from conftest import ROOT, TINY_MAE, run_ranks, save_mae_checkpoints, write_colour_classes
 
 from mae_transfer.classification.knn import (
     KNNEvaluator,
@@ -24,20 +22,6 @@ from mae_transfer.classification.knn import (
 from mae_transfer.engine.distributed import DistInfo
 from pretrain.config import make_config, validate
 from pretrain.engine import Trainer
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
-
-
-def write_colour_classes(root, per_class: int, seed: int) -> str:
-    """Class folders whose images are noisy fields of the class's colour."""
-    rng = np.random.default_rng(seed)
-    for name, rgb in COLOURS.items():
-        os.makedirs(os.path.join(root, name), exist_ok=True)
-        for i in range(per_class):
-            img = np.asarray(rgb) + rng.normal(0, 20, (40, 40, 3))
-            path = os.path.join(root, name, f"{i:03d}.png")
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
-    return str(root)
 
 
 class MeanColour(torch.nn.Module):

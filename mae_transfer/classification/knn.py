@@ -11,7 +11,7 @@ MAE against other methods.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -109,15 +109,24 @@ def extract_features(
     device: torch.device,
     pool: str = "cls",
     amp_dtype: Optional[torch.dtype] = None,
+    normalize: bool = True,
+    feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features and labels of every batch of ``loader``.
+    """Features and labels of every batch of ``loader``, L2-normalised unless ``normalize`` is
+    False.
 
-    ``model.forward_features(imgs)`` gives (B, 1 + L, D) tokens (our ViT, or the MAE model's
-    unmasked encoder). The model runs in eval mode; its previous mode is restored.
+    The feature of a batch is ``feature_fn(imgs)``, by default ``pool`` over
+    ``model.forward_features(imgs)`` (our ViT, or the MAE model's unmasked encoder: (B, 1 + L, D)
+    tokens). The model runs in eval mode; its previous mode is restored.
 
     Returns:
         (N, D) fp32 features and (N,) labels, on the CPU.
     """
+    if feature_fn is None:
+
+        def feature_fn(imgs):
+            return pool_tokens(model.forward_features(imgs), pool)
+
     was_training = model.training
     model.eval()
     feats, labels = [], []
@@ -125,12 +134,21 @@ def extract_features(
         for imgs, targets, *_ in loader:
             imgs = imgs.to(device, non_blocking=True)
             with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-                tokens = model.forward_features(imgs)
-            feats.append(F.normalize(pool_tokens(tokens, pool).float(), dim=1).cpu())
+                f = feature_fn(imgs).float()
+            feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
             labels.append(targets.cpu())
     finally:
         model.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+def gather_features(
+    feats: torch.Tensor, labels: torch.Tensor, dist: DistInfo
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every process's (features, labels) shard, concatenated in rank order on every process."""
+    rows = torch.cat([feats, labels[:, None].to(feats.dtype)], dim=1)
+    rows = torch.cat(all_gather_rows(rows, dist))
+    return rows[:, :-1], rows[:, -1].long()
 
 
 class KNNEvaluator:
@@ -187,16 +205,11 @@ class KNNEvaluator:
     ) -> Dict[str, float]:
         """{'knn_k20_top1': ..., 'knn_k200_top1': ...} (the same on every process)."""
         (tr_f, tr_l), (va_f, va_l) = [
-            self._gather(*extract_features(model, loader, device, pool, amp_dtype))
+            gather_features(*extract_features(model, loader, device, pool, amp_dtype), self.dist)
             for loader in self.loaders
         ]
         acc = knn_accuracy(tr_f, tr_l, va_f, va_l, self.num_classes, ks, temperature)
         return {f"knn_k{k}_top1": v for k, v in acc.items()}
-
-    def _gather(self, feats: torch.Tensor, labels: torch.Tensor):
-        rows = torch.cat([feats, labels[:, None].float()], dim=1)
-        rows = torch.cat(all_gather_rows(rows, self.dist))
-        return rows[:, :-1], rows[:, -1].long()
 
     def describe(self) -> str:
         return (

@@ -12,8 +12,9 @@ its model, data and loss:
   ``(tensor, ..., skipped)`` (see :func:`mae_transfer.data.collate`);
 - ``compute_loss(*tensors)``: the loss of one batch, under autocast (forward through
   ``self.ddp``);
-- optionally ``param_groups()``, ``build_optimizer()``, ``evaluate()`` (metrics after each
-  epoch), ``set_train_mode()``, ``extra_state()`` / ``load_extra_state()``.
+- optionally ``param_groups()``, ``build_optimizer()``, ``prepare_batch()`` (on the device,
+  before autocast), ``evaluate()`` (metrics after each epoch), ``set_train_mode()``,
+  ``extra_state()`` / ``load_extra_state()``, ``checkpoint_copies()``.
 
 Read top to bottom: ``__init__`` builds and resumes, ``train`` runs epochs, ``_train_epoch``
 iterations, ``_step`` one iteration.
@@ -164,6 +165,10 @@ class EpochTrainer:
     def compute_loss(self, *tensors: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def prepare_batch(self, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The batch on the device, before autocast (e.g. mixup); as it is by default."""
+        return tensors
+
     def param_groups(self) -> List[Dict]:
         """AdamW groups: no weight decay on norms, biases, tokens, position tables."""
         return param_groups(self.model.named_parameters(), self.cfg.weight_decay)
@@ -215,6 +220,9 @@ class EpochTrainer:
             persistent_workers=persistent and cfg.num_workers > 0,
             collate_fn=collate,
             drop_last=drop_last,
+            # each new iterator draws its workers' base seed from this generator, not from the
+            # global stream that drop path and mask noise use (a resumed epoch makes one more)
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -426,7 +434,7 @@ class EpochTrainer:
         accum = self.cfg.accum_iter
         if self.iter % accum == 0:
             self._set_lr()
-        tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+        tensors = self.prepare_batch([t.to(self.device, non_blocking=True) for t in tensors])
         update = (self.iter + 1) % accum == 0
         no_sync = self.dist.enabled and not update
         with self.ddp_module.no_sync() if no_sync else contextlib.nullcontext():

@@ -1,0 +1,232 @@
+"""Fine-tuning and linear-probing configurations: the shared run fields plus each protocol's.
+
+Flag names are the official ``main_finetune.py`` / ``main_linprobe.py`` ones. The dataclass
+defaults are the ViT-B recipe of the paper (A.1, the official FINETUNE.md / LINPROBE.md);
+``configs/finetune`` and ``configs/linprobe`` hold one file per model size with the source of
+each number.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+
+from mae_transfer.engine.config import (
+    Checks,
+    ConfigError,
+    TrainConfig,
+    build_parser,
+    check_train_config,
+    check_types,
+    parse_config,
+)
+from mae_transfer.engine.config import make_config as _make_config
+
+from .model import GLOBAL_POOLS
+
+__all__ = [
+    "ClassifyConfig",
+    "ConfigError",
+    "FinetuneConfig",
+    "LinprobeConfig",
+    "load_config",
+    "make_config",
+    "validate",
+]
+
+
+@dataclass
+class ClassifyConfig(TrainConfig):
+    """What fine-tuning and linear probing share."""
+
+    model: str = "vit_base_patch16"  # the encoder (the MAE name of the same size works too)
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. tiny sizes for tests
+    input_size: Union[int, List[int]] = 224
+    nb_classes: int = 0  # 0: the number of class folders in train/
+    finetune: str = ""  # pretrained checkpoint that initialises the encoder
+    global_pool: str = "avg"
+    eval: bool = False  # only evaluate (the model from --resume / --finetune) on val/
+    eval_crop_pct: float = 224 / 256  # evaluation: resize by 1 / crop_pct, centre crop
+    max_train_images: int = 0  # a fixed random subset of train/ (0 = all)
+    max_val_images: int = 0
+    save_every_epochs: int = 10
+
+
+@dataclass
+class FinetuneConfig(ClassifyConfig):
+    """End-to-end fine-tuning (defaults: ViT-B, the paper's A.1 and the official FINETUNE.md)."""
+
+    batch_size: int = 32  # x accum_iter 4 x 8 GPUs = 1024
+    accum_iter: int = 4
+    epochs: int = 100
+    warmup_epochs: int = 5
+    blr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    # augmentation (timm): RandAugment, random erasing, mixup / cutmix, label smoothing
+    aa: str = "rand-m9-mstd0.5-inc1"  # "" for none
+    color_jitter: Optional[float] = None  # used only without RandAugment (timm's rule)
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+
+
+@dataclass
+class LinprobeConfig(ClassifyConfig):
+    """Linear probing of a frozen encoder (defaults: ViT-B, the official LINPROBE.md)."""
+
+    global_pool: str = "cls"  # the official linear probe classifies the class token
+    batch_size: int = 512  # x accum_iter 4 x 8 GPUs = 16384
+    accum_iter: int = 4
+    epochs: int = 90
+    warmup_epochs: int = 10
+    blr: float = 0.1
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # LARS
+    trust_coefficient: float = 0.001
+    cache_features: bool = False  # extract features once (no augmentation), train the head on them
+
+
+FLAG_HELP = {
+    "model": "encoder size, e.g. vit_base_patch16 (see `python -m pretrain --list-models`)",
+    "input_size": "image size: one int or two (H W)",
+    "nb_classes": "classes of the head (0: the number of class folders in train/)",
+    "finetune": "pretraining checkpoint that initialises the encoder (official or ours)",
+    "global_pool": f"feature the head sees: one of {GLOBAL_POOLS}",
+    "eval": "evaluate the model of --resume (or --finetune) on val/ and exit",
+    "data_path": "ImageNet root with train/ and val/ class folders",
+    "layer_decay": "layer-wise lr decay (1.0 = none)",
+    "drop_path": "stochastic depth rate",
+    "aa": "timm RandAugment policy ('' = none)",
+    "reprob": "random erasing probability",
+    "smoothing": "label smoothing",
+    "mixup": "mixup alpha (0 = off)",
+    "cutmix": "cutmix alpha (0 = off)",
+    "cache_features": "extract the frozen features once (no augmentation) and train on them",
+    "max_train_images": "a fixed random subset of train/ (0 = all)",
+    "max_val_images": "a fixed random subset of val/ (0 = all)",
+}
+
+
+def build_protocol_parser(cls: Type[ClassifyConfig], prog: str):
+    what = "End-to-end fine-tuning" if cls is FinetuneConfig else "Linear probing"
+    return build_parser(cls, prog, f"{what} of a ViT classifier.", FLAG_HELP)
+
+
+def load_config(
+    cls: Type[ClassifyConfig], argv: Optional[Sequence[str]], prog: str
+) -> Tuple[ClassifyConfig, Any]:
+    """Parses flags, merges defaults < YAML < flags. Returns (config, parsed args)."""
+    return parse_config(cls, argv, build_protocol_parser(cls, prog))
+
+
+def make_config(cls: Type[ClassifyConfig], values: Dict[str, Any]) -> ClassifyConfig:
+    return _make_config(cls, values)
+
+
+def validate(cfg: ClassifyConfig, check_paths: bool = True) -> None:
+    """Raises ConfigError listing every invalid value (before anything is built)."""
+    checks = Checks("fine-tuning" if isinstance(cfg, FinetuneConfig) else "linear-probing")
+    cfg = check_types(cfg, checks)
+    check_train_config(cfg, checks, check_paths)
+    need = checks.need
+    from mae_transfer.registry import resolve_name
+
+    try:
+        resolve_name(cfg.model)
+    except KeyError as e:
+        checks.errors.append(str(e))
+    need(
+        isinstance(cfg.model_kwargs, dict),
+        f"model_kwargs must be a mapping, got {cfg.model_kwargs!r}",
+    )
+    sizes = cfg.input_size if isinstance(cfg.input_size, (list, tuple)) else [cfg.input_size]
+    need(
+        len(sizes) in (1, 2) and all(isinstance(s, int) and s > 0 for s in sizes),
+        f"input_size must be a positive int or [H, W], got {cfg.input_size!r}",
+    )
+    need(
+        cfg.nb_classes >= 0,
+        f"nb_classes must be >= 0 (0 = count class folders), got {cfg.nb_classes}",
+    )
+    need(
+        cfg.global_pool in GLOBAL_POOLS,
+        f"global_pool must be one of {GLOBAL_POOLS}, got {cfg.global_pool!r}",
+    )
+    need(0 < cfg.eval_crop_pct <= 1, f"eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
+    for name in ("max_train_images", "max_val_images"):
+        need(getattr(cfg, name) >= 0, f"{name} must be >= 0 (0 = all), got {getattr(cfg, name)}")
+    if isinstance(cfg, FinetuneConfig):
+        _check_finetune(cfg, checks)
+    else:
+        _check_linprobe(cfg, checks)
+    _check_paths(cfg, checks, check_paths)
+    checks.raise_if_any()
+
+
+def _check_finetune(cfg: FinetuneConfig, checks: Checks) -> None:
+    need = checks.need
+    need(0 < cfg.layer_decay <= 1, f"layer_decay must be in (0, 1], got {cfg.layer_decay}")
+    need(0 <= cfg.drop_path < 1, f"drop_path must be in [0, 1), got {cfg.drop_path}")
+    for name in ("reprob", "smoothing", "mixup_prob", "mixup_switch_prob"):
+        value = getattr(cfg, name)
+        need(0 <= value <= 1, f"{name} must be in [0, 1], got {value}")
+    for name in ("mixup", "cutmix"):
+        need(getattr(cfg, name) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(cfg, name)}")
+    need(
+        cfg.remode in ("const", "rand", "pixel"),
+        f"remode must be const, rand or pixel, got {cfg.remode!r}",
+    )
+    need(cfg.recount >= 1, f"recount must be >= 1, got {cfg.recount}")
+    modes = ("batch", "pair", "elem")
+    need(cfg.mixup_mode in modes, f"mixup_mode must be one of {modes}, got {cfg.mixup_mode!r}")
+    mixing = (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0
+    need(
+        not mixing or cfg.batch_size % 2 == 0,
+        f"batch_size must be even with mixup / cutmix (timm mixes pairs), got {cfg.batch_size}",
+    )
+    if cfg.aa:
+        try:
+            from timm.data.auto_augment import rand_augment_transform
+
+            rand_augment_transform(cfg.aa, {}) if cfg.aa.startswith("rand") else None
+        except Exception as e:  # noqa: BLE001 - timm's parse error, named
+            checks.errors.append(f"aa {cfg.aa!r} is not a timm RandAugment policy: {e}")
+
+
+def _check_linprobe(cfg: LinprobeConfig, checks: Checks) -> None:
+    need = checks.need
+    need(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
+    need(cfg.trust_coefficient > 0, f"trust_coefficient must be > 0, got {cfg.trust_coefficient}")
+
+
+def _check_paths(cfg: ClassifyConfig, checks: Checks, check_paths: bool) -> None:
+    need = checks.need
+    if not cfg.data_path:
+        checks.errors.append("data_path is required: a root with train/ and val/ class folders")
+    elif check_paths:
+        for split in ([] if cfg.eval else ["train"]) + ["val"]:
+            path = os.path.join(cfg.data_path, split)
+            need(os.path.isdir(path), f"data_path {cfg.data_path!r} has no {split}/ class folders")
+    if cfg.eval:
+        need(
+            bool(cfg.resume or cfg.finetune),
+            "eval needs a checkpoint: --resume a fine-tuned / linear-probe checkpoint",
+        )
+    elif isinstance(cfg, LinprobeConfig):
+        need(
+            bool(cfg.finetune or cfg.resume),
+            "linear probing needs the pretrained encoder: --finetune CHECKPOINT",
+        )
+    if check_paths and cfg.finetune:
+        need(os.path.isfile(cfg.finetune), f"finetune checkpoint {cfg.finetune!r} does not exist")

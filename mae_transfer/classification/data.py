@@ -1,0 +1,94 @@
+"""Data of the classification protocols: class folders, the official augmentations (timm for
+fine-tuning, crop + flip for linear probing), mixup / cutmix, and cached features."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torchvision import transforms
+
+from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, ClassFolder, find_classes
+from mae_transfer.data.transforms import Size, hw
+
+from .config import ClassifyConfig, FinetuneConfig
+
+
+def finetune_transform(cfg: FinetuneConfig):
+    """timm's training transform as the official fine-tuning builds it: RandomResizedCrop
+    (bicubic), flip, RandAugment ``cfg.aa``, normalisation, random erasing ``cfg.reprob``."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=(3, *hw(cfg.input_size)),
+        is_training=True,
+        color_jitter=cfg.color_jitter,
+        auto_augment=cfg.aa or None,
+        interpolation="bicubic",
+        re_prob=cfg.reprob,
+        re_mode=cfg.remode,
+        re_count=cfg.recount,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+
+
+def linprobe_transform(input_size: Size) -> transforms.Compose:
+    """The official linear probe's augmentation: RandomResizedCrop (bicubic) and flip only."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(
+                hw(input_size), interpolation=transforms.InterpolationMode.BICUBIC
+            ),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def class_folders(cfg: ClassifyConfig) -> Tuple[Optional[ClassFolder], ClassFolder]:
+    """``data_path/train`` (None when only evaluating) and ``data_path/val``, checked to name
+    the same classes."""
+    val = find_classes(f"{cfg.data_path}/val")
+    if cfg.eval:
+        return None, val
+    train = find_classes(f"{cfg.data_path}/train")
+    if train.classes != val.classes:
+        extra = sorted(set(train.classes) ^ set(val.classes))[:5]
+        raise ValueError(
+            f"train/ and val/ under {cfg.data_path} name different classes ({len(train.classes)} "
+            f"vs {len(val.classes)}; e.g. {extra}): both need the same class folders"
+        )
+    return train, val
+
+
+def build_mixup(cfg: FinetuneConfig, num_classes: int):
+    """timm's ``Mixup`` (mixup / cutmix with label smoothing), or None when both are off."""
+    if not ((cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        mode=cfg.mixup_mode,
+        label_smoothing=cfg.smoothing,
+        num_classes=num_classes,
+    )
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Pre-extracted features: items ``(feature, label, 0)`` by ``(epoch, index)`` keys."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key) -> Tuple[torch.Tensor, int, int]:
+        _, index = key
+        return self.features[index], int(self.labels[index]), 0

@@ -1,0 +1,95 @@
+"""Entry points of fine-tuning and linear probing (``tools/finetune.py``, ``tools/linprobe.py``,
+``tools/submit.py``): one process, ``torchrun`` or Slurm, training or ``--eval``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Dict, Optional, Sequence, Type
+
+from mae_transfer.device import resolve_device
+from mae_transfer.engine.distributed import cleanup, init_distributed
+from mae_transfer.engine.launch import exit_code, run_training, setup_logging
+
+from .config import ClassifyConfig, FinetuneConfig, LinprobeConfig, load_config, validate
+from .trainer import BEST, FinetuneTrainer, LinprobeTrainer, evaluate_checkpoint
+
+logger = logging.getLogger("classification")
+
+PROTOCOLS: Dict[str, Type[ClassifyConfig]] = {
+    "finetune": FinetuneConfig,
+    "linprobe": LinprobeConfig,
+}
+TRAINERS = {FinetuneConfig: FinetuneTrainer, LinprobeConfig: LinprobeTrainer}
+
+
+def run(cfg: ClassifyConfig) -> Dict[str, float]:
+    """Trains (or with ``cfg.eval`` only evaluates) and returns the last metrics."""
+    if cfg.eval:
+        return _evaluate(cfg)
+    return run_training(cfg, validate, TRAINERS[type(cfg)], finish=_finish)
+
+
+def _evaluate(cfg: ClassifyConfig) -> Dict[str, float]:
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    info = init_distributed(device.type, cfg.dist_url)
+    setup_logging(info.rank)
+    try:
+        metrics = evaluate_checkpoint(cfg, device, info)
+    finally:
+        cleanup(info)
+    if info.is_main and cfg.output_dir:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
+            json.dump({"checkpoint": cfg.resume or cfg.finetune, **metrics}, f, indent=1)
+    return metrics
+
+
+def _finish(trainer) -> None:
+    out = trainer.cfg.output_dir
+    logger.info(
+        "best val top-1 %.2f: %s; last: %s",
+        trainer.best_acc1,
+        os.path.join(out, BEST),
+        os.path.join(out, "checkpoint-last.pth"),
+    )
+
+
+def main(protocol: str, argv: Optional[Sequence[str]] = None, prog: str = "") -> int:
+    """CLI body of ``protocol`` (``finetune`` or ``linprobe``): exit code 0, 2 for a bad
+    config, 1 for a non-finite stop."""
+    setup_logging()
+
+    def body():
+        cfg, _ = load_config(PROTOCOLS[protocol], argv, prog or f"tools/{protocol}.py")
+        metrics = run(cfg)
+        if cfg.eval and metrics:
+            print(f"top-1 {metrics['acc1']:.3f}  top-5 {metrics['acc5']:.3f}")
+
+    return exit_code(body, logger)
+
+
+def submit_main(argv: Sequence[str]) -> int:
+    """``tools/submit.py PROTOCOL [launcher flags] [protocol flags]``: a Slurm job (submitit)."""
+    protocols = ["pretrain", *PROTOCOLS]
+    if not argv or argv[0] not in protocols:
+        print(f"usage: tools/submit.py {{{','.join(protocols)}}} [launcher flags] [flags]")
+        return 2
+    protocol, rest = argv[0], list(argv[1:])
+    if protocol == "pretrain":
+        from pretrain.submit import main as submit_pretrain
+
+        return submit_pretrain(rest)
+    from mae_transfer.engine.slurm import launcher_parser, submit
+
+    setup_logging()
+
+    def body():
+        args, flags = launcher_parser(f"tools/submit.py {protocol}").parse_known_args(rest)
+        cfg, _ = load_config(PROTOCOLS[protocol], flags, f"tools/submit.py {protocol}")
+        validate(cfg, check_paths=False)
+        submit(cfg, run, args, f"mae_{protocol}")
+
+    return exit_code(body, logger)

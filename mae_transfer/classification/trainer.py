@@ -1,0 +1,353 @@
+"""Fine-tuning and linear probing on the shared training loop (:class:`EpochTrainer`): each
+adds its model, data, loss and optimizer; the loop, precision, DDP, checkpoints, exact resume
+and logging are the engine's.
+
+- :class:`FinetuneTrainer`: AdamW with layer-wise lr decay, timm's RandAugment / random
+  erasing / mixup / cutmix with soft-target cross-entropy, drop path;
+- :class:`LinprobeTrainer`: a ``BatchNorm1d(affine=False)`` + ``Linear`` head on the frozen
+  encoder (kept in eval mode), LARS; optionally on features extracted once;
+- both: top-1 / top-5 on ``val/`` after every epoch (over all processes), ``checkpoint-best.pth``
+  beside ``checkpoint-last.pth``; :func:`evaluate_checkpoint` for ``--eval``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from mae_transfer.checkpoint import find_state_dict, load_file, strip_to_vit
+from mae_transfer.data import ClassFolder, ClassFolderDataset, ShardSampler, collate, seeded
+from mae_transfer.data.sampler import sample_seed
+from mae_transfer.data.transforms import eval_transform
+from mae_transfer.device import resolve_amp
+from mae_transfer.engine.config import ConfigError
+from mae_transfer.engine.distributed import DistInfo, all_reduce_sum
+from mae_transfer.engine.trainer import EpochTrainer, tf32_enabled
+from mae_transfer.optim import param_groups
+
+from .config import ClassifyConfig, FinetuneConfig, LinprobeConfig
+from .data import FeatureDataset, build_mixup, class_folders, finetune_transform, linprobe_transform
+from .knn import extract_features, gather_features
+from .model import ViTClassifier, build_classifier, head_dim_of, load_classifier_checkpoint
+
+__all__ = [
+    "FinetuneTrainer",
+    "LinprobeTrainer",
+    "ValEvaluator",
+    "evaluate_checkpoint",
+    "lars_param_groups",
+]
+
+logger = logging.getLogger(__name__)
+
+BEST = "checkpoint-best.pth"
+MIXUP_SEED_OFFSET = 1_000_003  # mixup's draws: a stream apart from the images' own seeds
+
+
+class ValEvaluator:
+    """Top-1 / top-5 accuracy and the cross-entropy of a classifier on a labelled set, each
+    process taking a shard and the counts summed over all of them."""
+
+    def __init__(self, dataset: Dataset, dist: DistInfo, batch_size: int, num_workers: int):
+        self.dataset, self.dist = dataset, dist
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=ShardSampler(len(dataset), dist.rank, dist.world_size),
+            num_workers=num_workers,
+            collate_fn=collate,
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self, model: torch.nn.Module, device: torch.device, amp_dtype: Optional[torch.dtype]
+    ) -> Dict[str, float]:
+        was_training = model.training
+        model.eval()
+        correct1 = torch.zeros((), device=device)
+        correct5, loss_sum, n = torch.zeros_like(correct1), torch.zeros_like(correct1), 0
+        try:
+            for x, y, *_ in self.loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(x)
+                logits = logits.float()
+                loss_sum += F.cross_entropy(logits, y, reduction="sum")
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hits = top == y[:, None]
+                correct1 += hits[:, 0].sum()
+                correct5 += hits.any(dim=1).sum()
+                n += len(y)
+        finally:
+            model.train(was_training)
+        c1, c5, loss, total = all_reduce_sum([correct1, correct5, loss_sum, n], self.dist)
+        total = max(int(total), 1)
+        return {"acc1": 100.0 * c1 / total, "acc5": 100.0 * c5 / total, "val_loss": loss / total}
+
+
+def _num_classes(cfg: ClassifyConfig, folder: ClassFolder) -> int:
+    n = cfg.nb_classes or len(folder.classes)
+    if n < len(folder.classes):
+        raise ConfigError(
+            f"nb_classes {cfg.nb_classes} is fewer than the {len(folder.classes)} class folders "
+            f"of {folder.root}; set it to {len(folder.classes)} or 0"
+        )
+    return n
+
+
+class _ClassifierTrainer(EpochTrainer):
+    """What both protocols share: class folders, the classifier, validation, the best copy."""
+
+    cfg: ClassifyConfig
+    probe = False
+    head_init_std = 2e-5
+
+    def __init__(self, cfg: ClassifyConfig, device: torch.device, dist_info: DistInfo):
+        self.folders = class_folders(cfg)
+        self.num_classes = _num_classes(cfg, self.folders[0])
+        self.best_acc1 = -1.0
+        super().__init__(cfg, device, dist_info)
+        self.val = ValEvaluator(
+            self.build_val_dataset(), dist_info, cfg.batch_size, min(cfg.num_workers, 4)
+        )
+        logger.info(
+            "%d classes; %d training / %d validation images",
+            self.num_classes,
+            len(self.train_dataset),
+            len(self.val.dataset),
+        )
+
+    def model_kwargs(self) -> Dict:
+        return dict(self.cfg.model_kwargs)
+
+    def build_model(self) -> ViTClassifier:
+        cfg = self.cfg
+        model = build_classifier(
+            cfg.model,
+            self.num_classes,
+            cfg.input_size,
+            cfg.global_pool,
+            probe=self.probe,
+            head_init_std=self.head_init_std,
+            **self.model_kwargs(),
+        )
+        if cfg.finetune:
+            logger.info("initialising the encoder from %s", cfg.finetune)
+            load_classifier_checkpoint(model, cfg.finetune)
+        return model
+
+    def val_images(self) -> Dataset:
+        cfg = self.cfg
+        transform = eval_transform(cfg.input_size, cfg.eval_crop_pct)
+        return ClassFolderDataset(self.folders[1], transform, cfg.seed, cfg.max_val_images)
+
+    def build_val_dataset(self) -> Dataset:
+        return self.val_images()
+
+    def evaluate(self) -> Dict[str, float]:
+        metrics = self.val(self.model, self.device, self.amp_dtype)
+        self.bar_extras["acc1"] = f"{metrics['acc1']:.1f}"
+        logger.info(
+            "epoch %d: val top-1 %.2f, top-5 %.2f, loss %.4f (best top-1 %.2f)",
+            self.epoch,
+            metrics["acc1"],
+            metrics["acc5"],
+            metrics["val_loss"],
+            max(self.best_acc1, metrics["acc1"]),
+        )
+        return metrics
+
+    def checkpoint_copies(self, metrics: Dict[str, float]) -> List[str]:
+        if metrics.get("acc1", -1.0) > self.best_acc1:
+            self.best_acc1 = metrics["acc1"]
+            return [BEST]
+        return []
+
+    def extra_state(self) -> Dict:
+        return {"best_acc1": self.best_acc1}
+
+    def load_extra_state(self, ckpt: Dict) -> None:
+        self.best_acc1 = float(ckpt.get("best_acc1", -1.0))
+
+    def describe(self) -> str:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad) / 1e6
+        return f"model {self.cfg.model}, {trainable:.2f}M trainable params"
+
+
+class FinetuneTrainer(_ClassifierTrainer):
+    """End-to-end fine-tuning (the official ``main_finetune.py`` recipe)."""
+
+    cfg: FinetuneConfig
+    betas = (0.9, 0.999)
+
+    def __init__(self, cfg: FinetuneConfig, device: torch.device, dist_info: DistInfo):
+        self.mixup = None
+        super().__init__(cfg, device, dist_info)
+        self.mixup = build_mixup(cfg, self.num_classes)
+
+    def model_kwargs(self) -> Dict:
+        return {"drop_path_rate": self.cfg.drop_path, **self.cfg.model_kwargs}
+
+    def build_train_dataset(self) -> Dataset:
+        cfg = self.cfg
+        transform = finetune_transform(cfg)
+        return ClassFolderDataset(self.folders[0], transform, cfg.seed, cfg.max_train_images)
+
+    def param_groups(self) -> List[Dict]:
+        return param_groups(
+            self.model.named_parameters(),
+            self.cfg.weight_decay,
+            layer_decay=self.cfg.layer_decay,
+            depth=self.model.depth,
+        )
+
+    def prepare_batch(self, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Mixup / cutmix, its draws seeded by (seed, epoch, iteration, rank)."""
+        if self.mixup is None:
+            return tensors
+        x, y = tensors
+        step = (self.epoch * self.ipe + self.iter) * self.dist.world_size + self.dist.rank
+        with seeded(sample_seed(self.cfg.seed + MIXUP_SEED_OFFSET, 0, step)):
+            x, y = self.mixup(x, y)
+        return [x, y]
+
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.ddp(x).float()
+        if self.mixup is not None:  # soft targets (smoothing included by Mixup)
+            return torch.sum(-y * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, y, label_smoothing=self.cfg.smoothing)
+
+
+def lars_param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
+    """LARS groups as the official linear probe (MoCo v3's LARS): matrices with weight decay
+    and the trust-ratio adaptation, 1-d parameters (biases) with neither."""
+    matrices, vectors = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (matrices if p.ndim > 1 else vectors).append(p)
+    groups = [{"params": matrices, "weight_decay": weight_decay, "always_adapt": True}]
+    if vectors:
+        groups.append({"params": vectors, "weight_decay": 0.0, "always_adapt": False})
+    return groups
+
+
+class LinprobeTrainer(_ClassifierTrainer):
+    """Linear probing (the official ``main_linprobe.py`` recipe, with the encoder in eval mode,
+    unlike the official script (mae#54): its dropout-free blocks are the same either way, but a
+    frozen encoder should not depend on the mode)."""
+
+    cfg: LinprobeConfig
+    probe = True
+    head_init_std = 0.01
+
+    def build_model(self) -> ViTClassifier:
+        model = super().build_model()
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("head.")
+        return model
+
+    def set_train_mode(self) -> None:
+        self.ddp.eval()  # the frozen encoder (and fc_norm) in eval mode
+        self.model.head.train()  # the probe's BatchNorm collects its statistics
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        from timm.optim import Lars
+
+        cfg = self.cfg
+        groups = lars_param_groups(self.model, cfg.weight_decay)
+        # eps 0: the trust ratio exactly as the official LARS (trust * |w| / |g|)
+        return Lars(
+            groups,
+            lr=self.base_lr,
+            momentum=cfg.momentum,
+            trust_coeff=cfg.trust_coefficient,
+            eps=0.0,
+        )
+
+    def build_train_dataset(self) -> Dataset:
+        cfg = self.cfg
+        if cfg.cache_features:
+            images = ClassFolderDataset(
+                self.folders[0],
+                eval_transform(cfg.input_size, cfg.eval_crop_pct),
+                cfg.seed,
+                cfg.max_train_images,
+            )
+            return self._extract(images, "training")
+        return ClassFolderDataset(
+            self.folders[0], linprobe_transform(cfg.input_size), cfg.seed, cfg.max_train_images
+        )
+
+    def build_val_dataset(self) -> Dataset:
+        images = self.val_images()
+        return self._extract(images, "validation") if self.cfg.cache_features else images
+
+    def _extract(self, images: ClassFolderDataset, what: str) -> FeatureDataset:
+        """The frozen features of ``images`` (each process a shard, gathered in index order)."""
+        cfg, d = self.cfg, self.dist
+        loader = DataLoader(
+            images,
+            batch_size=cfg.batch_size,
+            sampler=ShardSampler(len(images), d.rank, d.world_size),
+            num_workers=min(cfg.num_workers, 4),
+            collate_fn=collate,
+        )
+        amp_dtype, _ = resolve_amp(cfg.amp, self.device)
+        logger.info("extracting the frozen features of %d %s images", len(images), what)
+        with tf32_enabled(self.device):
+            feats, labels = extract_features(
+                self.model,
+                loader,
+                self.device,
+                amp_dtype=amp_dtype,
+                normalize=False,
+                feature_fn=self.model.pooled,
+            )
+        feats, labels = gather_features(feats, labels, d)
+        order = torch.cat([torch.arange(r, len(images), d.world_size) for r in range(d.world_size)])
+        out_f, out_l = torch.empty_like(feats), torch.empty_like(labels)
+        out_f[order], out_l[order] = feats, labels
+        return FeatureDataset(out_f, out_l)
+
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.ddp(x).float(), y)
+
+
+def evaluate_checkpoint(
+    cfg: ClassifyConfig, device: torch.device, dist: DistInfo
+) -> Dict[str, float]:
+    """``--eval``: top-1 / top-5 on ``val/`` of a fine-tuned or linear-probe checkpoint (ours or
+    an official ``mae_finetuned_vit_*.pth``), without conversion."""
+    _, val_folder = class_folders(cfg)
+    path = cfg.resume or cfg.finetune
+    state, _ = strip_to_vit(find_state_dict(load_file(path)))
+    num_classes = cfg.nb_classes or head_dim_of(state) or len(val_folder.classes)
+    probe = "head.0.running_mean" in state
+    pool = "avg" if "fc_norm.weight" in state else "cls"  # as the checkpoint was trained
+    if pool != cfg.global_pool:
+        logger.info("%s was trained with global_pool %s: evaluating it so", path, pool)
+    model = build_classifier(
+        cfg.model, num_classes, cfg.input_size, pool, probe=probe, **cfg.model_kwargs
+    )
+    load_classifier_checkpoint(model, path, need_head=True)
+    model.to(device)
+    transform = eval_transform(cfg.input_size, cfg.eval_crop_pct)
+    images = ClassFolderDataset(val_folder, transform, cfg.seed, cfg.max_val_images)
+    evaluator = ValEvaluator(images, dist, cfg.batch_size, min(cfg.num_workers, 4))
+    amp_dtype, _ = resolve_amp(cfg.amp, device)
+    with tf32_enabled(device):
+        metrics = evaluator(model, device, amp_dtype)
+    logger.info(
+        "%s on %d images of %s: top-1 %.3f, top-5 %.3f",
+        os.path.basename(path),
+        len(images),
+        val_folder.root,
+        metrics["acc1"],
+        metrics["acc5"],
+    )
+    return metrics

@@ -1,0 +1,339 @@
+"""Fine-tuning and linear probing: layer-decay groups, the LARS step, the frozen probe, mixup,
+exact resume, official-format checkpoints through --eval, several ranks, the command lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, run_ranks, save_mae_checkpoints, write_colour_classes
+
+from mae_transfer.checkpoint import CheckpointError
+from mae_transfer.classification.config import (
+    ConfigError,
+    FinetuneConfig,
+    LinprobeConfig,
+    make_config,
+    validate,
+)
+from mae_transfer.classification.model import build_classifier, load_classifier_checkpoint
+from mae_transfer.classification.trainer import (
+    BEST,
+    FinetuneTrainer,
+    LinprobeTrainer,
+    ValEvaluator,
+    evaluate_checkpoint,
+    lars_param_groups,
+)
+from mae_transfer.data import ClassFolderDataset, eval_transform, find_classes
+from mae_transfer.engine.config import read_yaml
+from mae_transfer.engine.distributed import DistInfo
+
+TINY = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """3 colour classes: 8 training and 5 validation images each; and tiny MAE checkpoints."""
+    root = tmp_path_factory.mktemp("cls")
+    write_colour_classes(root / "data" / "train", 8, seed=0)
+    write_colour_classes(root / "data" / "val", 5, seed=1)
+    _, ckpts = save_mae_checkpoints(root, img_size=32, patch_size=8, depth=2)
+    return {"root": str(root / "data"), **ckpts}
+
+
+def cfg_of(cls, data, out, **kw):
+    values = dict(
+        model="vit_base_patch16",
+        model_kwargs=TINY,
+        input_size=32,
+        data_path=data["root"],
+        finetune=data["official"],
+        batch_size=4,
+        accum_iter=1,
+        epochs=2,
+        warmup_epochs=1,
+        num_workers=0,
+        device="cpu",
+        amp="fp32",
+        log_every_iters=1,
+        output_dir=str(out),
+    )
+    values.update(kw)
+    cfg = make_config(cls, values)
+    validate(cfg)
+    return cfg
+
+
+def read_log(out) -> list:
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train(trainer_cls, cfg):
+    t = trainer_cls(cfg, CPU, DistInfo())
+    t.train()
+    t.close()
+    return t
+
+
+# -- the model and its checkpoints ------------------------------------------------------------
+def test_pretraining_checkpoint_initialises_the_encoder_with_a_new_head(data):
+    model = build_classifier("vit_base_patch16", 3, 32, "avg", **TINY)
+    report = load_classifier_checkpoint(model, data["ours"])  # our training form: with decoder
+    assert sorted(report.new) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert "norm.weight" in report.dropped and not report.missing and not report.unexpected
+    enc = torch.load(data["official"], weights_only=True)["model"]
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, enc["blocks.1.mlp.fc2.weight"])
+    assert model.head.weight.std() < 1e-4 and torch.all(model.head.bias == 0)  # std 2e-5
+    with pytest.raises(CheckpointError, match="no trained head"):
+        load_classifier_checkpoint(model, data["official"], need_head=True)
+
+
+def test_an_official_fine_tuned_checkpoint_gives_identical_logits_through_eval(data, tmp_path):
+    """The official fine-tuned model is timm's VisionTransformer (global_pool avg, fc_norm);
+    a file in its format evaluates here without conversion, logits and accuracy alike."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    torch.manual_seed(3)
+    official = TimmViT(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3,
+        global_pool="avg",
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in official.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = str(tmp_path / "mae_finetuned_vit_tiny.pth")
+    torch.save({"model": official.state_dict()}, path)
+    ours = build_classifier("vit_base_patch16", 3, 32, "avg", **TINY).eval()
+    report = load_classifier_checkpoint(ours, path, need_head=True)
+    assert not (report.new or report.missing or report.unexpected or report.dropped)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), official(x), atol=1e-5)
+    cfg = cfg_of(FinetuneConfig, data, tmp_path / "ev", eval=True, resume=path, finetune="")
+    metrics = evaluate_checkpoint(cfg, CPU, DistInfo())
+    images = ClassFolderDataset(find_classes(data["root"] + "/val"), eval_transform(32))
+    x = torch.stack([images[(0, i)][0] for i in range(len(images))])
+    y = torch.tensor([images[(0, i)][1] for i in range(len(images))])
+    with torch.no_grad():
+        expected = 100.0 * (official(x).argmax(1) == y).float().mean().item()
+    assert metrics["acc1"] == pytest.approx(expected)
+
+
+# -- fine-tuning --------------------------------------------------------------------------------
+def test_layer_decay_gives_every_block_its_lr_scale_and_no_decay_where_none_is_due(data, tmp_path):
+    cfg = cfg_of(FinetuneConfig, data, tmp_path, layer_decay=0.5, weight_decay=0.05)
+    t = FinetuneTrainer(cfg, CPU, DistInfo())
+    t.iter, t.epoch = 2, 1  # somewhere on the schedule
+    t._set_lr()
+    scale, decay, lr = {}, {}, {}
+    for g in t.optimizer.param_groups:
+        for name in g["param_names"]:
+            scale[name], decay[name], lr[name] = g["lr_scale"], g["weight_decay"], g["lr"]
+    depth = 2  # layer ids: embeddings 0, block i -> i + 1, the rest depth + 1; scale 0.5^(3 - id)
+    for name in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"):
+        assert scale[name] == 0.5**3, name
+    for i in range(depth):
+        assert scale[f"blocks.{i}.attn.qkv.weight"] == 0.5 ** (depth - i)
+        assert scale[f"blocks.{i}.norm1.weight"] == 0.5 ** (depth - i)
+    for name in ("fc_norm.weight", "head.weight", "head.bias"):
+        assert scale[name] == 1.0
+    assert lr["blocks.0.mlp.fc1.weight"] == pytest.approx(lr["head.weight"] * 0.25)
+    no_decay = [n for n, d in decay.items() if d == 0.0]
+    assert set(no_decay) == {n for n in decay if n.endswith(".bias") or "norm" in n} | {
+        "cls_token",
+        "pos_embed",
+    }
+    assert decay["head.weight"] == decay["blocks.1.attn.proj.weight"] == 0.05
+    assert "norm.weight" not in decay  # pooled: the encoder's final norm is not in the model
+    t.close()
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_seeded_by_step(data, tmp_path):
+    cfg = cfg_of(FinetuneConfig, data, tmp_path, mixup=0.8, cutmix=0.0, smoothing=0.1)
+    t = FinetuneTrainer(cfg, CPU, DistInfo())
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    xm, ym = t.prepare_batch([x.clone(), y])
+    assert torch.allclose(ym.sum(1), torch.ones(4))
+    lam = ((xm - x.flip(0)) / (x - x.flip(0)))[0, 0, 0, 0].item()  # x_m = lam x + (1-lam) x'
+    assert torch.allclose(xm, lam * x + (1 - lam) * x.flip(0), atol=1e-5)
+    smooth = F.one_hot(y, 3).float() * 0.9 + 0.1 / 3
+    assert torch.allclose(ym, lam * smooth + (1 - lam) * smooth.flip(0), atol=1e-5)
+    again = t.prepare_batch([x.clone(), y])
+    assert torch.equal(again[0], xm)  # a pure function of (seed, epoch, iteration, rank)
+    t.iter = 1
+    assert not torch.equal(t.prepare_batch([x.clone(), y])[0], xm)
+    t.close()
+    cut = FinetuneTrainer(
+        cfg_of(FinetuneConfig, data, tmp_path, mixup=0.0, cutmix=1.0), CPU, DistInfo()
+    )
+    xc, yc = cut.prepare_batch([x.clone(), y])
+    from_other = (xc == x.flip(0)) & (xc != x)
+    area = from_other.all(dim=1).float().mean(dim=(1, 2))[0].item()  # the pasted box's share
+    assert 0 < area < 1
+    assert yc[0, y.flip(0)[0]] == pytest.approx(area * 0.9 + 0.1 / 3, abs=0.02)  # lam = box
+    cut.close()
+
+
+def test_finetune_resume_mid_epoch_equals_an_uninterrupted_run(data, tmp_path):
+    """RandAugment, random erasing, mixup / cutmix and drop path all draw from seeded streams:
+    a run stopped after 3 iterations and resumed ends with the same weights, bitwise (fp32)."""
+    kw = dict(epochs=2, drop_path=0.1, save_every_iters=1)
+    ref = train(FinetuneTrainer, cfg_of(FinetuneConfig, data, tmp_path / "a", **kw))
+    out = tmp_path / "b"
+    t = FinetuneTrainer(cfg_of(FinetuneConfig, data, out, **kw), CPU, DistInfo())
+    t.sampler.set_epoch(0)
+    t.set_train_mode()
+    for step, (*tensors, skipped) in enumerate(t.loader):
+        t._step(tensors, skipped)
+        if step == 2:
+            break
+    t._flush()
+    t.save()
+    t.close()
+    resumed = train(FinetuneTrainer, cfg_of(FinetuneConfig, data, out, **kw))
+    for (name, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert os.path.isfile(out / BEST)
+    best = torch.load(out / BEST, weights_only=False)
+    assert best["best_acc1"] == max(r["acc1"] for r in read_log(out) if "acc1" in r)
+
+
+# -- linear probing -----------------------------------------------------------------------------
+def test_lars_step_matches_a_hand_computation():
+    from timm.optim import Lars
+
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    model = torch.nn.Linear(2, 1)
+    model.weight, model.bias = w, b
+    opt = Lars(lars_param_groups(model, 0.0), lr=0.5, momentum=0.9, trust_coeff=0.001, eps=0.0)
+    g1, g2 = torch.tensor([[0.6, 0.8]]), torch.tensor([[0.0, 2.0]])  # |g| = 1, 2
+    w_ref, mu = w.detach().clone(), torch.zeros(1, 2)
+    b_ref, mu_b = b.detach().clone(), torch.zeros(1)
+    for g, gb in ((g1, torch.tensor([0.3])), (g2, torch.tensor([-0.2]))):
+        w.grad, b.grad = g.clone(), gb.clone()
+        q = 0.001 * w_ref.norm() / g.norm()  # the trust ratio of the official LARS
+        mu = 0.9 * mu + q * g
+        w_ref = w_ref - 0.5 * mu
+        mu_b = 0.9 * mu_b + gb  # 1-d: no adaptation
+        b_ref = b_ref - 0.5 * mu_b
+        opt.step()
+        assert torch.allclose(w.detach(), w_ref, atol=1e-7)
+        assert torch.allclose(b.detach(), b_ref, atol=1e-7)
+
+
+def test_the_probe_trains_only_its_head_with_the_encoder_frozen_in_eval_mode(data, tmp_path):
+    cfg = cfg_of(LinprobeConfig, data, tmp_path, finetune=data["ours"], epochs=1)
+    t = LinprobeTrainer(cfg, CPU, DistInfo())
+    bn = t.model.head[0]
+    assert isinstance(bn, torch.nn.BatchNorm1d) and bn.weight is None and bn.bias is None
+    assert bn.eps == 1e-6 and t.model.global_pool == "cls"
+    trainable = [n for n, p in t.model.named_parameters() if p.requires_grad]
+    assert trainable == ["head.1.weight", "head.1.bias"]
+    encoder = {n: p.detach().clone() for n, p in t.model.named_parameters() if "head" not in n}
+    modes = []
+    t.model.blocks[0].register_forward_hook(lambda m, i, o: modes.append(m.training))
+    stats_before = bn.running_mean.clone()
+    t.train()
+    t.close()
+    assert modes and not any(modes)  # every training forward ran the encoder in eval mode
+    assert not torch.equal(bn.running_mean, stats_before)  # the probe's BN did train
+    for n, p in t.model.named_parameters():
+        if "head" not in n:
+            assert torch.equal(p, encoder[n]) and p.grad is None, n
+
+
+def test_cached_features_are_the_frozen_encoder_s_in_index_order(data, tmp_path):
+    cfg = cfg_of(LinprobeConfig, data, tmp_path, cache_features=True, epochs=2)
+    t = LinprobeTrainer(cfg, CPU, DistInfo())
+    images = ClassFolderDataset(find_classes(data["root"] + "/train"), eval_transform(32))
+    x = torch.stack([images[(0, i)][0] for i in (0, 5, 17)])
+    with torch.no_grad():
+        expected = t.model.eval().pooled(x)
+    assert torch.allclose(t.train_dataset.features[[0, 5, 17]], expected, atol=1e-6)
+    t.train()
+    t.close()
+    assert os.path.isfile(tmp_path / BEST)
+
+
+def _two_rank_eval_and_cache(info, data, out):
+    cfg = cfg_of(LinprobeConfig, data, out, cache_features=True, batch_size=3)
+    t = LinprobeTrainer(cfg, CPU, info)
+    feats = t.train_dataset.features.clone()
+    acc = ValEvaluator(t.val.dataset, info, 2, 0)(t.model, CPU, None)
+    t.close()
+    return feats, acc
+
+
+def test_two_ranks_see_the_same_features_and_accuracy_as_one(data, tmp_path):
+    one_feats, one_acc = _two_rank_eval_and_cache(DistInfo(), data, tmp_path / "one")
+    results = run_ranks(_two_rank_eval_and_cache, data, tmp_path / "two")
+    for rank, (status, value) in results.items():
+        assert status == "ok", value
+        feats, acc = value
+        assert torch.allclose(feats, one_feats, atol=1e-5), rank
+        assert acc["acc1"] == pytest.approx(one_acc["acc1"])
+        assert acc["val_loss"] == pytest.approx(one_acc["val_loss"], rel=1e-5)
+
+
+# -- configuration and command lines ----------------------------------------------------------
+def test_bad_values_are_all_named_before_anything_starts(data, tmp_path):
+    values = dict(data_path=data["root"], layer_decay=1.5, mixup=-1, batch_size=3, aa="bogus-m9")
+    with pytest.raises(ConfigError) as e:
+        validate(make_config(FinetuneConfig, values))
+    for text in ("layer_decay must be in (0, 1]", "mixup must be >= 0", "batch_size must be even"):
+        assert text in str(e.value)
+    with pytest.raises(ConfigError, match="needs the pretrained encoder: --finetune"):
+        validate(make_config(LinprobeConfig, dict(data_path=data["root"])))
+
+
+def test_command_lines_train_evaluate_and_reject_bad_values(data, tmp_path):
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(
+        "model: vit_base_patch16\nmodel_kwargs: {embed_dim: 32, depth: 2, num_heads: 2, "
+        "patch_size: 8}\ninput_size: 32\nbatch_size: 4\naccum_iter: 1\nepochs: 1\n"
+        "warmup_epochs: 0\nnum_workers: 0\ndevice: cpu\namp: fp32\n"
+    )
+    common = ["--config", str(tiny), "--data_path", data["root"], "--finetune", data["official"]]
+
+    def cli(tool, *args):
+        return subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tools", tool), *common, *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    ft = cli("finetune.py", "--output_dir", str(tmp_path / "ft"))
+    assert ft.returncode == 0, ft.stderr[-2000:]
+    ev = cli("finetune.py", "--eval", "--resume", str(tmp_path / "ft" / BEST), "--output_dir",
+             str(tmp_path / "ev"))  # fmt: skip
+    assert ev.returncode == 0 and "top-1" in ev.stdout, ev.stderr[-2000:]
+    last_acc = [r["acc1"] for r in read_log(tmp_path / "ft") if "acc1" in r][-1]
+    with open(tmp_path / "ev" / "eval.json") as f:
+        assert json.load(f)["acc1"] == pytest.approx(last_acc)
+    lp = cli("linprobe.py", "--cache_features", "--output_dir", str(tmp_path / "lp"))
+    assert lp.returncode == 0, lp.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "lp" / BEST)
+    bad = cli("finetune.py", "--layer_decay", "2", "--output_dir", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "layer_decay must be in (0, 1]" in bad.stderr
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_the_shipped_configs_build_and_validate(data):
+    for protocol, cls in (("finetune", FinetuneConfig), ("linprobe", LinprobeConfig)):
+        for size in ("base", "large", "huge"):
+            values = read_yaml(os.path.join(ROOT, "configs", protocol, f"vit_{size}_in1k.yaml"))
+            cfg = make_config(cls, {**values, "data_path": data["root"], "finetune": data["ours"]})
+            validate(cfg)
+            assert cfg.batch_size * cfg.accum_iter * 8 == (
+                1024 if protocol == "finetune" else 16384
+            )
