@@ -69,3 +69,22 @@ def test_everything_else_is_still_checked_before_submitting(monkeypatch, tmp_pat
     assert "/not/here" not in str(e.value) and not FakeExecutor.submitted
     with pytest.raises(ConfigError, match="data_path is required"):
         submit(monkeypatch, tmp_path, data_path="")
+
+
+def test_one_launcher_submits_every_protocol(monkeypatch, tmp_path):
+    """tools/submit.py PROTOCOL: fine-tuning and linear probing jobs run their own trainer;
+    paths are left to the job, bad values are refused before submitting (exit code 2)."""
+    from mae_transfer.classification.config import FinetuneConfig, LinprobeConfig
+    from mae_transfer.classification.main import submit_main
+
+    FakeExecutor.submitted = []
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
+    common = ["--ngpus", "2", "--data_path", "/cluster/imagenet", "--finetune", "/cluster/m.pth"]
+    common += ["--output_dir", str(tmp_path / "out")]
+    assert submit_main(["finetune", *common, "--epochs", "30"]) == 0
+    assert submit_main(["linprobe", *common]) == 0
+    ft, lp = FakeExecutor.submitted
+    assert type(ft.cfg) is FinetuneConfig and ft.cfg.epochs == 30
+    assert type(lp.cfg) is LinprobeConfig and lp.cfg.global_pool == "cls"
+    assert submit_main(["finetune", *common, "--layer_decay", "3"]) == 2
+    assert submit_main(["nonsense"]) == 2 and len(FakeExecutor.submitted) == 2
