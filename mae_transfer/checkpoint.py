@@ -260,6 +260,7 @@ def load_pretrained(
     path_or_state,
     min_loaded_fraction: float = MIN_LOADED_FRACTION,
     log: bool = True,
+    source: str = "",
 ) -> LoadReport:
     """Loads an MAE / ViT checkpoint (any form, see module docstring) into ``model``.
 
@@ -267,6 +268,7 @@ def load_pretrained(
         model: a ``MaskedAutoencoderViT`` or ``VisionTransformer`` (or anything with their names).
         path_or_state: a file path, or an already-read state dict.
         min_loaded_fraction: below this fraction of the model's tensors loaded, raise.
+        source: where a state dict was read from (for the report).
 
     Returns:
         the :class:`LoadReport` (also logged).
@@ -278,7 +280,7 @@ def load_pretrained(
         source = str(path_or_state)
         state, prefix = load_vit_state_dict(source)
     else:
-        source = "state dict"
+        source = source or "state dict"
         state, prefix = strip_to_vit(find_state_dict(path_or_state))
     report = LoadReport(source=source + (f" (prefix '{prefix}' stripped)" if prefix else ""))
     to_load = adapt_state_dict(state, model, report)

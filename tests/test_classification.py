@@ -18,6 +18,7 @@ from mae_transfer.classification.config import (
     ConfigError,
     FinetuneConfig,
     LinprobeConfig,
+    eval_crop_pct,
     make_config,
     validate,
 )
@@ -125,6 +126,19 @@ def test_an_official_fine_tuned_checkpoint_gives_identical_logits_through_eval(d
     with torch.no_grad():
         expected = 100.0 * (official(x).argmax(1) == y).float().mean().item()
     assert metrics["acc1"] == pytest.approx(expected)
+    # as --finetune, a fine-tuned file gives its encoder and fc_norm; the head starts afresh
+    t = FinetuneTrainer(
+        cfg_of(FinetuneConfig, data, tmp_path / "ft", finetune=path), CPU, DistInfo()
+    )
+    assert torch.equal(t.model.fc_norm.weight, official.fc_norm.weight)
+    assert not torch.equal(t.model.head.weight, official.head.weight)
+    assert t.model.head.weight.std() < 1e-4
+    t.close()
+    two = TimmViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=2)
+    torch.save({"model": two.state_dict()}, tmp_path / "two.pth")
+    cfg = cfg_of(FinetuneConfig, data, tmp_path / "ev", eval=True, resume=str(tmp_path / "two.pth"))
+    with pytest.raises(ConfigError, match="3 class folders but the head .* has 2 outputs"):
+        evaluate_checkpoint(cfg, CPU, DistInfo())
 
 
 # -- fine-tuning --------------------------------------------------------------------------------
@@ -146,6 +160,7 @@ def test_layer_decay_gives_every_block_its_lr_scale_and_no_decay_where_none_is_d
     for name in ("fc_norm.weight", "head.weight", "head.bias"):
         assert scale[name] == 1.0
     assert lr["blocks.0.mlp.fc1.weight"] == pytest.approx(lr["head.weight"] * 0.25)
+    assert t.current_lr() == lr["head.weight"]  # what the progress bar and the logs show
     no_decay = [n for n, d in decay.items() if d == 0.0]
     assert set(no_decay) == {n for n in decay if n.endswith(".bias") or "norm" in n} | {
         "cls_token",
@@ -264,11 +279,35 @@ def test_cached_features_are_the_frozen_encoder_s_in_index_order(data, tmp_path)
     assert os.path.isfile(tmp_path / BEST)
 
 
+def test_cached_features_of_a_resumed_probe_come_from_the_loaded_encoder(data, tmp_path):
+    cfg = cfg_of(LinprobeConfig, data, tmp_path, cache_features=True, epochs=1)
+    first = train(LinprobeTrainer, cfg)
+    again = LinprobeTrainer(
+        cfg_of(LinprobeConfig, data, tmp_path / "b", cache_features=True, epochs=2, finetune="",
+               resume=str(tmp_path / "checkpoint-last.pth")),
+        CPU,
+        DistInfo(),
+    )  # fmt: skip
+    assert again.epoch == 1
+    assert torch.equal(again.train_dataset.features, first.train_dataset.features)
+    again.close()
+
+
+def test_evaluation_crops_as_the_official_above_224_px():
+    assert eval_crop_pct(make_config(FinetuneConfig, {"input_size": 224})) == 224 / 256
+    assert eval_crop_pct(make_config(FinetuneConfig, {"input_size": 448})) == 1.0
+    assert (
+        eval_crop_pct(make_config(FinetuneConfig, {"input_size": 448, "eval_crop_pct": 0.9})) == 0.9
+    )
+
+
 def _two_rank_eval_and_cache(info, data, out):
     cfg = cfg_of(LinprobeConfig, data, out, cache_features=True, batch_size=3)
     t = LinprobeTrainer(cfg, CPU, info)
     feats = t.train_dataset.features.clone()
     acc = ValEvaluator(t.val.dataset, info, 2, 0)(t.model, CPU, None)
+    one = ClassFolderDataset(t.folders[1], eval_transform(32), max_images=1)
+    assert t._extract(one, "one image").features.shape == (1, 32)  # rank 1 has none
     t.close()
     return feats, acc
 

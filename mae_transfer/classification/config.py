@@ -47,7 +47,8 @@ class ClassifyConfig(TrainConfig):
     finetune: str = ""  # pretrained checkpoint that initialises the encoder
     global_pool: str = "avg"
     eval: bool = False  # only evaluate (the model from --resume / --finetune) on val/
-    eval_crop_pct: float = 224 / 256  # evaluation: resize by 1 / crop_pct, centre crop
+    eval_crop_pct: Optional[float] = None  # resize by 1 / crop_pct, centre crop; None: official
+    # rule, 224/256 up to 224 px and 1.0 above (see eval_crop_pct())
     max_train_images: int = 0  # a fixed random subset of train/ (0 = all)
     max_val_images: int = 0
     save_every_epochs: int = 10
@@ -118,6 +119,15 @@ FLAG_HELP = {
 }
 
 
+def eval_crop_pct(cfg: ClassifyConfig) -> float:
+    """The evaluation's crop fraction: ``cfg.eval_crop_pct``, or the official rule (224/256 for
+    inputs up to 224 px, 1.0 above: resize to the input size, e.g. ViT-H at 448)."""
+    if cfg.eval_crop_pct is not None:
+        return cfg.eval_crop_pct
+    size = cfg.input_size if isinstance(cfg.input_size, int) else max(cfg.input_size)
+    return 224 / 256 if size <= 224 else 1.0
+
+
 def build_protocol_parser(cls: Type[ClassifyConfig], prog: str):
     what = "End-to-end fine-tuning" if cls is FinetuneConfig else "Linear probing"
     return build_parser(cls, prog, f"{what} of a ViT classifier.", FLAG_HELP)
@@ -163,7 +173,10 @@ def validate(cfg: ClassifyConfig, check_paths: bool = True) -> None:
         cfg.global_pool in GLOBAL_POOLS,
         f"global_pool must be one of {GLOBAL_POOLS}, got {cfg.global_pool!r}",
     )
-    need(0 < cfg.eval_crop_pct <= 1, f"eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
+    need(
+        cfg.eval_crop_pct is None or 0 < cfg.eval_crop_pct <= 1,
+        f"eval_crop_pct must be in (0, 1] (or unset), got {cfg.eval_crop_pct}",
+    )
     for name in ("max_train_images", "max_val_images"):
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0 (0 = all), got {getattr(cfg, name)}")
     if isinstance(cfg, FinetuneConfig):

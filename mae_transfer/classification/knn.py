@@ -24,7 +24,7 @@ from mae_transfer.data import (
     eval_transform,
     find_classes,
 )
-from mae_transfer.engine.distributed import DistInfo, all_gather_rows
+from mae_transfer.engine.distributed import DistInfo, all_gather_rows, all_reduce_min
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +139,8 @@ def extract_features(
             labels.append(targets.cpu())
     finally:
         model.train(was_training)
+    if not feats:  # this process's shard is empty
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -146,6 +148,9 @@ def gather_features(
     feats: torch.Tensor, labels: torch.Tensor, dist: DistInfo
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every process's (features, labels) shard, concatenated in rank order on every process."""
+    if dist.enabled:  # a process with no images (fewer than processes) still joins, as (0, D)
+        width = int(-all_reduce_min(-float(feats.shape[1] if feats.numel() else 0), dist))
+        feats = feats if feats.numel() else feats.new_zeros(0, width)
     rows = torch.cat([feats, labels[:, None].to(feats.dtype)], dim=1)
     rows = torch.cat(all_gather_rows(rows, dist))
     return rows[:, :-1], rows[:, -1].long()

@@ -107,16 +107,17 @@ def build_classifier(
 
 
 def load_classifier_checkpoint(
-    model: ViTClassifier, path: str, need_head: bool = False
+    model: ViTClassifier, path, need_head: bool = False, source: str = ""
 ) -> LoadReport:
-    """Loads ``path`` into ``model`` with the load report.
+    """Loads ``path`` (or a state dict read from ``source``) into ``model``, with the report.
 
     Args:
         need_head: the file must hold this model's trained head (``--eval`` of a fine-tuned or
             linear-probe checkpoint); otherwise the head and ``fc_norm`` may be new (a
             pretraining checkpoint initialising the encoder).
     """
-    report = load_pretrained(model, path)
+    report = load_pretrained(model, path, source=source)
+    path = source or path
     if need_head:
         head = [k for k in model.state_dict() if k.startswith(("head.", "fc_norm."))]
         absent = [k for k in head if k not in report.loaded]

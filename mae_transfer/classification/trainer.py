@@ -30,7 +30,7 @@ from mae_transfer.engine.distributed import DistInfo, all_reduce_sum
 from mae_transfer.engine.trainer import EpochTrainer, tf32_enabled
 from mae_transfer.optim import param_groups
 
-from .config import ClassifyConfig, FinetuneConfig, LinprobeConfig
+from .config import ClassifyConfig, FinetuneConfig, LinprobeConfig, eval_crop_pct
 from .data import FeatureDataset, build_mixup, class_folders, finetune_transform, linprobe_transform
 from .knn import extract_features, gather_features
 from .model import ViTClassifier, build_classifier, head_dim_of, load_classifier_checkpoint
@@ -138,12 +138,16 @@ class _ClassifierTrainer(EpochTrainer):
         )
         if cfg.finetune:
             logger.info("initialising the encoder from %s", cfg.finetune)
-            load_classifier_checkpoint(model, cfg.finetune)
+            state, _ = strip_to_vit(find_state_dict(load_file(cfg.finetune)))
+            # the head always starts afresh, as in the official code (a fine-tuned file's head
+            # may not even have the right classes)
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+            load_classifier_checkpoint(model, state, source=cfg.finetune)
         return model
 
     def val_images(self) -> Dataset:
         cfg = self.cfg
-        transform = eval_transform(cfg.input_size, cfg.eval_crop_pct)
+        transform = eval_transform(cfg.input_size, eval_crop_pct(cfg))
         return ClassFolderDataset(self.folders[1], transform, cfg.seed, cfg.max_val_images)
 
     def build_val_dataset(self) -> Dataset:
@@ -260,7 +264,8 @@ class LinprobeTrainer(_ClassifierTrainer):
 
         cfg = self.cfg
         groups = lars_param_groups(self.model, cfg.weight_decay)
-        # eps 0: the trust ratio exactly as the official LARS (trust * |w| / |g|)
+        # eps 0: the official LARS's trust ratio, trust * |w| / |g|, exactly at weight decay 0
+        # (the recipe); with decay timm divides by |g| + wd |w| where the official uses |g + wd w|
         return Lars(
             groups,
             lr=self.base_lr,
@@ -271,17 +276,22 @@ class LinprobeTrainer(_ClassifierTrainer):
 
     def build_train_dataset(self) -> Dataset:
         cfg = self.cfg
-        if cfg.cache_features:
-            images = ClassFolderDataset(
+        if cfg.cache_features:  # the images; their features are extracted in _resume()
+            return ClassFolderDataset(
                 self.folders[0],
-                eval_transform(cfg.input_size, cfg.eval_crop_pct),
+                eval_transform(cfg.input_size, eval_crop_pct(cfg)),
                 cfg.seed,
                 cfg.max_train_images,
             )
-            return self._extract(images, "training")
         return ClassFolderDataset(
             self.folders[0], linprobe_transform(cfg.input_size), cfg.seed, cfg.max_train_images
         )
+
+    def _resume(self) -> None:
+        super()._resume()
+        if self.cfg.cache_features:  # features of the encoder as loaded (resumed or not)
+            self.train_dataset = self._extract(self.train_dataset, "training")
+            self.loader = self.make_loader(self.train_dataset, self.sampler, drop_last=True)
 
     def build_val_dataset(self) -> Dataset:
         images = self.val_images()
@@ -327,6 +337,11 @@ def evaluate_checkpoint(
     path = cfg.resume or cfg.finetune
     state, _ = strip_to_vit(find_state_dict(load_file(path)))
     num_classes = cfg.nb_classes or head_dim_of(state) or len(val_folder.classes)
+    if len(val_folder.classes) > num_classes:
+        raise ConfigError(
+            f"{val_folder.root} has {len(val_folder.classes)} class folders but the head of "
+            f"{path} has {num_classes} outputs: evaluate on the classes it was trained on"
+        )
     probe = "head.0.running_mean" in state
     pool = "avg" if "fc_norm.weight" in state else "cls"  # as the checkpoint was trained
     if pool != cfg.global_pool:
@@ -336,7 +351,7 @@ def evaluate_checkpoint(
     )
     load_classifier_checkpoint(model, path, need_head=True)
     model.to(device)
-    transform = eval_transform(cfg.input_size, cfg.eval_crop_pct)
+    transform = eval_transform(cfg.input_size, eval_crop_pct(cfg))
     images = ClassFolderDataset(val_folder, transform, cfg.seed, cfg.max_val_images)
     evaluator = ValEvaluator(images, dist, cfg.batch_size, min(cfg.num_workers, 4))
     amp_dtype, _ = resolve_amp(cfg.amp, device)

@@ -412,7 +412,7 @@ class EpochTrainer:
         self.save(also_epoch_copy=keep, copies=self.checkpoint_copies(metrics))
         loss_sum, n = self._epoch_loss
         stats = {"epoch": epoch, "train_loss": loss_sum / max(n, 1), "time_s": time.time() - t0}
-        stats.update(lr=self.optimizer.param_groups[0]["lr"], skipped_images=self.skipped_images)
+        stats.update(lr=self.current_lr(), skipped_images=self.skipped_images)
         stats.update(metrics)
         self.log.record(stats)
         self.log.scalars(stats, epoch, "epoch")
@@ -423,6 +423,11 @@ class EpochTrainer:
         n = self.cfg.save_every_iters
         at_update = self.iter % self.cfg.accum_iter == 0
         return bool(n) and self.iter % n == 0 and at_update and self.iter < self.ipe
+
+    def current_lr(self) -> float:
+        """The largest lr of the groups: the head's under layer-wise decay (group 0 holds the
+        embeddings, at decay ** (depth + 1) of it)."""
+        return max(g["lr"] for g in self.optimizer.param_groups)
 
     def _set_lr(self) -> None:
         lr = cosine_lr(self.epoch + self.iter / self.ipe, self.cfg, self.base_lr)
@@ -503,7 +508,7 @@ class EpochTrainer:
         loss = self._flush()
         if loss is None:
             return
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.current_lr()
         bar.set_postfix(
             loss=f"{loss:.4f}",
             lr=f"{lr:.2e}",
