@@ -12,6 +12,7 @@ output anyway.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from typing import Tuple
@@ -78,6 +79,17 @@ def pil_to_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # np.array: writable
 
 
+@functools.cache
+def _torchvision_decoder():
+    """torchvision's (ImageReadMode, decode_jpeg), or None where torchvision has dropped
+    them (deprecated since 0.29 in favour of TorchCodec): PIL decodes then."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return ImageReadMode, decode_jpeg
+
+
 def decode_uint8(enc: EncodedImage, reduce: int = 1, use_torchvision: bool = True):
     """Decodes ``enc`` as (3, H', W') uint8 RGB; also returns the scale actually used.
 
@@ -99,9 +111,8 @@ def decode_uint8(enc: EncodedImage, reduce: int = 1, use_torchvision: bool = Tru
         img.draft("RGB", (enc.width // reduce, enc.height // reduce))
         img.load()
         return pil_to_uint8(img), float(round(enc.width / img.size[0]))  # ceil(W / s) wide
-    if enc.is_jpeg and use_torchvision:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
+    if enc.is_jpeg and use_torchvision and _torchvision_decoder() is not None:
+        ImageReadMode, decode_jpeg = _torchvision_decoder()
         try:
             return decode_jpeg(enc.tensor(), mode=ImageReadMode.RGB), 1.0
         except RuntimeError as e:  # torchvision reports corrupt JPEGs as RuntimeError

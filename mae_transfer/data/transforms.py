@@ -15,6 +15,7 @@ horizontal flip):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -65,6 +66,13 @@ def eval_transform(input_size: Size, crop_pct: float = 224 / 256) -> transforms.
 
 
 # -- the uint8 pipeline -------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _log_ratio(ratio: Tuple[float, float]) -> Tuple[float, float]:
+    """log of the aspect range, in float32 as torchvision computes it (same draws)."""
+    lo, hi = torch.log(torch.tensor(ratio)).tolist()
+    return lo, hi
+
+
 def crop_params(
     height: int,
     width: int,
@@ -79,10 +87,9 @@ def crop_params(
     gives the crop that the official transform gives after ``torch.manual_seed(s)``.
     """
     area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
+    lo, hi = _log_ratio(tuple(ratio))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(*scale, generator=generator).item()
-        lo, hi = log_ratio[0].item(), log_ratio[1].item()
         aspect = torch.exp(torch.empty(1).uniform_(lo, hi, generator=generator)).item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
