@@ -97,12 +97,14 @@ def _per_core_case(hw: Tuple[int, int], n: int, size: int, warmup: int, repeats:
 
 def _loader_case(n: int, size: int, workers: int, repeats: int) -> Dict:
     """Our pipeline through a DataLoader (batches of 32, uint8, collated) with ``workers``
-    (0: in this process), one thread per process."""
+    (0: in this process), one thread per process (run here: pool processes cannot have
+    loader workers)."""
     from torch.utils.data import DataLoader
 
     from mae_transfer.data import ResumableDistributedSampler, collate
     from pretrain.data import PretrainDataset
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         ds = PretrainDataset(d, size, (size // 16) ** 2, files=make_jpegs(d, n, IMAGENET_LIKE))
@@ -123,6 +125,7 @@ def _loader_case(n: int, size: int, workers: int, repeats: int) -> Dict:
                 pass
 
         t = timed(epoch, 1, repeats, torch.device("cpu"))
+    torch.set_num_threads(threads)
     return {"workers": workers, "loader_img_s": sampler.batches_per_epoch * 32 / t["median_s"]}
 
 
@@ -141,7 +144,7 @@ def bench_data(args) -> List[Dict]:
     ]
     cores = os.cpu_count() or 1
     for workers in sorted({0, 1, min(2, cores)}):
-        rows.append(in_fresh_process(_loader_case, 2 * n, size, workers, args.repeats))
+        rows.append(_loader_case(2 * n, size, workers, args.repeats))
     per_worker = rows[0]["ours_img_s"]
     rates = [float(r) for r in args.feed_rates.split(",") if r]
     for rate in rates:
