@@ -53,6 +53,7 @@ class PretrainConfig(TrainConfig):
     norm_pix_loss: bool = False
     mask_noise: str = "per_sample"  # per_sample: mask depends on (seed, epoch, image), not rank
     dataset_repeats: int = 1  # virtual passes over a small folder per epoch (demo data)
+    decode_on_device: bool = False  # JPEGs decoded in the step (nvJPEG on CUDA), not the loader
     # the official main_pretrain.py defaults (the paper's recipe: configs/pretrain/*.yaml)
     epochs: int = 400
     warmup_epochs: int = 40
@@ -70,6 +71,8 @@ FLAG_HELP = {
     "mask_ratio": "fraction of patches removed",
     "norm_pix_loss": "normalise each target patch by its mean and std",
     "data_path": "ImageNet root (with train/) or any folder of images",
+    "decode_on_device": "decode JPEGs on the training device (nvJPEG through torchvision on "
+    "CUDA); loader workers then only read files and draw crops",
     "knn_train": "class folders for the k-NN monitor's memory bank (e.g. a subset of train/)",
     "knn_val": "class folders the k-NN monitor classifies (e.g. val/)",
     "knn_every": "run the k-NN monitor every this many epochs",

@@ -13,7 +13,8 @@ import torch
 
 from mae_transfer.checkpoint import find_state_dict, load_file, save_atomic
 from mae_transfer.classification.knn import KNNEvaluator
-from mae_transfer.data.transforms import hw
+from mae_transfer.data.device_decode import PendingBatch, decode_on_device
+from mae_transfer.data.transforms import hw, normalize
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.distributed import DistInfo
 from mae_transfer.engine.trainer import LAST, EpochTrainer, NonFiniteLossError
@@ -73,12 +74,19 @@ class Trainer(EpochTrainer):
 
     def build_train_dataset(self) -> PretrainDataset:
         cfg = self.cfg
+        if cfg.decode_on_device and self.device.type != "cuda":
+            logger.warning(
+                "decode_on_device on %s: JPEGs are decoded in the training process, on the CPU "
+                "(the same images as the loader's uint8 pipeline, only slower)",
+                self.device,
+            )
         return PretrainDataset(
             cfg.data_path,
             cfg.input_size,
             self.model.patch_embed.num_patches,
             seed=cfg.seed,
             repeats=cfg.dataset_repeats,
+            pipeline="device" if cfg.decode_on_device else "uint8",
         )
 
     def param_groups(self) -> List[Dict]:
@@ -86,11 +94,23 @@ class Trainer(EpochTrainer):
             self.model.named_parameters(), self.cfg.weight_decay, extra_no_decay=("mask_token",)
         )
 
-    def compute_loss(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, imgs, noise: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         noise = noise if cfg.mask_noise == "per_sample" else None  # global: drawn in forward
-        loss, _, _ = self.ddp(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
+        loss, _, _ = self.ddp(self.prepare_images(imgs), mask_ratio=cfg.mask_ratio, noise=noise)
         return loss
+
+    def prepare_images(self, imgs) -> torch.Tensor:
+        """The batch as it left the loader -> normalised float32 (N, 3, H, W) on the device.
+
+        uint8 batches (the loader's pipeline) are normalised here, on the device; still-encoded
+        ones (``decode_on_device``) are decoded, cropped and flipped first. Outside autocast:
+        the inputs are fp32 whatever the precision, as with the official float pipeline.
+        """
+        with torch.autocast(self.device.type, enabled=False):
+            if isinstance(imgs, PendingBatch):
+                imgs = decode_on_device(imgs, hw(self.cfg.input_size), self.device)
+            return normalize(imgs) if imgs.dtype == torch.uint8 else imgs
 
     def evaluate(self) -> Dict[str, float]:
         """The k-NN monitor of the encoder, every ``knn_every`` epochs and after the last one

@@ -1,5 +1,6 @@
-"""The benchmark tool runs end to end on tiny models and writes well-formed JSON (no timings
-are asserted: they belong to the machine, not to the code)."""
+"""The benchmark runs end to end on tiny models and writes well-formed JSON (no timings are
+asserted: they belong to the machine, not to the code); the official step's re-implementation
+computes what our model computes."""
 
 from __future__ import annotations
 
@@ -8,39 +9,98 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+import torch
+from conftest import ROOT, TINY_MAE
+
+from mae_transfer import create_model
+from mae_transfer.benchmark.official import OfficialMAE
 
 
 def test_benchmark_all_tiny_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "tools", "benchmark.py"),
-        "all",
-        "--tiny",
-        "--warmup",
-        "0",
-        "--repeats",
-        "1",
-        "--json",
-        str(out),
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "all", "--tiny"]
+    cmd += ["--warmup", "0", "--repeats", "1", "--feed_rates", "500,2000", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     data = json.loads(out.read_text())
     assert data["matmul"]["fp32"]["gflops"] > 0
-    assert {"pretrain", "table2", "maskratio", "data", "transfer"} <= set(data)
+    assert {"pretrain", "official", "table2", "maskratio", "data", "transfer"} <= set(data)
     pre = data["pretrain"][0]
     for key in ("img_s", "gmac_fwd_per_img", "achieved_gflops", "ratio_to_peak", "peak_mem_mb"):
         assert isinstance(pre[key], float) and pre[key] > 0, key
     assert data["table2"][1]["mask_tokens_in_encoder"] is True
     assert data["table2"][1]["flop_ratio"] > 1  # all tokens through the encoder cost more
     assert [r["mask_ratio"] for r in data["maskratio"]] == [0.5, 0.6, 0.7, 0.75, 0.8, 0.9]
+    assert 0 < pre["gemm_ratio_to_peak"] < 10 and 0 < pre["share_gemm"] < 1
+    # ours vs the official step, side by side
+    vs = data["official"][0]
+    assert vs["precision"] == pre["precision"]
+    assert vs["ours_img_s"] > 0 and vs["official_img_s"] > 0 and vs["speedup_vs_official"] > 0
+    # input pipeline: per core, through the loader, workers for the asked step rates
+    per_core = [r for r in data["data"] if "images" in r]
+    assert [r["images"] for r in per_core] == ["500x375 q90 JPEG", "1024x768 q90 JPEG"]
+    assert all(r["official_img_s"] > 0 and r["ours_speedup"] > 0 for r in per_core)
+    loaders = [r for r in data["data"] if "loader_img_s" in r]
+    assert [r["workers"] for r in loaders][:2] == [0, 1]
+    feed = [r for r in data["data"] if "feed_img_s" in r]
+    assert [r["feed_img_s"] for r in feed] == [500.0, 2000.0]
+    assert feed[0]["workers_ours"] <= feed[1]["workers_ours"]
+    # transfer, in the precision users train in
     kinds = {r.get("backbone") or r.get("iteration") for r in data["transfer"]}
     assert kinds == {"det", "seg", "maskrcnn", "upernet"}
-    assert 0 < pre["gemm_ratio_to_peak"] < 10 and 0 < pre["share_gemm"] < 1
+    assert {r["precision"] for r in data["transfer"]} == {pre["precision"]}
     det = [r for r in data["transfer"] if r.get("backbone") == "det" and r["input"] == 128]
     assert len(det) == 3 and any("ViTDet" in r["attention"] for r in det)
     window = next(r for r in det if r["attention"].startswith("window"))
     assert window["time_vs_vitdet"] > 0 and window["mem_vs_vitdet"] >= 0  # tiny: memory ~0
     assert "| img_s" in r.stdout or "img_s |" in r.stdout
+    assert "| feed_img_s | workers_ours" in r.stdout  # a table of its own
+
+
+def _pair(norm_pix_loss: bool):
+    ours = create_model(
+        "mae_vit_base_patch16", img_size=32, norm_pix_loss=norm_pix_loss, **TINY_MAE
+    )
+    official = OfficialMAE(
+        img_size=32,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        norm_pix_loss=norm_pix_loss,
+    )
+    official.load_state_dict(ours.state_dict())  # the same official parameter names
+    return ours, official
+
+
+def test_official_reimplementation_equals_our_model():
+    for norm_pix_loss in (True, False):
+        ours, official = _pair(norm_pix_loss)
+        x = torch.randn(3, 3, 32, 32)
+        torch.manual_seed(7)
+        loss_a, pred_a, mask_a = ours(x, mask_ratio=0.5)
+        torch.manual_seed(7)  # the same noise draw, right after the patch embedding
+        loss_b, pred_b, mask_b = official(x, mask_ratio=0.5)
+        assert torch.equal(mask_a, mask_b) and mask_a.sum() == 6
+        assert torch.allclose(pred_a, pred_b, atol=1e-6)
+        assert torch.allclose(loss_a, loss_b, atol=1e-6, rtol=1e-6)
+        loss_a.backward()
+        loss_b.backward()
+        grads_b = dict(official.named_parameters())
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(p.grad, grads_b[name].grad, atol=1e-5), name
+
+
+def test_official_reimplementation_masks_with_argsort_of_noise():
+    _, official = _pair(True)
+    x = torch.randn(2, 4, 8)
+    torch.manual_seed(3)
+    kept, mask, ids_restore = official.random_masking(x, 0.75)
+    torch.manual_seed(3)
+    order = torch.argsort(torch.rand(2, 4), dim=1)
+    assert torch.equal(kept[:, 0], x[torch.arange(2), order[:, 0]])
+    assert torch.equal(mask.sum(1), torch.tensor([3.0, 3.0]))
+    assert torch.equal(torch.argsort(order, 1), ids_restore)

@@ -2,7 +2,10 @@
 
 - :mod:`.folder`: image folders and class folders (the ImageNet layout), robust decoding that
   skips and counts unreadable files;
-- :mod:`.transforms`: pretraining crops, evaluation resize + centre crop;
+- :mod:`.transforms`: pretraining crops (the official float pipeline, and the uint8 one whose
+  batches are normalised on the device by :func:`normalize`), evaluation resize + centre crop;
+- :mod:`.decode`: decoding to uint8 (torchvision's ``decode_jpeg``, reduced-size JPEG decoding,
+  PIL for other formats); :mod:`.device_decode`: JPEG decoding in the step (nvJPEG);
 - :mod:`.sampler`: a resumable distributed sampler and per-sample seeds, so that batches and
   augmentations depend on (seed, epoch, image) only, never on process or worker counts.
 """
@@ -20,7 +23,14 @@ from .folder import (
     split_root,
 )
 from .sampler import ResumableDistributedSampler, ShardSampler, sample_seed, seeded
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RandomResizedCropFlip,
+    eval_transform,
+    normalize,
+    pretrain_transform,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -30,6 +40,8 @@ __all__ = [
     "ClassFolderDataset",
     "collate",
     "eval_transform",
+    "normalize",
+    "RandomResizedCropFlip",
     "pretrain_transform",
     "ResumableDistributedSampler",
     "ShardSampler",

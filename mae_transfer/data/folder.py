@@ -94,7 +94,7 @@ def load_rgb(path: str) -> Image.Image:
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")  # convert copies
 
 
 def read_good(
@@ -129,9 +129,20 @@ def read_good(
 
 def collate(batch) -> tuple:
     """Batches items of the form (field, ..., skipped): tensors are stacked, numbers become a
-    tensor, the skipped-file counts are summed into an int."""
+    tensor, still-encoded images (:class:`~mae_transfer.data.device_decode.PendingCrop`) a
+    :class:`~mae_transfer.data.device_decode.PendingBatch`, the skipped-file counts are summed
+    into an int."""
+    from .device_decode import PendingBatch, PendingCrop
+
     *fields, skipped = zip(*batch)
-    out = [torch.stack(f) if isinstance(f[0], torch.Tensor) else torch.tensor(f) for f in fields]
+    out = []
+    for f in fields:
+        if isinstance(f[0], torch.Tensor):
+            out.append(torch.stack(f))
+        elif isinstance(f[0], PendingCrop):
+            out.append(PendingBatch(f))
+        else:
+            out.append(torch.tensor(f))
     return (*out, int(sum(skipped)))
 
 

@@ -1,14 +1,34 @@
-"""Image transforms of the protocols: MAE pretraining crops, evaluation resize + centre crop."""
+"""Image transforms of the protocols: MAE pretraining crops, evaluation resize + centre crop.
+
+Two forms of the pretraining augmentation (RandomResizedCrop, scale 0.2-1, bicubic, then a
+horizontal flip):
+
+- :func:`pretrain_transform`: the official one, PIL in, normalised float32 out;
+- :class:`RandomResizedCropFlip`: the fast one. It decodes and augments in uint8 and leaves
+  the normalisation to the device (:func:`normalize`), so batches travel as uint8 (a quarter
+  of the bytes through the loader's queues and the pinned copy). It draws the same crop and
+  flip from the same generator state as the official transform, crops and resizes in one pass,
+  and decodes a JPEG at 1/2, 1/4 or 1/8 of its size when the crop is that much larger than the
+  output. On the same crop its output, normalised, equals the official one within decoding
+  tolerance (tests/test_data_pipeline.py).
+"""
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+import functools
+import math
+from typing import Optional, Sequence, Tuple, Union
 
+import torch
+import torch.nn.functional as F
 from torchvision import transforms
+
+from .decode import EncodedImage, dct_reduction, decode_uint8
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Size = Union[int, Sequence[int]]
+CropParams = Tuple[int, int, int, int]  # top, left, height, width
 
 
 def hw(size: Size) -> Tuple[int, int]:
@@ -43,3 +63,148 @@ def eval_transform(input_size: Size, crop_pct: float = 224 / 256) -> transforms.
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+
+
+# -- the uint8 pipeline -------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _log_ratio(ratio: Tuple[float, float]) -> Tuple[float, float]:
+    """log of the aspect range, in float32 as torchvision computes it (same draws)."""
+    lo, hi = torch.log(torch.tensor(ratio)).tolist()
+    return lo, hi
+
+
+def crop_params(
+    height: int,
+    width: int,
+    scale: Tuple[float, float] = (0.2, 1.0),
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+    generator: Optional[torch.Generator] = None,
+) -> CropParams:
+    """RandomResizedCrop's (top, left, height, width), drawn from ``generator``.
+
+    The algorithm and the sequence of draws of torchvision's ``RandomResizedCrop.get_params``
+    (10 tries of area and log-aspect, then a centre crop), so that a generator seeded with s
+    gives the crop that the official transform gives after ``torch.manual_seed(s)``.
+    """
+    area = height * width
+    lo, hi = _log_ratio(tuple(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(*scale, generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(lo, hi, generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height  # fall back to a centre crop of the nearest allowed aspect
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def reduced_crop(crop: CropParams, scale: float, hw_reduced: Tuple[int, int]) -> CropParams:
+    """The crop in an image decoded at 1/``scale``, in whole pixels of that image.
+
+    Each edge moves by at most ``scale / 2`` full-size pixels (1 px at 1/2 size), at most half
+    an output pixel since the crop is at least ``scale`` times the output: the random crop's
+    position and size shift by that much, the pixels within it are not resampled twice.
+    """
+    top, left, h, w = crop
+    if scale == 1:
+        return crop
+    t, lft = round(top / scale), round(left / scale)
+    b = min(max(round((top + h) / scale), t + 1), hw_reduced[0])
+    r = min(max(round((left + w) / scale), lft + 1), hw_reduced[1])
+    return t, lft, b - t, r - lft
+
+
+def resized_crop_uint8(
+    img: torch.Tensor,
+    crop: CropParams,
+    out_hw: Tuple[int, int],
+    scale: float = 1.0,
+    via_float: Optional[bool] = None,
+) -> torch.Tensor:
+    """Crop and bicubic resize in one pass, in uint8 (PIL's antialiased bicubic kernel).
+
+    Args:
+        img: (3, H, W) uint8, any strides (the decoder's HWC memory is fine).
+        crop: (top, left, height, width) in full-size pixels.
+        out_hw: output (H, W).
+        scale: ``img`` was decoded at 1/scale of the full size; the crop is mapped onto it
+            (:func:`reduced_crop`).
+        via_float: resize in float32 and round back (default: on GPUs, whose antialiased
+            kernels take no uint8); the CPU resizes uint8 directly (its fast path).
+
+    Returns:
+        (3, out_h, out_w) uint8.
+    """
+    top, left, h, w = reduced_crop(crop, scale, img.shape[-2:])
+    region = img[None, :, top : top + h, left : left + w]
+    if via_float is None:
+        via_float = img.device.type != "cpu"
+    if via_float:
+        region = region.float()
+    out = F.interpolate(region, size=out_hw, mode="bicubic", antialias=True, align_corners=False)
+    if via_float:
+        out = out.round_().clamp_(0, 255).to(torch.uint8)
+    return out[0]
+
+
+class RandomResizedCropFlip:
+    """The pretraining augmentation in uint8: encoded image + generator -> (3, H, W) uint8.
+
+    Args:
+        size: output size, int or (H, W).
+        scale, ratio: RandomResizedCrop's area fraction and aspect range.
+        flip_p: probability of a horizontal flip.
+        reduced_decode: decode JPEGs at 1/2, 1/4, 1/8 size when the crop is at least that
+            many times the output (libjpeg's DCT scaling; never upsamples more than before).
+        use_torchvision: full-size JPEGs through torchvision's ``decode_jpeg`` (else PIL).
+    """
+
+    def __init__(
+        self,
+        size: Size,
+        scale: Tuple[float, float] = (0.2, 1.0),
+        ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+        reduced_decode: bool = True,
+        use_torchvision: bool = True,
+    ):
+        self.size, self.scale, self.ratio, self.flip_p = hw(size), scale, ratio, flip_p
+        self.reduced_decode, self.use_torchvision = reduced_decode, use_torchvision
+
+    def params(self, height: int, width: int, generator: torch.Generator) -> Tuple:
+        """(crop, flip) drawn as the official transform draws them: crop, then the flip."""
+        crop = crop_params(height, width, self.scale, self.ratio, generator)
+        return crop, bool(torch.rand(1, generator=generator) < self.flip_p)
+
+    def __call__(self, enc: EncodedImage, generator: torch.Generator) -> torch.Tensor:
+        crop, flip = self.params(enc.height, enc.width, generator)
+        return self.apply(enc, crop, flip)
+
+    def apply(self, enc: EncodedImage, crop: CropParams, flip: bool) -> torch.Tensor:
+        """Decodes ``enc`` (reduced when the crop allows) and crops, resizes, flips it."""
+        reduce = dct_reduction(crop[2:], self.size) if self.reduced_decode else 1
+        img, scale = decode_uint8(enc, reduce, self.use_torchvision)
+        out = resized_crop_uint8(img, crop, self.size, scale)
+        return out.flip(-1) if flip else out
+
+
+def normalize(
+    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) -> float32 normalised, on whatever device ``x`` is.
+
+    The same operations as ``ToTensor`` + ``Normalize`` (divide by 255, subtract, divide), so
+    that equal uint8 pixels give bitwise equal inputs in both pipelines.
+    """
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.float().div_(255).sub_(m).div_(s)

@@ -1,0 +1,254 @@
+"""Pretraining step: ours alone (throughput, FLOPs, share of the peak, memory, where the time
+goes), ours side by side with the official step's re-implementation, the paper's Table 2
+(mask tokens in the encoder or not) and the mask-ratio sweep."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from .measure import (
+    TINY,
+    fvcore_gmacs,
+    in_fresh_process,
+    matmul_peak,
+    peak_memory_mb,
+    side_by_side,
+    time_breakdown,
+    timed,
+)
+
+
+class _WithMaskTokens(torch.nn.Module):
+    """The paper's ablation: the encoder sees all patches, the removed ones as a mask token."""
+
+    def __init__(self, mae):
+        super().__init__()
+        self.mae = mae
+        self.enc_mask_token = torch.nn.Parameter(torch.zeros(1, 1, mae.cls_token.shape[-1]))
+
+    def forward(self, imgs, mask_ratio: float = 0.75):
+        m = self.mae
+        x = m.patch_embed(imgs) + m.pos_embed[:, 1:]
+        n, length, _ = x.shape
+        noise = torch.rand(n, length, device=x.device)
+        keep = int(length * (1 - mask_ratio))
+        mask = torch.ones(n, length, device=x.device)
+        mask.scatter_(1, noise.argsort(1)[:, :keep], 0)
+        x = torch.where(mask.unsqueeze(-1).bool(), self.enc_mask_token.to(x.dtype), x)
+        x = torch.cat([(m.cls_token + m.pos_embed[:, :1]).expand(n, -1, -1), x], dim=1)
+        for blk in m.blocks:
+            x = blk(x)
+        x = m.decoder_embed(m.norm(x)) + m.decoder_pos_embed
+        for blk in m.decoder_blocks:
+            x = blk(x)
+        pred = m.decoder_pred(m.decoder_norm(x))[:, 1:]
+        return m.forward_loss(imgs, pred, mask), pred, mask
+
+
+def _pretrain_case(
+    model_name: str,
+    batch: int,
+    size: int,
+    mask_ratio: float,
+    device: str,
+    warmup: int,
+    repeats: int,
+    mask_tokens: bool,
+    tiny: bool,
+    compile_: bool,
+    amp: str = "auto",
+) -> Dict:
+    from mae_transfer import create_model
+    from mae_transfer.device import resolve_amp
+
+    dev = torch.device(device)
+    amp_dtype, use_scaler = resolve_amp(amp, dev)  # as pretraining: bf16 where native, else fp32
+    scaler = torch.amp.GradScaler(dev.type) if use_scaler else None
+    torch.manual_seed(0)
+    model = create_model(model_name, img_size=size, norm_pix_loss=True, **(TINY if tiny else {}))
+    model = (_WithMaskTokens(model) if mask_tokens else model).to(dev)
+    imgs = torch.randn(batch, 3, size, size, device=dev)
+    run = torch.compile(model) if compile_ else model
+    step = _step_fn(model, dev, amp_dtype, imgs, mask_ratio, scaler, run)
+
+    mem = peak_memory_mb(step, dev)
+    peak_dtype = amp_dtype or torch.float32
+    peak_before = matmul_peak(dev, peak_dtype)["gflops"]
+    t = timed(step, warmup, repeats, dev)
+    # this process's own ceiling, measured around the timing (shared machines drift)
+    peak = max(peak_before, matmul_peak(dev, peak_dtype)["gflops"])
+    shares = time_breakdown(step) if dev.type == "cpu" else {}
+    target = model.mae if mask_tokens else model
+    gmac = fvcore_gmacs(model.eval(), (imgs[:1], mask_ratio))
+    model.train()
+    flops = 3 * 2 * gmac * 1e9  # forward + backward (2x forward) per image
+    return {
+        "model": model_name,
+        "batch": batch,
+        "input": size,
+        "mask_ratio": mask_ratio,
+        "mask_tokens_in_encoder": mask_tokens,
+        "precision": str(peak_dtype).replace("torch.", ""),
+        "img_s": batch / t["median_s"],
+        "img_s_min": batch / t["max_s"],
+        "img_s_max": batch / t["min_s"],
+        **t,
+        "gmac_fwd_per_img": gmac,
+        "gflop_step_per_img": flops / 1e9,
+        "achieved_gflops": flops * batch / t["median_s"] / 1e9,
+        "matmul_peak_gflops": peak,
+        "ratio_to_peak": flops * batch / t["median_s"] / 1e9 / peak,
+        "gemm_ratio_to_peak": shares.get("gemm_gflops", float("nan")) / peak,
+        "peak_mem_mb": mem,
+        "params_m": sum(p.numel() for p in target.parameters()) / 1e6,
+        **shares,
+    }
+
+
+def _pretrain_row(args, mask_ratio=0.75, mask_tokens=False, compile_=False, model=None) -> Dict:
+    """One pretraining-step case of ``args``' model, batch and size, in a fresh process."""
+    return in_fresh_process(
+        _pretrain_case,
+        model or args.model,
+        args.batch,
+        args.input_size,
+        mask_ratio,
+        args.device,
+        args.warmup,
+        args.repeats,
+        mask_tokens,
+        args.tiny,
+        compile_,
+        args.amp,
+    )
+
+
+def bench_pretrain(args) -> List[Dict]:
+    return [_pretrain_row(args, compile_=args.compile)]
+
+
+def bench_table2(args) -> List[Dict]:
+    """The paper's Table 2 on this machine: mask tokens skipped by the encoder (ours) or not."""
+    model = args.model if args.tiny else args.table2_model
+    ours = _pretrain_row(args, model=model)
+    with_tokens = _pretrain_row(args, mask_tokens=True, model=model)
+    with_tokens["speedup_of_ours"] = ours["img_s"] / with_tokens["img_s"]
+    # each case ran in its own process with its own matmul peak: on a machine whose speed
+    # drifts, the speedup at equal peak is the fairer figure (both are reported)
+    with_tokens["speedup_at_equal_peak"] = (ours["img_s"] / ours["matmul_peak_gflops"]) / (
+        with_tokens["img_s"] / with_tokens["matmul_peak_gflops"]
+    )
+    with_tokens["flop_ratio"] = with_tokens["gflop_step_per_img"] / ours["gflop_step_per_img"]
+    return [ours, with_tokens]
+
+
+def bench_maskratio(args) -> List[Dict]:
+    return [_pretrain_row(args, mask_ratio=r) for r in (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)]
+
+
+def _step_fn(model, dev: torch.device, amp_dtype, imgs, mask_ratio: float, scaler=None, run=None):
+    """One training step of ``model`` (forward of ``run``, e.g. a compiled ``model``, under
+    autocast; backward; fused AdamW as in training)."""
+    from mae_transfer.engine.trainer import adamw_impl
+    from mae_transfer.optim import param_groups
+
+    opt = torch.optim.AdamW(
+        param_groups(model.named_parameters(), 0.05),
+        lr=1e-4,
+        betas=(0.9, 0.95),
+        **adamw_impl(dev),
+    )
+
+    def step():
+        with torch.autocast(dev.type, amp_dtype, enabled=amp_dtype is not None):
+            loss, _, _ = (run or model)(imgs, mask_ratio=mask_ratio)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _versus_official_case(
+    model_name: str,
+    batch: int,
+    size: int,
+    mask_ratio: float,
+    device: str,
+    warmup: int,
+    repeats: int,
+    tiny: bool,
+    amp: str,
+) -> Dict:
+    """Our step and the official one's re-implementation, same weights, same precision,
+    timed interleaved in one process: the ratio is robust to a shared machine's drift."""
+    from mae_transfer import create_model
+    from mae_transfer.device import resolve_amp
+
+    from .official import OfficialMAE
+
+    dev = torch.device(device)
+    amp_dtype, _ = resolve_amp(amp, dev)
+    if amp_dtype == torch.float16:
+        raise ValueError("the side-by-side step runs in fp32 or bf16; use --amp fp32/bf16/auto")
+    torch.manual_seed(0)
+    ours = create_model(model_name, img_size=size, norm_pix_loss=True, **(TINY if tiny else {}))
+    official = OfficialMAE(
+        img_size=size,
+        patch_size=ours.patch_size,
+        embed_dim=ours.cls_token.shape[-1],
+        depth=len(ours.blocks),
+        num_heads=ours.blocks[0].attn.num_heads,
+        decoder_embed_dim=ours.mask_token.shape[-1],
+        decoder_depth=len(ours.decoder_blocks),
+        decoder_num_heads=ours.decoder_blocks[0].attn.num_heads,
+        norm_pix_loss=True,
+    )
+    official.load_state_dict(ours.state_dict())
+    ours, official = ours.to(dev), official.to(dev)
+    imgs = torch.randn(batch, 3, size, size, device=dev)
+    steps = {
+        "ours": _step_fn(ours, dev, amp_dtype, imgs, mask_ratio),
+        "official": _step_fn(official, dev, amp_dtype, imgs, mask_ratio),
+    }
+    t = side_by_side(steps, warmup, repeats, dev)
+    return {
+        "model": model_name,
+        "batch": batch,
+        "input": size,
+        "mask_ratio": mask_ratio,
+        "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
+        "ours_img_s": batch / t["ours_median_s"],
+        "official_img_s": batch / t["official_median_s"],
+        "ours_best_img_s": batch / t["ours_min_s"],
+        "official_best_img_s": batch / t["official_min_s"],
+        # the median over repeats of back-to-back ratios (not the ratio of the medians)
+        "speedup_vs_official": t["official_time_ratio"],
+        "speedup_best_vs_best": t["official_best_ratio"],
+        "repeats": repeats,
+    }
+
+
+def bench_versus_official(args) -> List[Dict]:
+    """Ours vs the official step's re-implementation, in one process, interleaved."""
+    return [
+        in_fresh_process(
+            _versus_official_case,
+            args.model,
+            args.batch,
+            args.input_size,
+            0.75,
+            args.device,
+            args.warmup,
+            args.repeats,
+            args.tiny,
+            args.amp,
+        )
+    ]

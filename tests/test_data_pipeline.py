@@ -1,0 +1,198 @@
+"""The uint8 input pipeline: same crops as the official transform, same pixels within decoding
+tolerance, reduced-size JPEG decoding, device decoding (run here on the CPU), robustness."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_images
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from mae_transfer.data import ResumableDistributedSampler, collate, sample_seed
+from mae_transfer.data.decode import dct_reduction, decode_uint8, open_encoded
+from mae_transfer.data.device_decode import PendingBatch, decode_on_device
+from mae_transfer.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RandomResizedCropFlip,
+    crop_params,
+    normalize,
+    reduced_crop,
+    resized_crop_uint8,
+)
+from pretrain.data import PretrainDataset
+
+
+def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A photograph-like test image: smooth colour gradients + mild noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / (17 + 5 * c) + yy / (23 + 3 * c)) for c in range(3)], axis=-1)
+    return (127 * (base + 1) + rng.normal(0, 4, (h, w, 3))).clip(0, 255).astype(np.uint8)
+
+
+def pixels(x: torch.Tensor) -> torch.Tensor:
+    """Normalised float images back in 0-255 units (to state tolerances in grey levels)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+    return (x * std + mean) * 255
+
+
+@pytest.mark.parametrize("hw", [(375, 500), (40, 56), (500, 60), (60, 500)])
+def test_crop_params_are_torchvision_draws_from_a_generator(hw):
+    h, w = hw
+    for seed in range(20):
+        torch.manual_seed(seed)
+        ref = transforms.RandomResizedCrop.get_params(
+            torch.empty(1, h, w), (0.2, 1.0), (3 / 4, 4 / 3)
+        )
+        ours = crop_params(h, w, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed))
+        assert ours == tuple(ref), seed
+
+
+def test_normalize_is_bitwise_totensor_plus_normalize():
+    img = torch.randint(0, 256, (3, 17, 23), dtype=torch.uint8)
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    ref = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(transforms.ToTensor()(pil))
+    assert torch.equal(normalize(img), ref)
+    assert torch.equal(normalize(img[None])[0], ref)  # batched, as in the step
+
+
+def _compare(fast, ref, keys):
+    """Per key: (mean, max) absolute pixel difference, after checking draws are identical."""
+    out = []
+    for key in keys:
+        x, noise, _ = fast[key]
+        y, ref_noise, _ = ref[key]
+        assert x.dtype == torch.uint8 and x.shape == (3, 64, 64)
+        assert torch.equal(noise, ref_noise)
+        diff = (pixels(normalize(x)) - pixels(y)).abs()
+        out.append((diff.mean().item(), diff.max().item()))
+    return out
+
+
+def test_uint8_dataset_matches_the_official_float_pipeline(tmp_path):
+    """Same keys -> same crop, flip and mask noise; pixels equal within decoding tolerance
+    (JPEG: torchvision's decoder, PNG: PIL; resize: torch's antialiased bicubic vs PIL's)."""
+    d = tmp_path / "imgs"
+    os.makedirs(d)
+    for i in range(4):  # ImageNet-like JPEGs and PNGs, some smaller than the output
+        size = (375, 500) if i < 2 else (40, 56)
+        Image.fromarray(smooth_image(*size, seed=i)).save(d / f"{i}.{'jpg' if i % 2 else 'png'}")
+    fast = PretrainDataset(str(d), 64, num_patches=16, seed=3)
+    ref = PretrainDataset(str(d), 64, num_patches=16, seed=3, pipeline="official")
+    keys = [(e, i) for e in range(3) for i in range(4)]
+    fast.crop.reduced_decode = False  # full-size decoding: only the resize kernels differ
+    for mean, worst in _compare(fast, ref, keys):
+        assert mean < 0.1 and worst <= 3.0  # a flip or another crop differs by tens of levels
+    # and a wrong crop is far outside those bounds (the test can tell)
+    wrong = PretrainDataset(str(d), 64, num_patches=16, seed=4)
+    x, y = wrong[(0, 1)][0], ref[(0, 1)][0]
+    assert (pixels(normalize(x)) - pixels(y)).abs().mean() > 8
+
+
+def _official_crop(path: str, crop, size: int) -> torch.Tensor:
+    pil = Image.open(path).convert("RGB")
+    out = transforms.functional.resized_crop(
+        pil, *crop, [size, size], transforms.InterpolationMode.BICUBIC
+    )
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1).float()
+
+
+def test_reduced_size_decoding_when_the_crop_is_twice_the_output(tmp_path):
+    from pretrain.samples import sample_images
+
+    photo = dict(sample_images())["astronaut"]  # 512 x 512, natural edges and textures
+    path = str(tmp_path / "photo.jpg")
+    Image.fromarray(photo).resize((800, 600), Image.BICUBIC).save(path, quality=90)
+    enc = open_encoded(path)
+    crop = (21, 30, 522, 701)  # 522 x 701 -> 128: decoded at 1/4
+    assert dct_reduction(crop[2:], (128, 128)) == 4
+    assert dct_reduction((255, 700), (128, 128)) == 1  # 255 < 2 x 128
+    small, scale = decode_uint8(enc, 4)
+    assert scale == 4 and small.shape == (3, 150, 200)
+    fast = RandomResizedCropFlip(128).apply(open_encoded(path), crop, flip=False)
+    full = RandomResizedCropFlip(128, reduced_decode=False).apply(enc, crop, flip=False)
+    assert (full.float() - _official_crop(path, crop, 128)).abs().max() <= 3
+    # the crop actually taken: edges on whole pixels of the 1/4 image (<= 2 px off here)
+    top, left, h, w = (4 * v for v in reduced_crop(crop, 4, small.shape[-2:]))
+    assert max(abs(top - 21), abs(left - 30), abs(top + h - 543), abs(left + w - 731)) <= 2
+    err = (fast.float() - _official_crop(path, (top, left, h, w), 128)).abs()
+    assert err.mean() < 2.0  # DCT scaling is a slightly different low-pass than bicubic
+
+
+def test_device_decoding_equals_the_loader_pipeline(tmp_path):
+    d = tmp_path / "imgs"
+    write_images(str(d), 6)  # JPEGs and PNGs (PNGs are cropped by the worker)
+    Image.fromarray(smooth_image(120, 90)).save(d / "grey.jpg")  # RGB JPEG, odd shape
+    Image.fromarray(smooth_image(120, 90)[..., 0]).save(d / "l.jpg")  # greyscale JPEG
+    cpu = PretrainDataset(str(d), 32, num_patches=4, seed=5)
+    cpu.crop.reduced_decode = False  # the device decodes at full size (no DCT scaling)
+    dev = PretrainDataset(str(d), 32, num_patches=4, seed=5, pipeline="device")
+    keys = [(1, i) for i in range(len(cpu))]
+    x_cpu, noise_cpu, _ = collate([cpu[k] for k in keys])
+    pending, noise_dev, _ = collate([dev[k] for k in keys])
+    assert isinstance(pending, PendingBatch) and pending.to("cpu") is pending
+    assert sum(p.data is not None for p in pending) == 5  # 3 JPEGs + grey + l
+    x_dev = decode_on_device(pending, (32, 32), torch.device("cpu"))
+    assert torch.equal(x_dev, x_cpu) and torch.equal(noise_dev, noise_cpu)
+
+
+def test_float_resize_path_of_gpus_is_within_one_level():
+    img = torch.from_numpy(smooth_image(90, 120)).permute(2, 0, 1)
+    for crop in [(3, 5, 80, 100), (0, 0, 20, 30)]:  # down- and upsampling
+        a = resized_crop_uint8(img, crop, (32, 32))
+        b = resized_crop_uint8(img, crop, (32, 32), via_float=True)
+        assert (a.int() - b.int()).abs().max() <= 1
+
+
+def test_truncated_jpeg_is_skipped_and_counted(tmp_path):
+    d = tmp_path / "imgs"
+    write_images(str(d), 4)
+    data = (d / "img_000.jpg").read_bytes()
+    (d / "img_000.jpg").write_bytes(data[: len(data) // 2])  # header fine, data cut
+    ds = PretrainDataset(str(d), 32, num_patches=4)
+    x, _, skipped = ds[(0, 0)]
+    assert skipped == 1 and ds._bad == {ds.files[0]}
+    # replaced by the next file, augmented with the draws of key (0, 0)
+    g = torch.Generator().manual_seed(sample_seed(0, 0, 0))
+    assert torch.equal(x, ds.crop(open_encoded(ds.files[1]), g))
+
+
+def test_batches_do_not_depend_on_worker_count(image_dir):
+    ds = PretrainDataset(image_dir, 32, num_patches=4, seed=2)
+
+    def batches(workers):
+        sampler = ResumableDistributedSampler(len(ds), 4, seed=2)
+        loader = DataLoader(ds, 4, sampler=sampler, num_workers=workers, collate_fn=collate)
+        return list(loader)
+
+    for a, b in zip(batches(0), batches(2)):
+        assert a[0].dtype == torch.uint8
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_sample_seed_is_used(image_dir):
+    ds = PretrainDataset(image_dir, 32, num_patches=4, seed=2)
+    g = torch.Generator().manual_seed(sample_seed(2, 0, 3))
+    enc = open_encoded(ds.files[3])
+    assert torch.equal(ds[(0, 3)][0], ds.crop(enc, g))
+
+
+def test_training_with_device_decoding_equals_the_loader_pipeline(tmp_path, image_dir):
+    import json
+
+    from test_pretrain import tiny_cfg, train
+
+    def losses(name, **kw):
+        train(tiny_cfg(tmp_path / name, image_dir, epochs=1, **kw))
+        with open(tmp_path / name / "out" / "log.jsonl") as f:
+            return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+    ref = losses("loader")
+    assert len(ref) == 3 and ref == losses("device", decode_on_device=True)
