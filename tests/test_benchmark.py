@@ -25,6 +25,9 @@ def test_benchmark_all_tiny_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["matmul"]["fp32"]["gflops"] > 0
     assert {"pretrain", "official", "table2", "maskratio", "data", "transfer"} <= set(data)
+    cls = {r["what"]: r for r in data["classification"]}
+    assert set(cls) == {"finetune_step", "linprobe_features"}
+    assert all(r["img_s"] > 0 and r["ratio_to_peak"] > 0 for r in cls.values())
     pre = data["pretrain"][0]
     for key in ("img_s", "gmac_fwd_per_img", "achieved_gflops", "ratio_to_peak", "peak_mem_mb"):
         assert isinstance(pre[key], float) and pre[key] > 0, key

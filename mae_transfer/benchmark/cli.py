@@ -9,6 +9,7 @@ from typing import Callable, Dict, List
 import torch
 
 from . import measure
+from .classification import bench_classification
 from .data import bench_data
 from .pretrain import bench_maskratio, bench_pretrain, bench_table2, bench_versus_official
 from .report import machine, markdown
@@ -21,6 +22,7 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Dict]]] = {
     "maskratio": bench_maskratio,
     "data": bench_data,
     "transfer": bench_transfer,
+    "classification": bench_classification,
 }
 
 
