@@ -163,7 +163,7 @@ def _step_fn(model, dev: torch.device, amp_dtype, imgs, mask_ratio: float, scale
 
     def step():
         with torch.autocast(dev.type, amp_dtype, enabled=amp_dtype is not None):
-            loss, _, _ = (run or model)(imgs, mask_ratio=mask_ratio)
+            loss, _, _ = (model if run is None else run)(imgs, mask_ratio=mask_ratio)
         if scaler is None:
             loss.backward()
             opt.step()
