@@ -42,7 +42,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny models and inputs (a smoke run)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the pretraining model")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile our model (pretrain, official)"
+    )
     p.add_argument(
         "--threads",
         type=int,
