@@ -163,7 +163,7 @@ def _step_fn(model, dev: torch.device, amp_dtype, imgs, mask_ratio: float, scale
 
     def step():
         with torch.autocast(dev.type, amp_dtype, enabled=amp_dtype is not None):
-            loss, _, _ = (run or model)(imgs, mask_ratio=mask_ratio)
+            loss, _, _ = (model if run is None else run)(imgs, mask_ratio=mask_ratio)
         if scaler is None:
             loss.backward()
             opt.step()
@@ -186,9 +186,11 @@ def _versus_official_case(
     repeats: int,
     tiny: bool,
     amp: str,
+    compile_: bool = False,
 ) -> Dict:
     """Our step and the official one's re-implementation, same weights, same precision,
-    timed interleaved in one process: the ratio is robust to a shared machine's drift."""
+    timed interleaved in one process: the ratio is robust to a shared machine's drift.
+    ``compile_``: ours runs ``torch.compile``d (as ``--compile`` trains), the official eager."""
     from mae_transfer import create_model
     from mae_transfer.device import resolve_amp
 
@@ -215,7 +217,9 @@ def _versus_official_case(
     ours, official = ours.to(dev), official.to(dev)
     imgs = torch.randn(batch, 3, size, size, device=dev)
     steps = {
-        "ours": _step_fn(ours, dev, amp_dtype, imgs, mask_ratio),
+        "ours": _step_fn(
+            ours, dev, amp_dtype, imgs, mask_ratio, run=torch.compile(ours) if compile_ else None
+        ),
         "official": _step_fn(official, dev, amp_dtype, imgs, mask_ratio),
     }
     t = side_by_side(steps, warmup, repeats, dev)
@@ -225,6 +229,7 @@ def _versus_official_case(
         "input": size,
         "mask_ratio": mask_ratio,
         "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
+        "ours_compiled": compile_,
         "ours_img_s": batch / t["ours_median_s"],
         "official_img_s": batch / t["official_median_s"],
         "ours_best_img_s": batch / t["ours_min_s"],
@@ -250,5 +255,6 @@ def bench_versus_official(args) -> List[Dict]:
             args.repeats,
             args.tiny,
             args.amp,
+            args.compile,
         )
     ]
