@@ -91,10 +91,11 @@ optim_wrapper = dict(
     constructor="MAELayerDecayOptimizerConstructor",
     paramwise_cfg=dict(layer_decay_rate=0.75),
 )
-max_iters = 450
+max_iters = 300  # 300 x 8 = 2,400 crops: 6 epochs of the 400 labelled images
 param_scheduler = [
-    dict(type="LinearLR", start_factor=1e-3, by_epoch=False, begin=0, end=30),
-    dict(type="PolyLR", eta_min=0.0, power=1.0, begin=30, end=max_iters, by_epoch=False),
+    # warmup over a fifteenth of the run (segmentation.demo.schedule fits it to other lengths)
+    dict(type="LinearLR", start_factor=1e-3, by_epoch=False, begin=0, end=20),
+    dict(type="PolyLR", eta_min=0.0, power=1.0, begin=20, end=max_iters, by_epoch=False),
 ]
 train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict(type="ValLoop")

@@ -9,10 +9,14 @@ count, so its result depends only on its own settings and seed, not on what ran 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -51,22 +55,36 @@ def _call(job: Job, threads: int) -> Dict[str, Any]:
 def run_jobs(jobs: List[Job], lanes: int = 2, threads: int = 1) -> Dict[str, Dict[str, Any]]:
     """Runs every job (longest first) in ``lanes`` parallel processes; {job name: result}.
 
-    ``lanes=0`` runs them one after the other in this process (for debugging).
+    ``lanes=0`` runs them one after the other in this process, printing to its console.
     """
     order = sorted(jobs, key=lambda j: -j.cost)
     results: Dict[str, Dict[str, Any]] = {}
     if lanes == 0:
         for job in order:
-            results[job.name] = _call(job, torch.get_num_threads())
+            results[job.name] = _call(dataclasses.replace(job, log=None), torch.get_num_threads())
             _report(job, results[job.name])
         return results
     ctx = mp.get_context("spawn")  # no forked torch / framework state
-    with ctx.Pool(lanes, maxtasksperchild=1) as pool:
+    with _exit_on_sigterm(), ctx.Pool(lanes, maxtasksperchild=1) as pool:
         pending = [(job, pool.apply_async(_call, (job, threads))) for job in order]
         for job, handle in pending:
             results[job.name] = handle.get()
             _report(job, results[job.name])
     return results
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm():
+    """SIGTERM raises SystemExit here, so the pool's ``with`` block terminates the workers (by
+    default a terminated parent leaves its running workers behind, orphaned)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _report(job: Job, result: Dict[str, Any]) -> None:

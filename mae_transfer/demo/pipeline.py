@@ -39,14 +39,14 @@ KNN_METRICS = {"knn_k20_top1": "k-NN top-1 (k 20)"}
 class Settings:
     """Sizes and lengths of one demo run (everything else is in the configs)."""
 
-    scenes: int = 2000  # unlabeled pretraining images
+    scenes: int = 3000  # unlabeled pretraining images
     epochs: int = 0  # 0: the pretraining config's
     knn_every: int = 0  # 0: the pretraining config's
-    crops_per_class: int = 60  # k-NN memory bank per class (half as many are classified)
-    det_train: int = 300  # labelled images: 15% of what pretraining saw
+    crops_per_class: int = 100  # k-NN memory bank per class (half as many are classified)
+    det_train: int = 400  # labelled images: 13% of what pretraining saw (other scenes)
     det_val: int = 100
     det_iters: int = 0  # 0: the detectron2 config's
-    seg_train: int = 300
+    seg_train: int = 400
     seg_val: int = 100
     seg_iters: int = 0  # 0: the mmseg config's
     seeds: Tuple[int, ...] = (0, 1, 2)
@@ -67,6 +67,7 @@ QUICK = replace(
     seg_val=4,
     seg_iters=6,
     seeds=(0, 1),
+    lanes=0,  # one after the other in this process: no per-run start-up of torch and frameworks
 )
 
 
