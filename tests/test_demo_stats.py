@@ -28,6 +28,7 @@ def test_verdict_needs_the_ranges_apart():
     assert verdict(mae, spread([29.0, 31.0, 36.0])).startswith("within the seed spread (+0.0")
     assert verdict(spread([1.0, 2.0]), spread([3.0, 4.0])) == "MAE behind by -2.0"
     assert not separated(spread([]), mae)
+    assert verdict(spread([math.nan]), mae) == "no result on one side"  # AP of a run without boxes
 
 
 def test_table_rows_per_stage_and_metric():

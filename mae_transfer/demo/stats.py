@@ -49,6 +49,8 @@ def separated(better: Spread, worse: Spread) -> bool:
 
 def verdict(mae: Spread, random: Spread) -> str:
     """A word on the comparison: ahead (ranges apart), behind, or within the seed spread."""
+    if mae.n == 0 or random.n == 0:
+        return "no result on one side"
     if separated(mae, random):
         return f"MAE ahead by {mae.mean - random.mean:+.1f}"
     if separated(random, mae):

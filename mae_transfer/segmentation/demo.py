@@ -31,7 +31,6 @@ def demo_options(
     # no validation inside train(): train_run calls runner.val() once, for the metrics
     opts.update({"train_cfg.max_iters": iters, "train_cfg.val_begin": iters + 1})
     opts["default_hooks.checkpoint.interval"] = iters
-    opts["param_scheduler"] = schedule(iters)
     if seed is not None:
         opts["randomness.seed"] = seed
     return opts
@@ -62,7 +61,9 @@ def train_run(
     """One fine-tuning run, then evaluation on the val set: {"mIoU": .., "aAcc": .., ...}."""
     from .runner import build_cfg, make_runner
 
-    options = demo_options(data_root, work_dir, pretrained, _iters(opts), seed)
+    iters = _iters(opts)
+    options = demo_options(data_root, work_dir, pretrained, iters, seed)
+    options["param_scheduler"] = schedule(iters)
     options.update(opts or {})
     runner = make_runner(build_cfg(CONFIG, options))
     runner.train()
