@@ -43,7 +43,7 @@ def test_objects_do_not_overlap_and_keep_half_of_themselves():
     kinds = set()
     for i in range(40):
         scene = render_scene(11, i, 96)
-        assert 1 <= len(scene.objects) <= 4
+        assert 1 <= len(scene.objects) <= 6  # 2-6 wanted; placement may give up on one
         total = np.zeros((96, 96), int)
         for o in scene.objects:
             total += o.mask

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The one-command demo: does MAE pretraining on unlabeled in-domain images pay off downstream?
 
-    python tools/demo.py                 # everything, ~15 min on 2 CPU cores
-    python tools/demo.py --quick         # a 2-3 min smoke version (what the tests run)
+    python tools/demo.py                 # everything: 42 CPU-minutes (>= 21 min on 2 cores)
+    python tools/demo.py --quick         # a ~4 CPU-minute smoke version (what the tests run)
     python tools/demo.py --skip-det --skip-seg
 
 On generated scenes (sky, ground, six shape classes told apart by outline only, occlusion):
