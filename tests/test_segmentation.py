@@ -26,7 +26,7 @@ from mae_transfer.segmentation.runner import build_cfg, make_runner  # noqa: E40
 
 register_all_modules(init_default_scope=True)
 CONFIG_DIR = os.path.join(ROOT, "configs", "mmseg")
-TINY_CONFIG = os.path.join(CONFIG_DIR, "demo_tiny_toy-128x128.py")
+TINY_CONFIG = os.path.join(CONFIG_DIR, "demo_tiny_toy-96x96.py")
 TINY = dict(model="vit_base_patch16", embed_dim=32, depth=4, num_heads=2, img_size=64)
 
 

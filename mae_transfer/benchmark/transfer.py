@@ -145,7 +145,7 @@ def _tiny_upernet(dev):
     import mae_transfer.segmentation  # noqa: F401
 
     register_all_modules()
-    cfg = Config.fromfile(os.path.join(ROOT, "configs", "mmseg", "demo_tiny_toy-128x128.py"))
+    cfg = Config.fromfile(os.path.join(ROOT, "configs", "mmseg", "demo_tiny_toy-96x96.py"))
     model = MODELS.build(cfg.model).to(dev).train()
 
     def batch():

@@ -1,7 +1,10 @@
-"""A COCO-format instance-segmentation data set of shapes on varied backgrounds.
+"""A COCO-format instance-segmentation data set of the synthetic scenes.
 
-write_toy_coco("data/toy_coco", num_train=200, num_val=50)
-# data/toy_coco/{train,val}/*.jpg, data/toy_coco/annotations/instances_{train,val}.json
+    write_toy_coco("data/toy_coco", num_train=200, num_val=50)
+    # data/toy_coco/{train,val}/*.jpg, data/toy_coco/annotations/instances_{train,val}.json
+
+Masks are the visible parts of (possibly occluded) objects, stored as uncompressed RLE, so
+detectron2 reads them with ``INPUT.MASK_FORMAT bitmask``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Dict
 
 from PIL import Image
 
-from .scenes import SHAPES, polygon_area, render_scene
+from .scenes import GENERATOR_VERSION, SHAPES, mask_bbox, render_scene, rle_encode
 
 TOY_COCO_CLASSES = SHAPES
 
@@ -25,17 +28,16 @@ def _coco_split(root: str, split: str, n: int, seed: int, size: int) -> Dict:
         name = f"{split}_{i:05d}.jpg"
         Image.fromarray(scene.image).save(os.path.join(root, split, name), quality=95)
         images.append({"id": i + 1, "file_name": name, "height": size, "width": size})
-        for s in scene.shapes:
-            x0, y0 = s.polygon.min(axis=0).clip(0, size)
-            x1, y1 = s.polygon.max(axis=0).clip(0, size)
+        for o in scene.objects:
+            x0, y0, x1, y1 = mask_bbox(o.mask)
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": i + 1,
-                    "category_id": s.kind + 1,
-                    "segmentation": [[round(float(v), 2) for v in s.polygon.reshape(-1)]],
-                    "area": polygon_area(s.polygon),
-                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                    "category_id": o.kind + 1,
+                    "segmentation": rle_encode(o.mask),
+                    "area": float(o.mask.sum()),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
                     "iscrowd": 0,
                 }
             )
@@ -44,16 +46,18 @@ def _coco_split(root: str, split: str, n: int, seed: int, size: int) -> Dict:
 
 
 def write_toy_coco(
-    root: str, num_train: int = 200, num_val: int = 50, size: int = 128, seed: int = 0
+    root: str, num_train: int = 200, num_val: int = 50, size: int = 96, seed: int = 0
 ) -> Dict[str, tuple]:
     """Writes the data set (skipped when already complete); returns {split: (json, image_root)}."""
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     out = {}
     for split, n, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1)):
         ann = os.path.join(root, "annotations", f"instances_{split}.json")
-        if not _complete(ann, n, size):
+        info = {"description": "mae-transfer toy shapes", "size": size, "seed": split_seed}
+        info["generator"] = GENERATOR_VERSION  # a set from another generator is made again
+        if not _complete(ann, n, info):
             data = _coco_split(root, split, n, split_seed, size)
-            data["info"] = {"description": "mae-transfer toy shapes", "size": size}
+            data["info"] = info
             tmp = ann + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(data, f)
@@ -62,9 +66,9 @@ def write_toy_coco(
     return out
 
 
-def _complete(ann: str, n: int, size: int) -> bool:
+def _complete(ann: str, n: int, info: Dict) -> bool:
     if not os.path.isfile(ann):
         return False
     with open(ann) as f:
         data = json.load(f)
-    return len(data["images"]) == n and data.get("info", {}).get("size") == size
+    return len(data["images"]) == n and data.get("info") == info

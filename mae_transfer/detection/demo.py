@@ -1,60 +1,113 @@
-"""The detection stage of the demo: Mask R-CNN on the toy shapes, MAE vs random init."""
+"""The detection stage of the demo: Mask R-CNN on the toy scenes, MAE vs random init, seeds.
+
+Each (init, seed) pair is one fine-tuning run (:func:`train_run`, run in a fresh process by
+:mod:`mae_transfer.demo.lanes`); the MAE and random runs of a seed share the data order and
+the heads' initialisation.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Dict
+from typing import Dict, List, Sequence
 
 import numpy as np
-from detectron2.data import DatasetCatalog
-from detectron2.utils.env import seed_all_rng
-from detectron2.utils.logger import setup_logger
 from PIL import Image
 
 from mae_transfer.datasets import write_toy_coco
-
-from .train import Trainer, build_cfg, register_coco_datasets, summarize
-from .visualize import draw_predictions, labelled_rows
+from mae_transfer.demo.lanes import Job
 
 CONFIG = os.path.join(
     os.path.dirname(__file__), "..", "..", "configs", "detectron2", "demo_tiny.yaml"
 )
+INITS = ("mae", "random")
+METRICS = {"bbox_AP": "box AP", "segm_AP": "mask AP"}
 
 
-def run_demo(out: str, encoder: str, quick: bool = False) -> Dict:
-    """Trains twice (MAE encoder / random init), evaluates, draws; returns APs and paths."""
-    n_train, n_val, iters = (32, 8, 10) if quick else (240, 60, 180)
-    files = write_toy_coco(os.path.join(out, "data", "toy_coco"), n_train, n_val)
-    datasets = [["toy_coco_train", *files["train"]], ["toy_coco_val", *files["val"]]]
-    setup_logger(name="detectron2", abbrev_name="d2")
-    results: Dict = {}
-    tiles = []
-    for init in ("mae", "random"):
-        opts = [
-            "MODEL.WEIGHTS",
-            encoder if init == "mae" else "",
-            "OUTPUT_DIR",
-            os.path.join(out, "detection", init),
-            "DATASETS.COCO",
-            repr(datasets),
-            "SOLVER.MAX_ITER",
-            str(iters),
-            "SOLVER.STEPS",
-            f"({int(iters * 5 / 6)},)",
-            "SOLVER.WARMUP_ITERS",
-            str(max(1, iters // 10)),
-        ]
-        cfg = build_cfg(CONFIG, opts)
-        cfg.freeze()
+def write_data(out: str, num_train: int, num_val: int) -> List[list]:
+    """The toy COCO sets; returns DATASETS.COCO entries [[name, json, image root], ...]."""
+    files = write_toy_coco(os.path.join(out, "data", "toy_coco"), num_train, num_val)
+    return [["toy_coco_train", *files["train"]], ["toy_coco_val", *files["val"]]]
+
+
+def run_options(output_dir: str, weights: str, seed: int, datasets, opts: Sequence = ()) -> list:
+    """detectron2 ``KEY VALUE`` overrides of one run (``opts`` last)."""
+    return [
+        "MODEL.WEIGHTS",
+        weights,
+        "OUTPUT_DIR",
+        output_dir,
+        "DATASETS.COCO",
+        repr(datasets),
+        "SEED",
+        str(seed),
+        *opts,
+    ]
+
+
+def train_run(
+    output_dir: str, weights: str, seed: int, datasets, opts: Sequence = ()
+) -> Dict[str, float]:
+    """One fine-tuning run, then COCO evaluation on the val set: {"bbox_AP": .., ...}."""
+    from detectron2.utils.env import seed_all_rng
+    from detectron2.utils.logger import setup_logger
+
+    from .train import Trainer, build_cfg, register_coco_datasets, summarize
+
+    setup_logger(output=output_dir, name="detectron2", abbrev_name="d2")
+    cfg = build_cfg(CONFIG, run_options(output_dir, weights, seed, datasets, opts))
+    cfg.freeze()
+    register_coco_datasets(cfg)
+    seed_all_rng(cfg.SEED)  # head init, data order and sampling: the same for both inits
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    return summarize(trainer.train())
+
+
+def make_jobs(
+    out: str, encoder: str, datasets, seeds: Sequence[int], opts: Sequence = ()
+) -> List[Job]:
+    """One :class:`Job` per (init, seed); outputs in ``out/detection/<init>_seed<seed>/``."""
+    jobs = []
+    for seed in seeds:
+        for init in INITS:
+            run_dir = os.path.join(out, "detection", f"{init}_seed{seed}")
+            weights = encoder if init == "mae" else ""
+            jobs.append(
+                Job(
+                    name=f"detection {init} seed {seed}",
+                    function="mae_transfer.detection.demo:train_run",
+                    kwargs=dict(
+                        output_dir=run_dir, weights=weights, seed=seed, datasets=datasets, opts=opts
+                    ),
+                    log=os.path.join(run_dir, "stdout.log"),
+                    cost=1.0,
+                )
+            )
+    return jobs
+
+
+def draw(out: str, datasets, seed: int, opts: Sequence = ()) -> str:
+    """Predictions of both inits' ``seed`` runs on 4 val images, one row each."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from .train import build_cfg, register_coco_datasets
+    from .visualize import draw_predictions, labelled_rows
+
+    logging.getLogger("fvcore").setLevel(logging.WARNING)
+    rows = []
+    for init in INITS:
+        run_dir = os.path.join(out, "detection", f"{init}_seed{seed}")
+        cfg = build_cfg(CONFIG, run_options(run_dir, "", seed, datasets, opts))
         register_coco_datasets(cfg)
-        seed_all_rng(cfg.SEED)  # same init, data order and sampling for both runs
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=False)
-        results[init] = summarize(trainer.train())
-        paths = [d["file_name"] for d in DatasetCatalog.get("toy_coco_val")[:4]]
-        png = os.path.join(out, "detection", f"predictions_{init}.png")
-        draw_predictions(cfg, trainer.model, paths, png, score_thresh=0.5)
-        tiles.append((f"{init} init", np.asarray(Image.open(png))))
-    results["predictions"] = os.path.join(out, "detection", "predictions.png")
-    Image.fromarray(labelled_rows(tiles)).save(results["predictions"])
-    return results
+        model = build_model(cfg)
+        DetectionCheckpointer(model).load(os.path.join(run_dir, "model_final.pth"))
+        paths = [d["file_name"] for d in DatasetCatalog.get(cfg.DATASETS.TEST[0])[:4]]
+        png = os.path.join(run_dir, "predictions.png")
+        draw_predictions(cfg, model, paths, png, score_thresh=0.5)
+        rows.append((f"{init} init (seed {seed})", np.asarray(Image.open(png))))
+    path = os.path.join(out, "detection", "predictions.png")
+    Image.fromarray(labelled_rows(rows)).save(path)
+    return path

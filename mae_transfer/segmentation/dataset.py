@@ -10,11 +10,21 @@ from mae_transfer.datasets.toy_ade import TOY_ADE_CLASSES
 
 @DATASETS.register_module()
 class ToyADEDataset(BaseSegDataset):
-    """ADE20K conventions (jpg images, png labels, 0 = unlabeled -> ignored) and 5 classes."""
+    """ADE20K conventions (jpg images, png labels, 0 = unlabeled -> ignored); classes sky,
+    ground and the six shapes."""
 
     METAINFO = dict(
         classes=TOY_ADE_CLASSES,
-        palette=[[70, 130, 180], [140, 110, 60], [230, 60, 50], [240, 210, 40], [225, 50, 215]],
+        palette=[
+            [70, 130, 180],  # sky
+            [140, 110, 60],  # ground
+            [230, 40, 40],  # circle
+            [250, 220, 30],  # square
+            [40, 200, 60],  # triangle
+            [230, 60, 220],  # star
+            [30, 220, 230],  # cross
+            [250, 140, 20],  # ring
+        ],
     )
 
     def __init__(self, img_suffix=".jpg", seg_map_suffix=".png", reduce_zero_label=True, **kwargs):

@@ -1,0 +1,79 @@
+"""Mean and min-max over seeds, and the comparison of two initialisations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Summary of one metric over seeds."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def width(self) -> float:
+        return self.high - self.low
+
+    def __str__(self) -> str:
+        if self.n == 0:
+            return "n/a"
+        return f"{self.mean:5.1f} ({self.low:.1f}-{self.high:.1f})"
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Mean, min and max of the finite values (a run without detections gives NaN AP)."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return Spread(math.nan, math.nan, math.nan, 0)
+    return Spread(sum(finite) / len(finite), min(finite), max(finite), len(finite))
+
+
+def metric_spreads(
+    runs: Mapping[str, Sequence[Mapping[str, float]]], metric: str
+) -> Dict[str, Spread]:
+    """{init: Spread of ``metric``} from {init: [one metrics dict per seed]}."""
+    return {init: spread([r.get(metric, math.nan) for r in rs]) for init, rs in runs.items()}
+
+
+def separated(better: Spread, worse: Spread) -> bool:
+    """True when every seed of ``better`` is above every seed of ``worse`` (min > max): the
+    gap of the means is then larger than either side's seed spread."""
+    return better.n > 0 and worse.n > 0 and better.low > worse.high
+
+
+def verdict(mae: Spread, random: Spread) -> str:
+    """A word on the comparison: ahead (ranges apart), behind, or within the seed spread."""
+    if mae.n == 0 or random.n == 0:
+        return "no result on one side"
+    if separated(mae, random):
+        return f"MAE ahead by {mae.mean - random.mean:+.1f}"
+    if separated(random, mae):
+        return f"MAE behind by {mae.mean - random.mean:+.1f}"
+    return f"within the seed spread ({mae.mean - random.mean:+.1f})"
+
+
+def table_rows(
+    runs: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]],
+    metrics: Mapping[str, str],
+) -> List[tuple]:
+    """(stage, metric label, {init: Spread}, verdict) rows for the summary and the chart.
+
+    Args:
+        runs: {stage: {"mae": [...], "random": [...]}}, one metrics dict per seed.
+        metrics: {metric key: label}, e.g. {"bbox_AP": "box AP"}; keys missing from a stage's
+            runs are skipped.
+    """
+    rows = []
+    for stage, by_init in runs.items():
+        for key, label in metrics.items():
+            if not any(key in r for rs in by_init.values() for r in rs):
+                continue
+            s = metric_spreads(by_init, key)
+            rows.append((stage, label, s, verdict(s["mae"], s["random"])))
+    return rows
