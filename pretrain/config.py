@@ -16,6 +16,7 @@ from mae_transfer.engine.config import (
     Checks,
     ConfigError,
     TrainConfig,
+    check_model_fields,
     check_train_config,
     check_types,
     parse_config,
@@ -106,22 +107,8 @@ def validate(cfg: PretrainConfig, check_paths: bool = True) -> None:
     checks = Checks("pretraining")
     cfg = check_types(cfg, checks)
     check_train_config(cfg, checks, check_paths)
+    check_model_fields(cfg, checks)
     need = checks.need
-    from mae_transfer.registry import resolve_name
-
-    try:
-        resolve_name(cfg.model)
-    except KeyError as e:
-        checks.errors.append(str(e))
-    need(
-        isinstance(cfg.model_kwargs, dict),
-        f"model_kwargs must be a mapping, got {cfg.model_kwargs!r}",
-    )
-    sizes = cfg.input_size if isinstance(cfg.input_size, (list, tuple)) else [cfg.input_size]
-    need(
-        len(sizes) in (1, 2) and all(isinstance(s, int) and s > 0 for s in sizes),
-        f"input_size must be a positive int or [H, W], got {cfg.input_size!r}",
-    )
     need(
         0.0 < cfg.mask_ratio < 1.0,
         f"mask_ratio must be in (0, 1): the loss is taken on masked patches; got {cfg.mask_ratio}",

@@ -17,6 +17,7 @@ from mae_transfer.engine.config import (
     ConfigError,
     TrainConfig,
     build_parser,
+    check_model_fields,
     check_train_config,
     check_types,
     parse_config,
@@ -149,22 +150,8 @@ def validate(cfg: ClassifyConfig, check_paths: bool = True) -> None:
     checks = Checks("fine-tuning" if isinstance(cfg, FinetuneConfig) else "linear-probing")
     cfg = check_types(cfg, checks)
     check_train_config(cfg, checks, check_paths)
+    check_model_fields(cfg, checks)
     need = checks.need
-    from mae_transfer.registry import resolve_name
-
-    try:
-        resolve_name(cfg.model)
-    except KeyError as e:
-        checks.errors.append(str(e))
-    need(
-        isinstance(cfg.model_kwargs, dict),
-        f"model_kwargs must be a mapping, got {cfg.model_kwargs!r}",
-    )
-    sizes = cfg.input_size if isinstance(cfg.input_size, (list, tuple)) else [cfg.input_size]
-    need(
-        len(sizes) in (1, 2) and all(isinstance(s, int) and s > 0 for s in sizes),
-        f"input_size must be a positive int or [H, W], got {cfg.input_size!r}",
-    )
     need(
         cfg.nb_classes >= 0,
         f"nb_classes must be >= 0 (0 = count class folders), got {cfg.nb_classes}",

@@ -349,7 +349,7 @@ def evaluate_checkpoint(
     model = build_classifier(
         cfg.model, num_classes, cfg.input_size, pool, probe=probe, **cfg.model_kwargs
     )
-    load_classifier_checkpoint(model, path, need_head=True)
+    load_classifier_checkpoint(model, state, need_head=True, source=path)  # read once
     model.to(device)
     transform = eval_transform(cfg.input_size, eval_crop_pct(cfg))
     images = ClassFolderDataset(val_folder, transform, cfg.seed, cfg.max_val_images)

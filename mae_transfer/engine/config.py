@@ -243,3 +243,23 @@ def check_train_config(cfg: TrainConfig, checks: Checks, check_paths: bool = Tru
         not check_paths or not cfg.resume or os.path.isfile(cfg.resume),
         f"resume checkpoint {cfg.resume!r} does not exist",
     )
+
+
+def check_model_fields(cfg: TrainConfig, checks: Checks) -> None:
+    """The ``model`` (a registered name), ``model_kwargs`` and ``input_size`` fields that every
+    protocol's config has."""
+    from mae_transfer.registry import resolve_name
+
+    try:
+        resolve_name(cfg.model)
+    except KeyError as e:
+        checks.errors.append(str(e))
+    checks.need(
+        isinstance(cfg.model_kwargs, dict),
+        f"model_kwargs must be a mapping, got {cfg.model_kwargs!r}",
+    )
+    sizes = cfg.input_size if isinstance(cfg.input_size, (list, tuple)) else [cfg.input_size]
+    checks.need(
+        len(sizes) in (1, 2) and all(isinstance(s, int) and s > 0 for s in sizes),
+        f"input_size must be a positive int or [H, W], got {cfg.input_size!r}",
+    )
