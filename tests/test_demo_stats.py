@@ -7,7 +7,15 @@ import math
 import pytest
 
 from mae_transfer.demo.charts import plot_comparison, plot_knn_curve
-from mae_transfer.demo.stats import Spread, metric_spreads, separated, spread, table_rows, verdict
+from mae_transfer.demo.stats import (
+    Spread,
+    metric_spreads,
+    paired_wins,
+    separated,
+    spread,
+    table_rows,
+    verdict,
+)
 
 
 def test_spread_is_mean_min_max_of_finite_values():
@@ -49,9 +57,19 @@ def test_table_rows_per_stage_and_metric():
     assert box["mae"] == Spread(21.0, 20.0, 22.0, 2) and box["random"] == Spread(
         12.0, 10.0, 14.0, 2
     )
-    assert rows[0][3] == "MAE ahead by +9.0"
-    assert rows[1][3].startswith("within the seed spread (-1.0")
+    assert rows[0][3] == "MAE ahead by +9.0; MAE higher in 2 of 2 seeds"
+    assert rows[1][3] == "within the seed spread (-1.0); MAE higher in 0 of 2 seeds"
     assert metric_spreads(runs["segmentation"], "mIoU")["mae"].mean == 50.0
+
+
+def test_paired_wins_compare_the_same_seed_and_skip_missing_results():
+    # seed 0: MAE higher; seed 1: equal (not a win); seed 2: lower; seed 3: no AP on one side
+    assert paired_wins([5.0, 3.0, 1.0, math.nan], [4.0, 3.0, 2.0, 7.0]) == (1, 3)
+    # the ranges overlap, yet MAE is higher on every seed: the verdict says both
+    runs = {"det": {"mae": [{"a": 15.2}, {"a": 13.6}], "random": [{"a": 14.5}, {"a": 12.2}]}}
+    assert table_rows(runs, {"a": "A"})[0][3] == (
+        "within the seed spread (+1.0); MAE higher in 2 of 2 seeds"
+    )
 
 
 @pytest.mark.filterwarnings("ignore")

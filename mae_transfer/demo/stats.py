@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,23 @@ def verdict(mae: Spread, random: Spread) -> str:
     return f"within the seed spread ({mae.mean - random.mean:+.1f})"
 
 
+def paired_wins(mae: Sequence[float], random: Sequence[float]) -> Tuple[int, int]:
+    """(seeds where MAE scored higher, seeds with a finite result on both sides); the i-th value
+    of each side comes from the same seed (same data, data order and head initialisation)."""
+    pairs = [
+        (float(m), float(r))
+        for m, r in zip(mae, random)
+        if m is not None and r is not None and math.isfinite(m) and math.isfinite(r)
+    ]
+    return sum(m > r for m, r in pairs), len(pairs)
+
+
 def table_rows(
     runs: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]],
     metrics: Mapping[str, str],
 ) -> List[tuple]:
-    """(stage, metric label, {init: Spread}, verdict) rows for the summary and the chart.
+    """(stage, metric label, {init: Spread}, verdict) rows for the summary and the chart; the
+    verdict also counts the seeds where MAE scored higher than random on the same seed.
 
     Args:
         runs: {stage: {"mae": [...], "random": [...]}}, one metrics dict per seed.
@@ -75,5 +87,13 @@ def table_rows(
             if not any(key in r for rs in by_init.values() for r in rs):
                 continue
             s = metric_spreads(by_init, key)
-            rows.append((stage, label, s, verdict(s["mae"], s["random"])))
+            text = verdict(s["mae"], s["random"])
+            wins, n = paired_wins(*(_values(by_init[i], key) for i in ("mae", "random")))
+            if n:
+                text += f"; MAE higher in {wins} of {n} seeds"
+            rows.append((stage, label, s, text))
     return rows
+
+
+def _values(runs: Sequence[Mapping[str, float]], key: str) -> List[float]:
+    return [r.get(key, math.nan) for r in runs]
