@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The one-command demo: does MAE pretraining on unlabeled in-domain images pay off downstream?
 
-    python tools/demo.py                 # everything: ~13 min on 2 idle cores (24 CPU-minutes)
+    python tools/demo.py                 # everything: ~12 min on 2 idle cores (22 CPU-minutes)
     python tools/demo.py --quick         # a ~4 CPU-minute smoke version (what the tests run)
     python tools/demo.py --skip-det --skip-seg
 
