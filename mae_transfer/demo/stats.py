@@ -28,7 +28,7 @@ class Spread:
 
 def spread(values: Sequence[float]) -> Spread:
     """Mean, min and max of the finite values (a run without detections gives NaN AP)."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    finite = [float(v) for v in values if _finite(v)]
     if not finite:
         return Spread(math.nan, math.nan, math.nan, 0)
     return Spread(sum(finite) / len(finite), min(finite), max(finite), len(finite))
@@ -38,7 +38,7 @@ def metric_spreads(
     runs: Mapping[str, Sequence[Mapping[str, float]]], metric: str
 ) -> Dict[str, Spread]:
     """{init: Spread of ``metric``} from {init: [one metrics dict per seed]}."""
-    return {init: spread([r.get(metric, math.nan) for r in rs]) for init, rs in runs.items()}
+    return {init: spread(_values(rs, metric)) for init, rs in runs.items()}
 
 
 def separated(better: Spread, worse: Spread) -> bool:
@@ -61,11 +61,7 @@ def verdict(mae: Spread, random: Spread) -> str:
 def paired_wins(mae: Sequence[float], random: Sequence[float]) -> Tuple[int, int]:
     """(seeds where MAE scored higher, seeds with a finite result on both sides); the i-th value
     of each side comes from the same seed (same data, data order and head initialisation)."""
-    pairs = [
-        (float(m), float(r))
-        for m, r in zip(mae, random)
-        if m is not None and r is not None and math.isfinite(m) and math.isfinite(r)
-    ]
+    pairs = [(float(m), float(r)) for m, r in zip(mae, random) if _finite(m) and _finite(r)]
     return sum(m > r for m, r in pairs), len(pairs)
 
 
@@ -96,4 +92,10 @@ def table_rows(
 
 
 def _values(runs: Sequence[Mapping[str, float]], key: str) -> List[float]:
+    """``key`` of each seed's metrics, NaN where a run has none."""
     return [r.get(key, math.nan) for r in runs]
+
+
+def _finite(value) -> bool:
+    """A usable result: not missing, not NaN (a run without detections gives NaN AP)."""
+    return value is not None and math.isfinite(value)
