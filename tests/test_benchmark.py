@@ -14,6 +14,7 @@ from conftest import ROOT, TINY_MAE
 
 from mae_transfer import create_model
 from mae_transfer.benchmark.official import OfficialMAE
+from mae_transfer.benchmark.pretrain import official_update, our_update
 
 
 def test_benchmark_all_tiny_writes_json(tmp_path):
@@ -39,6 +40,7 @@ def test_benchmark_all_tiny_writes_json(tmp_path):
     vs = data["official"][0]
     assert vs["precision"] == pre["precision"]
     assert vs["ours_img_s"] > 0 and vs["official_img_s"] > 0 and vs["speedup_vs_official"] > 0
+    assert vs["official_model_img_s"] > 0 and vs["speedup_model_only"] > 0
     # input pipeline: per core, through the loader, workers for the asked step rates
     per_core = [r for r in data["data"] if "images" in r]
     assert [r["images"] for r in per_core] == ["500x375 q90 JPEG", "1024x768 q90 JPEG"]
@@ -107,3 +109,35 @@ def test_official_reimplementation_masks_with_argsort_of_noise():
     assert torch.equal(kept[:, 0], x[torch.arange(2), order[:, 0]])
     assert torch.equal(mask.sum(1), torch.tensor([3.0, 3.0]))
     assert torch.equal(torch.argsort(order, 1), ids_restore)
+
+
+def test_both_updates_train_alike_and_the_official_one_is_torch_s_default():
+    """The side-by-side steps differ in how they update, not in what: the official update
+    (default AdamW, grad-norm, host-side loss check) and ours (fused where torch has it, the
+    scale-1 guard) move the same weights the same way; the official one stops on NaN."""
+    ours, official = _pair(True)
+    cpu = torch.device("cpu")
+    ours_step, official_step = our_update(ours, cpu), official_update(official, cpu)
+    impl = official_step.optimizer.defaults
+    assert not impl["fused"] and impl["foreach"] is None  # torch picks, as the official code
+    assert ours_step.optimizer.defaults["fused"] or ours_step.optimizer.defaults["foreach"]
+    x = torch.randn(3, 3, 32, 32)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    for step in range(2):
+        torch.manual_seed(step)
+        ours_step(ours(x, mask_ratio=0.5)[0])
+        torch.manual_seed(step)
+        official_step(official(x, mask_ratio=0.5)[0])
+    theirs = dict(official.named_parameters())
+    for name, p in ours.named_parameters():
+        assert torch.allclose(p, theirs[name], atol=2e-5), name  # lr 1e-4: steps of ~1e-4
+        assert p.grad is None and theirs[name].grad is None  # both free the gradients
+    moved = [n for n, p in ours.named_parameters() if not torch.equal(p, before[n])]
+    assert "blocks.0.attn.qkv.weight" in moved and "pos_embed" not in moved
+    loss = official(x)[0] * float("nan")
+    try:
+        official_step(loss)
+    except FloatingPointError as e:
+        assert "nan" in str(e)
+    else:
+        raise AssertionError("the official update took a NaN loss")
