@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,6 +254,7 @@ def test_the_probe_trains_only_its_head_with_the_encoder_frozen_in_eval_mode(dat
     assert bn.eps == 1e-6 and t.model.global_pool == "cls"
     trainable = [n for n, p in t.model.named_parameters() if p.requires_grad]
     assert trainable == ["head.1.weight", "head.1.bias"]
+    assert 0.006 < t.model.head[1].weight.std() < 0.014  # trunc_normal(std 0.01), as officially
     encoder = {n: p.detach().clone() for n, p in t.model.named_parameters() if "head" not in n}
     modes = []
     t.model.blocks[0].register_forward_hook(lambda m, i, o: modes.append(m.training))
@@ -293,6 +295,67 @@ def test_cached_features_of_a_resumed_probe_come_from_the_loaded_encoder(data, t
     again.close()
 
 
+def test_clip_grad_bounds_the_gradient_the_optimizer_steps_with(data, tmp_path):
+    norms = {}
+    for clip in (None, 1e-3):
+        cfg = cfg_of(FinetuneConfig, data, tmp_path / str(clip), epochs=1, clip_grad=clip)
+        t = FinetuneTrainer(cfg, CPU, DistInfo())
+        seen, step = [], t.optimizer.step
+
+        def record(*args, _step=step, _seen=seen, _t=t, **kwargs):
+            grads = [p.grad for p in _t.model.parameters() if p.grad is not None]
+            _seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            return _step(*args, **kwargs)
+
+        t.optimizer.step = record
+        t.train()
+        t.close()
+        norms[clip] = seen
+    assert len(norms[None]) == len(norms[1e-3]) == 6  # 24 images / batch 4
+    assert min(norms[None]) > 1e-2  # unclipped gradients are far above the bound
+    assert max(norms[1e-3]) <= 1e-3 * (1 + 1e-4)
+
+
+def test_unreadable_class_folder_images_are_skipped_counted_and_replaced(data, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data["root"], root)
+    folder = find_classes(str(root / "train"))
+    bad = folder.samples[7][0]  # the last image of the first class
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    images = ClassFolderDataset(folder, eval_transform(32))
+    _, label, skipped = images[(0, 7)]
+    assert skipped == 1 and label == folder.samples[8][1] != folder.samples[7][1]
+    cfg = cfg_of(FinetuneConfig, {**data, "root": str(root)}, tmp_path / "run", epochs=2)
+    t = train(FinetuneTrainer, cfg)
+    assert t.skipped_images == 2  # once per epoch, and training went on
+
+
+def test_the_probe_augments_with_crop_and_flip_only():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from mae_transfer.classification.data import linprobe_transform
+    from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD
+
+    t = linprobe_transform(32)
+    kinds = [type(op) for op in t.transforms]
+    assert kinds == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    crop = t.transforms[0]
+    assert crop.scale == (0.08, 1.0) and crop.interpolation == T.InterpolationMode.BICUBIC
+    flat = Image.new("RGB", (48, 40), (200, 100, 50))  # no colour change: stays one colour
+    expected = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(
+        IMAGENET_STD
+    )
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = t(flat)
+        assert x.shape == (3, 32, 32)
+        assert torch.allclose(x, expected[:, None, None].expand_as(x), atol=1e-5)
+
+
 def test_evaluation_crops_as_the_official_above_224_px():
     assert eval_crop_pct(make_config(FinetuneConfig, {"input_size": 224})) == 224 / 256
     assert eval_crop_pct(make_config(FinetuneConfig, {"input_size": 448})) == 1.0
@@ -324,6 +387,27 @@ def test_two_ranks_see_the_same_features_and_accuracy_as_one(data, tmp_path):
 
 
 # -- configuration and command lines ----------------------------------------------------------
+def _finetune_on_ranks(info, data, out, batch):
+    """A fine-tuning run without the batch-level randomness (mixup pairs images within a
+    rank's batch, drop path draws per rank): what is left must not depend on the ranks."""
+    values = dict(batch_size=batch, mixup=0.0, cutmix=0.0, drop_path=0.0, epochs=2)
+    t = FinetuneTrainer(cfg_of(FinetuneConfig, data, out, **values), CPU, info)
+    t.train()
+    t.close()
+    return {k: v.numpy().copy() for k, v in t.model.state_dict().items()}  # no shared memory
+
+
+def test_two_process_fine_tuning_equals_one_process(data, tmp_path):
+    one = _finetune_on_ranks(DistInfo(), data, tmp_path / "one", 4)
+    results = run_ranks(_finetune_on_ranks, data, tmp_path / "two", 2)  # 2 ranks x 2 = 4
+    for rank, (status, value) in results.items():
+        assert status == "ok", value
+        for k, v in one.items():
+            assert np.allclose(v, value[k], rtol=1e-4, atol=1e-6), (rank, k)
+    start = torch.load(data["official"], weights_only=True)["model"]["blocks.0.attn.qkv.weight"]
+    assert not np.array_equal(one["blocks.0.attn.qkv.weight"], start.numpy())  # it did train
+
+
 def test_bad_values_are_all_named_before_anything_starts(data, tmp_path):
     values = dict(data_path=data["root"], layer_decay=1.5, mixup=-1, batch_size=3, aa="bogus-m9")
     with pytest.raises(ConfigError) as e:

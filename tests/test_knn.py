@@ -148,6 +148,12 @@ def test_the_monitor_logs_a_curve_and_leaves_pretraining_unchanged(tmp_path, ima
     curve = [(r["epoch"], r["knn_k20_top1"]) for r in records if "knn_k20_top1" in r]
     assert [e for e, _ in curve] == [-1, 0, 1] and all(0 <= a <= 100 for _, a in curve)
     assert "knn" in monitored.bar_extras
+    # the same curve in TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "b")).Reload()
+    points = [(e.step, e.value) for e in events.Scalars("epoch/knn_k20_top1")]
+    assert [(s, round(v, 4)) for s, v in points] == [(e, round(a, 4)) for e, a in curve]
 
 
 def test_monitor_config_is_checked(tmp_path, image_dir):
