@@ -160,3 +160,38 @@ def test_bf16_cpu_step_of_a_tiny_model_is_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     opt.step()
     assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+
+
+def test_every_matrix_multiply_of_a_bf16_step_runs_in_bf16():
+    """Under bf16 autocast no matrix multiply of the step, forward or backward, falls back to
+    fp32 (a region with autocast turned off, as code does for a loss or an attention, would
+    make one), and the parameters get fp32 gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    matmuls = {"mm", "addmm", "bmm", "baddbmm", "linear", "convolution", "convolution_backward"}
+
+    class Dtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in matmuls or "scaled_dot_product" in name:
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                if name.endswith("_backward") and "scaled_dot_product" in name:
+                    tensors = tensors[:5]  # its 6th input, the log-sum-exp, is fp32 by design
+                self.seen.append((name, {a.dtype for a in tensors if a.is_floating_point()}))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = create_model("mae_vit_base_patch16", img_size=32, norm_pix_loss=True, **TINY_MAE)
+    with Dtypes() as mode:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _, _ = model(torch.randn(2, 3, 32, 32), mask_ratio=0.75)
+        loss.backward()
+    names = {name for name, _ in mode.seen}
+    assert {"addmm", "mm"} <= names and any("scaled_dot_product" in n for n in names)
+    fp32 = [(name, d) for name, d in mode.seen if d != {torch.bfloat16}]
+    assert not fp32, fp32
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
