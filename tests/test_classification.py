@@ -268,6 +268,42 @@ def test_the_probe_trains_only_its_head_with_the_encoder_frozen_in_eval_mode(dat
             assert torch.equal(p, encoder[n]) and p.grad is None, n
 
 
+def test_probe_updates_wait_for_no_host_sync_and_a_bad_gradient_still_stops(data, tmp_path):
+    """LARS cannot read GradScaler's finiteness flag on the device, so GradScaler.step would
+    read it on the host every update; the probe steps directly and the flag is read at the
+    log step, where a non-finite gradient stops the run."""
+    from mae_transfer.engine.trainer import NonFiniteLossError
+
+    cfg = cfg_of(LinprobeConfig, data, tmp_path / "a", finetune=data["ours"], epochs=1)
+    t = LinprobeTrainer(cfg, CPU, DistInfo())
+    assert t._direct_step
+    reads, real_item, real_update = [], torch.Tensor.item, t._update
+
+    def counted(x):
+        reads[-1] += 1
+        return real_item(x)
+
+    def update():
+        reads.append(0)
+        torch.Tensor.item = counted
+        try:
+            real_update()
+        finally:
+            torch.Tensor.item = real_item
+
+    t._update = update
+    t.train()
+    t.close()
+    assert len(reads) == 6 and sum(reads) == 0  # 6 updates, not one value read on the host
+    cfg = cfg_of(LinprobeConfig, data, tmp_path / "b", finetune=data["ours"], epochs=1)
+    t = LinprobeTrainer(cfg, CPU, DistInfo())
+    t.model.head[1].weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="gradient was not finite .the update was applied"):
+        t.train()
+    t.close()
+    assert not os.path.isfile(tmp_path / "b" / "checkpoint-last.pth")
+
+
 def test_cached_features_are_the_frozen_encoder_s_in_index_order(data, tmp_path):
     cfg = cfg_of(LinprobeConfig, data, tmp_path, cache_features=True, epochs=2)
     t = LinprobeTrainer(cfg, CPU, DistInfo())
@@ -406,6 +442,26 @@ def test_two_process_fine_tuning_equals_one_process(data, tmp_path):
             assert np.allclose(v, value[k], rtol=1e-4, atol=1e-6), (rank, k)
     start = torch.load(data["official"], weights_only=True)["model"]["blocks.0.attn.qkv.weight"]
     assert not np.array_equal(one["blocks.0.attn.qkv.weight"], start.numpy())  # it did train
+
+
+def _probe_on_ranks(info, data, out):
+    t = LinprobeTrainer(
+        cfg_of(LinprobeConfig, data, out, finetune=data["ours"], epochs=1), CPU, info
+    )
+    t.train()
+    t.close()
+    bn = t.model.head[0]
+    return bn.running_mean.numpy().copy(), bn.running_var.numpy().copy()
+
+
+def test_every_rank_evaluates_the_probe_with_rank_0_s_batchnorm_statistics(data, tmp_path):
+    """Each rank's BatchNorm statistics move with its own last batch; the accuracy of rank 0's
+    saved model is only what was measured if every rank evaluated with rank 0's statistics."""
+    results = run_ranks(_probe_on_ranks, data, tmp_path)
+    assert all(status == "ok" for status, _ in results.values()), results
+    (mean0, var0), (mean1, var1) = results[0][1], results[1][1]
+    assert np.array_equal(mean0, mean1) and np.array_equal(var0, var1)
+    assert not np.allclose(mean0, 0)  # the statistics did move
 
 
 def test_bad_values_are_all_named_before_anything_starts(data, tmp_path):

@@ -196,3 +196,37 @@ def test_training_with_device_decoding_equals_the_loader_pipeline(tmp_path, imag
 
     ref = losses("loader")
     assert len(ref) == 3 and ref == losses("device", decode_on_device=True)
+
+
+def test_normalisation_constants_are_made_once_per_device(monkeypatch):
+    """Every training step normalises its batch: the mean / std tensors must not be rebuilt
+    from Python numbers each time (on a GPU that is a blocking host-to-device copy)."""
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    first = normalize(x)
+    made, real = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    assert torch.equal(normalize(x), first) and not made
+
+
+def test_device_decoding_drains_the_callers_cuda_stream_first(monkeypatch):
+    """nvJPEG writes its outputs without waiting for the caller's queued kernels: the
+    caller's stream must be drained before the decode is launched (faked: no GPU here)."""
+    import torchvision.io
+
+    from mae_transfer.data.device_decode import decode_jpegs
+
+    events = []
+
+    class Stream:
+        def synchronize(self):
+            events.append("synchronize")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(
+        torchvision.io, "decode_jpeg", lambda data, **kw: events.append(("decode", kw["device"]))
+    )
+    decode_jpegs([torch.zeros(4, dtype=torch.uint8)], torch.device("cuda", 0))
+    assert events == ["synchronize", ("decode", torch.device("cuda", 0))]
+    events.clear()
+    decode_jpegs([torch.zeros(4, dtype=torch.uint8)], torch.device("cpu"))
+    assert events == [("decode", torch.device("cpu"))]  # nothing to drain on the CPU

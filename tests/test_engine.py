@@ -270,6 +270,10 @@ def test_slurm_local_id_is_taken_modulo_the_visible_gpus(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "16")
     monkeypatch.setenv("SLURM_PROCID", "13")
     monkeypatch.setenv("SLURM_LOCALID", "5")
+    # an sbatch script / salloc shell: SLURM_NTASKS is set but no srun step runs; a plain
+    # `python tools/knn.py ...` there is one process and must not wait for 15 peers
+    assert not init_distributed("cuda").enabled and chosen == []
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")  # a task of `srun`
     info = init_distributed("cuda")
     assert (info.rank, info.local_rank, info.world_size) == (13, 5, 16)
     assert chosen == [1]  # one GPU per task bound 4 ways: local id 5 is this node's 2nd GPU

@@ -18,7 +18,7 @@ import torch
 from .decode import EncodedImage
 from .transforms import CropParams, RandomResizedCropFlip, resized_crop_uint8
 
-__all__ = ["PendingCrop", "PendingBatch", "pending_crop", "decode_on_device"]
+__all__ = ["PendingCrop", "PendingBatch", "pending_crop", "decode_on_device", "decode_jpegs"]
 
 
 class PendingCrop:
@@ -60,13 +60,10 @@ def decode_on_device(
     All JPEGs go through one batched ``decode_jpeg`` call (nvJPEG on CUDA); resizing on a GPU
     runs in float and is rounded back to uint8 (:func:`resized_crop_uint8`).
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     out = torch.empty(len(batch), 3, *size, dtype=torch.uint8, device=device)
     jpegs = [i for i, item in enumerate(batch) if item.data is not None]
     if jpegs:
-        data = [batch[i].data for i in jpegs]
-        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        decoded = decode_jpegs([batch[i].data for i in jpegs], device)
         for i, img in zip(jpegs, decoded):
             x = resized_crop_uint8(img, batch[i].crop, size)
             out[i] = x.flip(-1) if batch[i].flip else x
@@ -74,3 +71,19 @@ def decode_on_device(
         if item.data is None:
             out[i] = item.image.to(device, non_blocking=True)
     return out
+
+
+def decode_jpegs(data: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    """One batched ``torchvision.io.decode_jpeg`` on ``device``, as RGB uint8 (3, H, W).
+
+    On CUDA the caller's stream is drained first. The decoder's outputs come from the caching
+    allocator of the caller's stream, but nvJPEG writes them without waiting for the work
+    queued there, so memory that the previous step's backward still reads could be
+    overwritten (pytorch/vision#9606, meta-pytorch/torchcodec#1634). The price is one host
+    wait per batch, on a path that already hands the host the decoding.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)

@@ -205,6 +205,12 @@ def normalize(
     The same operations as ``ToTensor`` + ``Normalize`` (divide by 255, subtract, divide), so
     that equal uint8 pixels give bitwise equal inputs in both pipelines.
     """
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    m, s = _channel_stats(tuple(mean), x.device), _channel_stats(tuple(std), x.device)
     return x.float().div_(255).sub_(m).div_(s)
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_stats(values: Tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(C, 1, 1) float32 constants, made once per device: on a GPU, building them from Python
+    numbers is a blocking copy that would stall every training step on the host."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)

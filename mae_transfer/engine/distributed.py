@@ -50,10 +50,13 @@ def init_distributed(device_type: str, dist_url: str = "env://") -> DistInfo:
     """Joins the process group when launched by torchrun / srun; a no-op for one process.
 
     torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT. Under Slurm without torchrun,
-    SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS are used (MASTER_ADDR must be set, as
-    pretrain/submit.py does). The backend is nccl for CUDA and gloo for CPU.
+    the tasks of an ``srun`` step use SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS
+    (MASTER_ADDR must be set, as pretrain/submit.py does). SLURM_NTASKS alone is not enough:
+    it is also set in an ``sbatch`` script or ``salloc`` shell, where a plain ``python ...``
+    is one process and would wait for peers that never start. The backend is nccl for CUDA
+    and gloo for CPU.
     """
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    world = _env_int("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", default=1)
     if world <= 1:
         return DistInfo()
     info = DistInfo(
@@ -124,6 +127,15 @@ def all_gather_rows(x: torch.Tensor, info: DistInfo) -> List[torch.Tensor]:
     out = [torch.empty_like(padded) for _ in range(info.world_size)]
     dist.all_gather(out, padded)
     return [o[: int(s.item())].to(x.device) for o, s in zip(out, sizes)]
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (e.g. BatchNorm running statistics) on every process. DDP sends them
+    at the start of each training forward, so after a step every rank holds statistics
+    updated by its own batch; evaluation and checkpoints must use one set."""
+    if info.enabled:
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
 
 
 def barrier(info: DistInfo) -> None:

@@ -39,7 +39,14 @@ from mae_transfer.device import fused_adamw_supported, resolve_amp
 from mae_transfer.optim import param_groups
 
 from .config import ConfigError, TrainConfig, save_config
-from .distributed import DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object
+from .distributed import (
+    DistInfo,
+    all_reduce_min,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+)
 from .logger import RunLogger
 from .schedule import cosine_lr
 from .state import get_rng_state, newest_checkpoint, set_rng_state
@@ -136,6 +143,12 @@ class EpochTrainer:
         self.optimizer = self.build_optimizer()
         self.amp_dtype, fp16 = resolve_amp(cfg.amp, device)
         self.scaler = make_scaler(device, fp16)
+        # GradScaler.step reads its finiteness flag on the host (a sync every update) unless
+        # the optimizer takes it on the device (fused AdamW does, LARS and foreach loops do
+        # not); at scale 1 such an optimizer steps directly, the flag still recorded
+        self._direct_step = not fp16 and not getattr(
+            self.optimizer, "_step_supports_amp_scaling", False
+        )
         self.epoch, self.iter = 0, 0  # next epoch / next batch within it
         self.skipped_images = 0
         self._resume()
@@ -455,11 +468,15 @@ class EpochTrainer:
 
     def _update(self) -> None:
         clip = self.cfg.clip_grad
+        if clip or self._direct_step:
+            self.scaler.unscale_(self.optimizer)  # the finiteness flag, on the device
         if clip:
-            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.scaler.step(self.optimizer)  # skipped on device when a gradient is not finite
-        self.scaler.update()
+        if self._direct_step:
+            self.optimizer.step()  # not skipped; a non-finite gradient stops the run at the
+        else:  # next log step, before anything is saved
+            self.scaler.step(self.optimizer)  # skipped on device when a gradient is not finite
+        self.scaler.update()  # the scale leaves 1.0 after a non-finite gradient: see _flush
         # under DDP the gradients are views into its buckets: zero them there, don't free them
         self.optimizer.zero_grad(set_to_none=not self.dist.enabled)
 
@@ -484,7 +501,8 @@ class EpochTrainer:
         if math.isfinite(loss_sum):
             if self.amp_dtype == torch.float16 or self.scaler.get_scale() == 1.0:
                 return
-            what = "a gradient was not finite (the update was skipped)"
+            applied = "applied" if self._direct_step else "skipped"
+            what = f"a gradient was not finite (the update was {applied})"
         else:
             what = f"loss is {loss_sum}"
         last = os.path.join(self.cfg.output_dir, LAST)
@@ -498,6 +516,7 @@ class EpochTrainer:
     def _evaluate(self) -> Dict[str, float]:
         """``evaluate()`` in eval mode, without touching the training's random streams."""
         devices = [self.device] if self.device.type == "cuda" else []
+        broadcast_buffers(self.model, self.dist)  # every rank evaluates rank 0's model
         with torch.random.fork_rng(devices=devices), tf32_enabled(self.device):
             self.ddp.eval()
             metrics = self.evaluate()
