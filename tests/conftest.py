@@ -134,3 +134,35 @@ def run_ranks(fn, *args, world: int = 2, timeout: float = 240) -> dict:
     for p in procs:
         p.join(timeout=30)
     return results
+
+
+# -- host syncs ----------------------------------------------------------------------------
+_HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+def count_host_reads(trainer, monkeypatch) -> list:
+    """Wraps ``trainer._step`` so that every value read from a tensor to the host inside a
+    step (a sync on a GPU) is recorded, by name; returns the list it fills, which starts
+    with the number of steps run."""
+    reads, inside = [0], [False]
+    for name in _HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _real=real, _name=name, **k):
+            if inside[0]:
+                reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    step = trainer._step
+
+    def counted(*args, **kwargs):
+        reads[0] += 1
+        inside[0] = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    trainer._step = counted
+    return reads

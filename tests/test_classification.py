@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, run_ranks, save_mae_checkpoints, write_colour_classes
+from conftest import (
+    ROOT,
+    count_host_reads,
+    run_ranks,
+    save_mae_checkpoints,
+    write_colour_classes,
+)
 
 from mae_transfer.checkpoint import CheckpointError
 from mae_transfer.classification.config import (
@@ -302,6 +308,24 @@ def test_probe_updates_wait_for_no_host_sync_and_a_bad_gradient_still_stops(data
         t.train()
     t.close()
     assert not os.path.isfile(tmp_path / "b" / "checkpoint-last.pth")
+
+
+@pytest.mark.parametrize(
+    "cls, kw",
+    [
+        (FinetuneConfig, dict(amp="bf16", clip_grad=1.0, accum_iter=2)),  # mixup, drop path
+        (LinprobeConfig, dict(finetune="ours")),
+        (LinprobeConfig, dict(finetune="ours", cache_features=True)),
+    ],
+)
+def test_classification_steps_read_nothing_back_to_the_host(data, tmp_path, monkeypatch, cls, kw):
+    kw = {**kw, "finetune": data[kw["finetune"]]} if "finetune" in kw else kw
+    cfg = cfg_of(cls, data, tmp_path, epochs=1, log_every_iters=1000, **kw)
+    t = (FinetuneTrainer if cls is FinetuneConfig else LinprobeTrainer)(cfg, CPU, DistInfo())
+    reads = count_host_reads(t, monkeypatch)
+    t.train()
+    t.close()
+    assert reads == [6]  # 6 steps of 4 images, not one value read on the host
 
 
 def test_cached_features_are_the_frozen_encoder_s_in_index_order(data, tmp_path):

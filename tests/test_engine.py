@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_MAE, run_ranks, write_images
+from conftest import TINY_MAE, count_host_reads, run_ranks, write_images
 
 import mae_transfer.engine.trainer as trainer_module
 from mae_transfer.engine import distributed as distributed_module
@@ -323,3 +323,36 @@ def test_config_dataclasses_share_the_run_fields():
     shared = {f.name for f in dataclasses.fields(TrainConfig)}
     assert shared <= {f.name for f in dataclasses.fields(PretrainConfig)}
     assert PretrainConfig().epochs == 400 and TrainConfig().epochs == 100
+
+
+# -- no host sync inside a training step ------------------------------------------------------
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+def test_training_steps_read_nothing_back_to_the_host(tmp_path, image_dir, monkeypatch, amp):
+    """Steps between log steps queue work and return: on a GPU any value read back (loss,
+    scaler flag, a Python number from a tensor) would stall every step. Pretraining with
+    gradient accumulation (no_sync steps and update steps), in fp32 and bf16."""
+    from pretrain.config import make_config, validate
+    from pretrain.engine import Trainer
+
+    values = dict(
+        model="mae_vit_base_patch16",
+        model_kwargs={**TINY_MAE, "depth": 1, "decoder_depth": 1},
+        input_size=32,
+        batch_size=2,
+        accum_iter=2,
+        epochs=1,
+        warmup_epochs=0,
+        data_path=image_dir,
+        num_workers=0,
+        device="cpu",
+        log_every_iters=1000,  # the epoch's end is its only log step
+        amp=amp,
+        output_dir=str(tmp_path / "out"),
+    )
+    cfg = make_config(values)
+    validate(cfg)
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    reads = count_host_reads(t, monkeypatch)
+    t.train()
+    t.close()
+    assert reads == [6]  # 6 steps (12 images / batch 2), not one value read on the host
