@@ -172,7 +172,7 @@ class MaskedAutoencoderViT(nn.Module):
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
-        self._sincos_cache: Dict[Tuple[int, int, int, str], torch.Tensor] = {}
+        self._sincos_cache: Dict[tuple, torch.Tensor] = {}
         self.initialize_weights()
 
     @property
@@ -197,7 +197,7 @@ class MaskedAutoencoderViT(nn.Module):
         """The (1, 1 + gh*gw, D) sin-cos table for ``grid``: the stored one at the built size."""
         if grid == self.grid_size:
             return table
-        key = (*grid, table.shape[-1], str(table.device))
+        key = (*grid, table.shape[-1], str(table.device), table.dtype)
         if key not in self._sincos_cache:
             emb = sincos_pos_embed(table.shape[-1], grid, device=table.device)
             self._sincos_cache[key] = emb.to(table.dtype)

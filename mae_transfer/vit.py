@@ -14,6 +14,7 @@ On top of the plain ViT it has the options that dense prediction needs:
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -33,6 +34,23 @@ REL_POS_TYPES = (None, "decomposed", "bias")
 HW = Tuple[int, int]
 
 
+# -- constant tables ---------------------------------------------------------------------------
+def _constant(builder):
+    """Caches a builder of constant index / mask tensors by its arguments (device and dtype
+    among them): each is made once, not in every block of every forward, where on a GPU it
+    is a string of small kernel launches. Made outside inference mode, so that a table first
+    built during evaluation can still be saved for a training backward."""
+    cached = functools.lru_cache(maxsize=64)(builder)
+
+    @functools.wraps(builder)
+    def get(*args):
+        with torch.inference_mode(False):
+            return cached(*args)
+
+    get.cache_clear = cached.cache_clear
+    return get
+
+
 # -- relative position -----------------------------------------------------------------------
 def _resize_1d_table(table: torch.Tensor, length: int) -> torch.Tensor:
     """table: (L, C) -> (length, C) by linear interpolation along L."""
@@ -42,7 +60,8 @@ def _resize_1d_table(table: torch.Tensor, length: int) -> torch.Tensor:
     return out.squeeze(0).t().to(table.dtype)
 
 
-def _relative_index(q_size: int, k_size: int, device) -> torch.Tensor:
+@_constant
+def _relative_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
     """(q_size, k_size) index into a table of 2 * max(q, k) - 1 relative offsets."""
     q = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
     k = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
@@ -114,16 +133,24 @@ def fold_decomposed_rel_pos(
     pad = -(dim + h + w) % multiple
     rel_h, rel_w = _decomposed_rel_terms(q, rel_pos_h, rel_pos_w, hw)
     rel_h, rel_w = rel_h.reshape(b, heads, n, h), rel_w.reshape(b, heads, n, w)
-    idx = torch.arange(n, device=q.device)
-    onehot = torch.cat([F.one_hot(idx // w, h), F.one_hot(idx % w, w)], dim=-1).to(k.dtype)
-    onehot = F.pad(onehot, (0, pad))
     zeros = q.new_zeros(b, heads, n, pad)
     q2 = torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype), zeros], dim=-1)
+    onehot = _key_rows_and_columns(tuple(hw), pad, k.device, k.dtype)
     k2 = torch.cat([k, onehot.expand(b, heads, n, h + w + pad)], dim=-1)
     return q2, k2
 
 
-def _bias_table_index(hw: HW, device) -> torch.Tensor:
+@_constant
+def _key_rows_and_columns(hw: HW, pad: int, device: torch.device, dtype) -> torch.Tensor:
+    """(h*w, h + w + pad): each key's one-hot row, one-hot column, then ``pad`` zeros."""
+    h, w = hw
+    idx = torch.arange(h * w, device=device)
+    onehot = torch.cat([F.one_hot(idx // w, h), F.one_hot(idx % w, w)], dim=-1).to(dtype)
+    return F.pad(onehot, (0, pad))
+
+
+@_constant
+def _bias_table_index(hw: HW, device: torch.device) -> torch.Tensor:
     """(h*w, h*w) index into a ((2h-1) * (2w-1)) table of 2D relative offsets."""
     h, w = hw
     coords = torch.stack(
@@ -152,8 +179,9 @@ def relative_position_bias(table: torch.Tensor, table_hw: HW, hw: HW) -> torch.T
         grid = table.t().reshape(1, heads, 2 * th - 1, 2 * tw - 1).float()
         grid = F.interpolate(grid, size=(2 * h - 1, 2 * w - 1), mode="bicubic", align_corners=False)
         table = grid.reshape(heads, -1).t().to(table.dtype)
-    bias = table[_bias_table_index(hw, table.device).reshape(-1)]
-    return bias.reshape(h * w, h * w, heads).permute(2, 0, 1).unsqueeze(0)
+    # gathered per head, so that the bias is contiguous (heads, N, N), as fused kernels read it
+    bias = table.t()[:, _bias_table_index(tuple(hw), table.device).reshape(-1)]
+    return bias.view(1, heads, h * w, h * w)
 
 
 # -- windows ----------------------------------------------------------------------------------
@@ -179,12 +207,22 @@ def window_unpartition(x: torch.Tensor, window: int, padded: HW, hw: HW) -> torc
 
 
 def _padding_mask(hw: HW, padded: HW, window: int, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """Additive (B * nW, 1, 1, window*window) mask that hides zero-padded keys in each window."""
-    valid = torch.zeros(1, padded[0], padded[1], 1, dtype=like.dtype, device=like.device)
+    """Additive (B * nW, 1, 1, window*window) mask that hides zero-padded keys in each window,
+    in the dtype and on the device of ``like`` (the attention's inputs: under autocast a
+    mask of another dtype would promote the (N x N) bias it is added to)."""
+    return _window_mask(tuple(hw), tuple(padded), window, like.device, like.dtype).repeat(
+        batch, 1, 1, 1
+    )
+
+
+@_constant
+def _window_mask(hw: HW, padded: HW, window: int, device: torch.device, dtype) -> torch.Tensor:
+    """The (nW, 1, 1, window*window) mask of one image: -inf on zero-padded keys, else 0."""
+    valid = torch.zeros(1, padded[0], padded[1], 1, dtype=dtype, device=device)
     valid[:, : hw[0], : hw[1]] = 1
     valid, _ = window_partition(valid, window)  # (nW, window*window, 1)
     mask = torch.zeros_like(valid).masked_fill(valid == 0, float("-inf"))
-    return mask.transpose(1, 2).unsqueeze(1).repeat(batch, 1, 1, 1)
+    return mask.transpose(1, 2).unsqueeze(1)
 
 
 # -- attention and block ----------------------------------------------------------------------
@@ -312,7 +350,7 @@ class Block(nn.Module):
         b, n, c = x.shape
         attn = self.attn
         qkv, padded = window_partition(attn.qkv(x).view(b, hw[0], hw[1], -1), self.window_size)
-        mask = _padding_mask(hw, padded, self.window_size, b, x) if padded != hw else None
+        mask = _padding_mask(hw, padded, self.window_size, b, qkv) if padded != hw else None
         out = attn.attend(qkv, (self.window_size, self.window_size), mask)
         out = window_unpartition(out, self.window_size, padded, hw).reshape(b, n, c)
         return attn.proj_drop(attn.proj(out))

@@ -27,6 +27,7 @@ from mae_transfer.detection.train import (  # noqa: E402
     Trainer,
     build_cfg,
     build_optimizer,
+    keep_optimizer_impl,
     register_coco_datasets,  # noqa: E402
 )
 
@@ -495,3 +496,20 @@ def test_lazy_config_schedule_matches_the_yaml_recipe():
     assert tuple(lr.scheduler.milestones) == tuple(yaml.SOLVER.STEPS)
     assert lazy.optimizer.params.base_lr == yaml.SOLVER.BASE_LR
     assert lazy.optimizer.params.weight_decay == yaml.SOLVER.WEIGHT_DECAY
+
+
+def test_a_resumed_adamw_keeps_its_step_count_where_its_implementation_reads_it():
+    """A non-fused checkpoint resumed by a fused run: the fused kernel reads ``step`` on the
+    parameter's device (a meta-device parameter stands in for a CUDA one; the other way,
+    a CUDA count moved to the CPU, needs a real device to copy from)."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    before = torch.optim.AdamW([p], foreach=True)
+    before.step()
+    q = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    opt = torch.optim.AdamW([q], fused=True)
+    with keep_optimizer_impl(opt):
+        opt.load_state_dict(before.state_dict())
+    assert opt.param_groups[0]["fused"] is True
+    step = opt.state[q]["step"]
+    assert step.device == q.device and step.dtype == torch.float32

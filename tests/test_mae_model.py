@@ -116,6 +116,9 @@ def test_input_size_other_than_built_regenerates_sincos():
     table = model._pos_embed(model.pos_embed, (3, 4))
     ref = torch.from_numpy(get_2d_sincos_pos_embed(32, (3, 4), cls_token=True)).float()
     assert torch.allclose(table[0], ref)
+    model.to(torch.bfloat16)  # e.g. for inference: the regenerated table follows the weights
+    loss, pred, _ = model(x.to(torch.bfloat16))
+    assert pred.dtype == torch.bfloat16 and torch.isfinite(loss)
 
 
 def test_gradient_on_every_trainable_parameter():

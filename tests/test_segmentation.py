@@ -331,3 +331,15 @@ def test_recipe_scales_the_lr_with_the_total_batch(tmp_path):
     base = Config.fromfile(TINY_CONFIG).optim_wrapper.optimizer.lr
     initial = max(g["initial_lr"] for g in runner.optim_wrapper.optimizer.param_groups)
     assert initial == pytest.approx(base * 2 / 16)
+
+
+@pytest.mark.parametrize("launcher", ["none", "pytorch"])
+def test_cpu_runs_use_plain_batchnorm_with_any_launcher(launcher):
+    """torch's SyncBatchNorm raises in training on a CPU once a process group exists (gloo
+    included): a CPU run under torchrun must get BN, as a single process does."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA keeps the recipe's SyncBN")
+    cfg = build_cfg(RECIPE, {"model.backbone.pretrained": None}, launcher=launcher)
+    assert "SyncBN" in str(Config.fromfile(RECIPE)._cfg_dict)  # the recipe asks for it
+    assert "SyncBN" not in str(cfg._cfg_dict)
+    assert cfg.env_cfg.dist_cfg.backend == "gloo"

@@ -227,3 +227,77 @@ def test_zero_padded_folded_width_equals_the_explicit_bias(hw):
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
     for g, r in zip(grads, ref_grads):
         assert (g - r).abs().max() <= 1e-5 * r.abs().max(), (g - r).abs().max()
+
+
+def _windowed(rel_pos, fold=True):
+    """Window 3 on a 5 x 7 grid (padded windows) plus a global block, with relative position."""
+    model = vit(class_token=False, window_size=3, global_blocks=(3,), rel_pos=rel_pos)
+    for m in model.modules():
+        if hasattr(m, "fold_rel_pos"):
+            m.fold_rel_pos = fold
+    return model, torch.randn(2, 3, 80, 112)
+
+
+@pytest.mark.parametrize(
+    "rel_pos, fold", [("decomposed", True), ("decomposed", False), ("bias", 0)]
+)
+def test_bf16_attention_gets_masks_in_its_dtype_and_contiguous_biases(rel_pos, fold, monkeypatch):
+    """Under autocast the LayerNorm output is fp32 while the attention runs in bf16: a mask
+    made in fp32 would promote the (N x N) bias it is added to; a permuted bias would be
+    copied by the fused kernels."""
+    import torch.nn.functional as F
+
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None:
+            seen.append((q.dtype, attn_mask.dtype, attn_mask.is_contiguous()))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model, x = _windowed(rel_pos, fold)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.forward_intermediates(x, [3])
+    expected_calls = 3 if fold else 4  # folded: only the padded windows need a mask
+    assert len(seen) == expected_calls, seen
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16, True)}, seen
+
+
+def test_constant_tables_are_built_once_not_in_every_block_and_forward():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Builders(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("arange", "one_hot", "masked_fill", "meshgrid"):
+                self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for rel_pos in ("decomposed", "bias"):
+        model, x = _windowed(rel_pos)
+        model.forward_intermediates(x, [3])
+        with Builders() as mode:
+            model.forward_intermediates(x, [3])
+        assert not mode.ops, (rel_pos, mode.ops)
+
+
+def test_tables_first_built_in_inference_mode_serve_a_training_backward():
+    from mae_transfer import vit as vit_module
+
+    for builder in (
+        "_relative_index",
+        "_key_rows_and_columns",
+        "_bias_table_index",
+        "_window_mask",
+    ):
+        getattr(vit_module, builder).cache_clear()
+    for rel_pos in ("decomposed", "bias"):
+        model, x = _windowed(rel_pos, fold=rel_pos == "decomposed")
+        with torch.inference_mode():  # an evaluation first (mmengine, detectron2 hooks)
+            model.eval().forward_intermediates(x, [3])
+        model.train()
+        sum(o.sum() for o in model.forward_intermediates(x, [3])).backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if "rel" in n)

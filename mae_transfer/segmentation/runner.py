@@ -14,7 +14,8 @@ from mae_transfer.device import resolve_amp
 
 
 def _replace_sync_bn(node: Any) -> Any:
-    """SyncBN -> BN everywhere in a config (a single CPU process has nothing to sync with)."""
+    """SyncBN -> BN everywhere in a config (CPU runs: torch's SyncBatchNorm raises in training
+    on any device but a GPU as soon as a process group exists, gloo included)."""
     if isinstance(node, dict):
         for k, v in node.items():
             if k == "type" and v == "SyncBN" or k == "norm" and v == "SyncBN":
@@ -74,9 +75,8 @@ def build_cfg(
         print_log("AmpOptimWrapper -> OptimWrapper: no CUDA, training in fp32", logger="current")
         cfg.optim_wrapper.type = "OptimWrapper"
         cfg.optim_wrapper.pop("loss_scale", None)
-    if not cuda:
-        if launcher == "none":
-            _replace_sync_bn(cfg._cfg_dict)
+    if not cuda:  # torch's SyncBatchNorm trains only on GPUs, even with gloo peers
+        _replace_sync_bn(cfg._cfg_dict)
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
     validate(cfg)
     return cfg
