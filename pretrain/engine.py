@@ -50,7 +50,7 @@ class Trainer(EpochTrainer):
                 dist_info,
                 max_images=cfg.knn_max_images,
                 batch_size=cfg.batch_size,
-                num_workers=min(cfg.num_workers, 2),
+                num_workers=cfg.num_workers,  # a full ImageNet set is 1.28M decodes
                 seed=cfg.seed,
             )
             logger.info("k-NN monitor every %d epochs: %s", cfg.knn_every, self.knn.describe())

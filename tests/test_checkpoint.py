@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -143,3 +144,40 @@ def test_save_atomic_keeps_old_file_on_failure(tmp_path):
         save_atomic({"a": Boom()}, str(path))
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def test_files_are_memory_mapped_never_written_and_legacy_ones_still_load(tmp_path, monkeypatch):
+    from mae_transfer.checkpoint import load_file
+
+    new, legacy = str(tmp_path / "zip.pth"), str(tmp_path / "legacy.pth")
+    torch.save({"model": {"w": torch.ones(3)}}, new)
+    torch.save({"model": {"w": torch.ones(3)}}, legacy, _use_new_zipfile_serialization=False)
+    mapped, real = [], torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: mapped.append(k.get("mmap")) or real(*a, **k)
+    )
+    w = load_file(new)["model"]["w"]
+    assert mapped == [True]
+    w.add_(1)  # an optimizer's in-place step on a resumed state: a private copy of the page
+    assert torch.equal(load_file(new)["model"]["w"], torch.ones(3))
+    mapped.clear()
+    assert torch.equal(load_file(legacy)["model"]["w"], torch.ones(3)) and mapped == [True, None]
+
+
+def test_copies_of_a_checkpoint_are_links_that_outlive_its_next_save(tmp_path, monkeypatch):
+    from mae_transfer.checkpoint import copy_atomic, load_file
+
+    last, epoch = str(tmp_path / "checkpoint-last.pth"), str(tmp_path / "checkpoint-0.pth")
+    save_atomic({"epoch": 0}, last)
+    copy_atomic(last, epoch)
+    assert os.stat(epoch).st_ino == os.stat(last).st_ino  # no second write of the bytes
+    save_atomic({"epoch": 1}, last)  # replaced whole: the copy keeps what it was
+    assert load_file(epoch)["epoch"] == 0 and load_file(last)["epoch"] == 1
+
+    def no_links(src, dst):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    copy_atomic(last, epoch)  # a byte copy where links are not possible
+    assert os.stat(epoch).st_ino != os.stat(last).st_ino and load_file(epoch)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [epoch.split("/")[-1], last.split("/")[-1]]

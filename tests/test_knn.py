@@ -86,6 +86,8 @@ def test_evaluator_on_class_folders(tmp_path):
 
 
 def _knn_on_ranks(info, train, val):
+    import mae_transfer.classification.knn as knn
+
     ev = KNNEvaluator(train, val, 32, info, batch_size=4)
     torch.manual_seed(0)
     enc = torch.nn.Linear(3, 8)  # a feature that is not perfectly separable
@@ -94,15 +96,28 @@ def _knn_on_ranks(info, train, val):
         def forward_features(self, x):
             return enc(x.mean(dim=(2, 3)))[:, None, :]
 
-    return ev(Enc(), torch.device("cpu"), ks=(1, 5))
+    searched, real = [], knn.knn_correct  # (train rows, val rows) each search sees
+
+    def spy(train_f, train_l, test_f, test_l, *args, **kwargs):
+        searched.append((len(train_l), len(test_l)))
+        return real(train_f, train_l, test_f, test_l, *args, **kwargs)
+
+    knn.knn_correct = spy
+    try:
+        return ev(Enc(), torch.device("cpu"), ks=(1, 5)), searched
+    finally:
+        knn.knn_correct = real
 
 
-def test_several_ranks_gather_every_feature(tmp_path):
+def test_several_ranks_gather_the_training_features_and_split_the_search(tmp_path):
     train = write_colour_classes(tmp_path / "train", 7, seed=0)
     val = write_colour_classes(tmp_path / "val", 5, seed=1)
-    single = _knn_on_ranks(DistInfo(), train, val)
+    single, searched = _knn_on_ranks(DistInfo(), train, val)
+    assert searched == [(21, 15)]
     results = run_ranks(_knn_on_ranks, train, val)
-    assert all(status == "ok" and value == single for status, value in results.values()), results
+    assert all(status == "ok" and value[0] == single for status, value in results.values()), results
+    # every rank votes with all 21 training features, for its own share of the 15 images
+    assert sorted(results[r][1][1][0] for r in results) == [(21, 7), (21, 8)]
 
 
 def _pretrain_cfg(out, data, **kw):

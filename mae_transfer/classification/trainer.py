@@ -113,7 +113,7 @@ class _ClassifierTrainer(EpochTrainer):
         self.best_acc1 = -1.0
         super().__init__(cfg, device, dist_info)
         self.val = ValEvaluator(
-            self.build_val_dataset(), dist_info, cfg.batch_size, min(cfg.num_workers, 4)
+            self.build_val_dataset(), dist_info, cfg.batch_size, cfg.num_workers
         )
         logger.info(
             "%d classes; %d training / %d validation images",
@@ -304,7 +304,7 @@ class LinprobeTrainer(_ClassifierTrainer):
             images,
             batch_size=cfg.batch_size,
             sampler=ShardSampler(len(images), d.rank, d.world_size),
-            num_workers=min(cfg.num_workers, 4),
+            num_workers=cfg.num_workers,
             collate_fn=collate,
         )
         amp_dtype, _ = resolve_amp(cfg.amp, self.device)
@@ -353,7 +353,7 @@ def evaluate_checkpoint(
     model.to(device)
     transform = eval_transform(cfg.input_size, eval_crop_pct(cfg))
     images = ClassFolderDataset(val_folder, transform, cfg.seed, cfg.max_val_images)
-    evaluator = ValEvaluator(images, dist, cfg.batch_size, min(cfg.num_workers, 4))
+    evaluator = ValEvaluator(images, dist, cfg.batch_size, cfg.num_workers)
     amp_dtype, _ = resolve_amp(cfg.amp, device)
     with tf32_enabled(device):
         metrics = evaluator(model, device, amp_dtype)

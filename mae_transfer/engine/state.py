@@ -43,12 +43,9 @@ def checkpoint_progress(path: str, fmt: str) -> Tuple[int, int]:
 
     Ours record both; an official MAE ``checkpoint-N.pth`` (no format key) resumes at N + 1.
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be memory-mapped
-        from mae_transfer.checkpoint import load_file
+    from mae_transfer.checkpoint import load_file
 
-        ckpt = load_file(path)
+    ckpt = load_file(path)  # memory-mapped: no tensor is read
     if not isinstance(ckpt, dict) or "epoch" not in ckpt:
         return (-1, 0)  # weights only: any training checkpoint is newer
     if ckpt.get("format") != fmt:

@@ -33,7 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mae_transfer.checkpoint import load_file, save_atomic
+from mae_transfer.checkpoint import copy_atomic, load_file, save_atomic
 from mae_transfer.data import ResumableDistributedSampler, collate
 from mae_transfer.device import fused_adamw_supported, resolve_amp
 from mae_transfer.optim import param_groups
@@ -369,12 +369,13 @@ class EpochTrainer:
             )
         if not self.dist.is_main:
             return
-        state = self.checkpoint_state()
-        names = [LAST, *copies]
+        last = os.path.join(self.cfg.output_dir, LAST)
+        save_atomic(self.checkpoint_state(), last)
+        names = list(copies)
         if also_epoch_copy:
             names.append(f"checkpoint-{self.epoch - 1}.pth")
-        for name in names:
-            save_atomic(state, os.path.join(self.cfg.output_dir, name))
+        for name in names:  # the same bytes under other names: linked, not written again
+            copy_atomic(last, os.path.join(self.cfg.output_dir, name))
 
     # -- training ----------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
