@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from mae_transfer.data import find_images, pretrain_transform, read_good, sample_seed
+from mae_transfer.data import PathList, find_images, pretrain_transform, read_good, sample_seed
 from mae_transfer.data.decode import open_encoded
 from mae_transfer.data.device_decode import pending_crop
 from mae_transfer.data.folder import load_rgb
@@ -48,7 +48,8 @@ class PretrainDataset(Dataset):
     ):
         if pipeline not in PIPELINES:
             raise ValueError(f"pipeline {pipeline!r}: expected one of {PIPELINES}")
-        self.files = list(files) if files is not None else find_images(root)
+        # no list of per-image Python objects in the loader workers: see PathList
+        self.files = PathList(files if files is not None else find_images(root))
         self.pipeline = pipeline
         self.crop = RandomResizedCropFlip(input_size)
         self.transform = pretrain_transform(input_size)  # the official pipeline

@@ -230,3 +230,26 @@ def test_device_decoding_drains_the_callers_cuda_stream_first(monkeypatch):
     events.clear()
     decode_jpegs([torch.zeros(4, dtype=torch.uint8)], torch.device("cpu"))
     assert events == [("decode", torch.device("cpu"))]  # nothing to drain on the CPU
+
+
+def test_data_sets_hold_their_paths_in_arrays_not_python_objects(tmp_path, image_dir):
+    """Loader workers that touch a list of 1.28M str objects copy its pages, one private copy
+    per worker; the paths live in two numpy arrays, and read back exactly."""
+    from mae_transfer.data import ClassFolderDataset, PathList, find_classes, find_images
+    from pretrain.data import PretrainDataset
+
+    names = ["a.jpg", "dir/é b.png", "x\udcff.jpg"]  # a name that is not valid UTF-8 on disk
+    paths = PathList(names)
+    assert len(paths) == 3 and list(paths) == names and paths[-1] == names[-1]
+    assert paths[1:] == names[1:] and not isinstance(paths, list)
+    with pytest.raises(IndexError):
+        paths[3]
+    ds = PretrainDataset(image_dir, 32, 16)
+    assert isinstance(ds.files, PathList) and list(ds.files) == find_images(image_dir)
+    for name, rgb in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
+        os.makedirs(tmp_path / "cls" / name)
+        Image.new("RGB", (8, 8), rgb).save(tmp_path / "cls" / name / "0.png")
+    folder = find_classes(str(tmp_path / "cls"))
+    cls = ClassFolderDataset(folder, transforms.ToTensor())
+    assert isinstance(cls.paths, PathList) and cls.labels.dtype == np.int64
+    assert [cls[(0, i)][1] for i in range(2)] == [0, 1] == [label for _, label in folder.samples]
