@@ -13,10 +13,11 @@ import torch
 
 from mae_transfer.checkpoint import find_state_dict, load_file, save_atomic
 from mae_transfer.classification.knn import KNNEvaluator
+from mae_transfer.data import find_images
 from mae_transfer.data.device_decode import PendingBatch, decode_on_device
 from mae_transfer.data.transforms import hw, normalize
 from mae_transfer.engine.config import ConfigError
-from mae_transfer.engine.distributed import DistInfo
+from mae_transfer.engine.distributed import DistInfo, on_rank0
 from mae_transfer.engine.trainer import LAST, EpochTrainer, NonFiniteLossError
 from mae_transfer.optim import param_groups
 from mae_transfer.registry import create_model
@@ -87,6 +88,7 @@ class Trainer(EpochTrainer):
             seed=cfg.seed,
             repeats=cfg.dataset_repeats,
             pipeline="device" if cfg.decode_on_device else "uint8",
+            files=on_rank0(find_images, self.dist, cfg.data_path),  # one walk, not one per rank
         )
 
     def param_groups(self) -> List[Dict]:

@@ -356,3 +356,36 @@ def test_training_steps_read_nothing_back_to_the_host(tmp_path, image_dir, monke
     t.train()
     t.close()
     assert reads == [6]  # 6 steps (12 images / batch 2), not one value read on the host
+
+
+def _list_on_ranks(info, root):
+    import os
+
+    from mae_transfer.data import find_images
+    from mae_transfer.engine.distributed import on_rank0
+
+    walks, real = [], os.walk
+    os.walk = lambda *a, **k: walks.append(1) or real(*a, **k)
+    try:
+        files = on_rank0(find_images, info, root)
+        walked = len(walks)
+        try:
+            on_rank0(find_images, info, os.path.join(root, "missing"))
+            error = None
+        except FileNotFoundError as e:
+            error = str(e)
+    finally:
+        os.walk = real
+    return list(files), walked, error
+
+
+def test_rank_0_lists_the_data_and_every_rank_gets_the_list_or_its_error(image_dir):
+    """On a shared filesystem 64 processes walking 1.28M files each load its metadata server
+    for minutes: rank 0 walks, the others receive; a listing error reaches every process
+    instead of leaving them waiting."""
+    results = run_ranks(_list_on_ranks, image_dir)
+    assert all(status == "ok" for status, _ in results.values()), results
+    (files0, walked0, error0), (files1, walked1, error1) = results[0][1], results[1][1]
+    assert files0 == files1 and len(files0) == 12
+    assert walked0 >= 1 and walked1 == 0
+    assert error0 == error1 and "no images" in error0

@@ -10,6 +10,7 @@ from torchvision import transforms
 
 from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, ClassFolder, find_classes
 from mae_transfer.data.transforms import Size, hw
+from mae_transfer.engine.distributed import DistInfo, on_rank0
 
 from .config import ClassifyConfig, FinetuneConfig
 
@@ -47,13 +48,16 @@ def linprobe_transform(input_size: Size) -> transforms.Compose:
     )
 
 
-def class_folders(cfg: ClassifyConfig) -> Tuple[Optional[ClassFolder], ClassFolder]:
+def class_folders(
+    cfg: ClassifyConfig, dist: Optional[DistInfo] = None
+) -> Tuple[Optional[ClassFolder], ClassFolder]:
     """``data_path/train`` (None when only evaluating) and ``data_path/val``, checked to name
-    the same classes."""
-    val = find_classes(f"{cfg.data_path}/val")
+    the same classes; listed by rank 0 for all processes."""
+    dist = dist or DistInfo()
+    val = on_rank0(find_classes, dist, f"{cfg.data_path}/val")
     if cfg.eval:
         return None, val
-    train = find_classes(f"{cfg.data_path}/train")
+    train = on_rank0(find_classes, dist, f"{cfg.data_path}/train")
     if train.classes != val.classes:
         extra = sorted(set(train.classes) ^ set(val.classes))[:5]
         raise ValueError(

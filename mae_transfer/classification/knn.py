@@ -29,6 +29,7 @@ from mae_transfer.engine.distributed import (
     all_gather_rows,
     all_reduce_min,
     all_reduce_sum,
+    on_rank0,
 )
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,8 @@ class KNNEvaluator:
         num_workers: int = 0,
         seed: int = 0,
     ):
-        folders = find_classes(train_dir), find_classes(val_dir)
+        dist = dist or DistInfo()
+        folders = on_rank0(find_classes, dist, train_dir), on_rank0(find_classes, dist, val_dir)
         if folders[0].classes != folders[1].classes:
             raise ValueError(
                 f"k-NN class folders differ: {train_dir} has {folders[0].classes[:5]}..., "
@@ -228,7 +230,7 @@ class KNNEvaluator:
         transform = eval_transform(input_size)
         self.sets = [ClassFolderDataset(f, transform, seed, max_images) for f in folders]
         self.num_classes = len(folders[0].classes)
-        self.dist = dist = dist or DistInfo()
+        self.dist = dist
         self.loaders = [
             DataLoader(
                 ds,

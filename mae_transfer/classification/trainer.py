@@ -108,7 +108,7 @@ class _ClassifierTrainer(EpochTrainer):
     head_init_std = 2e-5
 
     def __init__(self, cfg: ClassifyConfig, device: torch.device, dist_info: DistInfo):
-        self.folders = class_folders(cfg)
+        self.folders = class_folders(cfg, dist_info)
         self.num_classes = _num_classes(cfg, self.folders[0])
         self.best_acc1 = -1.0
         super().__init__(cfg, device, dist_info)
@@ -333,7 +333,7 @@ def evaluate_checkpoint(
 ) -> Dict[str, float]:
     """``--eval``: top-1 / top-5 on ``val/`` of a fine-tuned or linear-probe checkpoint (ours or
     an official ``mae_finetuned_vit_*.pth``), without conversion."""
-    _, val_folder = class_folders(cfg)
+    _, val_folder = class_folders(cfg, dist)
     path = cfg.resume or cfg.finetune
     state, _ = strip_to_vit(find_state_dict(load_file(path)))
     num_classes = cfg.nb_classes or head_dim_of(state) or len(val_folder.classes)

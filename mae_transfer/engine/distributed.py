@@ -7,7 +7,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -111,6 +111,25 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=_collective_device())
     return box[0]
+
+
+def on_rank0(fn: Callable[..., Any], info: DistInfo, *args: Any) -> Any:
+    """``fn(*args)`` computed by rank 0 alone, its result on every process; an exception it
+    raises is raised on every process (none is left waiting). For listing a data set: 1.28M
+    files walked once instead of once per process on a shared filesystem, and every process
+    then holds the same list. Every node must see the data under the same path."""
+    if not info.enabled:
+        return fn(*args)
+    result = None
+    if info.is_main:
+        try:
+            result = (True, fn(*args))
+        except Exception as e:  # noqa: BLE001 - re-raised on every process below
+            result = (False, e)
+    ok, value = broadcast_object(result, info)
+    if not ok:
+        raise value
+    return value
 
 
 def all_gather_rows(x: torch.Tensor, info: DistInfo) -> List[torch.Tensor]:
