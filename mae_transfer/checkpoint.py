@@ -48,13 +48,16 @@ class CheckpointError(RuntimeError):
 
 
 # -- reading ----------------------------------------------------------------------------------
-def load_file(path: str) -> Any:
+def load_file(path: str, mmap: bool = False) -> Any:
     """``torch.load`` on CPU with ``weights_only=True``; a clear error for unsafe or bad files.
 
-    Memory-mapped where the file allows it (zip format, torch >= 1.6): the processes of a node
-    resuming the same checkpoint then share its pages in the page cache instead of each
-    reading its own copy (8 x 8 GB for a ViT-H run with its AdamW state). Tensors are read when
-    used, and an in-place update copies only the page it touches; the file is never written.
+    ``mmap``: memory-map the file where its format allows it (zip, torch >= 1.6): the processes
+    of a node resuming the same checkpoint then share its pages in the page cache instead of
+    each reading a copy (8 x 8 GB for a ViT-H run with its AdamW state); an in-place update
+    copies only the page it touches, and the file is never written. Only for files that are
+    replaced whole, never rewritten in place, while their tensors live (our own checkpoints,
+    :func:`save_atomic`): a file truncated under a mapping kills the process (SIGBUS), and
+    detectron2 and mmengine save over their checkpoints in place.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -62,6 +65,8 @@ def load_file(path: str) -> Any:
         # argparse.Namespace: the official MAE training loop stores its args as one; it is a
         # plain attribute container, safe to allow.
         with torch.serialization.safe_globals([argparse.Namespace]):
+            if not mmap:
+                return torch.load(path, map_location="cpu", weights_only=True)
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:

@@ -45,7 +45,7 @@ def checkpoint_progress(path: str, fmt: str) -> Tuple[int, int]:
     """
     from mae_transfer.checkpoint import load_file
 
-    ckpt = load_file(path)  # memory-mapped: no tensor is read
+    ckpt = load_file(path, mmap=True)  # no tensor is read; dropped right after
     if not isinstance(ckpt, dict) or "epoch" not in ckpt:
         return (-1, 0)  # weights only: any training checkpoint is newer
     if ckpt.get("format") != fmt:

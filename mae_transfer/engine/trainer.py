@@ -276,7 +276,7 @@ class EpochTrainer:
         path = self._choose_checkpoint()
         if not path:
             return
-        ckpt = load_file(path)
+        ckpt = load_file(path, mmap=True)  # ours: replaced whole by save_atomic, never rewritten
         self.model.load_state_dict(ckpt["model"])
         if "optimizer" not in ckpt:
             logger.info("loaded weights only from %s (no optimizer state: a fresh start)", path)
