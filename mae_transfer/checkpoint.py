@@ -69,10 +69,9 @@ def load_file(path: str, mmap: bool = False) -> Any:
                 return torch.load(path, map_location="cpu", weights_only=True)
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap can only be used" not in str(e):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+            except (RuntimeError, OSError) as e:  # a legacy (non-zip) file, or a filesystem
+                logger.info("%s: not memory-mapped (%s); reading it whole", path, e)
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(
@@ -366,21 +365,17 @@ def save_atomic(obj: Any, path: str) -> None:
 
 
 def copy_atomic(src: str, dst: str) -> None:
-    """``dst`` becomes a copy of ``src`` (a file only ever replaced whole, as :func:`save_atomic`
-    writes them), atomically: a hard link where the filesystem has them, so that a multi-GB
-    checkpoint's extra names (``checkpoint-N.pth``, the best copy) cost no second write; a
-    byte copy otherwise. Replacing ``src`` later leaves ``dst`` as it was."""
+    """``dst`` becomes a byte copy of ``src``, atomically (temporary file, fsync, rename): a
+    checkpoint's extra names (``checkpoint-N.pth``, the best copy) without serialising the
+    state again. A copy, not a hard link: a file rewritten in place under one name (say, a
+    ``torch.save`` that strips the optimizer from the best copy) must not change the others."""
     directory = os.path.dirname(os.path.abspath(dst))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
     os.close(fd)
     try:
-        os.remove(tmp)
-        try:
-            os.link(src, tmp)
-        except OSError:  # no hard links here (or across filesystems)
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+        shutil.copyfile(src, tmp)  # in the kernel where it can (sendfile / copy_file_range)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):

@@ -9,9 +9,11 @@ everything after the ViT (final norm, pyramid, FPN, heads); its lr scale is
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 
 # Name fragments of parameters that never get weight decay (besides 1-d params and biases).
@@ -81,3 +83,32 @@ def param_groups(
         groups[key]["params"].append(p)
         groups[key]["param_names"].append(name)
     return [groups[k] for k in sorted(groups)]
+
+
+OPTIMIZER_IMPL_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+@contextlib.contextmanager
+def keep_optimizer_impl(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Keeps this run's optimizer implementation (fused / foreach ...) across a state load.
+
+    ``Optimizer.load_state_dict`` restores every saved group option, so a checkpoint of a fused
+    AdamW turns fused back on in a run that chose it off (fp16 with clipping), and a non-fused
+    checkpoint turns it off in a fused run, whose GradScaler then hands the step a grad_scale
+    that only the fused kernel accepts (fp16: an assertion error at the first step).
+
+    The load also placed each parameter's ``step`` count by the *saved* flags: on the
+    parameter's device for a fused (or capturable) optimizer, on the CPU otherwise. It is
+    moved to where this run's implementation reads it: a CPU count in a fused CUDA kernel is
+    an illegal memory access, a CUDA count in the foreach loop one host sync per parameter.
+    """
+    chosen = [{k: g[k] for k in OPTIMIZER_IMPL_KEYS if k in g} for g in optimizer.param_groups]
+    yield
+    for group, keys in zip(optimizer.param_groups, chosen):
+        group.update(keys)
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                where = p.device if on_device else torch.device("cpu")
+                state["step"] = state["step"].to(where, torch.float32)

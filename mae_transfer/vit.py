@@ -35,12 +35,15 @@ HW = Tuple[int, int]
 
 
 # -- constant tables ---------------------------------------------------------------------------
-def _constant(builder):
+def _constant(builder=None, *, maxsize: int = 64):
     """Caches a builder of constant index / mask tensors by its arguments (device and dtype
     among them): each is made once, not in every block of every forward, where on a GPU it
     is a string of small kernel launches. Made outside inference mode, so that a table first
-    built during evaluation can still be saved for a training backward."""
-    cached = functools.lru_cache(maxsize=64)(builder)
+    built during evaluation can still be saved for a training backward. ``maxsize`` bounds
+    the tables kept (one per input grid)."""
+    if builder is None:
+        return functools.partial(_constant, maxsize=maxsize)
+    cached = functools.lru_cache(maxsize=maxsize)(builder)
 
     @functools.wraps(builder)
     def get(*args):
@@ -149,7 +152,7 @@ def _key_rows_and_columns(hw: HW, pad: int, device: torch.device, dtype) -> torc
     return F.pad(onehot, (0, pad))
 
 
-@_constant
+@_constant(maxsize=4)  # (h*w)^2 int64: 134 MB at 64 x 64 tokens; few grids kept
 def _bias_table_index(hw: HW, device: torch.device) -> torch.Tensor:
     """(h*w, h*w) index into a ((2h-1) * (2w-1)) table of 2D relative offsets."""
     h, w = hw

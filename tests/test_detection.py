@@ -27,9 +27,9 @@ from mae_transfer.detection.train import (  # noqa: E402
     Trainer,
     build_cfg,
     build_optimizer,
-    keep_optimizer_impl,
     register_coco_datasets,  # noqa: E402
 )
+from mae_transfer.optim import keep_optimizer_impl  # noqa: E402
 
 CONFIG_DIR = os.path.join(ROOT, "configs", "detectron2")
 TINY_CONFIG = os.path.join(CONFIG_DIR, "demo_tiny.yaml")

@@ -376,7 +376,12 @@ def _list_on_ranks(info, root):
             error = str(e)
     finally:
         os.walk = real
-    return list(files), walked, error
+    try:
+        on_rank0(lambda: lambda: None, info)  # a result that cannot be sent
+        unsent = None
+    except RuntimeError as e:
+        unsent = type(e).__name__
+    return list(files), walked, error, unsent
 
 
 def test_rank_0_lists_the_data_and_every_rank_gets_the_list_or_its_error(image_dir):
@@ -385,7 +390,11 @@ def test_rank_0_lists_the_data_and_every_rank_gets_the_list_or_its_error(image_d
     instead of leaving them waiting."""
     results = run_ranks(_list_on_ranks, image_dir)
     assert all(status == "ok" for status, _ in results.values()), results
-    (files0, walked0, error0), (files1, walked1, error1) = results[0][1], results[1][1]
+    (files0, walked0, error0, unsent0), (files1, walked1, error1, unsent1) = (
+        results[0][1],
+        results[1][1],
+    )
     assert files0 == files1 and len(files0) == 12
     assert walked0 >= 1 and walked1 == 0
     assert error0 == error1 and "no images" in error0
+    assert unsent0 == unsent1 == "RuntimeError"  # raised everywhere, nobody left waiting

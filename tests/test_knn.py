@@ -216,3 +216,25 @@ def test_standalone_command_on_an_official_format_checkpoint(tmp_path):
     acc = json.loads(out.read_text())
     assert set(acc) == {"knn_k5_top1"} and 0 <= acc["knn_k5_top1"] <= 100
     assert "knn_k5_top1" in r.stdout and "loaded" in r.stderr
+
+
+def test_the_similarity_search_asks_for_full_fp32_and_an_empty_set_gives_nan(monkeypatch):
+    """Evaluation allows TF32 on GPUs, but exp(sim / 0.07) amplifies its 1e-3 errors: the
+    search turns it off (on a CPU the request is a no-op, so it is recorded here)."""
+    import contextlib
+
+    import mae_transfer.classification.knn as knn
+
+    asked = []
+
+    @contextlib.contextmanager
+    def record(device, enabled=True):
+        asked.append(enabled)
+        yield
+
+    monkeypatch.setattr(knn, "tf32_enabled", record)
+    x, y = torch.eye(4), torch.tensor([0, 1, 0, 1])
+    assert knn_accuracy(x, y, x, y, 2, ks=(1,)) == {1: 100.0}
+    assert asked and not any(asked)
+    empty = knn_accuracy(x, y, x[:0], y[:0], 2, ks=(1,))
+    assert empty[1] != empty[1]  # NaN, not a ZeroDivisionError

@@ -8,12 +8,11 @@ detectron2 has no compiled ops.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
 import weakref
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import get_cfg
@@ -32,7 +31,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 
 from mae_transfer.compat.detectron2_compat import HAS_COMPILED_OPS
 from mae_transfer.device import fused_adamw_supported
-from mae_transfer.optim import param_groups
+from mae_transfer.optim import keep_optimizer_impl, param_groups
 
 from .checkpoint import MAECheckpointer, find_vit
 from .config import add_mae_vit_config, amp_dtype, validate_config
@@ -126,35 +125,6 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         fused = {"fused": True} if fused_adamw_supported(device) and not clip_scaled else {}
         opt = torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), **fused)
     return maybe_add_gradient_clipping(cfg, opt)
-
-
-OPTIMIZER_IMPL_KEYS = ("fused", "foreach", "capturable", "differentiable")
-
-
-@contextlib.contextmanager
-def keep_optimizer_impl(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Keeps this run's optimizer implementation (fused / foreach ...) across a state load.
-
-    ``Optimizer.load_state_dict`` restores every saved group option, so a checkpoint of a fused
-    AdamW turns fused back on in a run that chose it off (fp16 with clipping), and a non-fused
-    checkpoint turns it off in a fused run, whose GradScaler then hands the step a grad_scale
-    that only the fused kernel accepts (fp16: an assertion error at the first step).
-
-    The load also placed each parameter's ``step`` count by the *saved* flags: on the
-    parameter's device for a fused (or capturable) optimizer, on the CPU otherwise. It is
-    moved to where this run's implementation reads it: a CPU count in a fused CUDA kernel is
-    an illegal memory access, a CUDA count in the foreach loop one host sync per parameter.
-    """
-    chosen = [{k: g[k] for k in OPTIMIZER_IMPL_KEYS if k in g} for g in optimizer.param_groups]
-    yield
-    for group, keys in zip(optimizer.param_groups, chosen):
-        group.update(keys)
-        on_device = group.get("fused") or group.get("capturable")
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            if torch.is_tensor(state.get("step")):
-                where = p.device if on_device else torch.device("cpu")
-                state["step"] = state["step"].to(where, torch.float32)
 
 
 class PrecisionAMPTrainer(AMPTrainer):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, List, Sequence
 
@@ -126,6 +127,10 @@ def on_rank0(fn: Callable[..., Any], info: DistInfo, *args: Any) -> Any:
             result = (True, fn(*args))
         except Exception as e:  # noqa: BLE001 - re-raised on every process below
             result = (False, e)
+        try:
+            pickle.dumps(result)  # what the broadcast will do: fail here, not on rank 0 alone
+        except Exception as e:  # noqa: BLE001
+            result = (False, RuntimeError(f"{getattr(fn, '__name__', fn)}: {e!r}"))
     ok, value = broadcast_object(result, info)
     if not ok:
         raise value

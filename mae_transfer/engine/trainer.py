@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mae_transfer.checkpoint import copy_atomic, load_file, save_atomic
 from mae_transfer.data import ResumableDistributedSampler, collate
 from mae_transfer.device import fused_adamw_supported, resolve_amp
-from mae_transfer.optim import param_groups
+from mae_transfer.optim import keep_optimizer_impl, param_groups
 
 from .config import ConfigError, TrainConfig, save_config
 from .distributed import (
@@ -87,13 +87,14 @@ def set_tf32(enabled: bool) -> None:
 
 
 @contextlib.contextmanager
-def tf32_enabled(device: torch.device):
-    """TF32 inside the block on a CUDA device (evaluation need not be bitwise fp32)."""
+def tf32_enabled(device: torch.device, enabled: bool = True):
+    """TF32 inside the block on a CUDA device (evaluation need not be bitwise fp32), or with
+    ``enabled=False`` full fp32 inside it (where a small error is amplified)."""
     if device.type != "cuda":
         yield
         return
     before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    set_tf32(True)
+    set_tf32(enabled)
     try:
         yield
     finally:
@@ -284,7 +285,8 @@ class EpochTrainer:
         if ckpt.get("format") != self.checkpoint_format:
             self._resume_official(ckpt, path)
             return
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        with keep_optimizer_impl(self.optimizer):  # this run's fused / foreach choice
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self._load_scaler(ckpt)
         self.epoch, self.iter = int(ckpt["epoch"]), self._resume_iteration(ckpt)
         self.skipped_images = int(ckpt.get("skipped_images", 0))
