@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -348,20 +348,7 @@ def save_atomic(obj: Any, path: str) -> None:
 
     A crash mid-write leaves the previous file intact; readers never see a partial file.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
+    _replace_atomically(path, lambda f: torch.save(obj, f))
 
 
 def copy_atomic(src: str, dst: str) -> None:
@@ -369,14 +356,27 @@ def copy_atomic(src: str, dst: str) -> None:
     checkpoint's extra names (``checkpoint-N.pth``, the best copy) without serialising the
     state again. A copy, not a hard link: a file rewritten in place under one name (say, a
     ``torch.save`` that strips the optimizer from the best copy) must not change the others."""
-    directory = os.path.dirname(os.path.abspath(dst))
+
+    def copy(f) -> None:
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f, 16 << 20)
+
+    _replace_atomically(dst, copy)
+
+
+def _replace_atomically(path: str, write: Callable[[Any], None]) -> None:
+    """``write(f)`` into a temporary file beside ``path``, fsync, then rename it over ``path``
+    and fsync the directory: a crash mid-write leaves the previous file intact, readers never
+    see a partial one, and a failed write leaves no temporary file behind."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
-    os.close(fd)
     try:
-        shutil.copyfile(src, tmp)  # in the kernel where it can (sendfile / copy_file_range)
-        with open(tmp, "rb+") as f:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, dst)
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

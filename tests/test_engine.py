@@ -331,26 +331,21 @@ def test_training_steps_read_nothing_back_to_the_host(tmp_path, image_dir, monke
     """Steps between log steps queue work and return: on a GPU any value read back (loss,
     scaler flag, a Python number from a tensor) would stall every step. Pretraining with
     gradient accumulation (no_sync steps and update steps), in fp32 and bf16."""
-    from pretrain.config import make_config, validate
+    from test_pretrain import tiny_cfg
+
     from pretrain.engine import Trainer
 
-    values = dict(
-        model="mae_vit_base_patch16",
+    cfg = tiny_cfg(
+        tmp_path,
+        image_dir,
         model_kwargs={**TINY_MAE, "depth": 1, "decoder_depth": 1},
-        input_size=32,
         batch_size=2,
         accum_iter=2,
         epochs=1,
         warmup_epochs=0,
-        data_path=image_dir,
-        num_workers=0,
-        device="cpu",
         log_every_iters=1000,  # the epoch's end is its only log step
         amp=amp,
-        output_dir=str(tmp_path / "out"),
     )
-    cfg = make_config(values)
-    validate(cfg)
     t = Trainer(cfg, torch.device("cpu"), DistInfo())
     reads = count_host_reads(t, monkeypatch)
     t.train()
