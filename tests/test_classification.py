@@ -40,7 +40,7 @@ from mae_transfer.classification.trainer import (
 )
 from mae_transfer.data import ClassFolderDataset, eval_transform, find_classes
 from mae_transfer.engine.config import read_yaml
-from mae_transfer.engine.distributed import DistInfo
+from mae_transfer.engine.distributed import DistInfo, barrier
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
 CPU = torch.device("cpu")
@@ -335,7 +335,7 @@ def test_cached_features_are_the_frozen_encoder_s_in_index_order(data, tmp_path)
     x = torch.stack([images[(0, i)][0] for i in (0, 5, 17)])
     with torch.no_grad():
         expected = t.model.eval().pooled(x)
-    assert torch.allclose(t.train_dataset.features[[0, 5, 17]], expected, atol=1e-6)
+    assert torch.allclose(t.train_dataset.all_features()[[0, 5, 17]], expected, atol=1e-6)
     t.train()
     t.close()
     assert os.path.isfile(tmp_path / BEST)
@@ -351,7 +351,7 @@ def test_cached_features_of_a_resumed_probe_come_from_the_loaded_encoder(data, t
         DistInfo(),
     )  # fmt: skip
     assert again.epoch == 1
-    assert torch.equal(again.train_dataset.features, first.train_dataset.features)
+    assert torch.equal(again.train_dataset.all_features(), first.train_dataset.all_features())
     again.close()
 
 
@@ -427,10 +427,17 @@ def test_evaluation_crops_as_the_official_above_224_px():
 def _two_rank_eval_and_cache(info, data, out):
     cfg = cfg_of(LinprobeConfig, data, out, cache_features=True, batch_size=3)
     t = LinprobeTrainer(cfg, CPU, info)
-    feats = t.train_dataset.features.clone()
+    feats = t.train_dataset.all_features()
+    if info.enabled:  # every process maps the shards of all (one copy per node), unlinked
+        barrier(info)  # each process unlinks its own file after the others mapped it
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+        for what in ("training", "validation"):
+            assert all(f"features-{what}.{r}-of-2.pth (deleted)" in maps for r in range(2))
+        assert not [n for n in os.listdir(out) if n.startswith("features-")]
     acc = ValEvaluator(t.val.dataset, info, 2, 0)(t.model, CPU, None)
     one = ClassFolderDataset(t.folders[1], eval_transform(32), max_images=1)
-    assert t._extract(one, "one image").features.shape == (1, 32)  # rank 1 has none
+    assert t._extract(one, "one image").all_features().shape == (1, 32)  # rank 1 has none
     t.close()
     return feats, acc
 
@@ -444,6 +451,17 @@ def test_two_ranks_see_the_same_features_and_accuracy_as_one(data, tmp_path):
         assert torch.allclose(feats, one_feats, atol=1e-5), rank
         assert acc["acc1"] == pytest.approx(one_acc["acc1"])
         assert acc["val_loss"] == pytest.approx(one_acc["val_loss"], rel=1e-5)
+
+
+def _probe_with_a_private_output_dir(info, data, out):
+    cfg = cfg_of(LinprobeConfig, data, out / f"node{info.rank}", cache_features=True)
+    LinprobeTrainer(cfg, CPU, info)
+
+
+def test_cached_features_need_an_output_dir_every_process_can_read(data, tmp_path):
+    results = run_ranks(_probe_with_a_private_output_dir, data, tmp_path)
+    for rank, (status, value) in results.items():  # both stop, neither waits for the other
+        assert status == "error" and "storage every node can read" in value, (rank, value)
 
 
 # -- configuration and command lines ----------------------------------------------------------

@@ -3,7 +3,7 @@ fine-tuning, crop + flip for linear probing), mixup / cutmix, and cached feature
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torchvision import transforms
@@ -85,14 +85,29 @@ def build_mixup(cfg: FinetuneConfig, num_classes: int):
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """Pre-extracted features: items ``(feature, label, 0)`` by ``(epoch, index)`` keys."""
+    """Pre-extracted features: items ``(feature, label, 0)`` by ``(epoch, index)`` keys.
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
-        self.features, self.labels = features, labels
+    Held as the shards the processes extracted (:class:`~mae_transfer.data.ShardSampler`'s
+    split: shard ``r`` of ``W`` holds items ``r, r + W, r + 2W, ...``), so that nobody has to
+    concatenate or reorder them into a second copy.
+    """
+
+    def __init__(self, features: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]):
+        self.features, self.labels = list(features), list(labels)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return sum(len(labels) for labels in self.labels)
 
     def __getitem__(self, key) -> Tuple[torch.Tensor, int, int]:
         _, index = key
-        return self.features[index], int(self.labels[index]), 0
+        shard, row = index % len(self.labels), index // len(self.labels)
+        return self.features[shard][row], int(self.labels[shard][row]), 0
+
+    def all_features(self) -> torch.Tensor:
+        """Every feature in index order, as one new tensor (for inspection: a copy)."""
+        width = max(f.shape[1] for f in self.features if f.numel())
+        out = torch.empty(len(self), width)
+        for shard, feats in enumerate(self.features):
+            if len(feats):
+                out[shard :: len(self.features)] = feats
+        return out
