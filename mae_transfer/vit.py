@@ -273,8 +273,10 @@ class Attention(nn.Module):
         if self.rel_pos == "decomposed":
             return decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, hw)
         if self.rel_pos == "bias":
-            bias = relative_position_bias(self.relative_position_bias_table, self.rel_pos_size, hw)
-            return bias.to(q.dtype)
+            # the small table cast, not the N x N bias: under autocast no fp32 bias (or its
+            # gradient) of N x N per head is ever made
+            table = self.relative_position_bias_table.to(q.dtype)
+            return relative_position_bias(table, self.rel_pos_size, hw)
         return None
 
     def forward(

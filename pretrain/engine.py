@@ -36,6 +36,7 @@ class Trainer(EpochTrainer):
     """MAE pretraining on one process, or one of many under torchrun / Slurm."""
 
     checkpoint_format = CHECKPOINT_FORMAT
+    protocol = "pretraining"
     betas = (0.9, 0.95)  # the paper's AdamW betas for pretraining
     evaluate_at_start = True  # the k-NN curve starts at the initialisation
     cfg: PretrainConfig

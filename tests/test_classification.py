@@ -424,6 +424,44 @@ def test_evaluation_crops_as_the_official_above_224_px():
     )
 
 
+def test_an_epoch_shorter_than_the_accumulation_is_refused(data, tmp_path, caplog):
+    # 24 images / batch 4 = 6 iterations: accum_iter 8 would never update (it trained nothing)
+    with pytest.raises(ConfigError, match="6 iterations .* fewer than accum_iter 8"):
+        FinetuneTrainer(cfg_of(FinetuneConfig, data, tmp_path, accum_iter=8), CPU, DistInfo())
+    FinetuneTrainer(cfg_of(FinetuneConfig, data, tmp_path / "b", accum_iter=4), CPU, DistInfo())
+    assert "the last 2 batches of every epoch are computed but never applied" in caplog.text
+
+
+def test_resume_takes_only_a_checkpoint_of_the_same_protocol_model_and_start(data, tmp_path):
+    import shutil
+
+    probe = train(LinprobeTrainer, cfg_of(LinprobeConfig, data, tmp_path / "lp", epochs=1))
+    assert (
+        torch.load(tmp_path / "lp" / "checkpoint-last.pth", weights_only=True)["protocol"]
+        == "linear probing"
+    )
+    # fine-tuning in the probe's output_dir: auto-resume finds the probe's checkpoint
+    with pytest.raises(ConfigError, match="is a linear probing checkpoint, not fine-tuning: it"):
+        FinetuneTrainer(cfg_of(FinetuneConfig, data, tmp_path / "lp"), CPU, DistInfo())
+    # a pretraining file (no protocol recorded, other weights) given as --resume
+    with pytest.raises(ConfigError, match="does not hold this run's model .* are --finetune"):
+        FinetuneTrainer(
+            cfg_of(FinetuneConfig, data, tmp_path / "ft", resume=data["ours"]), CPU, DistInfo()
+        )
+    # a fine-tuning run found in output_dir, started from other weights
+    first = cfg_of(FinetuneConfig, data, tmp_path / "ft", epochs=1)
+    train(FinetuneTrainer, first)
+    other = tmp_path / "other.pth"
+    shutil.copy(data["official"], other)
+    with pytest.raises(ConfigError, match="holds a run started from .* this run starts from"):
+        FinetuneTrainer(cfg_of(FinetuneConfig, data, tmp_path / "ft", finetune=str(other)),
+                        CPU, DistInfo())  # fmt: skip
+    again = FinetuneTrainer(cfg_of(FinetuneConfig, data, tmp_path / "ft"), CPU, DistInfo())
+    assert again.epoch == 1  # the same start: it continues
+    again.close()
+    probe.close()
+
+
 def _two_rank_eval_and_cache(info, data, out):
     cfg = cfg_of(LinprobeConfig, data, out, cache_features=True, batch_size=3)
     t = LinprobeTrainer(cfg, CPU, info)
@@ -512,6 +550,9 @@ def test_bad_values_are_all_named_before_anything_starts(data, tmp_path):
         validate(make_config(FinetuneConfig, values))
     for text in ("layer_decay must be in (0, 1]", "mixup must be >= 0", "batch_size must be even"):
         assert text in str(e.value)
+    assert "aa 'bogus-m9' is not a timm augmentation policy" in str(e.value)
+    for policy in ("rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "v0", "original"):
+        validate(make_config(FinetuneConfig, dict(data_path=data["root"], aa=policy)))
     with pytest.raises(ConfigError, match="needs the pretrained encoder: --finetune"):
         validate(make_config(LinprobeConfig, dict(data_path=data["root"])))
 

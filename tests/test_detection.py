@@ -191,6 +191,12 @@ def test_bad_config_values_get_clear_errors():
         build_cfg(TINY_CONFIG, ["MODEL.VIT.NAME", "vit_gigantic"])
     with pytest.raises(ValueError, match="SOLVER.LAYER_DECAY must be in"):
         build_cfg(TINY_CONFIG, ["SOLVER.LAYER_DECAY", "1.5"])
+    # the padded square must divide by 32 (a 100 px one trained, then a 100 x 70 test image
+    # failed in FPN: stride-16 map 7 wide, upsampled stride-32 map 8)
+    with pytest.raises(ValueError, match="INPUT.LSJ.IMAGE_SIZE must be a positive multiple of 32"):
+        build_cfg(TINY_CONFIG, ["INPUT.LSJ.ENABLED", "True", "INPUT.LSJ.IMAGE_SIZE", "100"])
+    with pytest.raises(ValueError, match="square_pad must be 0 or a multiple of 32, got 100"):
+        tiny_backbone(square_pad=100)
 
 
 def test_layer_decay_param_groups():

@@ -279,6 +279,17 @@ def test_slurm_local_id_is_taken_modulo_the_visible_gpus(monkeypatch):
     assert chosen == [1]  # one GPU per task bound 4 ways: local id 5 is this node's 2nd GPU
 
 
+def test_each_process_runs_on_its_own_gpu_whatever_device_was_asked(monkeypatch):
+    from mae_transfer.engine.distributed import own_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # bound by init_distributed
+    four = DistInfo(rank=3, local_rank=3, world_size=4)
+    for asked in ("cuda:0", "cuda"):  # cuda:0 would have put every rank on GPU 0
+        assert own_device(torch.device(asked), four) == torch.device("cuda", 3)
+    assert own_device(torch.device("cuda:1"), DistInfo()) == torch.device("cuda:1")  # 1 process
+    assert own_device(torch.device("cpu"), four) == torch.device("cpu")
+
+
 def test_cuda_rng_state_is_the_process_own_device_only(monkeypatch):
     """A checkpoint saved on 8 visible GPUs must resume on a process that sees one."""
     restored = []

@@ -238,3 +238,22 @@ def test_the_similarity_search_asks_for_full_fp32_and_an_empty_set_gives_nan(mon
     assert asked and not any(asked)
     empty = knn_accuracy(x, y, x[:0], y[:0], 2, ks=(1,))
     assert empty[1] != empty[1]  # NaN, not a ZeroDivisionError
+
+
+def test_standalone_command_rejects_meaningless_values_before_loading(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("knn_tool", os.path.join(ROOT, "tools", "knn.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    base = ["--checkpoint", "missing.pth", "--train", "t", "--val", "v"]
+    assert tool.parse_args(base).k  # the defaults are fine
+    for bad, text in (
+        (["--k", "20", "0"], "--k must be >= 1, got 0"),
+        (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+        (["--temperature", "-0.07"], "--temperature must be > 0"),
+        (["--max_images", "-1"], "--max_images must be >= 0"),
+    ):
+        with pytest.raises(SystemExit) as e:  # argparse's error: exit code 2
+            tool.parse_args(base + bad)
+        assert e.value.code == 2 and text in capsys.readouterr().err, bad

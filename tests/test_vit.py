@@ -263,6 +263,26 @@ def test_bf16_attention_gets_masks_in_its_dtype_and_contiguous_biases(rel_pos, f
     assert set(seen) == {(torch.bfloat16, torch.bfloat16, True)}, seen
 
 
+def test_a_bf16_bias_table_is_cast_before_it_is_gathered(monkeypatch):
+    """The BEiT table is cast before it is gathered: an fp32 (N x N) bias per head, and its
+    gradient, would cost 768 MiB per global block of ViT-B at 1024 px."""
+    import mae_transfer.vit as vit_module
+
+    made, real = [], vit_module.relative_position_bias
+
+    def spy(table, *args, **kwargs):
+        out = real(table, *args, **kwargs)
+        made.append((out.shape[-1], out.dtype))
+        return out
+
+    monkeypatch.setattr(vit_module, "relative_position_bias", spy)
+    model, x = _windowed("bias")  # the global block attends over 5 x 7 = 35 tokens
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.forward_intermediates(x, [3])[-1].float().sum().backward()
+    assert (35, torch.bfloat16) in made and {dtype for _, dtype in made} == {torch.bfloat16}
+    assert model.blocks[0].attn.relative_position_bias_table.grad.dtype == torch.float32
+
+
 def test_constant_tables_are_built_once_not_in_every_block_and_forward():
     from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -28,7 +28,7 @@ from mae_transfer.classification.knn import (  # noqa: E402
     encoder_for_checkpoint,
 )
 from mae_transfer.device import resolve_amp, resolve_device  # noqa: E402
-from mae_transfer.engine.distributed import cleanup, init_distributed  # noqa: E402
+from mae_transfer.engine.distributed import cleanup, init_distributed, own_device  # noqa: E402
 from mae_transfer.engine.launch import setup_logging  # noqa: E402
 from mae_transfer.engine.trainer import tf32_enabled  # noqa: E402
 
@@ -51,7 +51,18 @@ def parse_args(argv=None):
     for size in ("embed_dim", "depth", "num_heads", "patch_size"):
         p.add_argument(f"--{size}", type=int, default=None, help="override the model's size")
     p.add_argument("--json", default=None, help="write the accuracies here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    bad = [f"--k must be >= 1, got {k}" for k in args.k if k < 1]
+    if not args.temperature > 0:
+        bad.append(f"--temperature must be > 0, got {args.temperature}")
+    for name in ("max_images", "num_workers"):
+        if getattr(args, name) < 0:
+            bad.append(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.batch_size < 1:
+        bad.append(f"--batch_size must be >= 1, got {args.batch_size}")
+    if bad:
+        p.error("; ".join(bad))  # exit code 2, before anything is loaded
+    return args
 
 
 def main(argv=None) -> int:
@@ -59,6 +70,7 @@ def main(argv=None) -> int:
     setup_logging()
     device = resolve_device(args.device)
     info = init_distributed(device.type)
+    device = own_device(device, info)
     setup_logging(info.rank)
     size = args.input_size[0] if len(args.input_size) == 1 else args.input_size[:2]
     overrides = {k: getattr(args, k) for k in ("embed_dim", "depth", "num_heads", "patch_size")}

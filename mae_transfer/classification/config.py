@@ -195,13 +195,19 @@ def _check_finetune(cfg: FinetuneConfig, checks: Checks) -> None:
         not mixing or cfg.batch_size % 2 == 0,
         f"batch_size must be even with mixup / cutmix (timm mixes pairs), got {cfg.batch_size}",
     )
-    if cfg.aa:
+    if cfg.aa:  # parsed as timm's transform factory will: rand-, augmix- or an AutoAugment one
         try:
-            from timm.data.auto_augment import rand_augment_transform
+            from timm.data import auto_augment as policies
 
-            rand_augment_transform(cfg.aa, {}) if cfg.aa.startswith("rand") else None
+            hparams = {"translate_const": 100, "img_mean": (124, 116, 104)}
+            if cfg.aa.startswith("rand"):
+                policies.rand_augment_transform(cfg.aa, hparams)
+            elif cfg.aa.startswith("augmix"):
+                policies.augment_and_mix_transform(cfg.aa, hparams)
+            else:
+                policies.auto_augment_transform(cfg.aa, hparams)
         except Exception as e:  # noqa: BLE001 - timm's parse error, named
-            checks.errors.append(f"aa {cfg.aa!r} is not a timm RandAugment policy: {e}")
+            checks.errors.append(f"aa {cfg.aa!r} is not a timm augmentation policy: {e!r}")
 
 
 def _check_linprobe(cfg: LinprobeConfig, checks: Checks) -> None:

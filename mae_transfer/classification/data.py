@@ -10,6 +10,7 @@ from torchvision import transforms
 
 from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, ClassFolder, find_classes
 from mae_transfer.data.transforms import Size, hw
+from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.distributed import DistInfo, on_rank0
 
 from .config import ClassifyConfig, FinetuneConfig
@@ -60,7 +61,7 @@ def class_folders(
     train = on_rank0(find_classes, dist, f"{cfg.data_path}/train")
     if train.classes != val.classes:
         extra = sorted(set(train.classes) ^ set(val.classes))[:5]
-        raise ValueError(
+        raise ConfigError(
             f"train/ and val/ under {cfg.data_path} name different classes ({len(train.classes)} "
             f"vs {len(val.classes)}; e.g. {extra}): both need the same class folders"
         )

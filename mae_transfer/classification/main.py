@@ -9,7 +9,7 @@ import os
 from typing import Dict, Optional, Sequence, Type
 
 from mae_transfer.device import resolve_device
-from mae_transfer.engine.distributed import cleanup, init_distributed
+from mae_transfer.engine.distributed import cleanup, init_distributed, own_device
 from mae_transfer.engine.launch import exit_code, run_training, setup_logging
 
 from .config import ClassifyConfig, FinetuneConfig, LinprobeConfig, load_config, validate
@@ -35,6 +35,7 @@ def _evaluate(cfg: ClassifyConfig) -> Dict[str, float]:
     validate(cfg)
     device = resolve_device(cfg.device)
     info = init_distributed(device.type, cfg.dist_url)
+    device = own_device(device, info)
     setup_logging(info.rank)
     try:
         metrics = evaluate_checkpoint(cfg, device, info)

@@ -188,6 +188,7 @@ class FinetuneTrainer(_ClassifierTrainer):
 
     cfg: FinetuneConfig
     betas = (0.9, 0.999)
+    protocol = "fine-tuning"
 
     def __init__(self, cfg: FinetuneConfig, device: torch.device, dist_info: DistInfo):
         self.mixup = None
@@ -247,6 +248,7 @@ class LinprobeTrainer(_ClassifierTrainer):
 
     cfg: LinprobeConfig
     probe = True
+    protocol = "linear probing"
     head_init_std = 0.01
 
     def build_model(self) -> ViTClassifier:

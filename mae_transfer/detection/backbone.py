@@ -34,6 +34,8 @@ class MAEViTBackbone(ViTPyramid, Backbone):
         covers test images as it covered the training crops), and the arguments of
         :func:`mae_transfer.pyramid.build_pyramid_vit` (model name, img_size, out_indices,
         window_size, global_blocks, rel_pos, drop_path_rate, ...)."""
+        if square_pad < 0 or square_pad % 32:  # FPN adds stride-16 and upsampled stride-32 maps
+            raise ValueError(f"square_pad must be 0 or a multiple of 32, got {square_pad}")
         vit, out_indices = build_pyramid_vit(**kwargs)
         super().__init__(vit, out_indices, norm)
         self.square_pad = square_pad

@@ -111,6 +111,11 @@ def validate_config(cfg: CN) -> None:
         errors.append(
             f"INPUT.LSJ scales must satisfy 0 < MIN <= MAX, got {lsj.MIN_SCALE}, {lsj.MAX_SCALE}"
         )
+    if lsj.ENABLED and v.SQUARE_PAD == -1 and (lsj.IMAGE_SIZE <= 0 or lsj.IMAGE_SIZE % 32):
+        errors.append(  # the square every image is padded to: stride-32 maps must divide it
+            "INPUT.LSJ.IMAGE_SIZE must be a positive multiple of 32 (with MODEL.VIT.SQUARE_PAD "
+            f"-1 images are padded square to it), got {lsj.IMAGE_SIZE}"
+        )
     for entry in cfg.DATASETS.COCO:
         if len(entry) != 3:
             errors.append(f"DATASETS.COCO entries are [name, json_file, image_root], got {entry}")

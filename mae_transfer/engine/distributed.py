@@ -81,6 +81,22 @@ def init_distributed(device_type: str, dist_url: str = "env://") -> DistInfo:
     return info
 
 
+def own_device(device: torch.device, info: DistInfo) -> torch.device:
+    """The device a process runs on: with several processes on CUDA, the GPU that
+    :func:`init_distributed` bound it to (an explicit ``cuda:N`` would put them all on GPU N,
+    so it is overridden, with a warning); otherwise ``device`` as given."""
+    if not info.enabled or device.type != "cuda":
+        return device
+    own = torch.device("cuda", torch.cuda.current_device())
+    if device.index is not None and device.index != own.index and info.is_main:
+        logger.warning(
+            "device %s ignored with %d processes: each uses the GPU of its local rank",
+            device,
+            info.world_size,
+        )
+    return own
+
+
 def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

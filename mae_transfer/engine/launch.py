@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, Optional, Type
 
+from mae_transfer.checkpoint import CheckpointError
 from mae_transfer.device import resolve_device
 
 from .config import ConfigError, TrainConfig
-from .distributed import cleanup, init_distributed
+from .distributed import cleanup, init_distributed, own_device
 from .trainer import EpochTrainer, NonFiniteLossError
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def run_training(
     validate(cfg)
     device = resolve_device(cfg.device)
     info = init_distributed(device.type, cfg.dist_url)
+    device = own_device(device, info)
     setup_logging(info.rank)
     try:
         trainer = trainer_cls(cfg, device, info)
@@ -51,10 +53,11 @@ def run_training(
 
 
 def exit_code(fn: Callable[[], object], log: logging.Logger = logger) -> int:
-    """Runs a CLI body: 0 when it returns, 2 for a bad config, 1 for a non-finite stop."""
+    """Runs a CLI body: 0 when it returns, 2 for a bad config or a checkpoint that does not fit
+    the model, 1 for a non-finite stop."""
     try:
         fn()
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         log.error("%s", e)
         return 2
     except NonFiniteLossError as e:

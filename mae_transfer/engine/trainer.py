@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -124,6 +124,7 @@ class EpochTrainer:
     """Epoch-based training on one process, or one of many under torchrun / Slurm."""
 
     checkpoint_format = "mae-transfer/1"
+    protocol = "training"  # what the checkpoints say they hold (a run resumes only its own)
     betas = (0.9, 0.999)
     evaluate_at_start = False  # also evaluate the initial model (epoch -1 in log.jsonl)
 
@@ -139,6 +140,7 @@ class EpochTrainer:
         self.sampler = self._train_sampler(len(self.train_dataset))
         self.loader = self.make_loader(self.train_dataset, self.sampler, drop_last=True)
         self.ipe = self.sampler.batches_per_epoch  # iterations per epoch
+        self._check_accumulation()
         self.eff_batch = cfg.batch_size * cfg.accum_iter * dist_info.world_size
         self.base_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.eff_batch / 256
         self.optimizer = self.build_optimizer()
@@ -168,6 +170,27 @@ class EpochTrainer:
             device,
             str(self.amp_dtype or torch.float32).replace("torch.", ""),
         )
+
+    def _check_accumulation(self) -> None:
+        """An update every ``accum_iter`` batches, and a partial accumulation never crosses
+        epochs: an epoch shorter than ``accum_iter`` would train nothing at all."""
+        cfg, d = self.cfg, self.dist
+        what = f"{len(self.train_dataset)} images / (batch_size {cfg.batch_size}"
+        what += f" x {d.world_size} processes)" if d.enabled else ")"
+        if self.ipe < cfg.accum_iter:
+            raise ConfigError(
+                f"an epoch has {self.ipe} iterations ({what}), fewer than accum_iter "
+                f"{cfg.accum_iter}: no update would ever be made. Lower accum_iter or batch_size"
+            )
+        if self.ipe % cfg.accum_iter and d.is_main:
+            logger.warning(
+                "an epoch has %d iterations (%s), not a multiple of accum_iter %d: the last %d "
+                "batches of every epoch are computed but never applied",
+                self.ipe,
+                what,
+                cfg.accum_iter,
+                self.ipe % cfg.accum_iter,
+            )
 
     # -- what a protocol provides -----------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -278,6 +301,7 @@ class EpochTrainer:
         if not path:
             return
         ckpt = load_file(path, mmap=True)  # ours: replaced whole by save_atomic, never rewritten
+        self._check_resumable(ckpt, path)
         self.model.load_state_dict(ckpt["model"])
         if "optimizer" not in ckpt:
             logger.info("loaded weights only from %s (no optimizer state: a fresh start)", path)
@@ -296,6 +320,51 @@ class EpochTrainer:
             step = self.epoch * self.ipe + self.iter
             torch.manual_seed(self.cfg.seed + self.dist.rank + 7919 * step)
         logger.info("resumed from %s at epoch %d, iteration %d", path, self.epoch, self.iter)
+
+    def _check_resumable(self, ckpt: Any, path: str) -> None:
+        """Only a checkpoint of this protocol and model resumes, and one that auto-resume found
+        in output_dir only if it started from the same ``--finetune`` weights: a clear error
+        instead of a strict-loading traceback, or of silently continuing another run."""
+        cfg = self.cfg
+        found = path != cfg.resume  # output_dir's checkpoint-last.pth
+        if found:
+            where = f"{path} (in output_dir, found by auto-resume)"
+            hint = (
+                "it belongs to another run: give this one another --output_dir "
+                "(--auto_resume false would start afresh and overwrite it)"
+            )
+        else:
+            where = path
+            hint = f"--resume continues a run of {self.protocol}; initial weights are --finetune"
+        protocol = ckpt.get("protocol") if isinstance(ckpt, dict) else None
+        if protocol and protocol != self.protocol:
+            raise ConfigError(f"{where} is a {protocol} checkpoint, not {self.protocol}: {hint}")
+        state = ckpt.get("model") if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise ConfigError(f"{where} holds no 'model' weights to resume: {hint}")
+        own = self.model.state_dict()
+        problems = [f"missing {k}" for k in own if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in own]
+        problems += [
+            f"{k} is {tuple(state[k].shape)}, this model's {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and tuple(state[k].shape) != tuple(v.shape)
+        ]
+        if problems:
+            more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise ConfigError(
+                f"{where} does not hold this run's model ({cfg.model} for {self.protocol}: "
+                f"{'; '.join(problems[:3])}{more}): {hint}"
+            )
+        ours = ckpt.get("format") == self.checkpoint_format  # (official args: a Namespace)
+        started = ckpt.get("args", {}).get("finetune") if ours else None
+        wanted = getattr(cfg, "finetune", "")
+        if found and started and wanted and os.path.realpath(started) != os.path.realpath(wanted):
+            raise ConfigError(
+                f"{cfg.output_dir} holds a run started from {started} (at epoch "
+                f"{ckpt.get('epoch')}); this run starts from {wanted}: give it another "
+                f"--output_dir, or --resume {path} to continue that one"
+            )
 
     def _resume_official(self, ckpt: Dict, path: str) -> None:
         """An official MAE checkpoint-N.pth (pretraining, fine-tuning or linear probing): N is
@@ -344,6 +413,7 @@ class EpochTrainer:
     def checkpoint_state(self) -> Dict:
         return {
             "format": self.checkpoint_format,
+            "protocol": self.protocol,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
