@@ -148,6 +148,31 @@ def test_an_official_fine_tuned_checkpoint_gives_identical_logits_through_eval(d
         evaluate_checkpoint(cfg, CPU, DistInfo())
 
 
+def test_eval_labels_a_val_folder_with_some_of_the_classes_by_name(data, tmp_path):
+    import shutil
+
+    t = train(FinetuneTrainer, cfg_of(FinetuneConfig, data, tmp_path / "ft", epochs=3))
+    classes = t.folders[0].classes
+    assert torch.load(tmp_path / "ft" / BEST, weights_only=True)["classes"] == classes
+    part = tmp_path / "part"
+    for name in classes[1:]:  # without the first class: by position, labels would shift by one
+        shutil.copytree(os.path.join(data["root"], "val", name), part / "val" / name)
+    images = ClassFolderDataset(find_classes(str(part / "val")), eval_transform(32))
+    x = torch.stack([images[(0, i)][0] for i in range(len(images))])
+    y = torch.tensor([images[(0, i)][1] for i in range(len(images))]) + 1  # the trained labels
+    with torch.no_grad():
+        hits = t.model.eval()(x).argmax(1) == y
+    assert hits.float().mean() > 0.5  # the model has learnt: the two labellings differ
+    cfg = cfg_of(FinetuneConfig, {**data, "root": str(part)}, tmp_path / "ev", eval=True,
+                 resume=str(tmp_path / "ft" / "checkpoint-last.pth"), finetune="")  # fmt: skip
+    assert evaluate_checkpoint(cfg, CPU, DistInfo())["acc1"] == pytest.approx(
+        100.0 * hits.float().mean().item()
+    )
+    os.rename(part / "val" / classes[1], part / "val" / "zebra")
+    with pytest.raises(ConfigError, match="1 class folders .* was not trained on .*'zebra'"):
+        evaluate_checkpoint(cfg, CPU, DistInfo())
+
+
 # -- fine-tuning --------------------------------------------------------------------------------
 def test_layer_decay_gives_every_block_its_lr_scale_and_no_decay_where_none_is_due(data, tmp_path):
     cfg = cfg_of(FinetuneConfig, data, tmp_path, layer_decay=0.5, weight_decay=0.05)
@@ -391,6 +416,27 @@ def test_unreadable_class_folder_images_are_skipped_counted_and_replaced(data, t
     cfg = cfg_of(FinetuneConfig, {**data, "root": str(root)}, tmp_path / "run", epochs=2)
     t = train(FinetuneTrainer, cfg)
     assert t.skipped_images == 2  # once per epoch, and training went on
+
+
+def test_an_unreadable_validation_image_is_left_out_not_counted_twice(data, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data["root"], root)
+    folder = find_classes(str(root / "val"))
+    images = ClassFolderDataset(folder, eval_transform(32))
+    model = build_classifier("vit_base_patch16", 3, 32, "avg", **TINY).eval()
+    with torch.no_grad():
+        pred = {i: int(model(images[(0, i)][0][None]).argmax()) for i in range(len(images))}
+    with open(folder.samples[4][0], "wb") as f:  # the last image of the first class
+        f.write(b"not an image")
+    good = [i for i in range(len(images)) if i != 4]
+    expected = 100.0 * sum(pred[i] == folder.samples[i][1] for i in good) / len(good)
+    metrics = ValEvaluator(ClassFolderDataset(folder, eval_transform(32)), DistInfo(), 4, 0)(
+        model, CPU, None
+    )
+    assert metrics["val_skipped_images"] == 1
+    assert metrics["acc1"] == pytest.approx(expected)
 
 
 def test_the_probe_augments_with_crop_and_flip_only():

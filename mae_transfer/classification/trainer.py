@@ -49,9 +49,16 @@ BEST = "checkpoint-best.pth"
 MIXUP_SEED_OFFSET = 1_000_003  # mixup's draws: a stream apart from the images' own seeds
 
 
+def _collate_flags(batch) -> tuple:
+    """:func:`collate`, but each item's skipped count kept (a tensor) instead of summed."""
+    return (*collate(batch)[:-1], torch.tensor([item[-1] for item in batch]))
+
+
 class ValEvaluator:
     """Top-1 / top-5 accuracy and the cross-entropy of a classifier on a labelled set, each
-    process taking a shard and the counts summed over all of them."""
+    process taking a shard and the counts summed over all of them. An unreadable image is
+    left out (the data set hands the next readable one in its place, which would count that
+    one twice) and counted in ``skipped_images``."""
 
     def __init__(self, dataset: Dataset, dist: DistInfo, batch_size: int, num_workers: int):
         self.dataset, self.dist = dataset, dist
@@ -60,7 +67,7 @@ class ValEvaluator:
             batch_size=batch_size,
             sampler=ShardSampler(len(dataset), dist.rank, dist.world_size),
             num_workers=num_workers,
-            collate_fn=collate,
+            collate_fn=_collate_flags,
         )
 
     @torch.no_grad()
@@ -71,23 +78,35 @@ class ValEvaluator:
         model.eval()
         correct1 = torch.zeros((), device=device)
         correct5, loss_sum, n = torch.zeros_like(correct1), torch.zeros_like(correct1), 0
+        replaced = 0
         try:
-            for x, y, *_ in self.loader:
+            for x, y, skipped in self.loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
                     logits = model(x)
                 logits = logits.float()
-                loss_sum += F.cross_entropy(logits, y, reduction="sum")
+                keep = (skipped == 0).to(device, logits.dtype, non_blocking=True)
+                loss_sum += (F.cross_entropy(logits, y, reduction="none") * keep).sum()
                 top = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 hits = top == y[:, None]
-                correct1 += hits[:, 0].sum()
-                correct5 += hits.any(dim=1).sum()
-                n += len(y)
+                correct1 += (hits[:, 0] * keep).sum()
+                correct5 += (hits.any(dim=1) * keep).sum()
+                n += len(y) - int((skipped > 0).sum())  # skipped is on the host
+                replaced += int((skipped > 0).sum())
         finally:
             model.train(was_training)
-        c1, c5, loss, total = all_reduce_sum([correct1, correct5, loss_sum, n], self.dist)
+        c1, c5, loss, total, replaced = all_reduce_sum(
+            [correct1, correct5, loss_sum, n, replaced], self.dist
+        )
+        if replaced and self.dist.is_main:
+            logger.warning("%d unreadable validation images left out", int(replaced))
         total = max(int(total), 1)
-        return {"acc1": 100.0 * c1 / total, "acc5": 100.0 * c5 / total, "val_loss": loss / total}
+        return {
+            "acc1": 100.0 * c1 / total,
+            "acc5": 100.0 * c5 / total,
+            "val_loss": loss / total,
+            "val_skipped_images": int(replaced),
+        }
 
 
 def _num_classes(cfg: ClassifyConfig, folder: ClassFolder) -> int:
@@ -173,7 +192,8 @@ class _ClassifierTrainer(EpochTrainer):
         return []
 
     def extra_state(self) -> Dict:
-        return {"best_acc1": self.best_acc1}
+        # the class names, so that --eval can label any val/ folder (even a subset) as trained
+        return {"best_acc1": self.best_acc1, "classes": list(self.folders[0].classes)}
 
     def load_extra_state(self, ckpt: Dict) -> None:
         self.best_acc1 = float(ckpt.get("best_acc1", -1.0))
@@ -350,6 +370,32 @@ class LinprobeTrainer(_ClassifierTrainer):
         return F.cross_entropy(self.ddp(x).float(), y)
 
 
+def _as_trained(
+    folder: ClassFolder, trained: Optional[List[str]], num_classes: int, path: str
+) -> ClassFolder:
+    """``folder`` labelled with the classes the checkpoint was trained on: by name when it
+    records them (ours), so that a val/ with some of the classes scores them right; otherwise
+    (official files) by the sorted folder order, which needs every class present."""
+    if trained:
+        index = {name: i for i, name in enumerate(trained)}
+        unknown = [c for c in folder.classes if c not in index]
+        if unknown:
+            raise ConfigError(
+                f"{folder.root} has {len(unknown)} class folders {path} was not trained on "
+                f"(e.g. {unknown[:5]}); it knows {len(trained)} classes, e.g. {trained[:5]}"
+            )
+        samples = [(p, index[folder.classes[label]]) for p, label in folder.samples]
+        return ClassFolder(folder.root, list(trained), samples)
+    if len(folder.classes) != num_classes:
+        raise ConfigError(
+            f"{folder.root} has {len(folder.classes)} class folders but the head of {path} has "
+            f"{num_classes} outputs, and the file does not name its classes (labels are the "
+            "positions of the sorted folder names): evaluate on a val/ with exactly the "
+            "classes it was trained on"
+        )
+    return folder
+
+
 def evaluate_checkpoint(
     cfg: ClassifyConfig, device: torch.device, dist: DistInfo
 ) -> Dict[str, float]:
@@ -357,13 +403,11 @@ def evaluate_checkpoint(
     an official ``mae_finetuned_vit_*.pth``), without conversion."""
     _, val_folder = class_folders(cfg, dist)
     path = cfg.resume or cfg.finetune
-    state, _ = strip_to_vit(find_state_dict(load_file(path)))
+    ckpt = load_file(path)
+    state, _ = strip_to_vit(find_state_dict(ckpt))
     num_classes = cfg.nb_classes or head_dim_of(state) or len(val_folder.classes)
-    if len(val_folder.classes) > num_classes:
-        raise ConfigError(
-            f"{val_folder.root} has {len(val_folder.classes)} class folders but the head of "
-            f"{path} has {num_classes} outputs: evaluate on the classes it was trained on"
-        )
+    names = ckpt.get("classes") if isinstance(ckpt, dict) else None
+    val_folder = _as_trained(val_folder, names, num_classes, path)
     probe = "head.0.running_mean" in state
     pool = "avg" if "fc_norm.weight" in state else "cls"  # as the checkpoint was trained
     if pool != cfg.global_pool:
