@@ -148,9 +148,10 @@ def test_every_lazy_config_builds_a_model(path):
     assert type(model.backbone.bottom_up).__name__ == "MAEViTBackbone"
     assert model.backbone.bottom_up.vit.global_blocks == (0, 1, 2, 3)
     assert len(model.proposal_generator.rpn_head.conv) == 2  # 2-conv RPN head (ViTDet)
-    # lazyconfig_train_net's way: params.model set, then the lr given once (params.base_lr)
+    # lazyconfig_train_net's way: params.model set; the lr overridden as in ViTDet's configs
+    # (`optimizer.lr=...`), which every layer-decayed group must follow
     cfg.optimizer.params.model = model
-    cfg.optimizer.params.base_lr = 3e-4
+    LazyConfig.apply_overrides(cfg, ["optimizer.lr=3e-4"])
     opt = instantiate(cfg.optimizer)
     assert opt.defaults["lr"] == 3e-4
     assert max(g["lr"] for g in opt.param_groups) == pytest.approx(3e-4)
@@ -197,6 +198,26 @@ def test_bad_config_values_get_clear_errors():
         build_cfg(TINY_CONFIG, ["INPUT.LSJ.ENABLED", "True", "INPUT.LSJ.IMAGE_SIZE", "100"])
     with pytest.raises(ValueError, match="square_pad must be 0 or a multiple of 32, got 100"):
         tiny_backbone(square_pad=100)
+
+
+def test_lsj_training_crops_are_padded_like_test_images_not_with_grey():
+    """detectron2's FixedSizeCrop pads with 128 by default; the model pads (after
+    normalisation) with zeros, the mean pixel, which is what test images get."""
+    import numpy as np
+    from detectron2.data import transforms as T
+
+    from mae_transfer.detection.train import build_augmentations
+
+    opts = TINY_OPTS + ["INPUT.LSJ.ENABLED", "True", "INPUT.LSJ.MIN_SCALE", "0.25",
+                        "INPUT.LSJ.MAX_SCALE", "0.25"]  # fmt: skip
+    augs = build_augmentations(build_cfg(TINY_CONFIG, opts), is_train=True)
+    image = np.full((96, 96, 3), 255, np.uint8)
+    out = T.AugInput(image)
+    T.AugmentationList(augs)(out)
+    assert out.image.shape[:2] == (24, 24) and (out.image == 255).all()  # smaller, no grey
+    lazy = LazyConfig.load(os.path.join(CONFIG_DIR, "lazy", "mask_rcnn_vit_base_fpn_lsj_100ep.py"))
+    crops = [a for a in lazy.dataloader.train.mapper.augmentations if "crop_size" in a]
+    assert len(crops) == 1 and crops[0].pad is False
 
 
 def test_layer_decay_param_groups():

@@ -86,7 +86,9 @@ def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     return [
         T.RandomFlip(horizontal=True),
         T.ResizeScale(lsj.MIN_SCALE, lsj.MAX_SCALE, target_height=size, target_width=size),
-        T.FixedSizeCrop(crop_size=(size, size)),
+        # not padded here (detectron2 would fill with grey 128): the model pads with zeros
+        # after normalisation, i.e. the mean pixel, as it pads test images (ViTDet's way)
+        T.FixedSizeCrop(crop_size=(size, size), pad=False),
     ]
 
 

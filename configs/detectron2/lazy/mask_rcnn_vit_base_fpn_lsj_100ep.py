@@ -7,6 +7,7 @@ import mae_transfer.detection  # noqa: F401  (compat fixes before detectron2 bui
 # isort: split
 import torch
 from detectron2.config import LazyCall as L
+from detectron2.data import transforms as T
 from detectron2.model_zoo import get_config
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
@@ -26,6 +27,10 @@ model.pixel_std = [58.395, 57.12, 57.375]
 model.input_format = "RGB"
 dataloader.train.mapper.image_format = "RGB"
 dataloader.test.mapper.image_format = "RGB"
+# the crop is not padded with grey 128: the model pads with the mean pixel, as at test time
+for _aug in dataloader.train.mapper.augmentations:
+    if _aug._target_ is T.FixedSizeCrop:
+        _aug.pad = False
 model.backbone.bottom_up = L(MAEViTBackbone)(
     model="vit_base_patch16",
     img_size=1024,
@@ -44,11 +49,11 @@ model.roi_heads.box_head.conv_norm = model.roi_heads.mask_head.conv_norm = "LN"
 model.proposal_generator.head.conv_dims = [-1, -1]  # 2 convs in the RPN head (ViTDet)
 
 # AdamW with layer-wise lr decay (0.7 for ViT-B); lazyconfig_train_net sets params.model.
-# The groups carry their own lr (base x decay^depth), so the lr is set once, in params.base_lr
-# (optimizer.lr follows it by interpolation; override `optimizer.params.base_lr=...`).
+# The groups carry their own lr (base x decay^depth), taken from optimizer.lr by interpolation:
+# `optimizer.lr=2e-4` on the command line sets them all, as in ViTDet's configs.
 optimizer = L(torch.optim.AdamW)(
-    params=L(layer_decay_groups)(model=None, base_lr=1e-4, weight_decay=0.1, layer_decay=0.7),
-    lr="${.params.base_lr}",
+    params=L(layer_decay_groups)(model=None, base_lr="${..lr}", weight_decay=0.1, layer_decay=0.7),
+    lr=1e-4,
     betas=(0.9, 0.999),
 )
 lr_multiplier.warmup_length = 250 / train.max_iter  # ViTDet: 250 warmup iterations
