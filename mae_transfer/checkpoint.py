@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -27,7 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .pos_embed import resize_patch_embed_kernel, resize_pos_embed
+from .pos_embed import resize_patch_embed_kernel, resize_pos_embed, sincos_grid
 
 logger = logging.getLogger(__name__)
 
@@ -187,15 +188,13 @@ def _adapt_pos_embed(value: torch.Tensor, param: torch.Tensor, model: nn.Module)
         return param.detach().clone()
     n_grid = grid[0] * grid[1]
     n_prefix = param.shape[1] - n_grid
-    n_src = value.shape[1]
-    if _is_grid(n_src - 1, n_grid):
-        src_prefix = 1
-    elif _is_grid(n_src, n_grid):
-        src_prefix = 0
+    for src_prefix in (1, 0):  # a class-token row first, as MAE's tables have
+        patches = value[:, src_prefix:]
+        old_grid = _source_grid(patches, grid) if patches.shape[1] else None
+        if old_grid is not None:
+            break
     else:
         return None
-    patches = value[:, src_prefix:]
-    old_grid = grid if patches.shape[1] == n_grid else None
     out = resize_pos_embed(patches, grid, num_prefix_tokens=0, old_grid=old_grid)
     if n_prefix:
         cls = value[:, :1] if src_prefix else torch.zeros_like(value[:, :1])
@@ -203,9 +202,18 @@ def _adapt_pos_embed(value: torch.Tensor, param: torch.Tensor, model: nn.Module)
     return out
 
 
-def _is_grid(n: int, n_model: int) -> bool:
-    """n patches form the model's grid or a square one."""
-    return n > 0 and (n == n_model or int(round(n**0.5)) ** 2 == n)
+def _source_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+    """The grid of a table's patch rows: read from MAE's fixed sin-cos values (any shape, e.g.
+    a 12 x 14 pretraining at 192 x 224), else the model's grid when the count matches, else
+    square; None when none fits."""
+    found = sincos_grid(patches)
+    if found is not None:
+        return found
+    n = patches.shape[1]
+    if n == grid[0] * grid[1]:
+        return grid
+    side = math.isqrt(n)
+    return (side, side) if side * side == n else None
 
 
 def adapt_state_dict(

@@ -122,3 +122,19 @@ def resize_patch_embed_kernel(weight: torch.Tensor, new_size: Size2) -> torch.Te
     out = out * (kh * kw) / (new_h * new_w)
     deficit = w.sum(dim=(-2, -1), keepdim=True) - out.sum(dim=(-2, -1), keepdim=True)
     return (out + deficit / (new_h * new_w)).to(weight.dtype)
+
+
+def sincos_grid(patches: torch.Tensor) -> Tuple[int, int] | None:
+    """The ``(gh, gw)`` grid of a fixed 2D sin-cos table ``(1, gh * gw, D)`` (no class row), read
+    from its values; None when it is not one (a learned table). A non-square grid cannot be
+    told from the number of rows alone (168 = 12 x 14 = 14 x 12 = ...), but only one layout
+    gives these values."""
+    n, dim = patches.shape[-2], patches.shape[-1]
+    if dim % 4 or n < 1:
+        return None
+    for gh in range(1, n + 1):
+        if n % gh == 0:
+            table = sincos_pos_embed(dim, (gh, n // gh), cls_token=False, device=patches.device)
+            if torch.allclose(patches.reshape(1, n, dim).float(), table, atol=1e-4):
+                return gh, n // gh
+    return None

@@ -76,6 +76,23 @@ def test_learned_position_table_is_interpolated_and_cls_dropped(mae):
     assert report.ok
 
 
+@pytest.mark.parametrize("pretrained", [(192, 224), (224, 160)])
+def test_a_non_square_pretraining_table_is_read_in_its_own_layout(pretrained):
+    """12 x 14 patches + the class row are 169 = 13 x 13 rows: counted alone, they would be read
+    as a square table without a class token, every row shifted; 10 x 14 + 1 = 141 fits no grid.
+    MAE's sin-cos values tell the layout."""
+    from mae_transfer.pos_embed import resize_pos_embed, sincos_pos_embed
+
+    src = create_model("mae_vit_base_patch16", img_size=pretrained, **TINY_MAE)
+    grid = (pretrained[0] // 16, pretrained[1] // 16)
+    model = vit(img_size=256, class_token=False)
+    report = load_pretrained(model, {"model": src.state_dict()})
+    assert any(r.startswith("pos_embed ") for r in report.resized) and not report.mismatched
+    table = sincos_pos_embed(32, grid, cls_token=False)
+    expected = resize_pos_embed(table, (16, 16), num_prefix_tokens=0, old_grid=grid)
+    assert torch.allclose(model.pos_embed, expected, atol=1e-6)
+
+
 def test_patch14_kernel_resized_to_16():
     src = create_model("mae_vit_huge_patch14", img_size=28, **TINY_MAE)
     model = vit(img_size=32, patch_size=16)
