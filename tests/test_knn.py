@@ -257,3 +257,20 @@ def test_standalone_command_rejects_meaningless_values_before_loading(capsys):
         with pytest.raises(SystemExit) as e:  # argparse's error: exit code 2
             tool.parse_args(base + bad)
         assert e.value.code == 2 and text in capsys.readouterr().err, bad
+
+
+def test_a_checkpoint_without_the_final_norm_is_named(tmp_path, caplog):
+    from mae_transfer.classification.knn import encoder_for_checkpoint
+    from mae_transfer.classification.model import build_classifier
+
+    tiny = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
+    pooled = build_classifier("vit_base_patch16", 3, 32, "avg", **tiny)  # fc_norm, no norm
+    assert "norm.weight" not in pooled.state_dict()
+    torch.save({"model": pooled.state_dict()}, tmp_path / "avg.pth")
+    encoder_for_checkpoint(str(tmp_path / "avg.pth"), "vit_base_patch16", 32, **tiny)
+    assert "has no final norm" in caplog.text
+    caplog.clear()
+    _, paths = save_mae_checkpoints(tmp_path, img_size=32, depth=2)  # with its norm: no warning
+    encoder_for_checkpoint(paths["official"], "vit_base_patch16", 32, embed_dim=32, depth=2,
+                           num_heads=2)  # fmt: skip
+    assert "has no final norm" not in caplog.text

@@ -297,5 +297,11 @@ def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> to
     if name.startswith("mae_"):
         name = name[len("mae_") :]
     vit = create_model(name, img_size=hw(input_size), **overrides)
-    load_pretrained(vit, path)
+    report = load_pretrained(vit, path)
+    if "norm.weight" in report.missing:  # e.g. fine-tuned with global_pool avg (fc_norm)
+        logger.warning(
+            "%s has no final norm (a fine-tuned checkpoint that pooled through fc_norm?): the "
+            "features go through an untrained LayerNorm (plain standardisation) instead",
+            path,
+        )
     return vit
