@@ -220,6 +220,19 @@ def test_lsj_training_crops_are_padded_like_test_images_not_with_grey():
     assert len(crops) == 1 and crops[0].pad is False
 
 
+def test_a_missing_weights_file_is_named_before_anything_is_built(tmp_path):
+    from mae_transfer.detection.train import check_weights
+
+    opts = TINY_OPTS + ["MODEL.WEIGHTS", str(tmp_path / "nope.pth"), "OUTPUT_DIR", str(tmp_path)]
+    cfg = build_cfg(TINY_CONFIG, opts)
+    with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS .*nope.pth' does not exist"):
+        check_weights(cfg, resume=False)
+    with pytest.raises(FileNotFoundError):
+        check_weights(cfg, resume=True)  # nothing to resume from either
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    check_weights(cfg, resume=True)  # --resume continues from OUTPUT_DIR instead
+
+
 def test_layer_decay_param_groups():
     cfg = build_cfg(TINY_CONFIG, TINY_OPTS + ["SOLVER.LAYER_DECAY", "0.5", "SOLVER.BASE_LR", "1.0"])
     model = build_model(cfg)

@@ -31,6 +31,7 @@ from mae_transfer.detection import MAECheckpointer  # noqa: E402
 from mae_transfer.detection.train import (  # noqa: E402
     Trainer,
     build_cfg,
+    check_weights,
     register_coco_datasets,
     summarize,
 )
@@ -40,6 +41,7 @@ logger = logging.getLogger("train_det")
 
 def setup(args):
     cfg = build_cfg(args.config_file, args.opts, args.coco_train, args.coco_val)
+    check_weights(cfg, args.resume)
     cfg.freeze()
     default_setup(cfg, args)
     register_coco_datasets(cfg)

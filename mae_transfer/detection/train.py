@@ -9,6 +9,7 @@ detectron2 has no compiled ops.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 import weakref
@@ -70,6 +71,17 @@ def register_coco_datasets(cfg) -> List[str]:
             register_coco_instances(name, {}, json_file, image_root)
         names.append(name)
     return names
+
+
+def check_weights(cfg, resume: bool) -> None:
+    """A missing MODEL.WEIGHTS file is named before the model and data are built, unless
+    ``--resume`` will continue from OUTPUT_DIR's last checkpoint instead."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights or "://" in weights or os.path.isfile(weights):
+        return
+    if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        return
+    raise FileNotFoundError(f"MODEL.WEIGHTS {weights!r} does not exist")
 
 
 def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
