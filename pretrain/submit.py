@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from mae_transfer.engine.launch import exit_code, setup_logging
 from mae_transfer.engine.slurm import launcher_parser, submit
 
 from .config import load_config, validate
@@ -28,12 +29,22 @@ logger = logging.getLogger("pretrain.submit")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, rest = launcher_parser("python -m pretrain.submit").parse_known_args(argv)
-    cfg, _ = load_config(rest)
-    validate(cfg, check_paths=False)
-    if cfg.data_path and not os.path.isdir(cfg.data_path):
-        logger.info("data_path %s not found here: the job checks it on its nodes", cfg.data_path)
-    return submit(cfg, run, args, "mae_pretrain")
+    """0 once submitted (or run, for ``--cluster local / debug``); 2 for a bad config."""
+    setup_logging()
+    result = []
+
+    def body():
+        args, rest = launcher_parser("python -m pretrain.submit").parse_known_args(argv)
+        cfg, _ = load_config(rest)
+        validate(cfg, check_paths=False)
+        if cfg.data_path and not os.path.isdir(cfg.data_path):
+            logger.info(
+                "data_path %s not found here: the job checks it on its nodes", cfg.data_path
+            )
+        result.append(submit(cfg, run, args, "mae_pretrain"))
+
+    code = exit_code(body, logger)
+    return code or result[0]
 
 
 if __name__ == "__main__":

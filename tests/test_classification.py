@@ -499,7 +499,7 @@ def test_resume_takes_only_a_checkpoint_of_the_same_protocol_model_and_start(dat
     train(FinetuneTrainer, first)
     other = tmp_path / "other.pth"
     shutil.copy(data["official"], other)
-    with pytest.raises(ConfigError, match="holds a run started from .* this run starts from"):
+    with pytest.raises(ConfigError, match="holds a run .* with other settings: finetune '.*"):
         FinetuneTrainer(cfg_of(FinetuneConfig, data, tmp_path / "ft", finetune=str(other)),
                         CPU, DistInfo())  # fmt: skip
     again = FinetuneTrainer(cfg_of(FinetuneConfig, data, tmp_path / "ft"), CPU, DistInfo())

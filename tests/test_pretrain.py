@@ -21,6 +21,8 @@ from pretrain.data import PretrainDataset
 from pretrain.engine import LAST, NonFiniteLossError, Trainer
 from pretrain.main import main as pretrain_main
 
+CPU = torch.device("cpu")
+
 
 def tiny_values(data, **kw) -> dict:
     """Config values of a tiny CPU run on ``data``; keyword arguments override."""
@@ -404,3 +406,23 @@ def test_too_few_images_for_one_batch_is_a_config_error(tmp_path, image_dir):
     cfg = tiny_cfg(tmp_path, image_dir, batch_size=64)
     with pytest.raises(ConfigError, match="12 images are fewer than one global batch"):
         Trainer(cfg, torch.device("cpu"), DistInfo())
+
+
+def test_auto_resume_refuses_a_run_with_other_training_settings(tmp_path, image_dir, caplog):
+    train(tiny_cfg(tmp_path, image_dir, epochs=1))
+    config = (tmp_path / "out" / "config.yaml").read_text()
+    # an ablation pointed at the old output_dir: it would have continued (or been "finished")
+    with pytest.raises(
+        ConfigError, match=r"other settings: blr 0.001 -> 0.005, mask_ratio 0.75 -> 0.5\. Give"
+    ):
+        Trainer(tiny_cfg(tmp_path, image_dir, mask_ratio=0.5, blr=5e-3), CPU, DistInfo())
+    assert (tmp_path / "out" / "config.yaml").read_text() == config  # not overwritten
+    # how it runs may change (more epochs, another batch size, workers): it continues
+    longer = Trainer(tiny_cfg(tmp_path, image_dir, epochs=2, batch_size=2), CPU, DistInfo())
+    assert longer.epoch == 1
+    longer.close()
+    # an explicit --resume continues with the new values, saying which
+    last = str(tmp_path / "out" / LAST)
+    again = Trainer(tiny_cfg(tmp_path, image_dir, mask_ratio=0.5, resume=last), CPU, DistInfo())
+    assert again.epoch == 1 and "changed settings: mask_ratio 0.75 -> 0.5" in caplog.text
+    again.close()

@@ -48,27 +48,29 @@ def submit(monkeypatch, tmp_path, **values):
     )
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(config))
-    assert submit_module.main(["--ngpus", "1", "--config", str(path)]) == 0
-    return FakeExecutor.submitted
+    code = submit_module.main(["--ngpus", "1", "--config", str(path)])
+    return code, FakeExecutor.submitted
 
 
 def test_data_path_mounted_only_on_the_cluster_is_checked_in_the_job(monkeypatch, tmp_path):
     """A data set that is not on the submitting host does not stop the submission; the job
     itself rejects it, with the message, if it is missing on the nodes too."""
     cluster_only = "/datasets/only-on-the-cluster/imagenet"
-    jobs = submit(monkeypatch, tmp_path, data_path=cluster_only)
-    assert len(jobs) == 1 and jobs[0].cfg.data_path == cluster_only
+    code, jobs = submit(monkeypatch, tmp_path, data_path=cluster_only)
+    assert code == 0 and len(jobs) == 1 and jobs[0].cfg.data_path == cluster_only
     with pytest.raises(ConfigError, match="data_path '/datasets/only-on-the-cluster/imagenet'"):
         jobs[0]()  # what each task runs first: the whole validation, data_path included
 
 
-def test_everything_else_is_still_checked_before_submitting(monkeypatch, tmp_path):
-    with pytest.raises(ConfigError) as e:
-        submit(monkeypatch, tmp_path, data_path="/not/here", blr=-1.0, mask_ratio=1.5)
-    assert "blr must be > 0" in str(e.value) and "mask_ratio" in str(e.value)
-    assert "/not/here" not in str(e.value) and not FakeExecutor.submitted
-    with pytest.raises(ConfigError, match="data_path is required"):
-        submit(monkeypatch, tmp_path, data_path="")
+def test_everything_else_is_still_checked_before_submitting(monkeypatch, tmp_path, capfd):
+    """Refused with exit code 2 and the values named, as every other entry point."""
+    code, jobs = submit(monkeypatch, tmp_path, data_path="/not/here", blr=-1.0, mask_ratio=1.5)
+    err = capfd.readouterr().err
+    assert code == 2 and not jobs
+    assert "blr must be > 0" in err and "mask_ratio" in err
+    assert "/not/here" not in err  # the data set is checked in the job, on its nodes
+    code, jobs = submit(monkeypatch, tmp_path, data_path="")
+    assert code == 2 and "data_path is required" in capfd.readouterr().err
 
 
 def test_one_launcher_submits_every_protocol(monkeypatch, tmp_path):

@@ -120,6 +120,56 @@ class _Window:
         self.skipped += skipped
 
 
+# settings a run may change when it resumes (how it runs, not what it trains); any other
+# change is refused when auto-resume found the checkpoint, and logged with an explicit --resume
+RUN_SETTINGS = frozenset(
+    [
+        "batch_size",
+        "accum_iter",
+        "epochs",
+        "num_workers",
+        "pin_mem",
+        "output_dir",
+        "log_dir",
+        "resume",
+        "auto_resume",
+        "device",
+        "amp",
+        "tf32",
+        "compile",
+        "save_every_epochs",
+        "save_every_iters",
+        "log_every_iters",
+        "dist_url",
+        "data_path",
+        "decode_on_device",
+        "knn_train",
+        "knn_val",
+        "knn_every",
+        "knn_max_images",
+        "knn_pool",
+    ]
+)
+
+
+def recipe_changes(saved: Dict, now: Dict) -> List[str]:
+    """``'name old -> new'`` for each training setting (not a :data:`RUN_SETTINGS` one) whose
+    value differs between a checkpoint's ``args`` and this run's config; paths are compared
+    resolved."""
+
+    def same(a, b) -> bool:
+        if isinstance(a, str) and isinstance(b, str) and a and b and os.sep in a + b:
+            return os.path.realpath(a) == os.path.realpath(b)
+        plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+        return plain(a) == plain(b)
+
+    return [
+        f"{k} {saved[k]!r} -> {now[k]!r}"
+        for k in now
+        if k in saved and k not in RUN_SETTINGS and not same(saved[k], now[k])
+    ]
+
+
 class EpochTrainer:
     """Epoch-based training on one process, or one of many under torchrun / Slurm."""
 
@@ -323,8 +373,9 @@ class EpochTrainer:
 
     def _check_resumable(self, ckpt: Any, path: str) -> None:
         """Only a checkpoint of this protocol and model resumes, and one that auto-resume found
-        in output_dir only if it started from the same ``--finetune`` weights: a clear error
-        instead of a strict-loading traceback, or of silently continuing another run."""
+        in output_dir only with the same training settings (:func:`recipe_changes`: e.g. the
+        ``--finetune`` weights, mask ratio, lr): a clear error instead of a strict-loading
+        traceback, or of silently continuing (or declaring finished) another run."""
         cfg = self.cfg
         found = path != cfg.resume  # output_dir's checkpoint-last.pth
         if found:
@@ -356,15 +407,17 @@ class EpochTrainer:
                 f"{where} does not hold this run's model ({cfg.model} for {self.protocol}: "
                 f"{'; '.join(problems[:3])}{more}): {hint}"
             )
-        ours = ckpt.get("format") == self.checkpoint_format  # (official args: a Namespace)
-        started = ckpt.get("args", {}).get("finetune") if ours else None
-        wanted = getattr(cfg, "finetune", "")
-        if found and started and wanted and os.path.realpath(started) != os.path.realpath(wanted):
+        if ckpt.get("format") != self.checkpoint_format:  # official args: a Namespace
+            return
+        changed = recipe_changes(ckpt.get("args", {}), cfg.to_dict())
+        if changed and found:  # most likely a new run pointed at an old output_dir
             raise ConfigError(
-                f"{cfg.output_dir} holds a run started from {started} (at epoch "
-                f"{ckpt.get('epoch')}); this run starts from {wanted}: give it another "
-                f"--output_dir, or --resume {path} to continue that one"
+                f"{cfg.output_dir} holds a run (at epoch {ckpt.get('epoch')}) with other "
+                f"settings: {', '.join(changed)}. Give this run another --output_dir, or "
+                f"--resume {path} to continue that one with the new values"
             )
+        if changed:
+            logger.warning("resuming %s with changed settings: %s", path, ", ".join(changed))
 
     def _resume_official(self, ckpt: Dict, path: str) -> None:
         """An official MAE checkpoint-N.pth (pretraining, fine-tuning or linear probing): N is
