@@ -107,8 +107,14 @@ def validate(cfg: PretrainConfig, check_paths: bool = True) -> None:
     checks = Checks("pretraining")
     cfg = check_types(cfg, checks)
     check_train_config(cfg, checks, check_paths)
-    check_model_fields(cfg, checks)
     need = checks.need
+    if _is_mae(cfg.model):
+        check_model_fields(cfg, checks, {"norm_pix_loss": cfg.norm_pix_loss})
+    else:
+        checks.errors.append(
+            f"model {cfg.model!r} is not an MAE model: pretraining needs an mae_vit_* name "
+            "(the vit_* names are the encoders that fine-tuning and transfer use)"
+        )
     need(
         0.0 < cfg.mask_ratio < 1.0,
         f"mask_ratio must be in (0, 1): the loss is taken on masked patches; got {cfg.mask_ratio}",
@@ -120,6 +126,15 @@ def validate(cfg: PretrainConfig, check_paths: bool = True) -> None:
     _check_data_path(cfg, checks, check_paths)
     _check_knn(cfg, checks, check_paths)
     checks.raise_if_any()
+
+
+def _is_mae(name: str) -> bool:
+    from mae_transfer.registry import resolve_name
+
+    try:
+        return resolve_name(name).startswith("mae_")
+    except KeyError:
+        return True  # check_model_fields names the unknown model
 
 
 def _check_data_path(cfg: PretrainConfig, checks: Checks, check_paths: bool) -> None:

@@ -42,19 +42,23 @@ class Trainer(EpochTrainer):
     cfg: PretrainConfig
 
     def __init__(self, cfg: PretrainConfig, device: torch.device, dist_info: DistInfo):
-        super().__init__(cfg, device, dist_info)
         self.knn = None
-        if cfg.knn_train:
-            self.knn = KNNEvaluator(
-                cfg.knn_train,
-                cfg.knn_val,
-                cfg.input_size,
-                dist_info,
-                max_images=cfg.knn_max_images,
-                batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers,  # a full ImageNet set is 1.28M decodes
-                seed=cfg.seed,
-            )
+        if cfg.knn_train:  # first: bad k-NN folders are named before anything is written
+            try:
+                self.knn = KNNEvaluator(
+                    cfg.knn_train,
+                    cfg.knn_val,
+                    cfg.input_size,
+                    dist_info,
+                    max_images=cfg.knn_max_images,
+                    batch_size=cfg.batch_size,
+                    num_workers=cfg.num_workers,  # a full ImageNet set is 1.28M decodes
+                    seed=cfg.seed,
+                )
+            except (FileNotFoundError, ValueError) as e:  # no class folders, other classes
+                raise ConfigError(f"k-NN monitor (knn_train / knn_val): {e}") from e
+        super().__init__(cfg, device, dist_info)
+        if self.knn is not None:
             logger.info("k-NN monitor every %d epochs: %s", cfg.knn_every, self.knn.describe())
 
     def build_model(self) -> torch.nn.Module:

@@ -254,6 +254,18 @@ def test_a_nan_between_log_steps_is_never_applied(tmp_path, image_dir):
     assert len(calls) == 3 and not (tmp_path / "out" / LAST).exists()
 
 
+def test_a_non_finite_gradient_stops_fp16_on_cpu_which_has_no_dynamic_scaling(tmp_path, image_dir):
+    """On CPU fp16 runs behind the scale-1 guard, not a dynamic scaler: a skipped update is no
+    routine event there, and must stop the run as in bf16 / fp32."""
+    cfg = tiny_cfg(tmp_path / "out", image_dir, epochs=1, log_every_iters=100, amp="fp16")
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    assert t.amp_dtype == torch.float16 and t.scaler.get_scale() == 1.0
+    w = t.model.blocks[0].mlp.fc1.weight
+    w.register_hook(lambda g: torch.full_like(g, float("inf")))  # the loss itself stays finite
+    with pytest.raises(NonFiniteLossError, match="a gradient was not finite"):
+        t.train()
+
+
 # -- CUDA placement, RNG and TF32 without a GPU -----------------------------------------------
 def test_slurm_local_id_is_taken_modulo_the_visible_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -404,3 +416,22 @@ def test_rank_0_lists_the_data_and_every_rank_gets_the_list_or_its_error(image_d
     assert walked0 >= 1 and walked1 == 0
     assert error0 == error1 and "no images" in error0
     assert unsent0 == unsent1 == "RuntimeError"  # raised everywhere, nobody left waiting
+
+
+def test_mid_epoch_saves_come_at_the_first_update_after_each_multiple(tmp_path, image_dir):
+    t = Trainer(tiny_cfg(tmp_path / "out", image_dir), torch.device("cpu"), DistInfo())
+    t.ipe = 100
+
+    def due(every, accum):
+        t.cfg.save_every_iters, t.cfg.accum_iter = every, accum
+        saves = []
+        for it in range(1, 100):
+            t.iter = it
+            if t._mid_epoch_save_due():
+                saves.append(it)
+        return saves
+
+    assert due(10, 1) == list(range(10, 100, 10))
+    assert due(10, 4) == [12, 20, 32, 40, 52, 60, 72, 80, 92]  # was 20, 40, 60, 80 only
+    assert due(3, 2)[:3] == [4, 6, 10] and due(0, 2) == []
+    t.close()

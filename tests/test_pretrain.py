@@ -71,6 +71,17 @@ def test_config_precedence_defaults_yaml_flags(tmp_path):
     assert cfg.norm_pix_loss is True and cfg.weight_decay == 0.05
 
 
+def test_a_base_lr_flag_wins_over_an_absolute_lr_in_the_yaml(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 0.0005\nblr: 0.001\n")
+    cfg, _ = load_config(["--config", str(y), "--blr", "1e-4"])  # an lr sweep over a copy
+    assert (cfg.blr, cfg.lr) == (1e-4, None)
+    cfg, _ = load_config(["--config", str(y)])  # the file alone: its absolute lr
+    assert cfg.lr == 0.0005
+    cfg, _ = load_config(["--config", str(y), "--blr", "1e-4", "--lr", "2e-4"])
+    assert cfg.lr == 2e-4
+
+
 def test_bad_values_are_all_rejected_before_training(tmp_path, image_dir):
     cfg = make_config(
         dict(
@@ -96,6 +107,23 @@ def test_bad_values_are_all_rejected_before_training(tmp_path, image_dir):
         assert part in msg
     with pytest.raises(ConfigError, match="unknown config key"):
         make_config({"batchsize": 3})
+
+
+def test_models_that_cannot_be_built_are_named_before_training(tmp_path, image_dir):
+    for kwargs, model, text in (
+        ({"embed_dims": 32}, "mae_vit_base_patch16", "unexpected keyword argument 'embed_dims'"),
+        ({**TINY_MAE, "num_heads": 5}, "mae_vit_base_patch16", "divisible by num_heads"),
+        ({}, "vit_base_patch16", "'vit_base_patch16' is not an MAE model"),
+    ):
+        with pytest.raises(ConfigError, match=text):
+            validate(make_config(dict(data_path=image_dir, model=model, model_kwargs=kwargs)))
+
+
+def test_k_nn_folders_without_classes_stop_before_anything_is_written(tmp_path, image_dir):
+    cfg = tiny_cfg(tmp_path, image_dir, knn_train=image_dir, knn_val=image_dir)  # flat folders
+    with pytest.raises(ConfigError, match="k-NN monitor .* no class folders with images"):
+        Trainer(cfg, CPU, DistInfo())
+    assert not (tmp_path / "out").exists()
 
 
 def test_yaml_numbers_wrong_types_zero_mask_and_empty_folders(tmp_path, image_dir):

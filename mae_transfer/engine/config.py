@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 AMP_MODES = ("auto", "fp32", "bf16", "fp16")
 C = TypeVar("C", bound="TrainConfig")
@@ -121,7 +124,12 @@ def parse_config(
     if args.config:
         values.update(read_yaml(args.config))
     known = fields_of(cls)
-    values.update({k: v for k, v in vars(args).items() if k in known and v is not None})
+    flags = {k: v for k, v in vars(args).items() if k in known and v is not None}
+    if "blr" in flags and "lr" not in flags and values.get("lr") is not None:
+        # an absolute lr in the YAML would silently win over the base lr asked for here
+        logger.info("--blr %g given: the YAML's lr %g is dropped", flags["blr"], values["lr"])
+        values["lr"] = None
+    values.update(flags)
     return make_config(cls, values), args
 
 
@@ -245,11 +253,18 @@ def check_train_config(cfg: TrainConfig, checks: Checks, check_paths: bool = Tru
     )
 
 
-def check_model_fields(cfg: TrainConfig, checks: Checks) -> None:
+def check_model_fields(
+    cfg: TrainConfig, checks: Checks, build_kwargs: Optional[Mapping[str, Any]] = None
+) -> None:
     """The ``model`` (a registered name), ``model_kwargs`` and ``input_size`` fields that every
-    protocol's config has."""
-    from mae_transfer.registry import resolve_name
+    protocol's config has; the model is built on the meta device (no memory, no weights) with
+    ``model_kwargs`` and ``build_kwargs``, so that a misspelt argument or a width that the
+    heads do not divide is named now, not once training has started."""
+    import torch
 
+    from mae_transfer.registry import create_model, resolve_name
+
+    errors = len(checks.errors)
     try:
         resolve_name(cfg.model)
     except KeyError as e:
@@ -263,3 +278,18 @@ def check_model_fields(cfg: TrainConfig, checks: Checks) -> None:
         len(sizes) in (1, 2) and all(isinstance(s, int) and s > 0 for s in sizes),
         f"input_size must be a positive int or [H, W], got {cfg.input_size!r}",
     )
+    if len(checks.errors) > errors:
+        return
+    try:
+        with torch.device("meta"):
+            create_model(
+                cfg.model,
+                img_size=(sizes[0], sizes[-1]),
+                **cfg.model_kwargs,
+                **(build_kwargs or {}),
+            )
+    except Exception as e:  # noqa: BLE001 - the model's own complaint, named
+        checks.errors.append(
+            f"model {cfg.model} cannot be built with model_kwargs {cfg.model_kwargs}: "
+            f"{type(e).__name__}: {e}"
+        )

@@ -196,6 +196,7 @@ class EpochTrainer:
         self.optimizer = self.build_optimizer()
         self.amp_dtype, fp16 = resolve_amp(cfg.amp, device)
         self.scaler = make_scaler(device, fp16)
+        self._dynamic_scale = fp16  # skipped updates are routine; else they stop the run
         # GradScaler.step reads its finiteness flag on the host (a sync every update) unless
         # the optimizer takes it on the device (fused AdamW does, LARS and foreach loops do
         # not); at scale 1 such an optimizer steps directly, the flag still recorded
@@ -558,10 +559,13 @@ class EpochTrainer:
         return stats
 
     def _mid_epoch_save_due(self) -> bool:
-        """Every ``save_every_iters``, at an optimizer step, not at the end of the epoch."""
-        n = self.cfg.save_every_iters
-        at_update = self.iter % self.cfg.accum_iter == 0
-        return bool(n) and self.iter % n == 0 and at_update and self.iter < self.ipe
+        """At the first optimizer step at or after each multiple of ``save_every_iters`` (with
+        ``accum_iter`` 16 and 1000, at 1008, 2000, 3008, ...; not only at the common multiples),
+        not at the end of the epoch (the epoch's own save comes then)."""
+        n, accum = self.cfg.save_every_iters, self.cfg.accum_iter
+        at_update = self.iter % accum == 0
+        crossed = self.iter // max(n, 1) > (self.iter - accum) // max(n, 1)
+        return bool(n) and at_update and crossed and self.iter < self.ipe
 
     def current_lr(self) -> float:
         """The largest lr of the groups: the head's under layer-wise decay (group 0 holds the
@@ -625,7 +629,7 @@ class EpochTrainer:
         if self.iter - 1 > first_iter:
             where += f"-{self.iter - 1}"
         if math.isfinite(loss_sum):
-            if self.amp_dtype == torch.float16 or self.scaler.get_scale() == 1.0:
+            if self._dynamic_scale or self.scaler.get_scale() == 1.0:
                 return
             applied = "applied" if self._direct_step else "skipped"
             what = f"a gradient was not finite (the update was {applied})"
