@@ -435,3 +435,18 @@ def test_mid_epoch_saves_come_at_the_first_update_after_each_multiple(tmp_path, 
     assert due(10, 4) == [12, 20, 32, 40, 52, 60, 72, 80, 92]  # was 20, 40, 60, 80 only
     assert due(3, 2)[:3] == [4, 6, 10] and due(0, 2) == []
     t.close()
+
+
+def test_the_epoch_is_saved_before_a_failing_evaluation(tmp_path, image_dir):
+    t = Trainer(tiny_cfg(tmp_path / "out", image_dir, epochs=2), torch.device("cpu"), DistInfo())
+
+    def out_of_memory():
+        if t.epoch >= 1:  # not the evaluation of the initial weights
+            raise RuntimeError("CUDA out of memory (simulated) in the k-NN pass")
+        return {}
+
+    t.evaluate = out_of_memory
+    with pytest.raises(RuntimeError, match="simulated"):
+        t.train()
+    ckpt = torch.load(tmp_path / "out" / LAST, weights_only=True)
+    assert (ckpt["epoch"], ckpt["iter"]) == (1, 0)  # epoch 0's training is kept
