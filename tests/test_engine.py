@@ -4,6 +4,7 @@ resuming across world sizes, mocked CUDA devices, no host sync per step."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -450,3 +451,35 @@ def test_the_epoch_is_saved_before_a_failing_evaluation(tmp_path, image_dir):
         t.train()
     ckpt = torch.load(tmp_path / "out" / LAST, weights_only=True)
     assert (ckpt["epoch"], ckpt["iter"]) == (1, 0)  # epoch 0's training is kept
+
+
+def test_a_resumed_run_logs_each_step_once_and_the_whole_epoch_s_loss(tmp_path, image_dir):
+    def records(out):
+        with open(out / "log.jsonl") as f:
+            return [json.loads(line) for line in f]
+
+    kw = dict(epochs=2, batch_size=3, log_every_iters=1, save_every_iters=2)
+    train(tiny_cfg(tmp_path / "a", image_dir, **kw))  # uninterrupted: 4 iterations per epoch
+    t = Trainer(tiny_cfg(tmp_path / "b", image_dir, **kw), torch.device("cpu"), DistInfo())
+    compute, calls = t.compute_loss, []
+
+    def killed(*a):  # after the save at iteration 2 and the record of iteration 3
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return compute(*a)
+
+    t.compute_loss = killed
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    t.close()
+    assert [r["step"] for r in records(tmp_path / "b") if "step" in r] == [1, 2, 3]
+    train(tiny_cfg(tmp_path / "b", image_dir, **kw))  # resumes at iteration 2 of epoch 0
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    steps = [r["step"] for r in b if "step" in r]
+    assert steps == [r["step"] for r in a if "step" in r] == list(range(1, 9))
+    ends_a, ends_b = ([r for r in log if "train_loss" in r] for log in (a, b))
+    assert [r["epoch"] for r in ends_b] == [r["epoch"] for r in ends_a] == [0, 1]
+    # the resumed epoch's loss is over all its iterations, not only those after the resume
+    losses_a = [r["train_loss"] for r in ends_a]
+    assert [r["train_loss"] for r in ends_b] == pytest.approx(losses_a, rel=1e-6)

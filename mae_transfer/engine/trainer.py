@@ -205,11 +205,14 @@ class EpochTrainer:
         )
         self.epoch, self.iter = 0, 0  # next epoch / next batch within it
         self.skipped_images = 0
+        self._epoch_loss = [0.0, 0]  # (sum, count) of the epoch's losses so far
+        self._resumed = False  # from a training checkpoint of ours
         self._resume()
         self.ddp = self._wrap(self.model)
-        self.log = RunLogger(cfg.output_dir, cfg.log_dir, dist_info.is_main)
+        # a resumed run's logs drop what the interrupted one logged after its checkpoint
+        resumed_at = (self.epoch, self.epoch * self.ipe + self.iter) if self._resumed else None
+        self.log = RunLogger(cfg.output_dir, cfg.log_dir, dist_info.is_main, resumed_at)
         self._window = _Window()
-        self._epoch_loss = [0.0, 0]
         self.bar_extras: Dict[str, str] = {}  # shown on the progress line (e.g. k-NN top-1)
         logger.info(
             "%s; %d images, %d iterations/epoch; effective batch %d, lr %.3g; %s, precision %s",
@@ -365,6 +368,10 @@ class EpochTrainer:
         self._load_scaler(ckpt)
         self.epoch, self.iter = int(ckpt["epoch"]), self._resume_iteration(ckpt)
         self.skipped_images = int(ckpt.get("skipped_images", 0))
+        if self.iter:
+            loss_sum, n = ckpt.get("epoch_loss", (0.0, 0))
+            self._epoch_loss = [float(loss_sum), int(n)]
+        self._resumed = True
         self.load_extra_state(ckpt)
         set_rng_state(ckpt.get("rng", {}), self.device)
         if self.dist.rank:  # rank 0's state was saved; the others keep their own streams
@@ -478,6 +485,7 @@ class EpochTrainer:
             "global_batch": self.sampler.global_batch,
             "accum_iter": self.cfg.accum_iter,
             "skipped_images": self.skipped_images,
+            "epoch_loss": list(self._epoch_loss),
             "args": self.cfg.to_dict(),
             "rng": get_rng_state(self.device),
             **self.extra_state(),
@@ -533,7 +541,8 @@ class EpochTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.set_train_mode()
         self._window.reset(self.iter)
-        self._epoch_loss = [0.0, 0]
+        if self.iter == 0:  # (a resumed epoch keeps the losses its checkpoint had summed)
+            self._epoch_loss = [0.0, 0]
         t0, start = time.time(), self.iter
         for *tensors, skipped in self.loader:
             self._step(tensors, skipped)
