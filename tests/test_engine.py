@@ -438,21 +438,6 @@ def test_mid_epoch_saves_come_at_the_first_update_after_each_multiple(tmp_path, 
     t.close()
 
 
-def test_the_epoch_is_saved_before_a_failing_evaluation(tmp_path, image_dir):
-    t = Trainer(tiny_cfg(tmp_path / "out", image_dir, epochs=2), torch.device("cpu"), DistInfo())
-
-    def out_of_memory():
-        if t.epoch >= 1:  # not the evaluation of the initial weights
-            raise RuntimeError("CUDA out of memory (simulated) in the k-NN pass")
-        return {}
-
-    t.evaluate = out_of_memory
-    with pytest.raises(RuntimeError, match="simulated"):
-        t.train()
-    ckpt = torch.load(tmp_path / "out" / LAST, weights_only=True)
-    assert (ckpt["epoch"], ckpt["iter"]) == (1, 0)  # epoch 0's training is kept
-
-
 def test_a_resumed_run_logs_each_step_once_and_the_whole_epoch_s_loss(tmp_path, image_dir):
     def records(out):
         with open(out / "log.jsonl") as f:

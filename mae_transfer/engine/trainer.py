@@ -556,14 +556,9 @@ class EpochTrainer:
                 self.save()
         self._flush()
         self.epoch, self.iter = epoch + 1, 0
-        keep = self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs
-        # saved before the evaluation (a long k-NN pass, say): an evaluation that fails or is
-        # interrupted (out of memory, a Slurm time-out) costs no training
-        self.save(also_epoch_copy=keep)
         metrics = self._evaluate()
-        copies = self.checkpoint_copies(metrics)
-        if copies:  # saved again: the state records what the evaluation changed (best top-1)
-            self.save(copies=copies)
+        keep = self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs
+        self.save(also_epoch_copy=keep, copies=self.checkpoint_copies(metrics))
         loss_sum, n = self._epoch_loss
         stats = {"epoch": epoch, "train_loss": loss_sum / max(n, 1), "time_s": time.time() - t0}
         stats.update(lr=self.current_lr(), skipped_images=self.skipped_images)
