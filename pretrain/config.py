@@ -109,7 +109,13 @@ def validate(cfg: PretrainConfig, check_paths: bool = True) -> None:
     check_train_config(cfg, checks, check_paths)
     need = checks.need
     if _is_mae(cfg.model):
-        check_model_fields(cfg, checks, {"norm_pix_loss": cfg.norm_pix_loss})
+        from mae_transfer.registry import create_model
+
+        def build(img_size):
+            kwargs = dict(cfg.model_kwargs, norm_pix_loss=cfg.norm_pix_loss)
+            return create_model(cfg.model, img_size=img_size, **kwargs)
+
+        check_model_fields(cfg, checks, build)
     else:
         checks.errors.append(
             f"model {cfg.model!r} is not an MAE model: pretraining needs an mae_vit_* name "

@@ -509,19 +509,20 @@ def test_resume_takes_only_a_checkpoint_of_the_same_protocol_model_and_start(dat
 
 
 def _two_rank_eval_and_cache(info, data, out):
-    cfg = cfg_of(LinprobeConfig, data, out, cache_features=True, batch_size=3)
+    cfg = cfg_of(LinprobeConfig, data, out, cache_features=True, batch_size=3, epochs=1)
     t = LinprobeTrainer(cfg, CPU, info)
     feats = t.train_dataset.all_features()
-    if info.enabled:  # every process maps the shards of all (one copy per node), unlinked
-        barrier(info)  # each process unlinks its own file after the others mapped it
-        with open("/proc/self/maps") as f:
-            maps = f.read()
-        for what in ("training", "validation"):
-            assert all(f"features-{what}.{r}-of-2.pth (deleted)" in maps for r in range(2))
-        assert not [n for n in os.listdir(out) if n.startswith("features-")]
     acc = ValEvaluator(t.val.dataset, info, 2, 0)(t.model, CPU, None)
     one = ClassFolderDataset(t.folders[1], eval_transform(32), max_images=1)
     assert t._extract(one, "one image").all_features().shape == (1, 32)  # rank 1 has none
+    if info.enabled:  # every process maps the shards of all (one copy per node in the cache)
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+        for what in ("training", "validation"):
+            assert all(f"features-{what}.{r}-of-2.pth" in maps for r in range(2))
+        t.train()  # the files go when training is over (ends with a barrier)
+        barrier(info)
+        assert not [n for n in os.listdir(out) if n.startswith("features-")]
     t.close()
     return feats, acc
 
@@ -588,6 +589,15 @@ def test_every_rank_evaluates_the_probe_with_rank_0_s_batchnorm_statistics(data,
     (mean0, var0), (mean1, var1) = results[0][1], results[1][1]
     assert np.array_equal(mean0, mean1) and np.array_equal(var0, var1)
     assert not np.allclose(mean0, 0)  # the statistics did move
+
+
+def test_classifiers_are_checked_as_the_trainers_build_them(data):
+    ok = dict(data_path=data["root"], finetune=data["official"], model="mae_vit_base_patch16")
+    for kwargs in ({"use_checkpoint": True}, {"qkv_bias": False}, {"drop_path_rate": 0.2}):
+        validate(make_config(FinetuneConfig, {**ok, "model_kwargs": kwargs}))  # encoder args
+    for cls in (FinetuneConfig, LinprobeConfig):
+        with pytest.raises(ConfigError, match="cannot be built .* 'decoder_depth'"):
+            validate(make_config(cls, {**ok, "model_kwargs": {"decoder_depth": 2}}))
 
 
 def test_bad_values_are_all_named_before_anything_starts(data, tmp_path):

@@ -438,17 +438,17 @@ def test_mid_epoch_saves_come_at_the_first_update_after_each_multiple(tmp_path, 
     t.close()
 
 
-def test_a_resumed_run_logs_each_step_once_and_the_whole_epoch_s_loss(tmp_path, image_dir):
-    def records(out):
-        with open(out / "log.jsonl") as f:
-            return [json.loads(line) for line in f]
+def _records(out):
+    with open(out / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
 
-    kw = dict(epochs=2, batch_size=3, log_every_iters=1, save_every_iters=2)
-    train(tiny_cfg(tmp_path / "a", image_dir, **kw))  # uninterrupted: 4 iterations per epoch
-    t = Trainer(tiny_cfg(tmp_path / "b", image_dir, **kw), torch.device("cpu"), DistInfo())
+
+def _killed_in_epoch_0(cfg):
+    """Trains until the 4th iteration starts: saved at iteration 2, iteration 3 logged."""
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
     compute, calls = t.compute_loss, []
 
-    def killed(*a):  # after the save at iteration 2 and the record of iteration 3
+    def killed(*a):
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
@@ -458,9 +458,15 @@ def test_a_resumed_run_logs_each_step_once_and_the_whole_epoch_s_loss(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         t.train()
     t.close()
-    assert [r["step"] for r in records(tmp_path / "b") if "step" in r] == [1, 2, 3]
+
+
+def test_a_resumed_run_logs_each_step_once_and_the_whole_epoch_s_loss(tmp_path, image_dir):
+    kw = dict(epochs=2, batch_size=3, log_every_iters=1, save_every_iters=2)
+    train(tiny_cfg(tmp_path / "a", image_dir, **kw))  # uninterrupted: 4 iterations per epoch
+    _killed_in_epoch_0(tiny_cfg(tmp_path / "b", image_dir, **kw))
+    assert [r["step"] for r in _records(tmp_path / "b") if "step" in r] == [1, 2, 3]
     train(tiny_cfg(tmp_path / "b", image_dir, **kw))  # resumes at iteration 2 of epoch 0
-    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
     steps = [r["step"] for r in b if "step" in r]
     assert steps == [r["step"] for r in a if "step" in r] == list(range(1, 9))
     ends_a, ends_b = ([r for r in log if "train_loss" in r] for log in (a, b))
@@ -468,3 +474,15 @@ def test_a_resumed_run_logs_each_step_once_and_the_whole_epoch_s_loss(tmp_path, 
     # the resumed epoch's loss is over all its iterations, not only those after the resume
     losses_a = [r["train_loss"] for r in ends_a]
     assert [r["train_loss"] for r in ends_b] == pytest.approx(losses_a, rel=1e-6)
+
+
+def test_a_run_resumed_with_another_batch_keeps_the_records_before_its_checkpoint(
+    tmp_path, image_dir
+):
+    kw = dict(epochs=2, log_every_iters=1, save_every_iters=2)
+    _killed_in_epoch_0(tiny_cfg(tmp_path, image_dir, batch_size=3, **kw))  # 6 images seen
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"epoch": 0.8, "st')  # the kill cut the last line short
+    train(tiny_cfg(tmp_path, image_dir, batch_size=6, **kw))  # 2 iterations per epoch now
+    fractions = [r["epoch"] for r in _records(tmp_path) if "step" in r]
+    assert fractions == [0.25, 0.5, 1.0, 1.5, 2.0]  # 0.75 (after the checkpoint) dropped

@@ -24,7 +24,7 @@ from mae_transfer.engine.config import (
 )
 from mae_transfer.engine.config import make_config as _make_config
 
-from .model import GLOBAL_POOLS
+from .model import GLOBAL_POOLS, build_classifier
 
 __all__ = [
     "ClassifyConfig",
@@ -145,12 +145,22 @@ def make_config(cls: Type[ClassifyConfig], values: Dict[str, Any]) -> ClassifyCo
     return _make_config(cls, values)
 
 
+def _build(cfg: ClassifyConfig, img_size):
+    """The classifier as the trainers build it (for the meta-device check of validation)."""
+    kwargs = dict(cfg.model_kwargs)
+    if isinstance(cfg, FinetuneConfig):
+        kwargs = {"drop_path_rate": cfg.drop_path, **kwargs}
+    pool = cfg.global_pool if cfg.global_pool in GLOBAL_POOLS else "avg"  # checked apart
+    probe = isinstance(cfg, LinprobeConfig)
+    return build_classifier(cfg.model, max(cfg.nb_classes, 1), img_size, pool, probe, **kwargs)
+
+
 def validate(cfg: ClassifyConfig, check_paths: bool = True) -> None:
     """Raises ConfigError listing every invalid value (before anything is built)."""
     checks = Checks("fine-tuning" if isinstance(cfg, FinetuneConfig) else "linear-probing")
     cfg = check_types(cfg, checks)
     check_train_config(cfg, checks, check_paths)
-    check_model_fields(cfg, checks)
+    check_model_fields(cfg, checks, lambda img_size: _build(cfg, img_size))
     need = checks.need
     need(
         cfg.nb_classes >= 0,

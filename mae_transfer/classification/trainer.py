@@ -26,7 +26,7 @@ from mae_transfer.data.sampler import sample_seed
 from mae_transfer.data.transforms import eval_transform
 from mae_transfer.device import resolve_amp
 from mae_transfer.engine.config import ConfigError
-from mae_transfer.engine.distributed import DistInfo, all_reduce_sum, barrier
+from mae_transfer.engine.distributed import DistInfo, all_reduce_sum
 from mae_transfer.engine.trainer import EpochTrainer, tf32_enabled
 from mae_transfer.optim import param_groups
 
@@ -261,6 +261,23 @@ def lars_param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]
     return groups
 
 
+def _attempt(fn) -> str:
+    """'' when ``fn()`` runs, else its error as text."""
+    try:
+        fn()
+        return ""
+    except Exception as e:  # noqa: BLE001 - shared with the other processes, then raised
+        return f"{type(e).__name__}: {e}"
+
+
+def _raise_on_any(error: str, what: str, dist: DistInfo) -> None:
+    """Raises on every process when any of them had ``error`` (a collective: all must call)."""
+    failed = all_reduce_sum([float(bool(error))], dist)[0]
+    if failed:
+        here = f" (here: {error})" if error else ""
+        raise ConfigError(f"{int(failed)} of {dist.world_size} processes {what}{here}")
+
+
 class LinprobeTrainer(_ClassifierTrainer):
     """Linear probing (the official ``main_linprobe.py`` recipe, with the encoder in eval mode,
     unlike the official script (mae#54): its dropout-free blocks are the same either way, but a
@@ -270,6 +287,10 @@ class LinprobeTrainer(_ClassifierTrainer):
     probe = True
     protocol = "linear probing"
     head_init_std = 0.01
+
+    def __init__(self, cfg: LinprobeConfig, device: torch.device, dist_info: DistInfo):
+        self._feature_files: List[str] = []  # this process's cached-feature shards
+        super().__init__(cfg, device, dist_info)
 
     def build_model(self) -> ViTClassifier:
         model = super().build_model()
@@ -351,20 +372,31 @@ class LinprobeTrainer(_ClassifierTrainer):
         name = "features-" + "-".join(what.split())
         paths = [os.path.join(cfg.output_dir, f"{name}.{r}-of-{d.world_size}.pth")
                  for r in range(d.world_size)]  # fmt: skip
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        save_atomic({"features": feats, "labels": labels}, paths[d.rank])
-        barrier(d)
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if all_reduce_sum([len(missing)], d)[0]:
-            raise ConfigError(
-                "some processes cannot read the features the others cached in "
-                f"{cfg.output_dir} ({len(missing)} missing here): put output_dir on storage "
-                "every node can read"
-            )
-        shards = [load_file(p, mmap=True) for p in paths]  # replaced whole, never rewritten
-        barrier(d)  # every process has mapped every shard
-        os.remove(paths[d.rank])
+        self._feature_files.append(paths[d.rank])
+
+        def write() -> None:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            save_atomic({"features": feats, "labels": labels}, paths[d.rank])
+
+        # each step ends in a collective: a failure on one process stops all of them (and the
+        # files are all written before any is read)
+        _raise_on_any(_attempt(write), "could not write its cached features", d)
+        shards: List = []
+        error = _attempt(lambda: shards.extend(load_file(p, mmap=True) for p in paths))
+        _raise_on_any(
+            error,
+            "could not read the features the others cached in output_dir (is it on storage "
+            "every node can read?)",
+            d,
+        )
         return FeatureDataset([s["features"] for s in shards], [s["labels"] for s in shards])
+
+    def train(self) -> Dict[str, float]:
+        stats = super().train()  # ends with a barrier: no process reads the features any more
+        for path in self._feature_files:  # each process its own shards (NFS keeps no unlinked
+            if os.path.isfile(path):  # file alive for other clients: only now)
+                os.remove(path)
+        return stats
 
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.ddp(x).float(), y)

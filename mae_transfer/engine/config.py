@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 import yaml
 
@@ -127,7 +127,7 @@ def parse_config(
     flags = {k: v for k, v in vars(args).items() if k in known and v is not None}
     if "blr" in flags and "lr" not in flags and values.get("lr") is not None:
         # an absolute lr in the YAML would silently win over the base lr asked for here
-        logger.info("--blr %g given: the YAML's lr %g is dropped", flags["blr"], values["lr"])
+        logger.info("--blr %s given: the YAML's lr %s is dropped", flags["blr"], values["lr"])
         values["lr"] = None
     values.update(flags)
     return make_config(cls, values), args
@@ -254,12 +254,13 @@ def check_train_config(cfg: TrainConfig, checks: Checks, check_paths: bool = Tru
 
 
 def check_model_fields(
-    cfg: TrainConfig, checks: Checks, build_kwargs: Optional[Mapping[str, Any]] = None
+    cfg: TrainConfig, checks: Checks, build: Optional[Callable[[Tuple[int, int]], Any]] = None
 ) -> None:
     """The ``model`` (a registered name), ``model_kwargs`` and ``input_size`` fields that every
-    protocol's config has; the model is built on the meta device (no memory, no weights) with
-    ``model_kwargs`` and ``build_kwargs``, so that a misspelt argument or a width that the
-    heads do not divide is named now, not once training has started."""
+    protocol's config has. The model is built on the meta device (no memory, no weights) as the
+    trainer will build it, ``build((H, W))`` (default: the registered model with
+    ``model_kwargs``), so that a misspelt argument or a width that the heads do not divide is
+    named now, not once training has started."""
     import torch
 
     from mae_transfer.registry import create_model, resolve_name
@@ -280,14 +281,14 @@ def check_model_fields(
     )
     if len(checks.errors) > errors:
         return
+    if build is None:
+
+        def build(img_size):
+            return create_model(cfg.model, img_size=img_size, **cfg.model_kwargs)
+
     try:
         with torch.device("meta"):
-            create_model(
-                cfg.model,
-                img_size=(sizes[0], sizes[-1]),
-                **cfg.model_kwargs,
-                **(build_kwargs or {}),
-            )
+            build((sizes[0], sizes[-1]))
     except Exception as e:  # noqa: BLE001 - the model's own complaint, named
         checks.errors.append(
             f"model {cfg.model} cannot be built with model_kwargs {cfg.model_kwargs}: "

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
 
 
 class RunLogger:
@@ -24,11 +27,12 @@ class RunLogger:
         output_dir: str,
         log_dir: Optional[str],
         enabled: bool,
-        resumed_at: Optional[Tuple[int, int]] = None,
+        resumed_at: Optional[Tuple[float, Optional[int]]] = None,
     ):
-        """``resumed_at``: (epoch, global step) of the checkpoint a resumed run starts from;
-        what the interrupted run logged after it (it is trained again) is dropped from
-        ``log.jsonl`` and hidden in TensorBoard (``purge_step``), so no curve holds it twice."""
+        """``resumed_at``: where a resumed run starts, as (epoch + fraction of it, global step
+        or None when the step's size changed); what the interrupted run logged after that
+        point (it is trained again) is dropped from ``log.jsonl`` and hidden in TensorBoard
+        (``purge_step``), so that no curve holds it twice."""
         self.output_dir, self.enabled = output_dir, enabled
         self.writer = None
         self.bar: Optional[tqdm] = None
@@ -38,28 +42,42 @@ class RunLogger:
             os.makedirs(output_dir, exist_ok=True)
             purge = None
             if resumed_at is not None:
-                self._drop_records_after(*resumed_at)
-                purge = resumed_at[1] + 1
+                self._drop_records_after(resumed_at[0])
+                purge = None if resumed_at[1] is None else resumed_at[1] + 1
             self.writer = SummaryWriter(log_dir=log_dir or output_dir, purge_step=purge)
 
-    def _drop_records_after(self, epoch: int, step: int) -> None:
-        """Keeps the iteration records up to ``step`` and the epoch records before ``epoch``."""
-        path = os.path.join(self.output_dir, "log.jsonl")
-        if not os.path.isfile(path):
-            return
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+    @property
+    def path(self) -> str:
+        return os.path.join(self.output_dir, "log.jsonl")
+
+    def records(self) -> List[Dict]:
+        """The records of ``log.jsonl``; a line cut short (a kill mid-write) is skipped."""
+        if not os.path.isfile(self.path):
+            return []
+        out = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    logger.warning("%s: skipping an unreadable line %r", self.path, line[:80])
+        return out
+
+    def _drop_records_after(self, epoch: float) -> None:
+        """Keeps the iteration records up to ``epoch`` (with its fraction) and the records of
+        the epochs that ended before it."""
+        records = self.records()
         kept = [
             r
             for r in records
-            if not ("step" in r and r["step"] > step)
-            and not ("train_loss" in r and r.get("epoch", -1) >= epoch)
+            if not ("step" in r and r.get("epoch", 0) > epoch + 1e-9)
+            and not ("train_loss" in r and r.get("epoch", -1) >= int(epoch))
         ]
         if len(kept) < len(records):
-            tmp = path + ".tmp"
+            tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, path)
+            os.replace(tmp, self.path)
 
     def progress(self, total: int, initial: int) -> tqdm:
         """The run's bar over all iterations (tqdm's rate and ETA); a quiet one off rank 0."""
@@ -88,14 +106,10 @@ class RunLogger:
 
     def last_record(self, key: str) -> Dict:
         """The last ``log.jsonl`` record holding ``key`` (empty when there is none)."""
-        path = os.path.join(self.output_dir, "log.jsonl")
         found: Dict = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                for line in f:
-                    record = json.loads(line)
-                    if key in record:
-                        found = record
+        for record in self.records():
+            if key in record:
+                found = record
         return found
 
     def close(self) -> None:

@@ -148,6 +148,9 @@ RUN_SETTINGS = frozenset(
         "knn_every",
         "knn_max_images",
         "knn_pool",
+        "eval",  # evaluation only: what is measured, not what is trained
+        "eval_crop_pct",
+        "max_val_images",
     ]
 )
 
@@ -209,8 +212,12 @@ class EpochTrainer:
         self._resumed = False  # from a training checkpoint of ours
         self._resume()
         self.ddp = self._wrap(self.model)
-        # a resumed run's logs drop what the interrupted one logged after its checkpoint
-        resumed_at = (self.epoch, self.epoch * self.ipe + self.iter) if self._resumed else None
+        # a resumed run's logs drop what the interrupted run logged after its checkpoint: by
+        # the fraction of the epoch, which (unlike the step) holds when the batch size changed
+        resumed_at = None
+        if self._resumed:
+            step = self.epoch * self.ipe + self.iter if self._same_global_batch else None
+            resumed_at = (self.epoch + self.iter / self.ipe, step)
         self.log = RunLogger(cfg.output_dir, cfg.log_dir, dist_info.is_main, resumed_at)
         self._window = _Window()
         self.bar_extras: Dict[str, str] = {}  # shown on the progress line (e.g. k-NN top-1)
@@ -355,8 +362,7 @@ class EpochTrainer:
         if not path:
             return
         ckpt = load_file(path, mmap=True)  # ours: replaced whole by save_atomic, never rewritten
-        self._check_resumable(ckpt, path)
-        self.model.load_state_dict(ckpt["model"])
+        self._load_resumable(ckpt, path)
         if "optimizer" not in ckpt:
             logger.info("loaded weights only from %s (no optimizer state: a fresh start)", path)
             return
@@ -372,6 +378,7 @@ class EpochTrainer:
             loss_sum, n = ckpt.get("epoch_loss", (0.0, 0))
             self._epoch_loss = [float(loss_sum), int(n)]
         self._resumed = True
+        self._same_global_batch = ckpt.get("global_batch") == self.sampler.global_batch
         self.load_extra_state(ckpt)
         set_rng_state(ckpt.get("rng", {}), self.device)
         if self.dist.rank:  # rank 0's state was saved; the others keep their own streams
@@ -379,10 +386,10 @@ class EpochTrainer:
             torch.manual_seed(self.cfg.seed + self.dist.rank + 7919 * step)
         logger.info("resumed from %s at epoch %d, iteration %d", path, self.epoch, self.iter)
 
-    def _check_resumable(self, ckpt: Any, path: str) -> None:
-        """Only a checkpoint of this protocol and model resumes, and one that auto-resume found
-        in output_dir only with the same training settings (:func:`recipe_changes`: e.g. the
-        ``--finetune`` weights, mask ratio, lr): a clear error instead of a strict-loading
+    def _load_resumable(self, ckpt: Any, path: str) -> None:
+        """Loads the model from a checkpoint of this protocol and model; one that auto-resume
+        found in output_dir only with the same training settings (:func:`recipe_changes`: e.g.
+        the ``--finetune`` weights, mask ratio, lr): a clear error instead of a strict-loading
         traceback, or of silently continuing (or declaring finished) another run."""
         cfg = self.cfg
         found = path != cfg.resume  # output_dir's checkpoint-last.pth
@@ -401,20 +408,15 @@ class EpochTrainer:
         state = ckpt.get("model") if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
             raise ConfigError(f"{where} holds no 'model' weights to resume: {hint}")
-        own = self.model.state_dict()
-        problems = [f"missing {k}" for k in own if k not in state]
-        problems += [f"unexpected {k}" for k in state if k not in own]
-        problems += [
-            f"{k} is {tuple(state[k].shape)}, this model's {tuple(v.shape)}"
-            for k, v in own.items()
-            if k in state and tuple(state[k].shape) != tuple(v.shape)
-        ]
-        if problems:
-            more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as e:  # missing / unexpected keys, other shapes
+            detail = " ".join(str(e).split())
+            detail = detail if len(detail) < 400 else detail[:400] + " ..."
             raise ConfigError(
                 f"{where} does not hold this run's model ({cfg.model} for {self.protocol}: "
-                f"{'; '.join(problems[:3])}{more}): {hint}"
-            )
+                f"{detail}): {hint}"
+            ) from e
         if ckpt.get("format") != self.checkpoint_format:  # official args: a Namespace
             return
         changed = recipe_changes(ckpt.get("args", {}), cfg.to_dict())
@@ -499,7 +501,8 @@ class EpochTrainer:
             raise NonFiniteLossError(
                 f"non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) at "
                 f"epoch {self.epoch}, iteration {self.iter}: not saved, the last checkpoint in "
-                f"{self.cfg.output_dir} is intact. Lower the lr or set --clip_grad."
+                f"{self.cfg.output_dir} is intact. Lower the lr or set --clip_grad, and "
+                f"continue with --resume {os.path.join(self.cfg.output_dir, LAST)}."
             )
         if not self.dist.is_main:
             return
@@ -649,7 +652,7 @@ class EpochTrainer:
         raise NonFiniteLossError(
             f"{what} at {where}; stopping without saving ({kept}). Lower the lr "
             f"(blr={self.cfg.blr}), set --clip_grad, or use --amp bf16 / fp32 instead of fp16; "
-            "then resume."
+            f"then continue with --resume {last} (which takes changed settings)."
         )
 
     def _evaluate(self) -> Dict[str, float]:
