@@ -26,7 +26,7 @@ from mae_transfer.data.sampler import sample_seed
 from mae_transfer.data.transforms import eval_transform
 from mae_transfer.device import resolve_amp
 from mae_transfer.engine.config import ConfigError
-from mae_transfer.engine.distributed import DistInfo, all_reduce_sum
+from mae_transfer.engine.distributed import DistInfo, all_reduce_sum, on_every_rank
 from mae_transfer.engine.trainer import EpochTrainer, tf32_enabled
 from mae_transfer.optim import param_groups
 
@@ -261,23 +261,6 @@ def lars_param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]
     return groups
 
 
-def _attempt(fn) -> str:
-    """'' when ``fn()`` runs, else its error as text."""
-    try:
-        fn()
-        return ""
-    except Exception as e:  # noqa: BLE001 - shared with the other processes, then raised
-        return f"{type(e).__name__}: {e}"
-
-
-def _raise_on_any(error: str, what: str, dist: DistInfo) -> None:
-    """Raises on every process when any of them had ``error`` (a collective: all must call)."""
-    failed = all_reduce_sum([float(bool(error))], dist)[0]
-    if failed:
-        here = f" (here: {error})" if error else ""
-        raise ConfigError(f"{int(failed)} of {dist.world_size} processes {what}{here}")
-
-
 class LinprobeTrainer(_ClassifierTrainer):
     """Linear probing (the official ``main_linprobe.py`` recipe, with the encoder in eval mode,
     unlike the official script (mae#54): its dropout-free blocks are the same either way, but a
@@ -380,14 +363,13 @@ class LinprobeTrainer(_ClassifierTrainer):
 
         # each step ends in a collective: a failure on one process stops all of them (and the
         # files are all written before any is read)
-        _raise_on_any(_attempt(write), "could not write its cached features", d)
+        on_every_rank(write, d, "could not write their cached features")
         shards: List = []
-        error = _attempt(lambda: shards.extend(load_file(p, mmap=True) for p in paths))
-        _raise_on_any(
-            error,
+        on_every_rank(
+            lambda: shards.extend(load_file(p, mmap=True) for p in paths),
+            d,
             "could not read the features the others cached in output_dir (is it on storage "
             "every node can read?)",
-            d,
         )
         return FeatureDataset([s["features"] for s in shards], [s["labels"] for s in shards])
 

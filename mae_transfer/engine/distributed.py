@@ -13,6 +13,8 @@ from typing import Any, Callable, List, Sequence
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -151,6 +153,20 @@ def on_rank0(fn: Callable[..., Any], info: DistInfo, *args: Any) -> Any:
     if not ok:
         raise value
     return value
+
+
+def on_every_rank(fn: Callable[[], Any], info: DistInfo, what: str) -> None:
+    """``fn()`` on every process; when it fails on any of them, every process raises a
+    :class:`ConfigError` saying so (a collective: none is left waiting for the others)."""
+    error = ""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - shared with the other processes, then raised
+        error = f"{type(e).__name__}: {e}"
+    failed = all_reduce_sum([float(bool(error))], info)[0]
+    if failed:
+        here = f" (here: {error})" if error else ""
+        raise ConfigError(f"{int(failed)} of {info.world_size} processes {what}{here}")
 
 
 def all_gather_rows(x: torch.Tensor, info: DistInfo) -> List[torch.Tensor]:
