@@ -91,8 +91,8 @@ class ValEvaluator:
                 hits = top == y[:, None]
                 correct1 += (hits[:, 0] * keep).sum()
                 correct5 += (hits.any(dim=1) * keep).sum()
-                n += len(y) - int((skipped > 0).sum())  # skipped is on the host
-                replaced += int((skipped > 0).sum())
+                bad = int((skipped > 0).sum())  # skipped is on the host: no device sync
+                n, replaced = n + len(y) - bad, replaced + bad
         finally:
             model.train(was_training)
         c1, c5, loss, total, replaced = all_reduce_sum(
