@@ -79,7 +79,7 @@ class ViTPyramid(nn.Module):
     """A ViT and the per-stage rescaling: image -> 4 NCHW maps at strides 4, 8, 16, 32.
 
     Args:
-        vit: the encoder (``class_token=False`` for window attention / relative position).
+        vit: the encoder (with or without a class token; the maps are of the patch tokens).
         out_indices: the zero-based block whose output feeds each of the 4 levels.
         norm: norm inside the x4 (and larger) upsampling path, one of :data:`NORMS`.
     """
@@ -156,7 +156,7 @@ def build_pyramid_vit(
     patch size that is not a power of two is rejected by :func:`pyramid_factors`.
     ``out_indices`` default to the paper's equal split (``stage_split='equal'``) or
     BEiT/mmseg's (``'seg'``). With window attention, the blocks at the stage ends are global
-    unless ``global_blocks`` says otherwise (ViTDet's choice).
+    when ``global_blocks`` is None (ViTDet's choice); ``()`` makes every block windowed.
     """
     vit_kwargs.setdefault("class_token", False)
     patch = vit_kwargs.get("patch_size") or _default_patch(model)
@@ -167,7 +167,7 @@ def build_pyramid_vit(
     depth = vit_kwargs.get("depth") or VIT_SIZES[size_of(resolve_name(model))]["depth"]
     if not out_indices:
         out_indices = default_out_indices(model, depth, stage_split)
-    if window_size and not global_blocks:
+    if window_size and global_blocks is None:
         global_blocks = out_indices
     vit = create_model(
         model,

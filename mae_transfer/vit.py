@@ -152,9 +152,14 @@ def _key_rows_and_columns(hw: HW, pad: int, device: torch.device, dtype) -> torc
     return F.pad(onehot, (0, pad))
 
 
+CLS_BIAS_ENTRIES = 3  # BEiT's extra table rows: class -> patch, patch -> class, class -> class
+
+
 @_constant(maxsize=4)  # (h*w)^2 int64: 134 MB at 64 x 64 tokens; few grids kept
-def _bias_table_index(hw: HW, device: torch.device) -> torch.Tensor:
-    """(h*w, h*w) index into a ((2h-1) * (2w-1)) table of 2D relative offsets."""
+def _bias_table_index(hw: HW, device: torch.device, class_token: bool = False) -> torch.Tensor:
+    """(N, N) index into a ((2h-1) * (2w-1)) table of 2D relative offsets, N = h*w; with
+    ``class_token`` (N = 1 + h*w, the class token first) the three entries after the offsets
+    are, as in BEiT, class -> patch, patch -> class and class -> class."""
     h, w = hw
     coords = torch.stack(
         torch.meshgrid(
@@ -162,29 +167,47 @@ def _bias_table_index(hw: HW, device: torch.device) -> torch.Tensor:
         )
     ).flatten(1)  # (2, h*w)
     rel = coords[:, :, None] - coords[:, None, :]
-    return (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
+    index = (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
+    if not class_token:
+        return index
+    offsets = (2 * h - 1) * (2 * w - 1)
+    index = F.pad(index, (1, 0, 1, 0))
+    index[0, :] = offsets
+    index[:, 0] = offsets + 1
+    index[0, 0] = offsets + 2
+    return index
 
 
-def relative_position_bias(table: torch.Tensor, table_hw: HW, hw: HW) -> torch.Tensor:
-    """Per-head bias (BEiT-style table without class-token entries).
+def relative_position_bias(
+    table: torch.Tensor, table_hw: HW, hw: HW, class_token: bool = False
+) -> torch.Tensor:
+    """Per-head bias from a BEiT-style table.
 
     Args:
-        table: ((2*th-1) * (2*tw-1), heads), built for grid ``table_hw``.
-        hw: the grid of this input; the table is resized bicubically when it differs.
+        table: ((2*th-1) * (2*tw-1), heads), built for grid ``table_hw``; with ``class_token``
+            followed by the :data:`CLS_BIAS_ENTRIES` class-token rows (BEiT / mmseg's layout).
+        hw: the grid of this input; the offsets are resized bicubically when it differs (the
+            class-token rows are kept).
 
     Returns:
-        (1, heads, h*w, h*w).
+        (1, heads, N, N), N = h*w (+ 1 with ``class_token``).
     """
     h, w = hw
     th, tw = table_hw
     heads = table.shape[1]
+    extra = table[-CLS_BIAS_ENTRIES:] if class_token else None
+    if class_token:
+        table = table[:-CLS_BIAS_ENTRIES]
     if (th, tw) != (h, w):
         grid = table.t().reshape(1, heads, 2 * th - 1, 2 * tw - 1).float()
         grid = F.interpolate(grid, size=(2 * h - 1, 2 * w - 1), mode="bicubic", align_corners=False)
         table = grid.reshape(heads, -1).t().to(table.dtype)
+    if extra is not None:
+        table = torch.cat([table, extra], dim=0)
+    n = h * w + int(class_token)
     # gathered per head, so that the bias is contiguous (heads, N, N), as fused kernels read it
-    bias = table.t()[:, _bias_table_index(tuple(hw), table.device).reshape(-1)]
-    return bias.view(1, heads, h * w, h * w)
+    bias = table.t()[:, _bias_table_index(tuple(hw), table.device, class_token).reshape(-1)]
+    return bias.view(1, heads, n, n)
 
 
 # -- windows ----------------------------------------------------------------------------------
@@ -241,12 +264,15 @@ class Attention(nn.Module):
         proj_drop: float = 0.0,
         rel_pos: Optional[str] = None,
         rel_pos_size: Optional[HW] = None,
+        class_token: bool = False,
     ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
         if rel_pos not in REL_POS_TYPES:
             raise ValueError(f"rel_pos must be one of {REL_POS_TYPES}, got {rel_pos!r}")
+        if class_token and rel_pos == "decomposed":
+            raise ValueError("rel_pos='decomposed' has no class-token terms; use 'bias'")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -255,6 +281,7 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.rel_pos = rel_pos
         self.rel_pos_size = rel_pos_size
+        self.class_token = class_token  # the tokens start with a class token (rel_pos 'bias')
         # 'decomposed' folded into q.k (fused attention); False: an explicit (N x N) bias, the
         # way ViTDet computes it (same values; kept as the reference for tests and benchmarks)
         self.fold_rel_pos = True
@@ -264,9 +291,8 @@ class Attention(nn.Module):
                 self.rel_pos_h = nn.Parameter(torch.zeros(2 * h - 1, self.head_dim))
                 self.rel_pos_w = nn.Parameter(torch.zeros(2 * w - 1, self.head_dim))
             else:
-                self.relative_position_bias_table = nn.Parameter(
-                    torch.zeros((2 * h - 1) * (2 * w - 1), num_heads)
-                )
+                entries = (2 * h - 1) * (2 * w - 1) + (CLS_BIAS_ENTRIES if class_token else 0)
+                self.relative_position_bias_table = nn.Parameter(torch.zeros(entries, num_heads))
 
     def _bias(self, q: torch.Tensor, hw: HW) -> Optional[torch.Tensor]:
         """The explicit additive bias: BEiT's per-head table, or unfolded decomposed terms."""
@@ -276,7 +302,7 @@ class Attention(nn.Module):
             # the small table cast, not the N x N bias: under autocast no fp32 bias (or its
             # gradient) of N x N per head is ever made
             table = self.relative_position_bias_table.to(q.dtype)
-            return relative_position_bias(table, self.rel_pos_size, hw)
+            return relative_position_bias(table, self.rel_pos_size, hw, self.class_token)
         return None
 
     def forward(
@@ -286,7 +312,7 @@ class Attention(nn.Module):
 
         Args:
             x: (B, N, C).
-            hw: the token grid (N = h*w); needed when rel_pos is used.
+            hw: the patch grid (N = h*w, or 1 + h*w with a class token); needed with rel_pos.
             mask: optional additive logit mask broadcastable to (B, heads, N, N).
 
         Returns:
@@ -333,13 +359,23 @@ class Block(nn.Module):
         window_size: int = 0,
         rel_pos: Optional[str] = None,
         rel_pos_size: Optional[HW] = None,
+        class_token: bool = False,
     ):
         super().__init__()
+        if class_token and window_size:
+            raise ValueError("window attention has no class token; use class_token=False")
         self.window_size = window_size
         self.norm1 = norm_layer(dim)
         if window_size:
             rel_pos_size = (window_size, window_size)
-        self.attn = Attention(dim, num_heads, qkv_bias, rel_pos=rel_pos, rel_pos_size=rel_pos_size)
+        self.attn = Attention(
+            dim,
+            num_heads,
+            qkv_bias,
+            rel_pos=rel_pos,
+            rel_pos_size=rel_pos_size,
+            class_token=class_token,
+        )
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -361,7 +397,7 @@ class Block(nn.Module):
         return attn.proj_drop(attn.proj(out))
 
     def forward(self, x: torch.Tensor, hw: Optional[HW] = None) -> torch.Tensor:
-        """x: (B, N, C) tokens of an h*w grid -> (B, N, C)."""
+        """x: (B, N, C) tokens of an h*w grid (class token first, if any) -> (B, N, C)."""
         x = x + self.drop_path(self.ls1(self._attention(self.norm1(x), hw)))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
@@ -420,6 +456,7 @@ class VisionTransformer(nn.Module):
                     window_size=0 if i in self.global_blocks else window_size,
                     rel_pos=rel_pos,
                     rel_pos_size=self.grid_size,
+                    class_token=class_token and rel_pos == "bias",
                 )
                 for i in range(depth)
             ]
@@ -497,11 +534,11 @@ def _check_vit_args(depth, class_token, window_size, global_blocks, rel_pos, dro
         raise ValueError(f"global_blocks {bad} out of range for depth {depth} (0..{depth - 1})")
     if window_size < 0:
         raise ValueError(f"window_size must be >= 0 (0 = global attention), got {window_size}")
-    if class_token and (window_size or rel_pos):
+    if class_token and (window_size or rel_pos == "decomposed"):
         raise ValueError(
-            "class_token=True cannot be combined with window attention or relative position; "
-            "dense-prediction backbones use class_token=False (a checkpoint's cls token is "
-            "dropped)"
+            "class_token=True cannot be combined with window attention or rel_pos='decomposed' "
+            "(ViTDet has no class token: use class_token=False, a checkpoint's cls token is "
+            "then dropped); with rel_pos='bias' (BEiT / mmseg) it can"
         )
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")

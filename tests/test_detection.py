@@ -200,6 +200,22 @@ def test_bad_config_values_get_clear_errors():
         tiny_backbone(square_pad=100)
 
 
+def test_global_blocks_default_to_the_stage_ends_and_none_means_all_windowed():
+    from mae_transfer.detection.backbone import backbone_kwargs
+
+    def vit_of(opts):
+        cfg = build_cfg(TINY_CONFIG, TINY_OPTS + ["MODEL.VIT.WINDOW_SIZE", "2"] + opts)
+        return MAEViTBackbone(**backbone_kwargs(cfg)).vit
+
+    default = vit_of([])
+    assert default.global_blocks == (0, 1, 2, 3)  # the tiny model's stage ends
+    none = vit_of(["MODEL.VIT.GLOBAL_BLOCKS", '["none"]'])
+    assert none.global_blocks == () and all(b.window_size == 2 for b in none.blocks)
+    assert vit_of(["MODEL.VIT.GLOBAL_BLOCKS", "[1]"]).global_blocks == (1,)
+    with pytest.raises(ValueError, match=r'GLOBAL_BLOCKS must be block indices or \["none"\]'):
+        build_cfg(TINY_CONFIG, ["MODEL.VIT.GLOBAL_BLOCKS", '["all"]'])
+
+
 def test_lsj_training_crops_are_padded_like_test_images_not_with_grey():
     """detectron2's FixedSizeCrop pads with 128 by default; the model pads (after
     normalisation) with zeros, the mean pixel, which is what test images get."""

@@ -81,6 +81,23 @@ def test_checkpoints_load_through_init_cfg_with_report(form, tmp_path):
     assert torch.equal(bb.vit.blocks[3].mlp.fc2.weight, enc["blocks.3.mlp.fc2.weight"])
 
 
+def test_class_token_backbone_loads_the_checkpoints_class_token(tmp_path):
+    """class_token=True (the ADE20K configs, as BEiT / mmseg): the checkpoint's class token and
+    its position row load; the maps are of the patches; every parameter trains."""
+    enc, files = save_mae_checkpoints(tmp_path)
+    bb = MAEViT(**TINY, norm="BN", class_token=True, pretrained=files["official"])
+    bb.init_weights()
+    r = bb.load_report
+    assert r.ok and "cls_token" in r.loaded and "cls_token" not in r.dropped
+    assert torch.equal(bb.vit.cls_token, enc["cls_token"])
+    table = bb.vit.blocks[0].attn.relative_position_bias_table
+    assert table.shape == ((2 * 4 - 1) ** 2 + 3, 2)
+    outs = bb(torch.randn(2, 3, 70, 90))
+    assert [tuple(o.shape[-2:]) for o in outs] == [(20, 24), (10, 12), (5, 6), (3, 3)]
+    sum(o.sum() for o in outs).backward()
+    assert not [n for n, p in bb.named_parameters() if p.requires_grad and p.grad is None]
+
+
 def test_pretrained_path_loads_when_the_runner_inits_the_model(tmp_path):
     enc, files = save_mae_checkpoints(tmp_path)
     cfg = Config.fromfile(TINY_CONFIG)

@@ -115,6 +115,7 @@ def test_gradient_on_every_parameter_with_all_options():
     "kw,match",
     [
         (dict(class_token=True, window_size=4), "class_token=True cannot"),
+        (dict(class_token=True, rel_pos="decomposed"), "class_token=True cannot"),
         (dict(class_token=False, global_blocks=(7,)), "out of range"),
         (dict(class_token=False, rel_pos="rope"), "rel_pos must be one of"),
         (dict(drop_path_rate=1.5), "drop_path_rate"),
@@ -123,6 +124,50 @@ def test_gradient_on_every_parameter_with_all_options():
 def test_bad_arguments_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         vit(**kw)
+
+
+@pytest.mark.parametrize("hw", [(3, 4), (5, 5)])
+def test_class_token_bias_follows_beits_table_layout(hw):
+    """With a class token the table has BEiT's 3 extra entries, indexed as BEiT (timm) does."""
+    from timm.models.beit import gen_relative_position_index
+
+    from mae_transfer.vit import relative_position_bias
+
+    entries = (2 * hw[0] - 1) * (2 * hw[1] - 1) + 3
+    table = torch.randn(entries, 2)
+    bias = relative_position_bias(table, hw, hw, class_token=True)
+    index = gen_relative_position_index(hw)
+    assert bias.shape == (1, 2, 1 + hw[0] * hw[1], 1 + hw[0] * hw[1])
+    assert torch.equal(bias[0], table[index.reshape(-1)].t().reshape_as(bias[0]))
+    # the patch-to-patch part is the table without class token
+    plain = relative_position_bias(table[:-3], hw, hw)
+    assert torch.equal(bias[:, :, 1:, 1:], plain)
+    # another grid resizes the offsets and keeps the class-token entries
+    other = relative_position_bias(table, hw, (hw[0] + 2, hw[1]), class_token=True)
+    assert torch.equal(other[0, :, 0, 1:], table[-3][:, None].expand(2, other.shape[-1] - 1))
+    assert torch.equal(other[0, :, 1:, 0], table[-2][:, None].expand(2, other.shape[-1] - 1))
+    assert torch.equal(other[0, :, 0, 0], table[-1])
+
+
+def test_class_token_with_relative_position_bias_trains_and_ignores_nothing():
+    model = vit(class_token=True, rel_pos="bias").train()
+    table = model.blocks[0].attn.relative_position_bias_table
+    assert table.shape == ((2 * 4 - 1) ** 2 + 3, 2)
+    x = torch.randn(2, 3, 64, 80)  # another grid than the table's
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 1 + 4 * 5, 32)
+    maps = model.forward_intermediates(x, [1, 3])
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 4, 5)] * 2
+    feats.sum().backward()
+    idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not idle
+    # the class-token entries change what the patches see
+    plain = vit(class_token=True, rel_pos="bias").eval()
+    model.eval().load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.relative_position_bias_table[-2].fill_(3.0)  # patch -> class
+    assert not torch.allclose(model.forward_features(x), plain.forward_features(x), atol=1e-4)
 
 
 @pytest.mark.parametrize("with_mask", [False, True])

@@ -78,7 +78,7 @@ def backbone_kwargs(cfg) -> dict:
         out_indices=tuple(v.OUT_INDICES) or None,
         norm=v.NORM,
         window_size=v.WINDOW_SIZE,
-        global_blocks=tuple(v.GLOBAL_BLOCKS) or None,
+        global_blocks=_global_blocks(v.GLOBAL_BLOCKS),
         rel_pos=v.REL_POS or None,
         drop_path_rate=v.DROP_PATH_RATE,
         init_values=v.LAYER_SCALE or None,
@@ -97,6 +97,13 @@ def _square_pad(cfg) -> int:
     if pad >= 0:
         return pad
     return cfg.INPUT.LSJ.IMAGE_SIZE if cfg.INPUT.LSJ.ENABLED else 0
+
+
+def _global_blocks(blocks: Sequence) -> Optional[tuple]:
+    """MODEL.VIT.GLOBAL_BLOCKS: [] = the default (the stage ends), ["none"] = no global block."""
+    if list(blocks) == ["none"]:
+        return ()
+    return tuple(blocks) or None
 
 
 def _size_overrides(pairs: Sequence) -> dict:

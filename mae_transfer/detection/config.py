@@ -40,7 +40,8 @@ def add_mae_vit_config(cfg: CN) -> CN:
     cfg.MODEL.VIT.PATCH_SIZE = 0  # 0: the model's own (patch 14 is used as 16)
     cfg.MODEL.VIT.OUT_INDICES = []  # [] = equal split: B 2,5,8,11; L 5,11,17,23; H 7,15,23,31
     cfg.MODEL.VIT.WINDOW_SIZE = 14  # 0 = global attention in every block
-    cfg.MODEL.VIT.GLOBAL_BLOCKS = []  # [] = the stage ends (OUT_INDICES), as ViTDet
+    # [] = the stage ends (OUT_INDICES), as ViTDet; ["none"] = every block windowed
+    cfg.MODEL.VIT.GLOBAL_BLOCKS = []
     cfg.MODEL.VIT.REL_POS = "decomposed"  # "", "decomposed" or "bias"; zero-initialised
     cfg.MODEL.VIT.DROP_PATH_RATE = 0.1
     cfg.MODEL.VIT.LAYER_SCALE = 0.0  # init value of layer scale; 0 = off
@@ -91,6 +92,9 @@ def validate_config(cfg: CN) -> None:
         errors.append(f"MODEL.VIT.WINDOW_SIZE must be >= 0, got {v.WINDOW_SIZE}")
     if v.OUT_INDICES and (len(v.OUT_INDICES) != 4 or list(v.OUT_INDICES) != sorted(v.OUT_INDICES)):
         errors.append(f"MODEL.VIT.OUT_INDICES must be 4 increasing indices, got {v.OUT_INDICES}")
+    blocks = list(v.GLOBAL_BLOCKS)
+    if blocks != ["none"] and not all(isinstance(i, int) for i in blocks):
+        errors.append(f'MODEL.VIT.GLOBAL_BLOCKS must be block indices or ["none"], got {blocks}')
     if not 0.0 <= v.DROP_PATH_RATE < 1.0:
         errors.append(f"MODEL.VIT.DROP_PATH_RATE must be in [0, 1), got {v.DROP_PATH_RATE}")
     if not 0.0 < cfg.SOLVER.LAYER_DECAY <= 1.0:

@@ -25,6 +25,8 @@ class MAEViT(ViTPyramid):
             H (7, 15, 23, 31) as in BEiT / mmseg.
         norm: norm in the x4 path: 'SyncBN' (recipe), 'BN', 'LN' or 'GN'.
         rel_pos: 'bias' (BEiT's per-head table, zero-initialised), 'decomposed' or None.
+        class_token: run the checkpoint's class token with the patch tokens (BEiT / mmseg; with
+            rel_pos 'bias' or None and no windows); the outputs are of the patches only.
         init_values: layer-scale initial value (BEiT uses 0.1); None = no layer scale.
         pretrained: an MAE/ViT checkpoint (official, ours, or mmseg's); same as
             ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
@@ -37,6 +39,7 @@ class MAEViT(ViTPyramid):
         out_indices: Optional[Sequence[int]] = None,
         norm: str = "SyncBN",
         rel_pos: Optional[str] = "bias",
+        class_token: bool = False,
         drop_path_rate: float = 0.1,
         init_values: Optional[float] = None,
         use_checkpoint: bool = False,
@@ -52,6 +55,7 @@ class MAEViT(ViTPyramid):
             stage_split="seg",
             window_size=window_size,
             rel_pos=rel_pos,
+            class_token=class_token,
             drop_path_rate=drop_path_rate,
             init_values=init_values,
             use_checkpoint=use_checkpoint,
