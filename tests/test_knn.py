@@ -259,18 +259,63 @@ def test_standalone_command_rejects_meaningless_values_before_loading(capsys):
         assert e.value.code == 2 and text in capsys.readouterr().err, bad
 
 
-def test_a_checkpoint_without_the_final_norm_is_named(tmp_path, caplog):
-    from mae_transfer.classification.knn import encoder_for_checkpoint
+def test_an_avg_pool_fine_tuned_checkpoint_gives_the_feature_its_head_saw(tmp_path, caplog):
+    """A checkpoint fine-tuned on fc_norm(mean of the patches) has no final norm: the k-NN
+    reads fc_norm of the mean (before: the mean through an untrained LayerNorm per token)."""
+    import importlib.util
+
+    from mae_transfer.classification.knn import (
+        checkpoint_features,
+        encoder_for_checkpoint,
+        pool_tokens,
+    )
     from mae_transfer.classification.model import build_classifier
+    from mae_transfer.registry import create_model
 
     tiny = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
-    pooled = build_classifier("vit_base_patch16", 3, 32, "avg", **tiny)  # fc_norm, no norm
+    torch.manual_seed(0)
+    pooled = build_classifier("vit_base_patch16", 3, 32, "avg", **tiny).eval()
     assert "norm.weight" not in pooled.state_dict()
-    torch.save({"model": pooled.state_dict()}, tmp_path / "avg.pth")
-    encoder_for_checkpoint(str(tmp_path / "avg.pth"), "vit_base_patch16", 32, **tiny)
-    assert "has no final norm" in caplog.text
-    caplog.clear()
-    _, paths = save_mae_checkpoints(tmp_path, img_size=32, depth=2)  # with its norm: no warning
-    encoder_for_checkpoint(paths["official"], "vit_base_patch16", 32, embed_dim=32, depth=2,
-                           num_heads=2)  # fmt: skip
+    with torch.no_grad():
+        pooled.fc_norm.weight.uniform_(0.5, 2.0)
+        pooled.fc_norm.bias.normal_()
+    path = str(tmp_path / "avg.pth")
+    torch.save({"model": pooled.state_dict()}, path)
+
+    model = encoder_for_checkpoint(path, "vit_base_patch16", 32, **tiny).eval()
+    fn = checkpoint_features(model, "avg")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fn(x), pooled.pooled(x), atol=1e-5)
+        old = create_model("vit_base_patch16", img_size=32, **tiny).eval()
+        old.load_state_dict(pooled.state_dict(), strict=False)
+        assert not torch.allclose(pool_tokens(old.forward_features(x), "avg"), fn(x), atol=1e-2)
+    assert checkpoint_features(model, "cls") is None and "never trained" in caplog.text
+
+    train = write_colour_classes(tmp_path / "train", 4, seed=0)
+    val = write_colour_classes(tmp_path / "val", 2, seed=1)
+    spec = importlib.util.spec_from_file_location("knn_tool", os.path.join(ROOT, "tools", "knn.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "acc.json"
+    sizes = ["--embed_dim", "32", "--depth", "2", "--num_heads", "2", "--patch_size", "8"]
+    args = ["--checkpoint", path, "--train", train, "--val", val, "--input_size", "32",
+            "--pool", "avg", "--k", "1", "3", "--num_workers", "0", "--device", "cpu",
+            "--amp", "fp32", "--json", str(out)] + sizes  # fmt: skip
+    assert tool.main(args) == 0
+    ev = KNNEvaluator(train, val, 32)
+    with torch.no_grad():
+        want = ev(pooled, torch.device("cpu"), "avg", ks=(1, 3), feature_fn=pooled.pooled)
+    assert json.loads(out.read_text()) == pytest.approx(want)
+
+
+def test_a_checkpoint_without_the_final_norm_is_named(tmp_path, caplog):
+    from mae_transfer.classification.knn import encoder_for_checkpoint
+
+    enc, paths = save_mae_checkpoints(tmp_path, img_size=32, depth=2)
+    tiny = dict(embed_dim=32, depth=2, num_heads=2)
+    encoder_for_checkpoint(paths["official"], "vit_base_patch16", 32, **tiny)
     assert "has no final norm" not in caplog.text
+    torch.save({k: v for k, v in enc.items() if not k.startswith("norm.")}, tmp_path / "bare.pth")
+    encoder_for_checkpoint(str(tmp_path / "bare.pth"), "vit_base_patch16", 32, **tiny)
+    assert "has no final norm" in caplog.text

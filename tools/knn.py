@@ -25,6 +25,7 @@ from mae_transfer.classification.knn import (  # noqa: E402
     POOLS,
     TEMPERATURE,
     KNNEvaluator,
+    checkpoint_features,
     encoder_for_checkpoint,
 )
 from mae_transfer.device import resolve_amp, resolve_device  # noqa: E402
@@ -83,7 +84,10 @@ def main(argv=None) -> int:
         )
         amp_dtype, _ = resolve_amp(args.amp, device)
         with tf32_enabled(device):
-            acc = evaluator(model, device, args.pool, args.k, args.temperature, amp_dtype)
+            feature_fn = checkpoint_features(model, args.pool)
+            acc = evaluator(
+                model, device, args.pool, args.k, args.temperature, amp_dtype, feature_fn
+            )
     finally:
         cleanup(info)
     if info.is_main:

@@ -256,13 +256,14 @@ class KNNEvaluator:
         ks: Sequence[int] = KS,
         temperature: float = TEMPERATURE,
         amp_dtype: Optional[torch.dtype] = None,
+        feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> Dict[str, float]:
-        """{'knn_k20_top1': ..., 'knn_k200_top1': ...} (the same on every process)."""
+        """{'knn_k20_top1': ..., 'knn_k200_top1': ...} (the same on every process); the
+        features are ``pool`` over ``model``'s tokens, or ``feature_fn(images)`` when given."""
         train, val = self.loaders
-        tr_f, tr_l = gather_features(
-            *extract_features(model, train, device, pool, amp_dtype), self.dist
-        )
-        va_f, va_l = extract_features(model, val, device, pool, amp_dtype)  # this shard only
+        args = (device, pool, amp_dtype, True, feature_fn)
+        tr_f, tr_l = gather_features(*extract_features(model, train, *args), self.dist)
+        va_f, va_l = extract_features(model, val, *args)  # this shard only
         correct = knn_correct(
             tr_f.to(device),
             tr_l.to(device),
@@ -288,20 +289,51 @@ class KNNEvaluator:
 
 def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> torch.nn.Module:
     """The ViT encoder ``model`` (``vit_*`` or the MAE name ``mae_vit_*``) with a class token,
-    built for ``input_size`` and loaded from any checkpoint form (with the load report)."""
-    from mae_transfer.checkpoint import load_pretrained
+    built for ``input_size`` and loaded from any checkpoint form (with the load report).
+
+    A checkpoint fine-tuned with ``global_pool avg`` (``fc_norm``, no final ``norm``: the
+    official fine-tuned ones and ours) gives a :class:`ViTClassifier` instead, whose
+    ``pooled`` is the feature its head was trained on: ``fc_norm`` of the mean patch token
+    (see :func:`checkpoint_features`)."""
+    from mae_transfer.checkpoint import load_pretrained, load_vit_state_dict
+    from mae_transfer.classification.model import build_classifier, head_dim_of
     from mae_transfer.data.transforms import hw
     from mae_transfer.registry import create_model, resolve_name
 
     name = resolve_name(model)
     if name.startswith("mae_"):
         name = name[len("mae_") :]
-    vit = create_model(name, img_size=hw(input_size), **overrides)
-    report = load_pretrained(vit, path)
-    if "norm.weight" in report.missing:  # e.g. fine-tuned with global_pool avg (fc_norm)
+    state, _ = load_vit_state_dict(path)
+    if "fc_norm.weight" in state and "norm.weight" not in state:
+        classes = head_dim_of(state) or 1
+        net = build_classifier(name, classes, input_size, global_pool="avg", **overrides)
+    else:
+        net = create_model(name, img_size=hw(input_size), **overrides)
+    report = load_pretrained(net, state, source=path)
+    if "norm.weight" in report.missing:  # e.g. a detection / segmentation backbone's weights
         logger.warning(
-            "%s has no final norm (a fine-tuned checkpoint that pooled through fc_norm?): the "
-            "features go through an untrained LayerNorm (plain standardisation) instead",
+            "%s has no final norm: the features go through an untrained LayerNorm (plain "
+            "standardisation) instead",
             path,
         )
-    return vit
+    return net
+
+
+def checkpoint_features(
+    model: torch.nn.Module, pool: str
+) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The k-NN feature of a model from :func:`encoder_for_checkpoint`: None (``pool`` over
+    its tokens) for an encoder; ``fc_norm`` of the mean patch token for an avg-pool fine-tuned
+    classifier with ``pool`` avg. Its class token was never read in training and has no final
+    norm: ``pool`` cls then reads it raw, with a warning."""
+    from mae_transfer.classification.model import ViTClassifier
+
+    if not isinstance(model, ViTClassifier):
+        return None
+    if pool == "avg":
+        return model.pooled
+    logger.warning(
+        "the checkpoint was fine-tuned on the mean patch token (fc_norm): its class token was "
+        "never trained to be read and has no final norm; --pool avg reads what its head read"
+    )
+    return None
