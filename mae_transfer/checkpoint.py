@@ -372,6 +372,11 @@ def copy_atomic(src: str, dst: str) -> None:
     _replace_atomically(dst, copy)
 
 
+def write_text_atomic(text: str, path: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically, as :func:`save_atomic` does."""
+    _replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def _replace_atomically(path: str, write: Callable[[Any], None]) -> None:
     """``write(f)`` into a temporary file beside ``path``, fsync, then rename it over ``path``
     and fsync the directory: a crash mid-write leaves the previous file intact, readers never

@@ -34,6 +34,8 @@ class PretrainDataset(Dataset):
             ``device``: JPEGs travel encoded with their crop and are decoded on the device
             (nvJPEG; :mod:`mae_transfer.data.device_decode`); ``official``: PIL + the
             official float32 transform (a reference: same crops, normalised float32).
+        reduced_decode: ``uint8``: JPEGs whose crop is >= 2x the output are decoded at 1/2,
+            1/4 or 1/8 size (:class:`RandomResizedCropFlip`).
     """
 
     def __init__(
@@ -45,13 +47,14 @@ class PretrainDataset(Dataset):
         repeats: int = 1,
         files: Optional[Sequence[str]] = None,
         pipeline: str = "uint8",
+        reduced_decode: bool = True,
     ):
         if pipeline not in PIPELINES:
             raise ValueError(f"pipeline {pipeline!r}: expected one of {PIPELINES}")
         # no list of per-image Python objects in the loader workers: see PathList
         self.files = PathList(files if files is not None else find_images(root))
         self.pipeline = pipeline
-        self.crop = RandomResizedCropFlip(input_size)
+        self.crop = RandomResizedCropFlip(input_size, reduced_decode=reduced_decode)
         self.transform = pretrain_transform(input_size)  # the official pipeline
         self.num_patches = num_patches
         self.seed = seed

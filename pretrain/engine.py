@@ -93,6 +93,7 @@ class Trainer(EpochTrainer):
             seed=cfg.seed,
             repeats=cfg.dataset_repeats,
             pipeline="device" if cfg.decode_on_device else "uint8",
+            reduced_decode=cfg.reduced_decode,
             files=on_rank0(find_images, self.dist, cfg.data_path),  # one walk, not one per rank
         )
 

@@ -141,3 +141,90 @@ def test_both_updates_train_alike_and_the_official_one_is_torch_s_default():
         assert "nan" in str(e)
     else:
         raise AssertionError("the official update took a NaN loss")
+
+
+def test_bad_arguments_stop_before_any_timing(tmp_path, capsys):
+    """What would fail after minutes of timing is refused at once (argparse's exit code 2)."""
+    import pytest
+
+    from mae_transfer.benchmark import cli
+
+    for bad, text in (
+        (["--json", str(tmp_path / "missing" / "x.json")], "is not a writable directory"),
+        (["--feed_rates", "abc"], "expected positive numbers"),
+        (["--feed_rates", "1000,-5"], "expected positive numbers"),
+        (["--device", "cuda"], "no CUDA device"),
+        (["--amp", "fp16", "--device", "cpu"], "--amp fp16 runs on CUDA only"),
+        (["--model", "mae_vit_gigantic"], "--model"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+    ):
+        if bad[1] == "cuda" and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit) as e:
+            cli.main(["matmul", "--tiny", *bad])
+        assert e.value.code == 2 and text in capsys.readouterr().err, bad
+
+
+def test_json_is_strict_and_written_after_each_section(tmp_path, monkeypatch):
+    import pytest
+
+    from mae_transfer.benchmark import cli
+
+    out = tmp_path / "bench.json"
+
+    def failing(args):
+        raise RuntimeError("a later section fails")
+
+    monkeypatch.setitem(cli.SECTIONS, "pretrain", lambda args: [{"x": float("nan"), "y": 1.0}])
+    monkeypatch.setitem(cli.SECTIONS, "official", failing)
+    monkeypatch.setattr(cli, "SECTIONS", {k: cli.SECTIONS[k] for k in ("pretrain", "official")})
+    with pytest.raises(RuntimeError, match="a later section fails"):
+        cli.main(["all", "--tiny", "--json", str(out)])
+    data = json.loads(out.read_text())  # strict: no NaN
+    assert data["pretrain"] == [{"x": None, "y": 1.0}] and "official" not in data
+    assert data["matmul"]["fp32"]["gflops"] > 0
+
+
+def test_tiny_runs_take_a_whole_number_of_patches(monkeypatch):
+    from mae_transfer.benchmark import cli
+
+    seen = {}
+    size_of = lambda args: [{"input": seen.setdefault("size", args.input_size)}]  # noqa: E731
+    monkeypatch.setitem(cli.SECTIONS, "pretrain", size_of)
+    monkeypatch.setattr(cli.measure, "matmul_peak", lambda *a, **k: {"gflops": 1.0})
+    cli.main(["pretrain", "--tiny", "--model", "mae_vit_huge_patch14"])
+    assert seen["size"] == 56  # 64 is not a multiple of 14
+
+
+def test_the_data_rivals_time_the_same_crop_of_each_image(tmp_path, monkeypatch):
+    """Every try of an image, in both rivals, is the same crop (before, each try drew a new
+    one and the best of N timed the cheapest)."""
+    from mae_transfer.benchmark import data
+    from mae_transfer.data import transforms
+
+    paths = data.make_jpegs(str(tmp_path), 3, (120, 160))
+    crops = {"ours": [], "official": []}
+    real_apply = transforms.RandomResizedCropFlip.apply
+
+    def spy_apply(self, enc, crop, flip):
+        crops["ours"].append((enc.path, tuple(crop), flip))
+        return real_apply(self, enc, crop, flip)
+
+    monkeypatch.setattr(transforms.RandomResizedCropFlip, "apply", spy_apply)
+    import torchvision.transforms as T
+
+    real_get = T.RandomResizedCrop.get_params
+
+    def spy_get(img, scale, ratio):
+        crops["official"].append(tuple(real_get(img, scale, ratio)))
+        return crops["official"][-1]
+
+    monkeypatch.setattr(T.RandomResizedCrop, "get_params", staticmethod(spy_get))
+    ours, official = data._ours_item(paths, 32), data._official_item(paths, 32)
+    for _ in range(2):
+        for i in range(3):
+            ours(i)
+            official(i)
+    assert crops["ours"][:3] == crops["ours"][3:]  # the same crop on every try
+    assert [c[1] for c in crops["ours"][:3]] == crops["official"][:3] == crops["official"][3:]
+    assert len(set(crops["official"][:3])) == 3

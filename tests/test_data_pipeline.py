@@ -253,3 +253,25 @@ def test_data_sets_hold_their_paths_in_arrays_not_python_objects(tmp_path, image
     cls = ClassFolderDataset(folder, transforms.ToTensor())
     assert isinstance(cls.paths, PathList) and cls.labels.dtype == np.int64
     assert [cls[(0, i)][1] for i in range(2)] == [0, 1] == [label for _, label in folder.samples]
+
+
+def test_sample_seeds_stay_distinct_beyond_ten_million_images():
+    """ImageNet-22k has 14.2M images: in the arithmetic code, index 10,000,019 of an epoch had
+    the seed of index 0 of the next. Smaller indices keep the seeds runs always had."""
+    assert sample_seed(3, 5, 7) == ((3 * 1_000_003 + 5) * 10_000_019 + 7) % (2**63 - 1)
+    assert sample_seed(0, 0, 10_000_019) != sample_seed(0, 1, 0)
+    indices = (0, 1, 10_000_018, 10_000_019, 10_000_020, 14_197_121)
+    seeds = {sample_seed(s, e, i) for s in (0, 1) for e in (-1, 0, 1) for i in indices}
+    assert len(seeds) == 2 * 3 * len(indices)
+    assert all(0 <= x < 2**63 - 1 for x in seeds)
+    assert sample_seed(0, 2, 12_345_678) == sample_seed(0, 2, 12_345_678)  # a function
+
+
+def test_reduced_decoding_can_be_turned_off_for_a_run():
+    from pretrain.config import load_config
+
+    cfg, _ = load_config(["--no-reduced_decode"])
+    assert cfg.reduced_decode is False
+    assert load_config([])[0].reduced_decode is True
+    ds = PretrainDataset("", 32, num_patches=4, files=["a.jpg"], reduced_decode=False)
+    assert ds.crop.reduced_decode is False

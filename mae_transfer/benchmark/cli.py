@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from typing import Callable, Dict, List
 
@@ -66,19 +67,85 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument(
         "--feed_rates",
         default="1000,3000,10000",
+        type=_rates,
         help="data: step rates (images/s, comma-separated) to size the loader workers for",
     )
-    p.add_argument("--json", default=None, help="write all numbers here")
+    p.add_argument("--json", default=None, help="write all numbers here (after each section)")
     return p
 
 
+def _rates(text: str) -> List[float]:
+    """--feed_rates: positive numbers, comma-separated (checked before anything runs)."""
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        rates = []
+    if not rates or not all(r > 0 and math.isfinite(r) for r in rates):
+        raise argparse.ArgumentTypeError(f"expected positive numbers like 1000,3000, got {text!r}")
+    return rates
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses what would fail after minutes of timing (argparse's exit code 2)."""
+    from mae_transfer.registry import resolve_name
+
+    for flag in ("batch", "input_size", "repeats"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0 or args.threads < 0:
+        p.error(f"--warmup and --threads must be >= 0, got {args.warmup}, {args.threads}")
+    try:
+        args.device = str(torch.device(args.device))
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r}: {e}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    if args.amp == "fp16" and not args.device.startswith("cuda"):
+        p.error("--amp fp16 runs on CUDA only (with loss scaling); on a CPU use fp32 or auto")
+    for flag in ("model", "table2_model"):
+        try:
+            resolve_name(getattr(args, flag))
+        except KeyError as e:
+            p.error(f"--{flag}: {e}")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            p.error(f"--json {args.json}: {folder} is not a writable directory")
+
+
+def _patch_size(model: str) -> int:
+    from mae_transfer.registry import resolve_name
+
+    return int(resolve_name(model).rsplit("patch", 1)[-1])
+
+
+def _write_json(path: str, results: Dict) -> None:
+    """Strict JSON (NaN, which some sections report for what was not measured, as null),
+    replaced atomically: a section that fails later leaves the earlier ones on disk."""
+    from mae_transfer.checkpoint import write_text_atomic
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    write_text_atomic(json.dumps(clean(results), indent=1, allow_nan=False), path)
+
+
 def main(argv=None, description: str = "") -> int:
-    args = build_parser(description).parse_args(argv)
+    parser = build_parser(description)
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the spawned case processes
     if args.tiny:
-        args.input_size = min(args.input_size, 64)
+        patch = _patch_size(args.model)  # a whole number of patches (ViT-H/14: 56)
+        args.input_size = max(patch, min(args.input_size, 64) // patch * patch)
         measure.IN_PROCESS, measure.PEAK_N = True, 512
     device = torch.device(args.device)
     results: Dict = {"machine": machine(device), "matmul": {"fp32": measure.matmul_peak(device)}}
@@ -88,11 +155,12 @@ def main(argv=None, description: str = "") -> int:
         results["matmul"]["bf16"] = measure.matmul_peak(
             device, torch.bfloat16, n=512 if device.type == "cpu" else 2048, repeats=2
         )
+    if args.json:
+        _write_json(args.json, results)
     names = SECTIONS if args.what == "all" else ([args.what] if args.what != "matmul" else [])
     for name in names:
         results[name] = SECTIONS[name](args)
+        if args.json:
+            _write_json(args.json, results)
     print(markdown(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
     return 0

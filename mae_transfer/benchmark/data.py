@@ -43,14 +43,18 @@ def make_jpegs(directory: str, n: int, hw: Tuple[int, int], quality: int = 90) -
 
 
 def _official_item(paths: Sequence[str], size: int):
-    """The official loader + transform (torchvision's pil_loader: open, convert to RGB)."""
+    """The official loader + transform (torchvision's pil_loader: open, convert to RGB), its
+    random draws seeded as our item ``i`` of epoch 0 seeds them: every try of an image, and
+    both rivals, do the same crop and flip (a best-of-N over new crops would time the
+    cheapest crop, not the expected one)."""
     from PIL import Image
 
-    from mae_transfer.data import pretrain_transform
+    from mae_transfer.data import pretrain_transform, sample_seed
 
     transform = pretrain_transform(size)
 
     def run(i: int):
+        torch.manual_seed(sample_seed(0, 0, i))
         with open(paths[i], "rb") as f:
             transform(Image.open(f).convert("RGB"))
 
@@ -58,17 +62,16 @@ def _official_item(paths: Sequence[str], size: int):
 
 
 def _ours_item(paths: Sequence[str], size: int, **crop_kw):
-    """Our dataset's item: seed, header, decode, crop, flip, noise, unreadable-file counting."""
+    """Our dataset's item: seed, header, decode, crop, flip, noise, unreadable-file counting;
+    always epoch 0 (the official rival's crop of the image)."""
     from pretrain.data import PretrainDataset
 
     ds = PretrainDataset("", size, (size // 16) ** 2, files=paths)
     for k, v in crop_kw.items():
         setattr(ds.crop, k, v)
-    calls = [0]
 
     def run(i: int):
-        calls[0] += 1
-        ds[(calls[0], i)]  # a new epoch each call: a new crop
+        ds[(0, i)]
 
     return run
 
@@ -146,8 +149,7 @@ def bench_data(args) -> List[Dict]:
     for workers in sorted({0, 1, min(2, cores)}):
         rows.append(_loader_case(2 * n, size, workers, args.repeats))
     per_worker = rows[0]["ours_img_s"]
-    rates = [float(r) for r in args.feed_rates.split(",") if r]
-    for rate in rates:
+    for rate in args.feed_rates:
         rows.append(
             {
                 "feed_img_s": rate,

@@ -16,10 +16,21 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+_INDEX_STRIDE = 10_000_019
+
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed unique to (run seed, epoch, image index)."""
-    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63 - 1)
+    """A 63-bit seed unique to (run seed, epoch, image index).
+
+    Indices below ~10M (ImageNet-1k, with up to 7 repeats) get a plain arithmetic code, the
+    seeds runs have always used. Larger ones (ImageNet-22k, 14.2M images) are hashed: in the
+    arithmetic code index 10,000,019 of one epoch would share the seed of index 0 of the next.
+    """
+    if 0 <= index < _INDEX_STRIDE:
+        return ((seed * 1_000_003 + epoch) * _INDEX_STRIDE + index) % (2**63 - 1)
+    words = [v % 2**64 for v in (seed, epoch, index)]  # SeedSequence takes non-negative ints
+    hi, lo = np.random.SeedSequence(words).generate_state(2, np.uint32)
+    return ((int(hi) << 32) | int(lo)) % (2**63 - 1)
 
 
 @contextlib.contextmanager

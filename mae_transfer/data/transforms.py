@@ -165,6 +165,8 @@ class RandomResizedCropFlip:
         flip_p: probability of a horizontal flip.
         reduced_decode: decode JPEGs at 1/2, 1/4, 1/8 size when the crop is at least that
             many times the output (libjpeg's DCT scaling; never upsamples more than before).
+            Faster, not the same pixels: the crop's edges snap to the reduced grid (at most
+            half an output pixel) and the low-pass differs, ~2 grey levels on average (README).
         use_torchvision: full-size JPEGs through torchvision's ``decode_jpeg`` (else PIL).
     """
 

@@ -143,6 +143,7 @@ RUN_SETTINGS = frozenset(
         "dist_url",
         "data_path",
         "decode_on_device",
+        "reduced_decode",
         "knn_train",
         "knn_val",
         "knn_every",
