@@ -48,6 +48,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for the model it was given to."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path that is not a file (both a CheckpointError and a FileNotFoundError)."""
+
+
+# The first bytes of what torch.save writes: a zip archive (torch >= 1.6) or, in the legacy
+# format, a pickle (protocol 2+ starts with 0x80).
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
 # -- reading ----------------------------------------------------------------------------------
 def load_file(path: str, mmap: bool = False) -> Any:
     """``torch.load`` on CPU with ``weights_only=True``; a clear error for unsafe or bad files.
@@ -61,7 +70,14 @@ def load_file(path: str, mmap: bool = False) -> Any:
     detectron2 and mmengine save over their checkpoints in place.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head.startswith(TORCH_MAGIC):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (it starts with {head!r}; an HTML page or an "
+            "error message saved by a failed download?)"
+        )
     try:
         # argparse.Namespace: the official MAE training loop stores its args as one; it is a
         # plain attribute container, safe to allow.

@@ -11,7 +11,13 @@ from typing import Dict, List
 
 import torch
 
-from mae_transfer.checkpoint import find_state_dict, load_file, save_atomic
+from mae_transfer.checkpoint import (
+    CheckpointError,
+    find_state_dict,
+    load_file,
+    save_atomic,
+    strip_to_vit,
+)
 from mae_transfer.classification.knn import KNNEvaluator
 from mae_transfer.data import find_images
 from mae_transfer.data.device_decode import PendingBatch, decode_on_device
@@ -140,8 +146,26 @@ class Trainer(EpochTrainer):
 
 
 def export_encoder(checkpoint: str, output: str) -> int:
-    """Writes the encoder of a pretraining checkpoint in the official ``{'model': ...}`` form."""
+    """Writes the encoder of a pretraining checkpoint in the official ``{'model': ...}`` form.
+
+    Raises:
+        CheckpointError: the file is not an MAE pretraining checkpoint (a detector's or a
+            segmentor's, whose ViT sits under a prefix, or a fine-tuned classifier's).
+    """
     state = find_state_dict(load_file(checkpoint))
+    _, prefix = strip_to_vit(state)
+    if prefix or "patch_embed.proj.weight" not in state:
+        found = f"its ViT sits under '{prefix}'" if prefix else "it holds no ViT encoder"
+        raise CheckpointError(
+            f"{checkpoint} is not an MAE pretraining checkpoint ({found}); export takes ours "
+            "(checkpoint-*.pth) or an official mae_pretrain / mae_visualize file"
+        )
+    head = sorted(k for k in state if k.startswith(("head.", "fc_norm.")))
+    if head:
+        raise CheckpointError(
+            f"{checkpoint} is a fine-tuned classifier ({', '.join(head[:2])}, ...), not a "
+            "pretraining checkpoint: its encoder loads as it is wherever a ViT is expected"
+        )
     encoder = {k: v for k, v in state.items() if not k.startswith(("decoder_", "mask_token"))}
     save_atomic({"model": encoder}, output)
     return len(encoder)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mae_transfer.engine.launch import exit_code, setup_logging
+
 from .engine import export_encoder
 
 
@@ -13,9 +15,13 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="pretraining checkpoint (ours or official full)")
     p.add_argument("output", help="where to write {'model': encoder state dict}")
     args = p.parse_args(argv)
-    n = export_encoder(args.checkpoint, args.output)
-    print(f"wrote {n} encoder tensors to {args.output}")
-    return 0
+    setup_logging()
+
+    def body():
+        n = export_encoder(args.checkpoint, args.output)
+        print(f"wrote {n} encoder tensors to {args.output}")
+
+    return exit_code(body)
 
 
 if __name__ == "__main__":

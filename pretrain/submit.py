@@ -20,7 +20,7 @@ import sys
 from typing import Optional, Sequence
 
 from mae_transfer.engine.launch import exit_code, setup_logging
-from mae_transfer.engine.slurm import launcher_parser, submit
+from mae_transfer.engine.slurm import parse_launcher, submit
 
 from .config import load_config, validate
 from .main import run
@@ -34,7 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = []
 
     def body():
-        args, rest = launcher_parser("python -m pretrain.submit").parse_known_args(argv)
+        args, rest = parse_launcher("python -m pretrain.submit", argv, "python -m pretrain")
         cfg, _ = load_config(rest)
         validate(cfg, check_paths=False)
         if cfg.data_path and not os.path.isdir(cfg.data_path):

@@ -46,8 +46,23 @@ def load_mae_for_visualization(path: str, model_name: Optional[str] = None, inpu
     kwargs.update(img_size=size, norm_pix_loss=bool(args.get("norm_pix_loss", False)))
     if "norm_pix_loss" not in args:
         logger.info("the checkpoint does not say whether it used norm_pix_loss; assuming not")
-    model = create_model(name, **kwargs)
-    model.load_state_dict(_resize_for(model, state))
+    try:
+        model = create_model(name, **kwargs)
+    except (KeyError, ValueError) as e:  # an unknown name; a size that is no whole patch grid
+        raise CheckpointError(f"cannot build {name} at input size {size}: {e}") from e
+    if size[0] % model.patch_size or size[1] % model.patch_size:
+        raise CheckpointError(
+            f"input size {size[0]}x{size[1]} is not a multiple of {name}'s patch size "
+            f"{model.patch_size}"
+        )
+    try:
+        model.load_state_dict(_resize_for(model, state))
+    except RuntimeError as e:  # missing / unexpected keys, other shapes
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) < 300 else detail[:300] + " ..."
+        raise CheckpointError(
+            f"{path} does not fit {name} ({detail}); pass the --model it was trained as"
+        ) from e
     return model.eval()
 
 

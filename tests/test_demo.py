@@ -115,3 +115,17 @@ def test_segmentation_demo_run_starts_from_the_pretrained_tensors(demo_encoder, 
     runner.register_hook(Snapshot())
     runner.train()
     _assert_starts_from(seen, state)
+
+
+def test_bad_lanes_are_refused_before_pretraining(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_tool", os.path.join(ROOT, "tools", "demo.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.parse_args(["--lanes", "0"]).lanes == 0
+    with pytest.raises(SystemExit) as e:
+        tool.parse_args(["--lanes", "-1"])
+    assert e.value.code == 2 and "--lanes must be >= 0, got -1" in capsys.readouterr().err

@@ -240,30 +240,56 @@ def test_the_similarity_search_asks_for_full_fp32_and_an_empty_set_gives_nan(mon
     assert empty[1] != empty[1]  # NaN, not a ZeroDivisionError
 
 
-def test_standalone_command_rejects_meaningless_values_before_loading(capsys):
+def _knn_tool():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("knn_tool", os.path.join(ROOT, "tools", "knn.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    base = ["--checkpoint", "missing.pth", "--train", "t", "--val", "v"]
+    return tool
+
+
+def test_standalone_command_rejects_meaningless_values_before_loading(tmp_path, capsys):
+    tool = _knn_tool()
+    ckpt = tmp_path / "c.pth"
+    torch.save({}, ckpt)
+    os.makedirs(tmp_path / "t")
+    base = ["--checkpoint", str(ckpt), "--train", str(tmp_path / "t"), "--val", str(tmp_path / "t")]
     assert tool.parse_args(base).k  # the defaults are fine
     for bad, text in (
         (["--k", "20", "0"], "--k must be >= 1, got 0"),
         (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
         (["--temperature", "-0.07"], "--temperature must be > 0"),
         (["--max_images", "-1"], "--max_images must be >= 0"),
+        (["--checkpoint", "missing.pth"], "--checkpoint missing.pth: no such file"),
+        (["--val", str(tmp_path / "nothere")], "not a directory of class folders"),
+        (["--model", "vit_foo"], "--model:"),
     ):
         with pytest.raises(SystemExit) as e:  # argparse's error: exit code 2
             tool.parse_args(base + bad)
         assert e.value.code == 2 and text in capsys.readouterr().err, bad
 
 
+def test_standalone_command_names_what_does_not_fit_with_exit_code_2(tmp_path, capfd):
+    """A checkpoint of another width, folders without classes: one message, exit 2."""
+    tool = _knn_tool()
+    _, paths = save_mae_checkpoints(tmp_path, img_size=32, depth=2)
+    train = write_colour_classes(tmp_path / "train", 2, seed=0)
+    flat = tmp_path / "flat"
+    os.makedirs(flat)
+    common = ["--input_size", "32", "--num_workers", "0", "--device", "cpu", "--k", "1"]
+    tiny = ["--embed_dim", "32", "--depth", "2", "--num_heads", "2"]
+    wide = ["--embed_dim", "64", "--depth", "2", "--num_heads", "2"]
+    ck = ["--checkpoint", paths["official"]]
+    assert tool.main(ck + ["--train", train, "--val", train] + common + wide) == 2
+    assert "tensors match" in capfd.readouterr().err
+    assert tool.main(ck + ["--train", str(flat), "--val", train] + common + tiny) == 2
+    assert str(flat) in capfd.readouterr().err
+
+
 def test_an_avg_pool_fine_tuned_checkpoint_gives_the_feature_its_head_saw(tmp_path, caplog):
     """A checkpoint fine-tuned on fc_norm(mean of the patches) has no final norm: the k-NN
     reads fc_norm of the mean (before: the mean through an untrained LayerNorm per token)."""
-    import importlib.util
-
     from mae_transfer.classification.knn import (
         checkpoint_features,
         encoder_for_checkpoint,
@@ -294,9 +320,7 @@ def test_an_avg_pool_fine_tuned_checkpoint_gives_the_feature_its_head_saw(tmp_pa
 
     train = write_colour_classes(tmp_path / "train", 4, seed=0)
     val = write_colour_classes(tmp_path / "val", 2, seed=1)
-    spec = importlib.util.spec_from_file_location("knn_tool", os.path.join(ROOT, "tools", "knn.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _knn_tool()
     out = tmp_path / "acc.json"
     sizes = ["--embed_dim", "32", "--depth", "2", "--num_heads", "2", "--patch_size", "8"]
     args = ["--checkpoint", path, "--train", train, "--val", val, "--input_size", "32",

@@ -454,3 +454,109 @@ def test_auto_resume_refuses_a_run_with_other_training_settings(tmp_path, image_
     again = Trainer(tiny_cfg(tmp_path, image_dir, mask_ratio=0.5, resume=last), CPU, DistInfo())
     assert again.epoch == 1 and "changed settings: mask_ratio 0.75 -> 0.5" in caplog.text
     again.close()
+
+
+def test_resuming_a_finished_run_into_a_new_output_dir_says_what_to_do(tmp_path, image_dir):
+    """It said "nothing to do", then crashed exporting an encoder the new dir did not have."""
+    train(tiny_cfg(tmp_path, image_dir, epochs=1))
+    last = str(tmp_path / "out" / LAST)
+    cfg = make_config(
+        tiny_values(image_dir, output_dir=str(tmp_path / "new"), epochs=1, resume=last)
+    )
+    validate(cfg)
+    trainer = Trainer(cfg, CPU, DistInfo())
+    with pytest.raises(ConfigError, match=r"has finished all 1 epochs: nothing to train into"):
+        trainer.train()
+    trainer.close()
+    # the run's own output_dir: still "nothing to do", and its encoder is exported again
+    assert pretrain_main(["--config", write_yaml(tmp_path / "c.yaml", tiny_values(
+        image_dir, output_dir=str(tmp_path / "out"), epochs=1))]) == 0  # fmt: skip
+
+
+def test_export_takes_pretraining_checkpoints_only(tmp_path, capfd):
+    from conftest import save_mae_checkpoints
+
+    from pretrain.export import main as export_main
+
+    enc, paths = save_mae_checkpoints(tmp_path, img_size=32, depth=2)
+    out = str(tmp_path / "enc.pth")
+    assert export_main([paths["ours"], out]) == 0
+    assert set(torch.load(out, weights_only=True)["model"]) == set(enc)
+    detector = {f"backbone.bottom_up.vit.{k}": v for k, v in enc.items()}
+    torch.save({"model": detector}, tmp_path / "det.pth")
+    classifier = {**enc, "head.weight": torch.zeros(3, 32), "fc_norm.weight": torch.ones(32)}
+    torch.save({"model": classifier}, tmp_path / "cls.pth")
+    (tmp_path / "page.pth").write_text("<html><body>404 Not Found</body></html>")
+    for src, text in (
+        ("det.pth", "its ViT sits under 'backbone.bottom_up.vit.'"),
+        ("cls.pth", "is a fine-tuned classifier"),
+        ("page.pth", "is not a PyTorch checkpoint (it starts with b'<html"),
+        ("missing.pth", "checkpoint not found"),
+    ):
+        assert export_main([str(tmp_path / src), out]) == 2, src
+        assert text in capfd.readouterr().err, src
+
+
+def test_visualization_refuses_what_it_cannot_draw(tmp_path, capfd):
+    import importlib.util
+
+    from mae_transfer import create_model
+
+    spec = importlib.util.spec_from_file_location(
+        "recon_tool", os.path.join(ROOT, "tools", "visualize_reconstruction.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    mae = create_model("mae_vit_base_patch16", img_size=32, **TINY_MAE)
+    path = str(tmp_path / "full.pth")
+    torch.save({"model": mae.state_dict(), "args": {"model": "mae_vit_base_patch16",
+                "model_kwargs": TINY_MAE, "input_size": 32}}, path)  # fmt: skip
+    base = ["--checkpoint", path, "--output", str(tmp_path / "r.png"), "--num", "1"]
+    os.makedirs(tmp_path / "empty")
+    assert tool.main(base) == 0 and (tmp_path / "r.png").is_file()
+    for extra, text in (
+        (["--input_size", "30"], "not a multiple of"),
+        (["--images", str(tmp_path / "empty")], "no images (.jpg"),
+    ):
+        assert tool.main(base + extra) == 2, extra
+        assert text in capfd.readouterr().err, extra
+    bare = str(tmp_path / "bare.pth")  # no args: the model is read from the weights or given
+    torch.save({"model": mae.state_dict()}, bare)
+    for extra, text in (
+        (["--model", "mae_vit_large_patch16"], "does not fit mae_vit_large_patch16"),
+        ([], "cannot tell the model"),
+    ):
+        assert tool.main(["--checkpoint", bare, "--num", "1", *extra]) == 2, extra
+        assert text in capfd.readouterr().err, extra
+    for extra, text in (
+        (["--mask_ratio", "1.5"], "--mask_ratio must be in [0, 1)"),
+        (["--images", str(tmp_path / "nothere")], "no such file or folder"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            tool.main(base + extra)
+        assert e.value.code == 2 and text in capfd.readouterr().err, extra
+
+
+def test_bad_yaml_output_dir_and_device_are_config_errors(tmp_path, image_dir):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(["--config", str(broken)])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        validate(make_config(tiny_values(image_dir, output_dir=str(tmp_path / "afile"))))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available here"):
+            validate(make_config(tiny_values(image_dir, device="cuda")))
+        # a Slurm submission host checks without paths: no GPU needed there
+        validate(make_config(tiny_values(image_dir, device="cuda")), check_paths=False)
+
+
+def test_resume_hint_names_only_flags_the_protocol_has(tmp_path, image_dir):
+    from conftest import save_mae_checkpoints
+
+    _, paths = save_mae_checkpoints(tmp_path, img_size=32, depth=2)  # encoder-only: no decoder
+    cfg = tiny_cfg(tmp_path, image_dir, resume=paths["official"])
+    with pytest.raises(ConfigError, match="does not hold this run's model") as e:
+        Trainer(cfg, CPU, DistInfo())
+    assert "--finetune" not in str(e.value)

@@ -90,3 +90,22 @@ def test_one_launcher_submits_every_protocol(monkeypatch, tmp_path):
     assert type(lp.cfg) is LinprobeConfig and lp.cfg.global_pool == "cls"
     assert submit_main(["finetune", *common, "--layer_decay", "3"]) == 2
     assert submit_main(["nonsense"]) == 2 and len(FakeExecutor.submitted) == 2
+
+
+def test_launcher_values_and_help(monkeypatch, tmp_path, capsys):
+    """--ngpus 0 was a submitit IndexError traceback; --nodes -1 / --timeout -5 passed."""
+    from mae_transfer.classification.main import submit_main
+    from pretrain import submit as submit_module
+
+    FakeExecutor.submitted = []
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
+    for bad in (["--ngpus", "0"], ["--nodes", "-1"], ["--timeout", "-5"]):
+        with pytest.raises(SystemExit) as e:
+            submit_module.main([*bad, "--output_dir", str(tmp_path)])
+        assert e.value.code == 2 and f"{bad[0]} must be >= 1" in capsys.readouterr().err
+    assert not FakeExecutor.submitted
+    with pytest.raises(SystemExit):
+        submit_module.main(["--help"])
+    assert "Every other flag goes to the training run" in capsys.readouterr().out
+    assert submit_main(["--help"]) == 0
+    assert "tools/finetune.py --help" in capsys.readouterr().out

@@ -42,8 +42,13 @@ def parse_args(argv=None):
     p.add_argument("--skip-det", action="store_true", help="no detectron2 stage")
     p.add_argument("--skip-seg", action="store_true", help="no mmsegmentation stage")
     p.add_argument("--seeds", type=pipeline.seeds_arg, default=None, help="e.g. 0,1,2")
-    p.add_argument("--lanes", type=int, default=None, help="parallel fine-tuning processes")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--lanes", type=int, default=None, help="parallel fine-tuning processes (0: in this one)"
+    )
+    args = p.parse_args(argv)
+    if args.lanes is not None and args.lanes < 0:
+        p.error(f"--lanes must be >= 0, got {args.lanes}")  # not after 4 minutes of pretraining
+    return args
 
 
 def main(argv=None) -> int:

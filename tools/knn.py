@@ -29,9 +29,11 @@ from mae_transfer.classification.knn import (  # noqa: E402
     encoder_for_checkpoint,
 )
 from mae_transfer.device import resolve_amp, resolve_device  # noqa: E402
+from mae_transfer.engine.config import ConfigError  # noqa: E402
 from mae_transfer.engine.distributed import cleanup, init_distributed, own_device  # noqa: E402
-from mae_transfer.engine.launch import setup_logging  # noqa: E402
+from mae_transfer.engine.launch import exit_code, setup_logging  # noqa: E402
 from mae_transfer.engine.trainer import tf32_enabled  # noqa: E402
+from mae_transfer.registry import resolve_name  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -61,6 +63,17 @@ def parse_args(argv=None):
             bad.append(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.batch_size < 1:
         bad.append(f"--batch_size must be >= 1, got {args.batch_size}")
+    if not os.path.isfile(args.checkpoint):
+        bad.append(f"--checkpoint {args.checkpoint}: no such file")
+    for name in ("train", "val"):
+        if not os.path.isdir(getattr(args, name)):
+            bad.append(f"--{name} {getattr(args, name)}: not a directory of class folders")
+    try:
+        resolve_name(args.model)
+    except KeyError as e:
+        bad.append(f"--model: {e}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        bad.append(f"--device {args.device}: CUDA is not available here")
     if bad:
         p.error("; ".join(bad))  # exit code 2, before anything is loaded
     return args
@@ -69,6 +82,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
+    return exit_code(lambda: run(args))
+
+
+def run(args) -> None:
+    """Extracts the features and prints (and writes) the accuracies."""
     device = resolve_device(args.device)
     info = init_distributed(device.type)
     device = own_device(device, info)
@@ -79,9 +97,13 @@ def main(argv=None) -> int:
         model = encoder_for_checkpoint(
             args.checkpoint, args.model, size, **{k: v for k, v in overrides.items() if v}
         ).to(device)
-        evaluator = KNNEvaluator(
-            args.train, args.val, size, info, args.max_images, args.batch_size, args.num_workers
-        )
+        try:
+            evaluator = KNNEvaluator(
+                args.train, args.val, size, info, args.max_images, args.batch_size,
+                args.num_workers,
+            )  # fmt: skip
+        except (FileNotFoundError, ValueError) as e:  # no class folders, other class names
+            raise ConfigError(str(e)) from e
         amp_dtype, _ = resolve_amp(args.amp, device)
         with tf32_enabled(device):
             feature_fn = checkpoint_features(model, args.pool)
@@ -97,7 +119,6 @@ def main(argv=None) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(acc, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

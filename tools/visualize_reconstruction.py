@@ -44,14 +44,24 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="reconstruction.png")
     args = p.parse_args(argv)
+    if not 0.0 <= args.mask_ratio < 1.0:
+        p.error(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.num < 1:
+        p.error(f"--num must be >= 1, got {args.num}")
+    for item in args.images or []:
+        if not os.path.exists(item):
+            p.error(f"--images {item}: no such file or folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     size = args.input_size[0] if args.input_size and len(args.input_size) == 1 else args.input_size
     try:
         model = load_mae_for_visualization(args.checkpoint, args.model, size)
+        images = collect_images(args.images, args.num)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    images = collect_images(args.images, args.num)
+    if not images:
+        print(f"error: no images found in {' '.join(args.images)}", file=sys.stderr)
+        return 2
     title = f"{os.path.basename(args.checkpoint)}, mask ratio {args.mask_ratio}"
     path = visualize(model, images, args.output, args.mask_ratio, args.seed, title)
     print(f"wrote {path}")

@@ -100,7 +100,8 @@ class LinprobeConfig(ClassifyConfig):
 
 
 FLAG_HELP = {
-    "model": "encoder size, e.g. vit_base_patch16 (see `python -m pretrain --list-models`)",
+    "model": "encoder: vit_{tiny,small,base,large}_patch16 or vit_huge_patch14 (the MAE name "
+    "of the same size, e.g. mae_vit_base_patch16, means the same encoder)",
     "input_size": "image size: one int or two (H W)",
     "nb_classes": "classes of the head (0: the number of class folders in train/)",
     "finetune": "pretraining checkpoint that initialises the encoder (official or ours)",

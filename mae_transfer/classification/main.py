@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Dict, Optional, Sequence, Type
 
 from mae_transfer.device import resolve_device
@@ -75,20 +76,30 @@ def main(protocol: str, argv: Optional[Sequence[str]] = None, prog: str = "") ->
 def submit_main(argv: Sequence[str]) -> int:
     """``tools/submit.py PROTOCOL [launcher flags] [protocol flags]``: a Slurm job (submitit)."""
     protocols = ["pretrain", *PROTOCOLS]
+    usage = f"usage: tools/submit.py {{{','.join(protocols)}}} [launcher flags] [flags]"
+    if argv and argv[0] in ("-h", "--help"):
+        print(
+            f"{usage}\n\nSubmits pretraining, fine-tuning or linear probing as a Slurm job "
+            "(submitit). `tools/submit.py PROTOCOL --help` lists the launcher flags (--nodes, "
+            "--ngpus, --partition, --timeout, ...); every other flag goes to the protocol "
+            "(`python -m pretrain --help`, `tools/finetune.py --help`, `tools/linprobe.py --help`)."
+        )
+        return 0
     if not argv or argv[0] not in protocols:
-        print(f"usage: tools/submit.py {{{','.join(protocols)}}} [launcher flags] [flags]")
+        print(usage, file=sys.stderr)
         return 2
     protocol, rest = argv[0], list(argv[1:])
     if protocol == "pretrain":
         from pretrain.submit import main as submit_pretrain
 
         return submit_pretrain(rest)
-    from mae_transfer.engine.slurm import launcher_parser, submit
+    from mae_transfer.engine.slurm import parse_launcher, submit
 
     setup_logging()
 
     def body():
-        args, flags = launcher_parser(f"tools/submit.py {protocol}").parse_known_args(rest)
+        prog = f"tools/submit.py {protocol}"
+        args, flags = parse_launcher(prog, rest, f"tools/{protocol}.py")
         cfg, _ = load_config(PROTOCOLS[protocol], flags, f"tools/submit.py {protocol}")
         validate(cfg, check_paths=False)
         submit(cfg, run, args, f"mae_{protocol}")

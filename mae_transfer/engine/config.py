@@ -138,7 +138,11 @@ def read_yaml(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            detail = " ".join(str(e).split())
+            raise ConfigError(f"{path} is not valid YAML: {detail}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     base = data.pop("_base_", None)
@@ -251,6 +255,17 @@ def check_train_config(cfg: TrainConfig, checks: Checks, check_paths: bool = Tru
         not check_paths or not cfg.resume or os.path.isfile(cfg.resume),
         f"resume checkpoint {cfg.resume!r} does not exist",
     )
+    need(
+        not cfg.output_dir or not os.path.exists(cfg.output_dir) or os.path.isdir(cfg.output_dir),
+        f"output_dir {cfg.output_dir!r} is a file, not a directory",
+    )
+    if check_paths and isinstance(cfg.device, str) and cfg.device.startswith("cuda"):
+        import torch  # on the host that trains (a Slurm submission host may have no GPU)
+
+        need(
+            torch.cuda.is_available(),
+            f"device {cfg.device!r}: CUDA is not available here (use --device cpu or auto)",
+        )
 
 
 def check_model_fields(

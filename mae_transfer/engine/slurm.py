@@ -15,9 +15,17 @@ from typing import Any, Callable
 from .launch import setup_logging
 
 
-def launcher_parser(prog: str) -> argparse.ArgumentParser:
+def launcher_parser(prog: str, protocol_help: str = "") -> argparse.ArgumentParser:
     """The launcher's own flags; everything else on the command line is the protocol's."""
-    p = argparse.ArgumentParser(prog, add_help=True)
+    p = argparse.ArgumentParser(
+        prog,
+        add_help=True,
+        description="Submits a job with submitit: one task per GPU, requeued on time-out or "
+        "preemption.",
+        epilog="Every other flag goes to the training run"
+        + (f" (see `{protocol_help} --help`)" if protocol_help else "")
+        + ": --config, --data_path, --output_dir, ...",
+    )
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--ngpus", type=int, default=8, help="GPUs (= tasks) per node")
     p.add_argument("--timeout", type=int, default=4320, help="minutes")
@@ -35,6 +43,17 @@ def launcher_parser(prog: str) -> argparse.ArgumentParser:
         help="default: slurm when available, else local",
     )
     return p
+
+
+def parse_launcher(prog: str, argv, protocol_help: str = ""):
+    """(launcher flags, the protocol's flags); impossible launcher values are refused here
+    (argparse's exit code 2), not by submitit or Slurm after the submission."""
+    p = launcher_parser(prog, protocol_help)
+    args, rest = p.parse_known_args(argv)
+    for flag in ("nodes", "ngpus", "timeout", "cpus_per_task", "mem_gb_per_gpu"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    return args, rest
 
 
 class TrainingJob:

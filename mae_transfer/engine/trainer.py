@@ -402,7 +402,9 @@ class EpochTrainer:
             )
         else:
             where = path
-            hint = f"--resume continues a run of {self.protocol}; initial weights are --finetune"
+            hint = f"--resume continues a run of {self.protocol}" + (
+                "; initial weights are --finetune" if self.protocol != "pretraining" else ""
+            )
         protocol = ckpt.get("protocol") if isinstance(ckpt, dict) else None
         if protocol and protocol != self.protocol:
             raise ConfigError(f"{where} is a {protocol} checkpoint, not {self.protocol}: {hint}")
@@ -518,6 +520,12 @@ class EpochTrainer:
     # -- training ----------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
         cfg = self.cfg
+        if self.epoch >= cfg.epochs and not os.path.isfile(os.path.join(cfg.output_dir, LAST)):
+            raise ConfigError(  # checked on every rank: output_dir is on shared storage
+                f"--resume {cfg.resume} has finished all {cfg.epochs} epochs: nothing to train "
+                f"into {cfg.output_dir}. Raise --epochs to train on, or use that run's "
+                "output_dir"
+            )
         if self.dist.is_main:
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         bar = self.log.progress(cfg.epochs * self.ipe, self.epoch * self.ipe + self.iter)
