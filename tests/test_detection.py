@@ -21,6 +21,7 @@ from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, build_model  # noqa: E402
 
 from mae_transfer import create_model, load_pretrained  # noqa: E402
+from mae_transfer.checkpoint import CheckpointError  # noqa: E402
 from mae_transfer.datasets import write_toy_coco  # noqa: E402
 from mae_transfer.detection import MAECheckpointer, MAEViTBackbone, convert_to_detectron2  # noqa: E402
 from mae_transfer.detection.train import (  # noqa: E402
@@ -29,6 +30,7 @@ from mae_transfer.detection.train import (  # noqa: E402
     build_optimizer,
     register_coco_datasets,  # noqa: E402
 )
+from mae_transfer.engine.config import ConfigError  # noqa: E402
 from mae_transfer.optim import keep_optimizer_impl  # noqa: E402
 
 CONFIG_DIR = os.path.join(ROOT, "configs", "detectron2")
@@ -241,12 +243,16 @@ def test_a_missing_weights_file_is_named_before_anything_is_built(tmp_path):
 
     opts = TINY_OPTS + ["MODEL.WEIGHTS", str(tmp_path / "nope.pth"), "OUTPUT_DIR", str(tmp_path)]
     cfg = build_cfg(TINY_CONFIG, opts)
-    with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS .*nope.pth' does not exist"):
+    with pytest.raises(ConfigError, match="MODEL.WEIGHTS .*nope.pth' does not exist"):
         check_weights(cfg, resume=False)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError):
         check_weights(cfg, resume=True)  # nothing to resume from either
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
     check_weights(cfg, resume=True)  # --resume continues from OUTPUT_DIR instead
+    cfg.MODEL.WEIGHTS = ""
+    check_weights(cfg, resume=False)  # training from scratch
+    with pytest.raises(ConfigError, match="--eval-only needs MODEL.WEIGHTS"):
+        check_weights(cfg, resume=False, eval_only=True)  # evaluating a random detector
 
 
 def test_layer_decay_param_groups():
@@ -412,6 +418,126 @@ def test_command_line_tools_train_evaluate_and_draw(toy_coco, tmp_path):
     draw += ["--score-thresh", "0.0", "--output", str(png)]
     run_tool("visualize_det.py", "--config-file", TINY_CONFIG, *draw, *TINY_OPTS)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (in-process: cheaper than a fresh interpreter)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", f"{ROOT}/tools/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("order", ["documented", "options_first", "overrides_then_option"])
+def test_convert_tool_takes_its_arguments_in_any_order(tmp_path, order):
+    """``SRC OUT --config-file CFG`` (the docstring's order) used to fail: the KEY VALUE list
+    swallowed --config-file."""
+    src, _ = _official_encoder_file(tmp_path)
+    out = str(tmp_path / "d2.pth")
+    argv = {
+        "documented": [src, out, "--config-file", TINY_CONFIG, *TINY_OPTS],
+        "options_first": ["--config-file", TINY_CONFIG, src, out, *TINY_OPTS],
+        "overrides_then_option": [src, out, *TINY_OPTS, "--config-file", TINY_CONFIG],
+    }[order]
+    assert load_tool("convert_to_detectron2").main(argv) == 0
+    state = torch.load(out, weights_only=True)["model"]
+    assert state["backbone.bottom_up.vit.patch_embed.proj.weight"].shape == (32, 3, 8, 8)
+
+
+def test_convert_tool_refuses_a_checkpoint_of_another_width(tmp_path, caplog):
+    src, _ = _official_encoder_file(tmp_path)  # width 32; the config without overrides: 96
+    tool = load_tool("convert_to_detectron2")
+    assert tool.main([src, str(tmp_path / "d2.pth"), "--config-file", TINY_CONFIG]) == 2
+    assert "width 32" in caplog.text and "width 96" in caplog.text
+    assert tool.main(["nope.pth", str(tmp_path / "d2.pth"), "--config-file", TINY_CONFIG]) == 2
+    assert "'nope.pth' does not exist" in caplog.text
+
+
+def _refused(caplog, code: int, *expected: str) -> None:
+    """Exit code 2 and one error record holding every expected piece."""
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 2 and len(errors) == 1, (code, errors)
+    assert all(e in errors[0] for e in expected), errors[0]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["weights", "model_name", "config_file", "unknown_key", "out_indices", "no_test_set"],
+)
+def test_train_det_refuses_bad_input_before_training_with_exit_2(toy_coco, tmp_path, caplog, case):
+    """Each used to end in a traceback (exit 1); a missing test set only after the training."""
+    config, opts, expected = TINY_CONFIG, list(TINY_OPTS), ()
+    data = ["--coco-train", *toy_coco["train"], "--coco-val", *toy_coco["val"]]
+    if case == "weights":
+        opts += ["MODEL.WEIGHTS", str(tmp_path / "nothere.pth")]
+        expected = ("MODEL.WEIGHTS", "nothere.pth' does not exist")
+    elif case == "model_name":
+        opts += ["MODEL.VIT.NAME", "vit_foo"]
+        expected = ("MODEL.VIT.NAME: unknown model 'vit_foo'",)
+    elif case == "config_file":
+        config, expected = str(tmp_path / "nothere.yaml"), ("nothere.yaml' does not exist",)
+    elif case == "unknown_key":
+        opts += ["MODEL.VIT.DEPTH", "4"]
+        expected = ("Non-existent key: MODEL.VIT.DEPTH",)
+    elif case == "out_indices":  # only the model knows its depth (4)
+        opts += ["MODEL.VIT.OUT_INDICES", "[0, 1, 2, 7]"]
+        expected = ("out_indices (0, 1, 2, 7) out of range for depth 4",)
+    else:  # as demo_tiny.yaml's toy_coco_val, which only --coco-val registers (here: other
+        # tests of this process did; hence a name of its own)
+        data, opts = data[:3], opts + ["DATASETS.TEST", "('toy_coco_val_not_given',)"]
+        expected = ("DATASETS.TEST 'toy_coco_val_not_given' is not registered", "--coco-val")
+    argv = ["--config-file", config, *data, *opts, "OUTPUT_DIR", str(tmp_path / "out")]
+    _refused(caplog, load_tool("train_det").cli(argv), *expected)
+    assert not (tmp_path / "out").exists()  # refused before detectron2's set-up
+
+
+def test_train_det_with_an_empty_test_set_trains_without_evaluating(toy_coco, tmp_path):
+    """DATASETS.TEST '()' is detectron2's way to skip the evaluation, which the refusal of a
+    missing test set names."""
+    out = tmp_path / "out"
+    argv = ["--config-file", TINY_CONFIG, "--coco-train", *toy_coco["train"], *TINY_OPTS]
+    argv += ["DATASETS.TEST", "()", "SOLVER.MAX_ITER", "1", "SOLVER.STEPS", "()"]
+    argv += ["SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(out)]
+    assert load_tool("train_det").cli(argv) == 0
+    assert (out / "model_final.pth").is_file()
+
+
+def test_a_trained_detector_must_fill_the_whole_model(toy_coco, tmp_path):
+    """--eval-only and tools/visualize_det.py: a backbone-only (MAE) file or another model's
+    checkpoint would leave heads random, silently; they are refused with what did not fit."""
+    cfg = _cfg(toy_coco, tmp_path / "out")
+    detector = tmp_path / "detector.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, detector)
+    MAECheckpointer(build_model(cfg), whole_model=True).load(str(detector))  # fits
+    mae, _ = _official_encoder_file(tmp_path)
+    with pytest.raises(CheckpointError, match="a backbone only"):
+        MAECheckpointer(build_model(cfg), whole_model=True).load(mae)
+    wider = cfg.clone()
+    wider.MODEL.VIT.SIZE_OVERRIDES = [["embed_dim", 48], ["depth", 4], ["num_heads", 2]]
+    shape = r"of another shape \(backbone.fpn_lateral2.weight \(64, 32, 1, 1\) vs model \(64, 48"
+    with pytest.raises(CheckpointError, match=shape):
+        MAECheckpointer(build_model(wider), whole_model=True).load(str(detector))
+    partial = {k: v for k, v in build_model(cfg).state_dict().items() if "mask_head" not in k}
+    torch.save({"model": partial}, detector)
+    with pytest.raises(CheckpointError, match=r"tensors missing \(roi_heads.mask_head"):
+        MAECheckpointer(build_model(cfg), whole_model=True).load(str(detector))
+
+
+@pytest.mark.parametrize("case", ["mae_file", "missing_file", "no_images"])
+def test_visualize_det_refuses_bad_input_with_exit_2(toy_coco, tmp_path, caplog, case):
+    mae, _ = _official_encoder_file(tmp_path)
+    weights, images = mae, [toy_coco["val"][1]]
+    expected = ("is a ViT / MAE checkpoint (a backbone only)",)
+    if case == "missing_file":
+        weights, expected = str(tmp_path / "nothere.pth"), ("--weights", "does not exist")
+    elif case == "no_images":
+        images, expected = [str(tmp_path / "nothere")], ("--images", "nothere does not exist")
+    argv = ["--config-file", TINY_CONFIG, "--weights", weights, "--images", *images]
+    argv += ["--output", str(tmp_path / "pred.png"), *TINY_OPTS]
+    _refused(caplog, load_tool("visualize_det").main(argv), *expected)
+    assert not (tmp_path / "pred.png").exists()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("mmseg")
 
-from conftest import ROOT, save_mae_checkpoints  # noqa: E402
+from conftest import ROOT, save_mae_checkpoints, write_images  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
@@ -218,6 +218,139 @@ def _check_test_and_visualize_tools(tmp_path, root, opts):
         == 0
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+TINY_OPTS = {  # the tiny config at width 32, as the tests' checkpoints
+    "model.backbone.embed_dim": 32,
+    "model.backbone.num_heads": 2,
+    "model.decode_head.in_channels": [32] * 4,
+    "model.auxiliary_head.in_channels": 32,
+}
+
+
+def _cli_options(opts) -> list:
+    return [f"{k}={v}".replace(" ", "") for k, v in opts.items()]
+
+
+def _refused(caplog, code: int, *expected: str) -> None:
+    """Exit code 2 and one error record holding every expected piece (no traceback)."""
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 2 and len(errors) == 1, (code, errors)
+    assert all(e in errors[0] for e in expected), errors[0]
+
+
+def _tool(name: str):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    return __import__(name)
+
+
+@pytest.fixture
+def tiny_segmentor(tmp_path):
+    """A width-32 segmentor checkpoint of the tiny config (mmengine's form), the config's
+    overrides and a folder of 2 images."""
+    cfg = build_cfg(TINY_CONFIG, dict(TINY_OPTS), for_training=False)
+    model = MODELS.build(cfg.model)
+    path = str(tmp_path / "seg.pth")
+    torch.save({"meta": {"iter": 1}, "state_dict": model.state_dict()}, path)
+    images = tmp_path / "images"
+    write_images(str(images), 2, size=(48, 64))
+    return path, dict(TINY_OPTS), str(images)
+
+
+@pytest.mark.parametrize("tool", ["test_seg", "visualize_seg"])
+@pytest.mark.parametrize("case", ["pretraining", "other_width", "no_auxiliary_head"])
+def test_seg_tools_refuse_a_checkpoint_that_does_not_fill_the_model(
+    tiny_segmentor, tmp_path, caplog, tool, case
+):
+    """mmengine loads what fits and reports the rest: these printed an mIoU / drew a PNG from
+    random heads, with exit 0."""
+    path, opts, images = tiny_segmentor
+    expected = ["does not fit the segmentor of this config"]
+    if case == "pretraining":
+        _, files = save_mae_checkpoints(tmp_path)
+        path = files["official"]
+        expected += ["auxiliary_head (8)", "a backbone only", "model.backbone.pretrained="]
+    elif case == "other_width":
+        opts = {}  # the config's own width, 96
+        expected += ["of another shape", "width 32", "width 96"]
+    else:
+        state = torch.load(path, weights_only=True)["state_dict"]
+        state = {k: v for k, v in state.items() if not k.startswith("auxiliary_head.")}
+        torch.save({"state_dict": state}, path)
+        expected += ["tensors missing (auxiliary_head (8))"]
+    # no data: the checkpoint is checked before the data sets
+    opts["test_dataloader.dataset.data_root"] = str(tmp_path / "nodata")
+    png = str(tmp_path / "out.png")
+    if tool == "test_seg":
+        args = ["--work-dir", str(tmp_path / "w")]
+    else:
+        args = ["--images", images, "--output", png]
+    argv = [TINY_CONFIG, path, *args, "--cfg-options", *_cli_options(opts)]
+    _refused(caplog, _tool(tool).main(argv), *expected)
+    assert not os.path.exists(png)
+
+
+def test_visualize_seg_takes_cfg_options(tiny_segmentor, tmp_path):
+    """A model trained with overrides is drawn from the original config with the same
+    --cfg-options; the palette comes from the data set type when the checkpoint has none."""
+    path, opts, images = tiny_segmentor
+    png = tmp_path / "seg.png"
+    argv = [TINY_CONFIG, path, "--images", images, "--output", str(png)]
+    assert _tool("visualize_seg").main(argv + ["--cfg-options", *_cli_options(opts)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _bad_inputs(tmp_path, checkpoint: str, images: str) -> dict:
+    """case: (tool, argv, expected pieces of the message)."""
+    nothere = str(tmp_path / "nothere")
+    train = [TINY_CONFIG, "--work-dir", str(tmp_path / "w")]
+    data = [f"val_dataloader.dataset.data_root={images}"]
+    return {
+        "pretrained": (
+            "train_seg",
+            [*train, "--cfg-options", f"model.backbone.pretrained={nothere}.pth"],
+            ("model.backbone.pretrained: file not found", "nothere.pth"),
+        ),
+        "fp16_on_cpu": ("train_seg", [*train, "--amp", "fp16"], ("amp fp16 needs CUDA",)),
+        "data_root": (
+            "train_seg",
+            [*train, "--cfg-options", f"train_dataloader.dataset.data_root={nothere}", *data],
+            ("train_dataloader.dataset.data_root", "nothere does not exist"),
+        ),
+        "test_config": ("test_seg", [nothere + ".py", checkpoint], ("nothere.py' does not",)),
+        "test_checkpoint": ("test_seg", [TINY_CONFIG, nothere + ".pth"], ("nothere.pth' does",)),
+        "vis_config": (
+            "visualize_seg",
+            [nothere + ".py", checkpoint, "--images", images],
+            ("nothere.py' does not exist",),
+        ),
+        "vis_checkpoint": (
+            "visualize_seg",
+            [TINY_CONFIG, nothere + ".pth", "--images", images],
+            ("checkpoint", "nothere.pth' does not exist"),
+        ),
+        "vis_images": (
+            "visualize_seg",
+            [TINY_CONFIG, checkpoint, "--images", nothere],
+            ("--images", "nothere does not exist"),
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["pretrained", "fp16_on_cpu", "data_root", "test_config", "test_checkpoint", "vis_config",
+     "vis_checkpoint", "vis_images"],
+)  # fmt: skip
+def test_seg_tools_refuse_bad_input_with_exit_2(tiny_segmentor, tmp_path, caplog, case):
+    """Each of these ended in a traceback (exit 1)."""
+    if case == "fp16_on_cpu" and torch.cuda.is_available():
+        pytest.skip("fp16 is allowed with CUDA")
+    path, opts, images = tiny_segmentor
+    tool, argv, expected = _bad_inputs(tmp_path, path, images)[case]
+    if tool == "visualize_seg":
+        argv += ["--cfg-options", *_cli_options(opts)]
+    _refused(caplog, _tool(tool).main(argv), *expected)
 
 
 RECIPE = os.path.join(CONFIG_DIR, "upernet_mae_vit_base_8xb2-160k_ade20k-512x512.py")

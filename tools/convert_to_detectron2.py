@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write an MAE checkpoint (official or ours) as a detectron2 checkpoint for our backbone.
 
-    python tools/convert_to_detectron2.py mae_pretrain_vit_base.pth vit_b_d2.pth \
+    python tools/convert_to_detectron2.py mae_pretrain_vit_base.pth vit_b_d2.pth \\
         --config-file configs/detectron2/mask_rcnn_vit_base_fpn_lsj_100ep.yaml
 
 Not needed with tools/train_det.py (MODEL.WEIGHTS takes MAE files directly); useful with other
@@ -21,22 +21,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mae_transfer.detection  # noqa: E402,F401
 
 # isort: split
+from mae_transfer.checkpoint import CheckpointError  # noqa: E402
 from mae_transfer.detection import convert_to_detectron2  # noqa: E402
 from mae_transfer.detection.train import build_cfg  # noqa: E402
+from mae_transfer.engine.config import ConfigError  # noqa: E402
+from mae_transfer.engine.launch import exit_code  # noqa: E402
+
+logger = logging.getLogger("convert_to_detectron2")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """SRC OUT --config-file CFG [KEY VALUE ...], the options before, between or after."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("source", help="MAE/ViT checkpoint")
     p.add_argument("output", help="detectron2 checkpoint to write")
     p.add_argument("--config-file", required=True, help="the detection config it is for")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = p.parse_args(argv)
+    # not REMAINDER: that would swallow a --config-file given after the positionals
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = build_cfg(args.config_file, args.opts)
-    counts = convert_to_detectron2(args.source, args.output, cfg)
-    print(f"wrote {args.output}: {counts}")
-    return 0
+
+    def body():
+        cfg = build_cfg(args.config_file, args.opts)
+        if not os.path.isfile(args.source):
+            raise CheckpointError(f"source checkpoint {args.source!r} does not exist")
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(out_dir):
+            raise ConfigError(f"output folder {out_dir} does not exist")
+        counts = convert_to_detectron2(args.source, args.output, cfg)
+        print(f"wrote {args.output}: {counts}")
+
+    return exit_code(body, logger)
 
 
 if __name__ == "__main__":

@@ -8,41 +8,60 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mae_transfer.segmentation.runner import build_cfg, make_runner  # noqa: E402
+from mmengine.model import is_model_wrapper  # noqa: E402
+
+from mae_transfer.engine.launch import exit_code  # noqa: E402
+from mae_transfer.segmentation.checkpoint import check_fits, read_segmentor  # noqa: E402
+from mae_transfer.segmentation.runner import (  # noqa: E402
+    build_cfg,
+    check_data,
+    make_runner,
+    model_state_shapes,
+    parse_cfg_options,
+)
+
+logger = logging.getLogger("test_seg")
 
 
 def main(argv=None) -> int:
+    """Exit code 0; 2 for a bad config value, missing data, or a checkpoint that does not fill
+    the model of CONFIG (as trained: give the same --cfg-options)."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("config")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a trained segmentor (iter_N.pth), every weight of it")
     p.add_argument("--work-dir")
     p.add_argument("--cfg-options", nargs="+", default=[], help="key=value overrides")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     p.add_argument("--out", help="write the metrics as JSON here")
     args = p.parse_args(argv)
-    from mmengine.config import DictAction
 
-    options = {}
-    if args.cfg_options:
-        ns = argparse.Namespace()
-        DictAction(["--cfg-options"], "o")(p, ns, args.cfg_options)
-        options = ns.o
-    # evaluated in fp32: the numbers do not depend on the GPU generation
-    cfg = build_cfg(
-        args.config, options, args.work_dir, args.launcher, amp="fp32", for_training=False
-    )
-    cfg.load_from = args.checkpoint
-    metrics = make_runner(cfg).test()
-    print(json.dumps({k: float(v) for k, v in metrics.items()}, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({k: float(v) for k, v in metrics.items()}, f, indent=1)
-    return 0
+    def body():
+        options = parse_cfg_options(args.cfg_options)
+        # evaluated in fp32: the numbers do not depend on the GPU generation
+        cfg = build_cfg(
+            args.config, options, args.work_dir, args.launcher, amp="fp32", for_training=False
+        )
+        # loaded here, all of it, not by mmengine (cfg.load_from), which loads what fits
+        state, _ = read_segmentor(args.checkpoint)
+        check_fits(state, model_state_shapes(cfg), args.checkpoint)
+        check_data(cfg, for_training=False)
+        runner = make_runner(cfg)
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model.load_state_dict(state, strict=True)
+        del state
+        metrics = {k: float(v) for k, v in runner.test().items()}
+        print(json.dumps(metrics, indent=1))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(metrics, f, indent=1)
+
+    return exit_code(body, logger)
 
 
 if __name__ == "__main__":

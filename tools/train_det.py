@@ -31,20 +31,29 @@ from mae_transfer.detection import MAECheckpointer  # noqa: E402
 from mae_transfer.detection.train import (  # noqa: E402
     Trainer,
     build_cfg,
+    check_datasets,
     check_weights,
     register_coco_datasets,
     summarize,
 )
+from mae_transfer.engine.launch import exit_code  # noqa: E402
 
 logger = logging.getLogger("train_det")
 
 
-def setup(args):
+def load_cfg(args):
+    """The run's config with its weights file and data sets checked (ConfigError otherwise)."""
     cfg = build_cfg(args.config_file, args.opts, args.coco_train, args.coco_val)
-    check_weights(cfg, args.resume)
+    check_weights(cfg, args.resume, args.eval_only)
+    register_coco_datasets(cfg)
+    check_datasets(cfg, args.eval_only)
+    return cfg
+
+
+def setup(args):
+    cfg = load_cfg(args)
     cfg.freeze()
     default_setup(cfg, args)
-    register_coco_datasets(cfg)
     return cfg
 
 
@@ -52,7 +61,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        MAECheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # a trained detector, all of it: an MAE file or another model's would evaluate heads
+        # left at random
+        MAECheckpointer(model, save_dir=cfg.OUTPUT_DIR, whole_model=True).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
@@ -72,13 +83,24 @@ def parser():
     return p
 
 
+def cli(argv=None) -> int:
+    """Exit code 0; 2 for a bad config value, a missing file or data set, or weights that do
+    not fit the model (checked before any process starts, and again on every rank)."""
+    args = parser().parse_args(argv)
+
+    def body():
+        load_cfg(args)
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+
+    return exit_code(body, logger)
+
+
 if __name__ == "__main__":
-    args = parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    sys.exit(cli())

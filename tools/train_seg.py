@@ -14,12 +14,21 @@ the CPU rule (bf16 with AMX / AVX512-BF16, else fp32).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mae_transfer.segmentation.runner import AMP_MODES, build_cfg, make_runner  # noqa: E402
+from mae_transfer.engine.launch import exit_code  # noqa: E402
+from mae_transfer.segmentation.runner import (  # noqa: E402
+    AMP_MODES,
+    build_cfg,
+    check_data,
+    make_runner,
+)
+
+logger = logging.getLogger("train_seg")
 
 
 def parse_args(argv=None):
@@ -68,19 +77,24 @@ class _DictAction(argparse.Action):
 
 
 def main(argv=None) -> int:
+    """Exit code 0; 2 for a bad config value, missing data or a pretrained file that does not
+    fit the backbone."""
     args = parse_args(argv)
-    cfg = build_cfg(
-        args.config,
-        args.cfg_options,
-        args.work_dir,
-        args.launcher,
-        amp=args.amp,
-        auto_scale_lr=args.auto_scale_lr,
-    )
-    cfg.resume = args.resume
-    runner = make_runner(cfg)
-    runner.train()
-    return 0
+
+    def body():
+        cfg = build_cfg(
+            args.config,
+            args.cfg_options,
+            args.work_dir,
+            args.launcher,
+            amp=args.amp,
+            auto_scale_lr=args.auto_scale_lr,
+        )
+        check_data(cfg, for_training=True)
+        cfg.resume = args.resume
+        make_runner(cfg).train()
+
+    return exit_code(body, logger)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 #!/usr/bin/env python
 """Colour overlays of a segmentor's predictions, written as one PNG.
 
-python tools/visualize_seg.py CONFIG CHECKPOINT --images img1.jpg dir/ --output seg.png
+python tools/visualize_seg.py CONFIG CHECKPOINT --images img1.jpg dir/ --output seg.png \\
+    [--cfg-options k=v ...]
+
+The checkpoint must fill the model of CONFIG with the --cfg-options it was trained with (or
+give the config mmengine saved in the work_dir).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -15,28 +20,42 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from PIL import Image  # noqa: E402
 
 import mae_transfer.segmentation  # noqa: E402,F401
-from mae_transfer.data import find_images  # noqa: E402
-from mae_transfer.segmentation.visualize import comparison_grid  # noqa: E402
+from mae_transfer.data import image_files  # noqa: E402
+from mae_transfer.engine.config import ConfigError  # noqa: E402
+from mae_transfer.engine.launch import exit_code  # noqa: E402
+from mae_transfer.segmentation.runner import build_cfg, parse_cfg_options  # noqa: E402
+from mae_transfer.segmentation.visualize import comparison_grid, init_segmentor  # noqa: E402
+
+logger = logging.getLogger("visualize_seg")
 
 
 def main(argv=None) -> int:
+    """Exit code 0; 2 for a bad config value, missing images, or a checkpoint that does not
+    fill the model."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("config")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a trained segmentor (iter_N.pth), every weight of it")
     p.add_argument("--images", nargs="+", required=True, help="image files or folders")
     p.add_argument("--num", type=int, default=6)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="segmentation.png")
+    p.add_argument("--cfg-options", nargs="+", default=[], help="key=value overrides")
     args = p.parse_args(argv)
-    from mmseg.apis import init_model
 
-    model = init_model(args.config, args.checkpoint, device=args.device)
-    paths = [f for i in args.images for f in (find_images(i) if os.path.isdir(i) else [i])]
-    palette = model.dataset_meta["palette"]
-    grid = comparison_grid(paths[: args.num], [("prediction", model)], palette)
-    Image.fromarray(grid).save(args.output)
-    print(f"wrote {args.output}")
-    return 0
+    def body():
+        options = parse_cfg_options(args.cfg_options)
+        cfg = build_cfg(args.config, options, amp="fp32", for_training=False)
+        try:
+            paths = image_files(args.images)
+        except FileNotFoundError as e:
+            raise ConfigError(f"--images: {e}") from e
+        model = init_segmentor(cfg, args.checkpoint, args.device)
+        palette = model.dataset_meta["palette"]
+        grid = comparison_grid(paths[: args.num], [("prediction", model)], palette)
+        Image.fromarray(grid).save(args.output)
+        print(f"wrote {args.output}")
+
+    return exit_code(body, logger)
 
 
 if __name__ == "__main__":

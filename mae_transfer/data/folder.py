@@ -88,6 +88,23 @@ def find_images(root: str, split: str = "train") -> List[str]:
     return files
 
 
+def image_files(items: Sequence[str]) -> List[str]:
+    """Image files given as files or folders (searched, see :func:`find_images`), in order.
+
+    Raises:
+        FileNotFoundError: an item that does not exist, a folder without images.
+    """
+    paths: List[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            paths += find_images(item)
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"{item} does not exist")
+    return paths
+
+
 @dataclass
 class ClassFolder:
     """``root/<class>/**/<image>``: class names sorted, labels their indices (torchvision's

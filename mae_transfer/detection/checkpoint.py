@@ -10,6 +10,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from mae_transfer.checkpoint import (
     ANCHOR_KEY,
+    CheckpointError,
     find_state_dict,
     load_file,
     load_pretrained,
@@ -44,14 +45,30 @@ class MAECheckpointer(DetectionCheckpointer):
     checkpoint or ``encoder.pth``) is loaded into the ViT with position tables resized, and a
     report says what loaded, what is new and what was dropped. Anything else (detectron2
     checkpoints, for fine-tuning or resuming) goes through detectron2's own loading.
+
+    ``whole_model=True`` (evaluating or drawing a trained detector): the file must fill the
+    whole detector; a bare ViT/MAE file or missing, unexpected or mis-shaped tensors raise
+    :class:`CheckpointError` instead of leaving heads at random.
     """
 
+    def __init__(self, model, save_dir: str = "", *, whole_model: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.whole_model = whole_model
+        self._source = ""
+
     def _load_file(self, filename: str) -> Dict[str, Any]:
+        self._source = filename
         if filename.endswith((".pkl", ".pyth")):
             return super()._load_file(filename)
         loaded = load_file(filename)  # weights_only=True
         state = find_state_dict(loaded)
         if is_bare_vit(state):
+            if self.whole_model:
+                raise CheckpointError(
+                    f"{filename} is a ViT / MAE checkpoint (a backbone only): the detector's "
+                    "FPN and heads would be random. Give a trained detector (model_final.pth); "
+                    f"train one with tools/train_det.py ... MODEL.WEIGHTS {filename}"
+                )
             return {"model": state, "__mae__": True}
         if "model" in loaded:  # detectron2's own checkpoints (with optimizer, iteration, ...)
             return loaded
@@ -59,7 +76,10 @@ class MAECheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         if not checkpoint.pop("__mae__", False):
-            return super()._load_model(checkpoint)
+            incompatible = super()._load_model(checkpoint)
+            if self.whole_model:
+                check_fits(incompatible, self._source)
+            return incompatible
         model = self.model.module if hasattr(self.model, "module") else self.model
         vit_name, vit = find_vit(model)
         report = load_pretrained(vit, checkpoint.pop("model"), log=False)
@@ -73,6 +93,30 @@ class MAECheckpointer(DetectionCheckpointer):
             ", ".join(module_groups(others)),
         )
         return None
+
+
+def check_fits(incompatible, source: str) -> None:
+    """Raises :class:`CheckpointError` naming what of a detectron2 load did not fit (the
+    ``_IncompatibleKeys`` of detectron2's checkpointer)."""
+    shapes = incompatible.incorrect_shapes
+    reshaped = {k for k, _, _ in shapes}  # detectron2 lists them as missing too
+    missing = [k for k in incompatible.missing_keys if k not in reshaped]
+    unexpected = incompatible.unexpected_keys
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing ({', '.join(module_groups(missing))})")
+    if shapes:
+        shown = [f"{k} {tuple(a)} vs model {tuple(b)}" for k, a, b in shapes[:3]]
+        more = f", ... (+{len(shapes) - 3})" if len(shapes) > 3 else ""
+        parts.append(f"{len(shapes)} of another shape ({', '.join(shown)}{more})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({', '.join(module_groups(unexpected))})")
+    raise CheckpointError(
+        f"{source} does not fit the detector of this config: {'; '.join(parts)}. Was it "
+        "trained with another config or other KEY VALUE overrides (e.g. MODEL.VIT.*)?"
+    )
 
 
 def module_groups(names) -> list:

@@ -9,6 +9,7 @@ import torch
 from detectron2.config import CfgNode as CN
 
 from mae_transfer.device import resolve_amp
+from mae_transfer.engine.config import ConfigError
 from mae_transfer.pyramid import NORMS
 from mae_transfer.registry import resolve_name
 from mae_transfer.vit import REL_POS_TYPES
@@ -75,7 +76,8 @@ def add_mae_vit_config(cfg: CN) -> CN:
 
 
 def validate_config(cfg: CN) -> None:
-    """Rejects bad MODEL.VIT / SOLVER / INPUT.LSJ values before anything is built."""
+    """Rejects bad MODEL.VIT / SOLVER / INPUT.LSJ values before anything is built (a
+    :class:`ConfigError`, a ValueError)."""
     errors: List[str] = []
     v = cfg.MODEL.VIT
     try:
@@ -90,7 +92,9 @@ def validate_config(cfg: CN) -> None:
         errors.append(f"MODEL.VIT.SQUARE_PAD must be -1, 0 or a multiple of 32, got {v.SQUARE_PAD}")
     if v.WINDOW_SIZE < 0:
         errors.append(f"MODEL.VIT.WINDOW_SIZE must be >= 0, got {v.WINDOW_SIZE}")
-    if v.OUT_INDICES and (len(v.OUT_INDICES) != 4 or list(v.OUT_INDICES) != sorted(v.OUT_INDICES)):
+    if v.OUT_INDICES and (
+        len(v.OUT_INDICES) != 4 or list(v.OUT_INDICES) != sorted(set(v.OUT_INDICES))
+    ):
         errors.append(f"MODEL.VIT.OUT_INDICES must be 4 increasing indices, got {v.OUT_INDICES}")
     blocks = list(v.GLOBAL_BLOCKS)
     if blocks != ["none"] and not all(isinstance(i, int) for i in blocks):
@@ -124,4 +128,4 @@ def validate_config(cfg: CN) -> None:
         if len(entry) != 3:
             errors.append(f"DATASETS.COCO entries are [name, json_file, image_root], got {entry}")
     if errors:
-        raise ValueError("invalid detectron2 config:\n  - " + "\n  - ".join(errors))
+        raise ConfigError("invalid detectron2 config:\n  - " + "\n  - ".join(errors))

@@ -16,10 +16,12 @@ import weakref
 from typing import Dict, List, Optional
 
 import torch
+import yaml
 from detectron2.config import get_cfg
 from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
+    MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
 )
@@ -32,8 +34,10 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 
 from mae_transfer.compat.detectron2_compat import HAS_COMPILED_OPS
 from mae_transfer.device import fused_adamw_supported
+from mae_transfer.engine.config import ConfigError
 from mae_transfer.optim import keep_optimizer_impl, param_groups
 
+from .backbone import MAEViTBackbone, backbone_kwargs
 from .checkpoint import MAECheckpointer, find_vit
 from .config import add_mae_vit_config, amp_dtype, validate_config
 
@@ -41,11 +45,25 @@ logger = logging.getLogger(__name__)
 
 
 def build_cfg(config_file: str, opts=(), coco_train=None, coco_val=None):
-    """The frozen-to-be config: file, then ``KEY VALUE`` overrides, then data set flags."""
+    """The frozen-to-be config: file, then ``KEY VALUE`` overrides, then data set flags.
+
+    Raises:
+        ConfigError: a missing file, an unknown key, a bad value (named).
+    """
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"--config-file {config_file!r} does not exist")
     cfg = get_cfg()
     add_mae_vit_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    # yacs reports an unknown key, a value of the wrong type or an odd KEY VALUE list with
+    # KeyError / ValueError / AssertionError: each names the key, but a traceback hides it
+    try:
+        cfg.merge_from_file(config_file)
+    except (KeyError, ValueError, AssertionError, OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config-file {config_file}: {_reason(e)}") from e
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"KEY VALUE overrides: {_reason(e)}") from e
     for split, files in (("train", coco_train), ("val", coco_val)):
         if files:
             name = f"custom_coco_{split}"
@@ -60,7 +78,27 @@ def build_cfg(config_file: str, opts=(), coco_train=None, coco_val=None):
         logger.info("MODEL.DEVICE %s -> cpu: CUDA is not available", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     validate_config(cfg)
+    check_backbone(cfg)
     return cfg
+
+
+def check_backbone(cfg) -> None:
+    """Builds the backbone on the meta device (no memory, no weights): what only the model
+    knows (OUT_INDICES beyond the depth, a patch size, a SIZE_OVERRIDES key) is named now."""
+    kwargs = backbone_kwargs(cfg)
+    kwargs.pop("pretrained", None)
+    try:
+        with torch.device("meta"):
+            MAEViTBackbone(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"MODEL.VIT ({cfg.MODEL.VIT.NAME}): {e}") from e
+
+
+def _reason(e: Exception) -> str:
+    """yacs' message (str() of a KeyError would quote it)."""
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    return str(e) or type(e).__name__
 
 
 def register_coco_datasets(cfg) -> List[str]:
@@ -73,15 +111,51 @@ def register_coco_datasets(cfg) -> List[str]:
     return names
 
 
-def check_weights(cfg, resume: bool) -> None:
-    """A missing MODEL.WEIGHTS file is named before the model and data are built, unless
-    ``--resume`` will continue from OUTPUT_DIR's last checkpoint instead."""
+def check_weights(cfg, resume: bool, eval_only: bool = False) -> None:
+    """A missing MODEL.WEIGHTS file (or none at all with ``eval_only``: a random detector) is
+    named (:class:`ConfigError`) before the model and data are built, unless ``--resume`` will
+    continue from OUTPUT_DIR's last checkpoint instead."""
     weights = cfg.MODEL.WEIGHTS
-    if not weights or "://" in weights or os.path.isfile(weights):
+    if "://" in weights or os.path.isfile(weights) or not (weights or eval_only):
         return
     if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
         return
-    raise FileNotFoundError(f"MODEL.WEIGHTS {weights!r} does not exist")
+    if not weights:
+        raise ConfigError("--eval-only needs MODEL.WEIGHTS: the trained detector to evaluate")
+    raise ConfigError(f"MODEL.WEIGHTS {weights!r} does not exist")
+
+
+def check_datasets(cfg, eval_only: bool = False) -> None:
+    """Every data set the run reads is registered and its files exist, checked before the model
+    is built (a test set that is not registered would otherwise fail after the whole training).
+
+    DATASETS.TEST ``()`` trains without evaluating, as in detectron2.
+    """
+    needed = [("DATASETS.TEST", "--coco-val", name) for name in cfg.DATASETS.TEST]
+    errors = []
+    if eval_only and not needed:
+        errors.append("DATASETS.TEST is empty, nothing to evaluate: give --coco-val JSON ROOT")
+    if not eval_only:
+        needed = [("DATASETS.TRAIN", "--coco-train", name) for name in cfg.DATASETS.TRAIN] + needed
+        if not cfg.DATASETS.TRAIN:
+            errors.append("DATASETS.TRAIN is empty: give --coco-train JSON IMAGE_ROOT")
+    registered = set(DatasetCatalog.list())
+    for key, flag, name in needed:
+        if name not in registered:
+            hint = "; DATASETS.TEST '()' trains without evaluating" if key.endswith("TEST") else ""
+            errors.append(
+                f"{key} {name!r} is not registered: give {flag} JSON IMAGE_ROOT, or add "
+                f"[{name!r}, json_file, image_root] to DATASETS.COCO{hint}"
+            )
+            continue
+        meta = MetadataCatalog.get(name)
+        json_file, image_root = meta.get("json_file", None), meta.get("image_root", None)
+        if json_file and "://" not in json_file and not os.path.isfile(json_file):
+            errors.append(f"{key} {name!r}: annotation file {json_file} does not exist")
+        if image_root and "://" not in image_root and not os.path.isdir(image_root):
+            errors.append(f"{key} {name!r}: image folder {image_root} does not exist")
+    if errors:
+        raise ConfigError("invalid detectron2 data sets:\n  - " + "\n  - ".join(errors))
 
 
 def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:

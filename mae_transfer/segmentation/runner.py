@@ -1,9 +1,14 @@
-"""Config preparation and the mmengine Runner for tools/train_seg.py and tools/test_seg.py."""
+"""Config preparation and the mmengine Runner for tools/train_seg.py and tools/test_seg.py.
+
+Bad values, files and folders raise :class:`ConfigError` (a ValueError) naming the key, before
+the Runner builds anything; the tools turn it into exit code 2.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from mmengine.config import Config
@@ -11,6 +16,7 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 from mae_transfer.device import resolve_amp
+from mae_transfer.engine.config import ConfigError
 
 
 def _replace_sync_bn(node: Any) -> Any:
@@ -51,6 +57,8 @@ def build_cfg(
             file: the checkpoint under test holds every weight, so that file need not exist.
         auto_scale_lr: overrides ``auto_scale_lr.enable`` (lr x real batch / base batch).
     """
+    if not os.path.isfile(config):
+        raise ConfigError(f"config file {config!r} does not exist")
     cfg = Config.fromfile(config)
     if options:
         cfg.merge_from_dict(options)
@@ -103,7 +111,7 @@ def set_precision(cfg: Config, mode: str, device: torch.device) -> None:
     fp32 -> OptimWrapper; bf16 -> AutocastOptimWrapper (no loss scaling, GPU or CPU);
     fp16 -> AmpOptimWrapper with dynamic loss scaling (CUDA only, as in mmengine)."""
     if mode not in AMP_MODES:
-        raise ValueError(f"amp (--amp or the config's amp) must be one of {AMP_MODES}: {mode!r}")
+        raise ConfigError(f"amp (--amp or the config's amp) must be one of {AMP_MODES}: {mode!r}")
     dtype, _ = resolve_amp(mode, device)
     wrapper = cfg.optim_wrapper
     for key in ("loss_scale", "dtype"):
@@ -113,7 +121,7 @@ def set_precision(cfg: Config, mode: str, device: torch.device) -> None:
     elif dtype == torch.bfloat16:
         wrapper.update(type="AutocastOptimWrapper", dtype="bfloat16")
     elif device.type != "cuda":
-        raise ValueError(
+        raise ConfigError(
             f"amp fp16 needs CUDA (mmengine's AmpOptimWrapper), not {device.type}; "
             "use --amp bf16 or fp32"
         )
@@ -160,7 +168,74 @@ def validate(cfg: Config) -> None:
             f"needed with auto_scale_lr.enable, got {scale.get('base_batch_size')!r}"
         )
     if errors:
-        raise ValueError("invalid mmseg config:\n  - " + "\n  - ".join(errors))
+        raise ConfigError("invalid mmseg config:\n  - " + "\n  - ".join(errors))
+
+
+def parse_cfg_options(pairs: Sequence[str]) -> Dict:
+    """``--cfg-options key=value ...`` (mmengine's syntax: lists, tuples, nesting) as a dict."""
+    from mmengine.config import DictAction
+
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise ConfigError(f"--cfg-options takes key=value pairs, got {bad}")
+    ns = argparse.Namespace()
+    DictAction(["--cfg-options"], "options")(None, ns, list(pairs))
+    return ns.options
+
+
+def check_data(cfg: Config, for_training: bool = True) -> None:
+    """The folders and files the run's data sets read exist: training reads the train (and,
+    with a val loop, the val) data set, testing the test one. mmengine would find out only
+    after building the model, with a traceback."""
+    loaders = ["test_dataloader"]
+    if for_training:
+        loaders = ["train_dataloader"]
+        if cfg.get("val_cfg") and cfg.get("val_evaluator"):
+            loaders.append("val_dataloader")
+    errors = []
+    for loader in loaders:
+        if not cfg.get(loader):
+            errors.append(f"{loader} is not set")
+        else:
+            errors += _missing_data(cfg[loader].get("dataset", {}), f"{loader}.dataset")
+    if errors:
+        raise ConfigError("missing data:\n  - " + "\n  - ".join(errors))
+
+
+def _missing_data(ds: Dict, key: str) -> List[str]:
+    """What of a dataset config's root, image / label folders and annotation file does not
+    exist, through ConcatDataset's ``datasets`` and wrappers' ``dataset``."""
+    if "datasets" in ds:
+        parts = enumerate(ds["datasets"])
+        return [e for i, d in parts for e in _missing_data(d, f"{key}.datasets.{i}")]
+    if "dataset" in ds:
+        return _missing_data(ds["dataset"], f"{key}.dataset")
+    root = ds.get("data_root") or ""
+    if root and not _exists(root):
+        return [f"{key}.data_root: {root} does not exist"]
+    paths = [
+        (f"data_prefix.{name}", os.path.join(root, sub))
+        for name, sub in (ds.get("data_prefix") or {}).items()
+        if sub and name in ("img_path", "seg_map_path")
+    ]
+    if ds.get("ann_file"):
+        paths.append(("ann_file", os.path.join(root, ds["ann_file"])))
+    return [f"{key}.{name}: {path} does not exist" for name, path in paths if not _exists(path)]
+
+
+def _exists(path: str) -> bool:
+    return "://" in path or os.path.exists(path)  # remote storage (mmengine's backends): unchecked
+
+
+def model_state_shapes(cfg: Config) -> Dict[str, torch.Tensor]:
+    """The state dict of ``cfg.model`` built on the meta device: names and shapes, no memory
+    (to check a checkpoint before the Runner builds the model and its data)."""
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+
+    init_default_scope(cfg.get("default_scope", "mmseg"))
+    with torch.device("meta"):
+        return MODELS.build(cfg.model).state_dict()
 
 
 def make_runner(cfg: Config) -> Runner:

@@ -9,6 +9,33 @@ import torch
 from PIL import Image, ImageDraw
 
 
+def init_segmentor(cfg, checkpoint: str, device: str = "cpu"):
+    """The segmentor of ``cfg`` (an mmengine Config, from :func:`runner.build_cfg`) in eval
+    mode, with every weight from ``checkpoint`` (:func:`load_segmentor`, strict) and the
+    classes and palette of the checkpoint's meta, else of the config's test data set."""
+    from mmseg.apis import init_model
+
+    from .checkpoint import load_segmentor
+
+    model = init_model(cfg, None, device="cpu")  # built, not loaded: mmseg loads what fits
+    meta = load_segmentor(model, checkpoint)
+    model.dataset_meta = meta.get("dataset_meta") or dataset_meta(cfg, model)
+    return model.to(device).eval()
+
+
+def dataset_meta(cfg, model) -> dict:
+    """Classes and palette of the config's test data set type (its METAINFO); a fixed random
+    palette where it has none."""
+    from mmseg.registry import DATASETS
+
+    dataset_cls = DATASETS.get(cfg.test_dataloader.dataset.type)
+    meta = dict(getattr(dataset_cls, "METAINFO", None) or {})
+    if not meta.get("palette"):
+        num_classes = model.decode_head.num_classes
+        meta["palette"] = np.random.RandomState(0).randint(0, 256, (num_classes, 3)).tolist()
+    return meta
+
+
 @torch.no_grad()
 def predict(model, image_path: str) -> np.ndarray:
     """(H, W) class indices for one image, with the model's own test pipeline (model.cfg)."""
