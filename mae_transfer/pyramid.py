@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -147,7 +147,7 @@ def build_pyramid_vit(
     out_indices: Optional[Sequence[int]] = None,
     stage_split: str = "equal",
     window_size: int = 0,
-    global_blocks: Optional[Sequence[int]] = None,
+    global_blocks: Union[Sequence[int], str, None] = None,
     **vit_kwargs,
 ) -> Tuple[VisionTransformer, tuple]:
     """The encoder (by registered name) for a pyramid, and its stage ends.
@@ -156,7 +156,8 @@ def build_pyramid_vit(
     patch size that is not a power of two is rejected by :func:`pyramid_factors`.
     ``out_indices`` default to the paper's equal split (``stage_split='equal'``) or
     BEiT/mmseg's (``'seg'``). With window attention, the blocks at the stage ends are global
-    when ``global_blocks`` is None (ViTDet's choice); ``()`` makes every block windowed.
+    when ``global_blocks`` is None or empty (ViTDet's choice); ``"none"`` makes every block
+    windowed (ViTDet's no-propagation ablation).
     """
     vit_kwargs.setdefault("class_token", False)
     patch = vit_kwargs.get("patch_size") or _default_patch(model)
@@ -167,7 +168,13 @@ def build_pyramid_vit(
     depth = vit_kwargs.get("depth") or VIT_SIZES[size_of(resolve_name(model))]["depth"]
     if not out_indices:
         out_indices = default_out_indices(model, depth, stage_split)
-    if window_size and global_blocks is None:
+    if isinstance(global_blocks, str):
+        if global_blocks != "none":
+            raise ValueError(
+                f"global_blocks must be block indices or 'none', got {global_blocks!r}"
+            )
+        global_blocks = ()
+    elif window_size and not global_blocks:
         global_blocks = out_indices
     vit = create_model(
         model,

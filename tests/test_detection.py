@@ -213,6 +213,11 @@ def test_global_blocks_default_to_the_stage_ends_and_none_means_all_windowed():
     assert default.global_blocks == (0, 1, 2, 3)  # the tiny model's stage ends
     none = vit_of(["MODEL.VIT.GLOBAL_BLOCKS", '["none"]'])
     assert none.global_blocks == () and all(b.window_size == 2 for b in none.blocks)
+    # Python: None or empty = the stage ends (as before), "none" = every block windowed
+    assert tiny_backbone(window_size=2, global_blocks=()).vit.global_blocks == (0, 1, 2, 3)
+    assert tiny_backbone(window_size=2, global_blocks="none").vit.global_blocks == ()
+    with pytest.raises(ValueError, match="block indices or 'none'"):
+        tiny_backbone(window_size=2, global_blocks="all")
     assert vit_of(["MODEL.VIT.GLOBAL_BLOCKS", "[1]"]).global_blocks == (1,)
     with pytest.raises(ValueError, match=r'GLOBAL_BLOCKS must be block indices or \["none"\]'):
         build_cfg(TINY_CONFIG, ["MODEL.VIT.GLOBAL_BLOCKS", '["all"]'])

@@ -292,6 +292,7 @@ def test_an_avg_pool_fine_tuned_checkpoint_gives_the_feature_its_head_saw(tmp_pa
     reads fc_norm of the mean (before: the mean through an untrained LayerNorm per token)."""
     from mae_transfer.classification.knn import (
         checkpoint_features,
+        default_pool,
         encoder_for_checkpoint,
         pool_tokens,
     )
@@ -317,6 +318,7 @@ def test_an_avg_pool_fine_tuned_checkpoint_gives_the_feature_its_head_saw(tmp_pa
         old.load_state_dict(pooled.state_dict(), strict=False)
         assert not torch.allclose(pool_tokens(old.forward_features(x), "avg"), fn(x), atol=1e-2)
     assert checkpoint_features(model, "cls") is None and "never trained" in caplog.text
+    assert default_pool(model) == "avg"  # what the tool reads it by unless --pool says
 
     train = write_colour_classes(tmp_path / "train", 4, seed=0)
     val = write_colour_classes(tmp_path / "val", 2, seed=1)
@@ -324,7 +326,7 @@ def test_an_avg_pool_fine_tuned_checkpoint_gives_the_feature_its_head_saw(tmp_pa
     out = tmp_path / "acc.json"
     sizes = ["--embed_dim", "32", "--depth", "2", "--num_heads", "2", "--patch_size", "8"]
     args = ["--checkpoint", path, "--train", train, "--val", val, "--input_size", "32",
-            "--pool", "avg", "--k", "1", "3", "--num_workers", "0", "--device", "cpu",
+            "--k", "1", "3", "--num_workers", "0", "--device", "cpu",
             "--amp", "fp32", "--json", str(out)] + sizes  # fmt: skip
     assert tool.main(args) == 0
     ev = KNNEvaluator(train, val, 32)

@@ -258,7 +258,7 @@ def tiny_segmentor(tmp_path):
 
 
 @pytest.mark.parametrize("tool", ["test_seg", "visualize_seg"])
-@pytest.mark.parametrize("case", ["pretraining", "other_width", "no_auxiliary_head"])
+@pytest.mark.parametrize("case", ["pretraining", "other_width", "no_auxiliary_head", "class_token"])
 def test_seg_tools_refuse_a_checkpoint_that_does_not_fill_the_model(
     tiny_segmentor, tmp_path, caplog, tool, case
 ):
@@ -273,6 +273,9 @@ def test_seg_tools_refuse_a_checkpoint_that_does_not_fill_the_model(
     elif case == "other_width":
         opts = {}  # the config's own width, 96
         expected += ["of another shape", "width 32", "width 96"]
+    elif case == "class_token":  # trained without it, tested with it: the error says which
+        opts = {**opts, "model.backbone.class_token": True}
+        expected += ["trained without the class token", "model.backbone.class_token=False"]
     else:
         state = torch.load(path, weights_only=True)["state_dict"]
         state = {k: v for k, v in state.items() if not k.startswith("auxiliary_head.")}
@@ -288,6 +291,23 @@ def test_seg_tools_refuse_a_checkpoint_that_does_not_fill_the_model(
     argv = [TINY_CONFIG, path, *args, "--cfg-options", *_cli_options(opts)]
     _refused(caplog, _tool(tool).main(argv), *expected)
     assert not os.path.exists(png)
+
+
+def test_a_url_checkpoint_is_read_the_way_mmengine_reads_it(tmp_path, monkeypatch):
+    from mmengine.runner import CheckpointLoader
+
+    from mae_transfer.segmentation.checkpoint import read_segmentor
+
+    seen = []
+
+    def fake(path, map_location=None, logger=None):
+        seen.append(path)
+        return {"state_dict": {"module.backbone.x": torch.zeros(1)}, "meta": {"iter": 5}}
+
+    monkeypatch.setattr(CheckpointLoader, "load_checkpoint", staticmethod(fake))
+    url = "https://example.invalid/iter_160000.pth"
+    state, meta = read_segmentor(url)
+    assert seen == [url] and list(state) == ["backbone.x"] and meta == {"iter": 5}
 
 
 def test_visualize_seg_takes_cfg_options(tiny_segmentor, tmp_path):

@@ -104,6 +104,10 @@ def test_launcher_values_and_help(monkeypatch, tmp_path, capsys):
             submit_module.main([*bad, "--output_dir", str(tmp_path)])
         assert e.value.code == 2 and f"{bad[0]} must be >= 1" in capsys.readouterr().err
     assert not FakeExecutor.submitted
+    # --mem_gb_per_gpu 0 is Slurm's --mem=0 (all of a node's memory): allowed
+    from mae_transfer.engine.slurm import parse_launcher
+
+    assert parse_launcher("x", ["--mem_gb_per_gpu", "0"])[0].mem_gb_per_gpu == 0
     with pytest.raises(SystemExit):
         submit_module.main(["--help"])
     assert "Every other flag goes to the training run" in capsys.readouterr().out

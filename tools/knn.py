@@ -26,6 +26,7 @@ from mae_transfer.classification.knn import (  # noqa: E402
     TEMPERATURE,
     KNNEvaluator,
     checkpoint_features,
+    default_pool,
     encoder_for_checkpoint,
 )
 from mae_transfer.device import resolve_amp, resolve_device  # noqa: E402
@@ -43,7 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--train", required=True, help="class folders: the k-NN memory bank")
     p.add_argument("--val", required=True, help="class folders to classify")
     p.add_argument("--input_size", type=int, nargs="+", default=[224])
-    p.add_argument("--pool", choices=POOLS, default="cls")
+    p.add_argument(
+        "--pool",
+        choices=POOLS,
+        default=None,
+        help="cls (default) or avg; avg by default for a checkpoint fine-tuned with global_pool "
+        "avg (what its head read)",
+    )
     p.add_argument("--k", type=int, nargs="+", default=list(KS))
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--max_images", type=int, default=0, help="per set, fixed subset (0 = all)")
@@ -106,14 +113,13 @@ def run(args) -> None:
             raise ConfigError(str(e)) from e
         amp_dtype, _ = resolve_amp(args.amp, device)
         with tf32_enabled(device):
-            feature_fn = checkpoint_features(model, args.pool)
-            acc = evaluator(
-                model, device, args.pool, args.k, args.temperature, amp_dtype, feature_fn
-            )
+            pool = args.pool or default_pool(model)
+            feature_fn = checkpoint_features(model, pool)
+            acc = evaluator(model, device, pool, args.k, args.temperature, amp_dtype, feature_fn)
     finally:
         cleanup(info)
     if info.is_main:
-        print(f"{evaluator.describe()}, {args.pool} features, T = {args.temperature}:")
+        print(f"{evaluator.describe()}, {pool} features, T = {args.temperature}:")
         for name, value in acc.items():
             print(f"  {name}: {value:.2f}")
         if args.json:

@@ -20,7 +20,6 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         norm="BN",
         rel_pos="bias",
-        class_token=False,  # the demo's measured setting (the recipe's class token: not run)
         init_values=None,
         drop_path_rate=0.0,
     ),

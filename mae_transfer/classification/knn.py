@@ -319,6 +319,14 @@ def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> to
     return net
 
 
+def default_pool(model: torch.nn.Module) -> str:
+    """The k-NN feature a model from :func:`encoder_for_checkpoint` is read by when none is
+    asked for: ``avg`` for an avg-pool fine-tuned classifier (what its head read), else ``cls``."""
+    from mae_transfer.classification.model import ViTClassifier
+
+    return "avg" if isinstance(model, ViTClassifier) else "cls"
+
+
 def checkpoint_features(
     model: torch.nn.Module, pool: str
 ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:

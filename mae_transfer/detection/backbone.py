@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -99,10 +99,10 @@ def _square_pad(cfg) -> int:
     return cfg.INPUT.LSJ.IMAGE_SIZE if cfg.INPUT.LSJ.ENABLED else 0
 
 
-def _global_blocks(blocks: Sequence) -> Optional[tuple]:
+def _global_blocks(blocks: Sequence) -> Union[tuple, str, None]:
     """MODEL.VIT.GLOBAL_BLOCKS: [] = the default (the stage ends), ["none"] = no global block."""
     if list(blocks) == ["none"]:
-        return ()
+        return "none"
     return tuple(blocks) or None
 
 

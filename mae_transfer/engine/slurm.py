@@ -50,9 +50,11 @@ def parse_launcher(prog: str, argv, protocol_help: str = ""):
     (argparse's exit code 2), not by submitit or Slurm after the submission."""
     p = launcher_parser(prog, protocol_help)
     args, rest = p.parse_known_args(argv)
-    for flag in ("nodes", "ngpus", "timeout", "cpus_per_task", "mem_gb_per_gpu"):
+    for flag in ("nodes", "ngpus", "timeout", "cpus_per_task"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.mem_gb_per_gpu < 0:  # 0: Slurm's --mem=0, all of a node's memory
+        p.error(f"--mem_gb_per_gpu must be >= 0, got {args.mem_gb_per_gpu}")
     return args, rest
 
 

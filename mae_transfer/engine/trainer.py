@@ -520,8 +520,9 @@ class EpochTrainer:
     # -- training ----------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
         cfg = self.cfg
-        if self.epoch >= cfg.epochs and not os.path.isfile(os.path.join(cfg.output_dir, LAST)):
-            raise ConfigError(  # checked on every rank: output_dir is on shared storage
+        last_here = os.path.isfile(os.path.join(cfg.output_dir, LAST)) if self.dist.is_main else 0
+        if self.epoch >= cfg.epochs and not broadcast_object(last_here, self.dist):
+            raise ConfigError(  # rank 0's answer on every rank: none waits for the others
                 f"--resume {cfg.resume} has finished all {cfg.epochs} epochs: nothing to train "
                 f"into {cfg.output_dir}. Raise --epochs to train on, or use that run's "
                 "output_dir"

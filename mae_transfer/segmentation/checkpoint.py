@@ -35,14 +35,23 @@ def load_segmentor(model: nn.Module, path: str) -> Dict[str, Any]:
 
 
 def read_segmentor(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(state dict, meta) of a segmentor checkpoint, read with ``weights_only=True``.
+    """(state dict, meta) of a segmentor checkpoint, read with ``weights_only=True`` (a URL
+    or a storage backend's ``scheme://`` path: through mmengine's ``CheckpointLoader``).
 
     Raises:
         CheckpointError: a missing or unreadable file.
     """
-    if not os.path.isfile(path):
+    if "://" in path:  # a URL or a storage backend's path: read the way mmengine reads it
+        from mmengine.runner import CheckpointLoader
+
+        try:
+            loaded = CheckpointLoader.load_checkpoint(path, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - a download or storage failure, named
+            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    elif not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
-    loaded = load_file(path)
+    else:
+        loaded = load_file(path)
     state = {_strip_wrapper(k): v for k, v in find_state_dict(loaded).items()}
     meta = loaded.get("meta") if isinstance(loaded, Mapping) else None
     return state, dict(meta) if isinstance(meta, Mapping) else {}
@@ -102,6 +111,13 @@ def _hint(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], pa
         return (
             "It is a ViT / MAE checkpoint (a backbone only): train a segmentor from it with "
             f"tools/train_seg.py CONFIG --cfg-options model.backbone.pretrained={path}"
+        )
+    key = "backbone.vit.cls_token"
+    if (key in state) != (key in own):
+        flag = "True" if key in state else "False"
+        return (
+            f"It was trained {'with' if key in state else 'without'} the class token: give "
+            f"--cfg-options model.backbone.class_token={flag}"
         )
     theirs, mine = describe_vit(vit), describe_vit(strip_to_vit(own)[0])
     sizes = f" (its backbone: {theirs}; this config's: {mine})" if theirs != mine else ""

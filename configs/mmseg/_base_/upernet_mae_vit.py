@@ -23,7 +23,9 @@ model = dict(
         out_indices=None,  # None = B (3, 5, 7, 11), L (7, 11, 15, 23), H (7, 15, 23, 31)
         norm="SyncBN",  # in the x4 upsampling path (ConvT -> norm -> GELU -> ConvT)
         rel_pos="bias",  # per-head relative position bias, zero-initialised (BEiT)
-        class_token=True,  # the checkpoint's class token runs with the patches, as BEiT / mmseg
+        # True: the checkpoint's class token runs with the patches, as BEiT / mmseg (not
+        # measured here; False keeps segmentors trained before 2026-12-06 loadable)
+        class_token=False,
         init_values=1.0,  # layer scale starting as identity, as mmseg's MAE config
         drop_path_rate=0.1,
         pretrained=None,
