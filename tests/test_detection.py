@@ -530,6 +530,23 @@ def test_a_trained_detector_must_fill_the_whole_model(toy_coco, tmp_path):
         MAECheckpointer(build_model(cfg), whole_model=True).load(str(detector))
 
 
+def test_eval_only_checks_the_weights_before_launching_workers(toy_coco, tmp_path, caplog):
+    """With --num-gpus > 1 the check inside the spawned workers was a traceback: the launching
+    process checks the file first, on a model built on the meta device."""
+    tool = load_tool("train_det")
+    launched = []
+    tool.launch = lambda *a, **k: launched.append(a)
+    mae, _ = _official_encoder_file(tmp_path)
+    data = ["--coco-val", *toy_coco["val"]]
+    argv = ["--config-file", TINY_CONFIG, "--eval-only", *data, *TINY_OPTS, "MODEL.WEIGHTS"]
+    _refused(caplog, tool.cli([*argv, mae]), "is a ViT / MAE checkpoint (a backbone only)")
+    assert not launched
+    cfg = _cfg(toy_coco, tmp_path / "out")
+    detector = str(tmp_path / "detector.pth")
+    torch.save({"model": build_model(cfg).state_dict()}, detector)
+    assert tool.cli([*argv, detector]) == 0 and len(launched) == 1
+
+
 @pytest.mark.parametrize("case", ["mae_file", "missing_file", "no_images"])
 def test_visualize_det_refuses_bad_input_with_exit_2(toy_coco, tmp_path, caplog, case):
     mae, _ = _official_encoder_file(tmp_path)

@@ -32,6 +32,7 @@ from mae_transfer.detection.train import (  # noqa: E402
     Trainer,
     build_cfg,
     check_datasets,
+    check_detector_weights,
     check_weights,
     register_coco_datasets,
     summarize,
@@ -89,7 +90,9 @@ def cli(argv=None) -> int:
     args = parser().parse_args(argv)
 
     def body():
-        load_cfg(args)
+        cfg = load_cfg(args)
+        if args.eval_only and not args.resume:
+            check_detector_weights(cfg)
         launch(
             main,
             args.num_gpus,

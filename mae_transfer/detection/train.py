@@ -125,6 +125,22 @@ def check_weights(cfg, resume: bool, eval_only: bool = False) -> None:
     raise ConfigError(f"MODEL.WEIGHTS {weights!r} does not exist")
 
 
+def check_detector_weights(cfg) -> None:
+    """``--eval-only``: MODEL.WEIGHTS (a local file) must fill the whole detector, checked in
+    the launching process on a model built on the meta device (no memory), so that a bad file
+    is named before worker processes start (an error inside them is a traceback)."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights or "://" in weights or not os.path.isfile(weights):
+        return  # URLs and model-zoo paths: checked on every rank when they load
+    meta_cfg = cfg.clone()
+    meta_cfg.defrost()
+    meta_cfg.MODEL.DEVICE = "meta"
+    meta_cfg.MODEL.VIT.PRETRAINED = ""
+    with torch.device("meta"):
+        model = Trainer.build_model(meta_cfg)
+    MAECheckpointer(model, whole_model=True).load(weights)
+
+
 def check_datasets(cfg, eval_only: bool = False) -> None:
     """Every data set the run reads is registered and its files exist, checked before the model
     is built (a test set that is not registered would otherwise fail after the whole training).
