@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -336,6 +336,30 @@ def load_pretrained(
     if log:
         (logger.info if report.ok else logger.warning)("%s", report.summary())
     return report
+
+
+def mismatch_phrases(
+    missing: Sequence[str],
+    shapes: Sequence[Tuple[str, Sequence[int], Sequence[int]]],
+    unexpected: Sequence[str],
+    groups: Callable[[Sequence[str]], str],
+    total: Optional[int] = None,
+) -> List[str]:
+    """What keeps a checkpoint from filling a whole model, one phrase per kind: tensors
+    missing, of another shape ((key, checkpoint shape, model shape), the first three shown),
+    unexpected; keys summarised by ``groups``; ``total``: the model's tensor count, if known.
+    [] when it fits."""
+    out = []
+    if missing:
+        of = f" of the model's {total}" if total is not None else ""
+        out.append(f"{len(missing)}{of} tensors missing ({groups(missing)})")
+    if shapes:
+        shown = [f"{k} {tuple(a)} vs model {tuple(b)}" for k, a, b in shapes[:3]]
+        more = f", ... (+{len(shapes) - 3})" if len(shapes) > 3 else ""
+        out.append(f"{len(shapes)} of another shape ({', '.join(shown)}{more})")
+    if unexpected:
+        out.append(f"{len(unexpected)} unexpected ({groups(unexpected)})")
+    return out
 
 
 def describe_vit(state: Mapping[str, torch.Tensor]) -> str:

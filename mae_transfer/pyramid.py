@@ -24,7 +24,7 @@ from timm.layers import LayerNorm2d
 
 from .checkpoint import LoadReport, load_pretrained
 from .models import STAGE_INDICES_EQUAL, STAGE_INDICES_SEG, VIT_SIZES, equal_split, size_of
-from .registry import create_model, resolve_name
+from .registry import create_model, patch_size_of, resolve_name
 from .vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def build_pyramid_vit(
     windowed (ViTDet's no-propagation ablation).
     """
     vit_kwargs.setdefault("class_token", False)
-    patch = vit_kwargs.get("patch_size") or _default_patch(model)
+    patch = vit_kwargs.get("patch_size") or patch_size_of(model)
     if patch == 14:  # ViT-H/14: as ViTDet, run as patch 16 (other sizes: pyramid_factors says)
         logger.info("%s: patch 14 used as patch 16 (kernel resized when weights load)", model)
         patch = 16
@@ -193,8 +193,3 @@ def build_vit_pyramid(norm: str = "BN", pretrained: Optional[str] = None, **kwar
     if pretrained:
         pyramid.load_pretrained(pretrained)
     return pyramid
-
-
-def _default_patch(model: str) -> int:
-    name = resolve_name(model)
-    return int(name.rsplit("patch", 1)[-1])

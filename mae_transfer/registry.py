@@ -58,6 +58,11 @@ def resolve_name(name: str) -> str:
     )
 
 
+def patch_size_of(name: str) -> int:
+    """The patch size a registered model's name ends with (``vit_huge_patch14``: 14)."""
+    return int(resolve_name(name).rsplit("patch", 1)[-1])
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
     """Builds a registered model; keyword arguments override the factory's defaults."""
     return _FACTORIES[resolve_name(name)](**kwargs)

@@ -113,12 +113,6 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--json {args.json}: {folder} is not a writable directory")
 
 
-def _patch_size(model: str) -> int:
-    from mae_transfer.registry import resolve_name
-
-    return int(resolve_name(model).rsplit("patch", 1)[-1])
-
-
 def _write_json(path: str, results: Dict) -> None:
     """Strict JSON (NaN, which some sections report for what was not measured, as null),
     replaced atomically: a section that fails later leaves the earlier ones on disk."""
@@ -144,7 +138,9 @@ def main(argv=None, description: str = "") -> int:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the spawned case processes
     if args.tiny:
-        patch = _patch_size(args.model)  # a whole number of patches (ViT-H/14: 56)
+        from mae_transfer.registry import patch_size_of
+
+        patch = patch_size_of(args.model)  # a whole number of patches (ViT-H/14: 56)
         args.input_size = max(patch, min(args.input_size, 64) // patch * patch)
         measure.IN_PROCESS, measure.PEAK_N = True, 512
     device = torch.device(args.device)

@@ -14,6 +14,7 @@ from mae_transfer.checkpoint import (
     find_state_dict,
     load_file,
     load_pretrained,
+    mismatch_phrases,
     save_atomic,
     strip_to_vit,
 )
@@ -101,18 +102,11 @@ def check_fits(incompatible, source: str) -> None:
     shapes = incompatible.incorrect_shapes
     reshaped = {k for k, _, _ in shapes}  # detectron2 lists them as missing too
     missing = [k for k in incompatible.missing_keys if k not in reshaped]
-    unexpected = incompatible.unexpected_keys
-    if not (missing or unexpected or shapes):
+    parts = mismatch_phrases(
+        missing, shapes, incompatible.unexpected_keys, lambda keys: ", ".join(module_groups(keys))
+    )
+    if not parts:
         return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} tensors missing ({', '.join(module_groups(missing))})")
-    if shapes:
-        shown = [f"{k} {tuple(a)} vs model {tuple(b)}" for k, a, b in shapes[:3]]
-        more = f", ... (+{len(shapes) - 3})" if len(shapes) > 3 else ""
-        parts.append(f"{len(shapes)} of another shape ({', '.join(shown)}{more})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ({', '.join(module_groups(unexpected))})")
     raise CheckpointError(
         f"{source} does not fit the detector of this config: {'; '.join(parts)}. Was it "
         "trained with another config or other KEY VALUE overrides (e.g. MODEL.VIT.*)?"

@@ -520,13 +520,15 @@ class EpochTrainer:
     # -- training ----------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
         cfg = self.cfg
-        last_here = os.path.isfile(os.path.join(cfg.output_dir, LAST)) if self.dist.is_main else 0
-        if self.epoch >= cfg.epochs and not broadcast_object(last_here, self.dist):
-            raise ConfigError(  # rank 0's answer on every rank: none waits for the others
-                f"--resume {cfg.resume} has finished all {cfg.epochs} epochs: nothing to train "
-                f"into {cfg.output_dir}. Raise --epochs to train on, or use that run's "
-                "output_dir"
-            )
+        if self.epoch >= cfg.epochs:  # the same on every rank (one resumed checkpoint)
+            last = os.path.join(cfg.output_dir, LAST)
+            here = os.path.isfile(last) if self.dist.is_main else False
+            if not broadcast_object(here, self.dist):  # rank 0's answer: none waits for others
+                raise ConfigError(
+                    f"--resume {cfg.resume} has finished all {cfg.epochs} epochs: nothing to "
+                    f"train into {cfg.output_dir}. Raise --epochs to train on, or use that "
+                    "run's output_dir"
+                )
         if self.dist.is_main:
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         bar = self.log.progress(cfg.epochs * self.ipe, self.epoch * self.ipe + self.iter)

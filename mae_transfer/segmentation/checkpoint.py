@@ -14,6 +14,7 @@ from mae_transfer.checkpoint import (
     describe_vit,
     find_state_dict,
     load_file,
+    mismatch_phrases,
     strip_to_vit,
 )
 
@@ -80,19 +81,11 @@ def mismatches(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        (k, state[k].shape, own[k].shape)
         for k in own
         if k in state and state[k].shape != own[k].shape
     ]
-    out = []
-    if missing:
-        out.append(f"{len(missing)} of the model's {len(own)} tensors missing ({_groups(missing)})")
-    if shapes:
-        more = f", ... (+{len(shapes) - 3})" if len(shapes) > 3 else ""
-        out.append(f"{len(shapes)} of another shape ({', '.join(shapes[:3])}{more})")
-    if unexpected:
-        out.append(f"{len(unexpected)} unexpected ({_groups(unexpected)})")
-    return out
+    return mismatch_phrases(missing, shapes, unexpected, _groups, total=len(own))
 
 
 def _groups(keys: List[str]) -> str:
