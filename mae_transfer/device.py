@@ -32,7 +32,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        from mae_transfer.engine.config import ConfigError  # a user's choice: exit code 2
+
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device
 
 

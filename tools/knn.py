@@ -79,8 +79,6 @@ def parse_args(argv=None):
         resolve_name(args.model)
     except KeyError as e:
         bad.append(f"--model: {e}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        bad.append(f"--device {args.device}: CUDA is not available here")
     if bad:
         p.error("; ".join(bad))  # exit code 2, before anything is loaded
     return args
