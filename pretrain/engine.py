@@ -61,7 +61,7 @@ class Trainer(EpochTrainer):
                     num_workers=cfg.num_workers,  # a full ImageNet set is 1.28M decodes
                     seed=cfg.seed,
                 )
-            except (FileNotFoundError, ValueError) as e:  # no class folders, other classes
+            except ConfigError as e:  # no class folders, other classes: named as this setting
                 raise ConfigError(f"k-NN monitor (knn_train / knn_val): {e}") from e
         super().__init__(cfg, device, dist_info)
         if self.knn is not None:

@@ -538,7 +538,8 @@ def test_eval_only_checks_the_weights_before_launching_workers(toy_coco, tmp_pat
     tool.launch = lambda *a, **k: launched.append(a)
     mae, _ = _official_encoder_file(tmp_path)
     data = ["--coco-val", *toy_coco["val"]]
-    argv = ["--config-file", TINY_CONFIG, "--eval-only", *data, *TINY_OPTS, "MODEL.WEIGHTS"]
+    argv = ["--config-file", TINY_CONFIG, "--eval-only", "--num-gpus", "2", *data, *TINY_OPTS]
+    argv += ["MODEL.WEIGHTS"]
     _refused(caplog, tool.cli([*argv, mae]), "is a ViT / MAE checkpoint (a backbone only)")
     assert not launched
     cfg = _cfg(toy_coco, tmp_path / "out")

@@ -30,7 +30,6 @@ from mae_transfer.classification.knn import (  # noqa: E402
     encoder_for_checkpoint,
 )
 from mae_transfer.device import resolve_amp, resolve_device  # noqa: E402
-from mae_transfer.engine.config import ConfigError  # noqa: E402
 from mae_transfer.engine.distributed import cleanup, init_distributed, own_device  # noqa: E402
 from mae_transfer.engine.launch import exit_code, setup_logging  # noqa: E402
 from mae_transfer.engine.trainer import tf32_enabled  # noqa: E402
@@ -102,13 +101,9 @@ def run(args) -> None:
         model = encoder_for_checkpoint(
             args.checkpoint, args.model, size, **{k: v for k, v in overrides.items() if v}
         ).to(device)
-        try:
-            evaluator = KNNEvaluator(
-                args.train, args.val, size, info, args.max_images, args.batch_size,
-                args.num_workers,
-            )  # fmt: skip
-        except (FileNotFoundError, ValueError) as e:  # no class folders, other class names
-            raise ConfigError(str(e)) from e
+        evaluator = KNNEvaluator(  # ConfigError for folders without classes, other classes
+            args.train, args.val, size, info, args.max_images, args.batch_size, args.num_workers
+        )
         amp_dtype, _ = resolve_amp(args.amp, device)
         with tf32_enabled(device):
             pool = args.pool or default_pool(model)

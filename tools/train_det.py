@@ -91,8 +91,8 @@ def cli(argv=None) -> int:
 
     def body():
         cfg = load_cfg(args)
-        if args.eval_only and not args.resume:
-            check_detector_weights(cfg)
+        if args.eval_only and not args.resume and args.num_gpus * args.num_machines > 1:
+            check_detector_weights(cfg)  # in one process, main's own load says it
         launch(
             main,
             args.num_gpus,

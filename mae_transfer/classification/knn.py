@@ -24,6 +24,7 @@ from mae_transfer.data import (
     eval_transform,
     find_classes,
 )
+from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.distributed import (
     DistInfo,
     all_gather_rows,
@@ -227,9 +228,12 @@ class KNNEvaluator:
         seed: int = 0,
     ):
         dist = dist or DistInfo()
-        folders = on_rank0(find_classes, dist, train_dir), on_rank0(find_classes, dist, val_dir)
+        try:
+            folders = tuple(on_rank0(find_classes, dist, d) for d in (train_dir, val_dir))
+        except (FileNotFoundError, ValueError) as e:  # no folder, no class folders in it
+            raise ConfigError(str(e)) from e
         if folders[0].classes != folders[1].classes:
-            raise ValueError(
+            raise ConfigError(
                 f"k-NN class folders differ: {train_dir} has {folders[0].classes[:5]}..., "
                 f"{val_dir} has {folders[1].classes[:5]}...; both need the same class names"
             )
