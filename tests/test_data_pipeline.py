@@ -275,3 +275,30 @@ def test_reduced_decoding_can_be_turned_off_for_a_run():
     assert load_config([])[0].reduced_decode is True
     ds = PretrainDataset("", 32, num_patches=4, files=["a.jpg"], reduced_decode=False)
     assert ds.crop.reduced_decode is False
+
+
+def test_16_bit_and_float_images_are_stretched_not_clipped_to_white(tmp_path, caplog):
+    from mae_transfer.data import load_rgb
+    from mae_transfer.data.decode import stretch_to_uint8
+
+    # a 12-bit scan in a 16-bit PNG (medical data): convert("RGB") alone makes it ~all white
+    ramp = np.linspace(100, 4000, 48 * 48).reshape(48, 48)
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "scan.png")
+    Image.fromarray((ramp / 4000 - 0.5).astype(np.float32)).save(tmp_path / "map.tif")
+    assert Image.open(tmp_path / "scan.png").mode == "I;16"
+    expected = np.rint((ramp - 100) * 255 / 3900)
+    for name in ("scan.png", "map.tif"):
+        path = str(tmp_path / name)
+        with caplog.at_level("WARNING"):
+            rgb = np.asarray(load_rgb(path)).astype(float)
+        assert np.abs(rgb - expected[..., None]).max() <= 1, name  # all three channels
+        img, _ = decode_uint8(open_encoded(path))  # the pretraining pipeline's decoder
+        assert torch.equal(img, torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1))
+    assert "stretched" in caplog.text
+    ds = PretrainDataset(str(tmp_path), 32, num_patches=4)
+    x, _, skipped = ds[(0, 0)]
+    assert skipped == 0 and 0 < x.float().mean() < 255 and x.float().std() > 20
+    # constant, NaN and infinite values: no division by zero, no crash
+    assert (stretch_to_uint8(np.full((2, 2), 7.0)) == 0).all()
+    odd = stretch_to_uint8(np.array([np.nan, -np.inf, 1.0, 3.0, np.inf]))
+    assert odd.tolist() == [0, 0, 0, 255, 255]

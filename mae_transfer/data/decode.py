@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 from typing import Tuple
 
@@ -27,7 +28,10 @@ __all__ = [
     "decode_uint8",
     "open_encoded",
     "pil_to_uint8",
+    "to_rgb",
 ]
+
+logger = logging.getLogger(__name__)
 
 DCT_SCALES = (8, 4, 2)  # libjpeg decodes at 1/8, 1/4, 1/2 (and 1/1) of the size
 
@@ -72,11 +76,51 @@ def dct_reduction(crop_hw: Tuple[int, int], out_hw: Tuple[int, int]) -> int:
     return next((s for s in DCT_SCALES if ratio >= s), 1)
 
 
+def _is_high_depth(mode: str) -> bool:
+    """One channel of more than 8 bits: 16-bit PNG / TIFF (``I;16*``), 32-bit int or float."""
+    return mode in ("I", "F") or mode.startswith("I;16")
+
+
+@functools.cache
+def _note_high_depth(mode: str) -> None:
+    """Says once per process (and mode) what happens to such images."""
+    logger.warning(
+        "images of mode %s (one channel, more than 8 bits: e.g. 16-bit PNG, float TIFF) are "
+        "stretched from each image's own min..max to 0..255 (as MONAI's ScaleIntensity); "
+        "a plain convert('RGB') would clip them (16-bit: almost all white)",
+        mode,
+    )
+
+
+def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Any real array -> uint8, its finite min..max mapped linearly onto 0..255 (NaN -> 0;
+    +-inf -> the ends; a constant array -> 0)."""
+    a = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(a.shape, np.uint8)
+    lo, hi = a[finite].min(), a[finite].max()
+    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img.convert("RGB")``, except for one channel of more than 8 bits (16-bit PNG / TIFF,
+    32-bit int or float images), which PIL would clip to 0..255: such an image is stretched
+    from its own min..max to 0..255 first (logged once per process)."""
+    if img.mode == "RGB":
+        return img
+    if _is_high_depth(img.mode):
+        _note_high_depth(img.mode)
+        img = Image.fromarray(stretch_to_uint8(np.asarray(img)), "L")
+    return img.convert("RGB")
+
+
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
     """A PIL image -> (3, H, W) uint8 RGB (a view of one copy of the pixels)."""
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # np.array: writable
+    return torch.from_numpy(np.array(to_rgb(img))).permute(2, 0, 1)  # np.array: writable
 
 
 @functools.cache

@@ -12,6 +12,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
+from .decode import to_rgb
+
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -140,7 +142,7 @@ def load_rgb(path: str) -> Image.Image:
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()
-        return img if img.mode == "RGB" else img.convert("RGB")  # convert copies
+        return to_rgb(img)  # a copy unless RGB; 16-bit / float images stretched to 8 bits
 
 
 def read_good(
