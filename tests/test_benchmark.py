@@ -58,6 +58,13 @@ def test_benchmark_all_tiny_writes_json(tmp_path):
     assert len(det) == 3 and any("ViTDet" in r["attention"] for r in det)
     window = next(r for r in det if r["attention"].startswith("window"))
     assert window["time_vs_vitdet"] > 0 and window["mem_vs_vitdet"] >= 0  # tiny: memory ~0
+    paths = [(r["where"], r["path"]) for r in data["attention"]]
+    assert paths == [
+        (w, p) for w in ("encoder", "decoder") for p in ("sdpa", "sdpa_math", "explicit")
+    ]
+    assert all(
+        r["time_vs_sdpa"] > 0 and r["precision"] == pre["precision"] for r in data["attention"]
+    )
     assert "| img_s" in r.stdout or "img_s |" in r.stdout
     assert "| feed_img_s | workers_ours" in r.stdout  # a table of its own
 
@@ -228,3 +235,28 @@ def test_the_data_rivals_time_the_same_crop_of_each_image(tmp_path, monkeypatch)
     assert crops["ours"][:3] == crops["ours"][3:]  # the same crop on every try
     assert [c[1] for c in crops["ours"][:3]] == crops["official"][:3] == crops["official"][3:]
     assert len(set(crops["official"][:3])) == 3
+
+
+def test_attention_section_at_the_models_shapes_in_bf16(tmp_path, monkeypatch):
+    from mae_transfer.benchmark import cli, measure
+    from mae_transfer.benchmark.attention import attention_shapes, explicit_attention
+
+    monkeypatch.setattr(measure, "IN_PROCESS", measure.IN_PROCESS)  # --tiny sets them
+    monkeypatch.setattr(measure, "PEAK_N", measure.PEAK_N)
+
+    shapes = attention_shapes(create_model("mae_vit_base_patch16"))
+    got = [(s["where"], s["tokens"], s["heads"], s["head_dim"], s["blocks"]) for s in shapes]
+    assert got == [("encoder", 50, 12, 64, 12), ("decoder", 197, 16, 32, 8)]
+    q, k, v = torch.randn(3, 2, 4, 9, 16).unbind(0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(explicit_attention(q, k, v), sdpa, atol=1e-6)
+    out = tmp_path / "attn.json"
+    args = ["attention", "--tiny", "--amp", "bf16", "--warmup", "0", "--repeats", "1"]
+    assert cli.main([*args, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["attention"]
+    assert {r["precision"] for r in rows} == {"bfloat16"} and len(rows) == 6
+    by = {(r["where"], r["path"]): r for r in rows}
+    assert by["encoder", "sdpa"]["time_vs_sdpa"] == 1.0 and by["decoder", "explicit"]["gflops"] > 0
+    assert by["encoder", "sdpa_math"]["kernel"] == "attention_math"
+    assert by["encoder", "explicit"]["kernel"] == "matmul + softmax"
+    assert all(r["ms_per_step"] > r["ms_fwd_bwd_per_block"] > 0 for r in rows)

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List
 import torch
 
 from . import measure
+from .attention import bench_attention
 from .classification import bench_classification
 from .data import bench_data
 from .pretrain import bench_maskratio, bench_pretrain, bench_table2, bench_versus_official
@@ -25,6 +26,7 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Dict]]] = {
     "data": bench_data,
     "transfer": bench_transfer,
     "classification": bench_classification,
+    "attention": bench_attention,
 }
 
 
