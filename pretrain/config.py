@@ -157,11 +157,18 @@ def _check_data_path(cfg: PretrainConfig, checks: Checks, check_paths: bool) -> 
     elif not os.path.isdir(cfg.data_path):
         checks.errors.append(f"data_path {cfg.data_path!r} is not a directory")
     else:
-        from mae_transfer.data import first_image
+        from mae_transfer.data import first_image, split_root
 
         if first_image(cfg.data_path) is None:
+            base = split_root(cfg.data_path)
+            where = (
+                f"its train/ folder {base!r} holds no images (an ImageNet-style root trains on "
+                "train/ only)"
+                if base != cfg.data_path
+                else "holds no images"
+            )
             checks.errors.append(
-                f"data_path {cfg.data_path!r} holds no images: expected an ImageNet root with "
+                f"data_path {cfg.data_path!r}: {where}; expected an ImageNet root with "
                 "train/<class>/*.JPEG or a folder of images"
             )
 

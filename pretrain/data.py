@@ -68,7 +68,11 @@ class PretrainDataset(Dataset):
         epoch, index = key
         seed = sample_seed(self.seed, epoch, index)
         _, (x, noise), skipped = read_good(
-            self.files, index % len(self.files), self._bad, loader=lambda p: self._load(p, seed)
+            self.files,
+            index % len(self.files),
+            self._bad,
+            loader=lambda p: self._load(p, seed),
+            seed=seed,
         )
         return x, noise, skipped
 

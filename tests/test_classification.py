@@ -4,7 +4,9 @@ exact resume, official-format checkpoints through --eval, several ranks, the com
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -38,7 +40,13 @@ from mae_transfer.classification.trainer import (
     evaluate_checkpoint,
     lars_param_groups,
 )
-from mae_transfer.data import ClassFolderDataset, eval_transform, find_classes
+from mae_transfer.data import (
+    ClassFolderDataset,
+    eval_transform,
+    find_classes,
+    read_good,
+    sample_seed,
+)
 from mae_transfer.engine.config import read_yaml
 from mae_transfer.engine.distributed import DistInfo, barrier
 
@@ -411,8 +419,9 @@ def test_unreadable_class_folder_images_are_skipped_counted_and_replaced(data, t
     with open(bad, "wb") as f:
         f.write(b"not an image")
     images = ClassFolderDataset(folder, eval_transform(32))
+    used, _, tried = read_good(images.paths, 7, set(), seed=sample_seed(0, 0, 7))
     _, label, skipped = images[(0, 7)]
-    assert skipped == 1 and label == folder.samples[8][1] != folder.samples[7][1]
+    assert skipped == tried == 1 and used != 7 and label == folder.samples[used][1]
     cfg = cfg_of(FinetuneConfig, {**data, "root": str(root)}, tmp_path / "run", epochs=2)
     t = train(FinetuneTrainer, cfg)
     assert t.skipped_images == 2  # once per epoch, and training went on
@@ -655,3 +664,48 @@ def test_the_shipped_configs_build_and_validate(data):
             assert cfg.batch_size * cfg.accum_iter * 8 == (
                 1024 if protocol == "finetune" else 16384
             )
+
+
+def test_the_probe_refuses_weights_that_leave_part_of_its_frozen_encoder_random(data, tmp_path):
+    state = torch.load(data["official"], weights_only=True)["model"]
+    paths = {}
+    for drop, match in (
+        ("norm.", "norm.bias, norm.weight; .*--global_pool avg"),  # an avg fine-tuned file's
+        ("cls_token", "cls_token"),  # e.g. a detection backbone's
+    ):
+        paths[drop] = path = str(tmp_path / f"without_{drop.strip('.')}.pth")
+        torch.save({"model": {k: v for k, v in state.items() if not k.startswith(drop)}}, path)
+        cfg = cfg_of(LinprobeConfig, data, tmp_path / "p", finetune=path, global_pool="cls")
+        with pytest.raises(CheckpointError, match=match):
+            LinprobeTrainer(cfg, CPU, DistInfo())
+    # with avg pooling the probe reads a fresh fc_norm (as the official probe does), not norm
+    cfg = cfg_of(LinprobeConfig, data, tmp_path / "p", finetune=paths["norm."], global_pool="avg")
+    LinprobeTrainer(cfg, CPU, DistInfo()).close()
+    with pytest.raises(ConfigError, match="batch_size must be >= 2 for linear probing"):
+        cfg_of(LinprobeConfig, data, tmp_path / "p3", batch_size=1)
+
+
+def test_evaluation_edge_cases_are_named(data, tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from mae_transfer.classification.data import class_folders
+    from mae_transfer.classification.main import _finish
+
+    t = FinetuneTrainer(cfg_of(FinetuneConfig, data, tmp_path / "a", finetune=""), CPU, DistInfo())
+    assert "random initialisation" in caplog.text
+    metrics = t.evaluate()
+    t.close()
+    assert 0 <= metrics["acc1"] <= 100 and math.isnan(metrics["acc5"])  # 3 classes: no top-5
+    # ImageNet's val/ as distributed: files directly in it, no class folders
+    flat = tmp_path / "flat"
+    shutil.copytree(os.path.join(data["root"], "train"), flat / "train")
+    for i, f in enumerate(sorted((flat / "train" / "red").iterdir())[:2]):
+        (flat / "val").mkdir(exist_ok=True)
+        shutil.copy(f, flat / "val" / f"{i}.png")
+    with pytest.raises(ConfigError, match="sort them into one folder per class"):
+        class_folders(make_config(FinetuneConfig, {"data_path": str(flat)}))
+    # resumed into another output_dir: the best copy stayed beside the resumed file
+    cfg = SimpleNamespace(output_dir=str(tmp_path / "b"), resume="/runs/a/checkpoint-last.pth")
+    with caplog.at_level("INFO", logger="classification"):
+        _finish(SimpleNamespace(cfg=cfg, best_acc1=50.0))
+    assert "reached before --resume, see /runs/a/checkpoint-best.pth" in caplog.text

@@ -302,3 +302,102 @@ def test_16_bit_and_float_images_are_stretched_not_clipped_to_white(tmp_path, ca
     assert (stretch_to_uint8(np.full((2, 2), 7.0)) == 0).all()
     odd = stretch_to_uint8(np.array([np.nan, -np.inf, 1.0, 3.0, np.inf]))
     assert odd.tolist() == [0, 0, 0, 255, 255]
+
+
+def test_listing_skips_hidden_files_walks_each_folder_once_and_says_what_it_left_out(
+    tmp_path, caplog
+):
+    from mae_transfer.data import find_classes, first_image
+    from mae_transfer.data.folder import list_images
+
+    root = tmp_path / "photos"
+    write_images(str(root / "a"), 3)
+    for f in sorted((root / "a").iterdir()):  # macOS copies: a '._' file beside every image
+        (root / "a" / f"._{f.name}").write_bytes(b"\0\5\26\7 resource fork")
+    write_images(str(root / ".ipynb_checkpoints"), 2)
+    (root / "a" / "loop").symlink_to(root)  # a link to a parent: walked once, not forever
+    (root / "b").symlink_to(root / "a")  # the same folder twice
+    (root / "a" / "notes.txt").write_text("x")
+    (root / "a" / "anim.gif").write_bytes(b"GIF89a")
+    files = list_images(str(root))
+    assert [os.path.basename(f) for f in files] == ["img_000.jpg", "img_001.png", "img_002.jpg"]
+    assert "1 folder(s) reached again" in caplog.text or "2 folder(s) reached again" in caplog.text
+    assert "left out 2 file(s) without an image extension (.gif 1, .txt 1)" in caplog.text
+    assert os.path.basename(first_image(str(root))) == "img_000.jpg"
+    # class folders: hidden ones are no class; an empty class keeps its label, with a warning
+    (root / "c_empty").mkdir()
+    folder = find_classes(str(root))
+    assert folder.classes == ["a", "b", "c_empty"] and "c_empty" in caplog.text
+    assert {y for _, y in folder.samples} == {0}  # b is a's folder again: listed once
+
+
+def test_unreadable_files_are_replaced_by_files_spread_over_the_data_set(tmp_path):
+    from mae_transfer.data import read_good
+    from mae_transfer.engine.config import ConfigError
+
+    # 30 bad files in a row, then 30 good ones: "the next good file" used one of them 31 times
+    paths = [f"bad_{i:02d}" for i in range(30)] + [f"good_{i:02d}" for i in range(30)]
+
+    def load(path):
+        if path.startswith("bad"):
+            raise OSError("corrupt")
+        return path
+
+    used = [read_good(paths, i, set(), load, seed=sample_seed(0, 0, i))[0] for i in range(60)]
+    counts = np.bincount(used, minlength=60)
+    assert counts[:30].sum() == 0 and counts[30:].min() >= 1 and counts.max() <= 6
+    again = [read_good(paths, i, set(), load, seed=sample_seed(0, 0, i))[0] for i in range(60)]
+    assert used == again  # the same replacement on every run and resume
+    with pytest.raises(ConfigError, match="all 3 image files are unreadable"):
+        read_good(["x", "y", "z"], 1, set(), lambda p: load("bad"), seed=5)
+
+
+def test_non_square_evaluation_crops_inside_the_image_and_square_is_the_official_resize():
+    from mae_transfer.data import eval_transform
+
+    photo = Image.fromarray(smooth_image(200, 300))
+    for size in ((32, 64), (64, 32)):
+        x = eval_transform(size)(photo)
+        assert x.shape[1:] == size and (x.amax(0) > -1.5).all()  # no black (padded) column
+    official = transforms.Compose(
+        [
+            transforms.Resize(int(96 / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(96),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    assert torch.equal(eval_transform(96)(photo), official(photo))  # 109 px, truncated
+
+
+def test_16_bit_rgb_png_and_tiff_keep_all_their_bits(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    tifffile = pytest.importorskip("tifffile")
+    from mae_transfer.data import load_rgb
+
+    # 12-bit colour data in 16-bit files: PIL keeps the high byte (max 15, almost black) and
+    # reads planar TIFFs garbled
+    rgb = (smooth_image(40, 30).astype(np.uint16) * 16).clip(0, 4095)
+    cv2.imwrite(str(tmp_path / "a.png"), rgb[..., ::-1])
+    tifffile.imwrite(tmp_path / "b.tif", rgb, photometric="rgb")
+    tifffile.imwrite(
+        tmp_path / "c.tif", rgb.transpose(2, 0, 1), photometric="rgb", planarconfig="separate"
+    )
+    lo, hi = rgb.min(), rgb.max()
+    expected = np.rint((rgb.astype(float) - lo) * 255 / (hi - lo))
+    for name in ("a.png", "b.tif", "c.tif"):
+        got = np.asarray(load_rgb(str(tmp_path / name))).astype(float)
+        assert np.abs(got - expected).max() <= 1, name
+        img, _ = decode_uint8(open_encoded(str(tmp_path / name)))
+        assert torch.equal(img, torch.from_numpy(got.astype(np.uint8)).permute(2, 0, 1))
+
+
+def test_string_settings_given_a_list_are_named(tmp_path):
+    from mae_transfer.engine.config import ConfigError
+    from pretrain.config import load_config, validate
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data_path: [a, b]\n")
+    cfg = load_config(["--config", str(cfg_file)])[0]
+    with pytest.raises(ConfigError, match=r"data_path must be a string, got \['a', 'b'\]"):
+        validate(cfg)

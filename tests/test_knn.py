@@ -345,3 +345,18 @@ def test_a_checkpoint_without_the_final_norm_is_named(tmp_path, caplog):
     torch.save({k: v for k, v in enc.items() if not k.startswith("norm.")}, tmp_path / "bare.pth")
     encoder_for_checkpoint(str(tmp_path / "bare.pth"), "vit_base_patch16", 32, **tiny)
     assert "has no final norm" in caplog.text
+
+
+def test_a_checkpoint_without_a_class_token_is_read_by_the_mean_patch_token(tmp_path, caplog):
+    from mae_transfer.classification.knn import default_pool, encoder_for_checkpoint
+
+    enc, paths = save_mae_checkpoints(tmp_path, img_size=32, depth=2)
+    tiny = dict(embed_dim=32, depth=2, num_heads=2)
+    assert (
+        default_pool(encoder_for_checkpoint(paths["official"], "vit_base_patch16", 32, **tiny))
+        == "cls"
+    )
+    # e.g. a detectron2 backbone's weights: no cls_token, whose stand-in would be random
+    torch.save({k: v for k, v in enc.items() if k != "cls_token"}, tmp_path / "no_cls.pth")
+    model = encoder_for_checkpoint(str(tmp_path / "no_cls.pth"), "vit_base_patch16", 32, **tiny)
+    assert default_pool(model) == "avg" and "has no class token" in caplog.text

@@ -18,19 +18,29 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
+
 from mae_transfer.checkpoint import CheckpointError  # noqa: E402
-from mae_transfer.data import find_images  # noqa: E402
+from mae_transfer.data import image_files, load_rgb  # noqa: E402
+from mae_transfer.data.folder import UNREADABLE  # noqa: E402
 from pretrain.samples import sample_images  # noqa: E402
 from pretrain.visualize import load_mae_for_visualization, visualize  # noqa: E402
 
 
 def collect_images(items, limit: int):
+    """Up to ``limit`` decoded images (H x W x 3 uint8) from files and folders, unreadable
+    ones skipped with a warning; the embedded photographs without ``items``."""
     if not items:
         return [img for _, img in sample_images()[:limit]]
-    paths = []
-    for item in items:
-        paths.extend(find_images(item) if os.path.isdir(item) else [item])
-    return paths[:limit]
+    images = []
+    for path in image_files(items):
+        if len(images) == limit:
+            break
+        try:
+            images.append(np.asarray(load_rgb(path)))
+        except UNREADABLE as e:
+            logging.warning("skipping unreadable image %s: %s", path, e)
+    return images
 
 
 def main(argv=None) -> int:
@@ -60,7 +70,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not images:
-        print(f"error: no images found in {' '.join(args.images)}", file=sys.stderr)
+        print(f"error: no readable images in {' '.join(args.images)}", file=sys.stderr)
         return 2
     title = f"{os.path.basename(args.checkpoint)}, mask ratio {args.mask_ratio}"
     path = visualize(model, images, args.output, args.mask_ratio, args.seed, title)

@@ -225,6 +225,11 @@ def _check_linprobe(cfg: LinprobeConfig, checks: Checks) -> None:
     need = checks.need
     need(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
     need(cfg.trust_coefficient > 0, f"trust_coefficient must be > 0, got {cfg.trust_coefficient}")
+    need(
+        cfg.eval or not isinstance(cfg.batch_size, int) or cfg.batch_size >= 2,
+        f"batch_size must be >= 2 for linear probing (the probe's BatchNorm normalises each "
+        f"process's batch), got {cfg.batch_size}",
+    )
 
 
 def _check_paths(cfg: ClassifyConfig, checks: Checks, check_paths: bool) -> None:

@@ -9,6 +9,7 @@ import torch
 from torchvision import transforms
 
 from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, ClassFolder, find_classes
+from mae_transfer.data.folder import class_difference
 from mae_transfer.data.transforms import Size, hw
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.distributed import DistInfo, on_rank0
@@ -55,17 +56,27 @@ def class_folders(
     """``data_path/train`` (None when only evaluating) and ``data_path/val``, checked to name
     the same classes; listed by rank 0 for all processes."""
     dist = dist or DistInfo()
-    val = on_rank0(find_classes, dist, f"{cfg.data_path}/val")
+    val = _classes(f"{cfg.data_path}/val", dist)
     if cfg.eval:
         return None, val
-    train = on_rank0(find_classes, dist, f"{cfg.data_path}/train")
-    if train.classes != val.classes:
-        extra = sorted(set(train.classes) ^ set(val.classes))[:5]
+    train = _classes(f"{cfg.data_path}/train", dist)
+    diff = class_difference(train, val)
+    if diff:
         raise ConfigError(
-            f"train/ and val/ under {cfg.data_path} name different classes ({len(train.classes)} "
-            f"vs {len(val.classes)}; e.g. {extra}): both need the same class folders"
+            f"train/ and val/ under {cfg.data_path} name different classes ({diff}): both need "
+            "the same class folders"
         )
     return train, val
+
+
+def _classes(root: str, dist: DistInfo) -> ClassFolder:
+    try:
+        return on_rank0(find_classes, dist, root)
+    except FileNotFoundError as e:  # e.g. ImageNet's val/ as distributed: 50,000 files flat
+        raise ConfigError(
+            f"{e}; images directly in {root} have no class: sort them into one folder per "
+            "class (for ImageNet's val/, one per synset, as train/ is)"
+        ) from e
 
 
 def build_mixup(cfg: FinetuneConfig, num_classes: int):

@@ -24,6 +24,7 @@ from mae_transfer.data import (
     eval_transform,
     find_classes,
 )
+from mae_transfer.data.folder import class_difference
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.distributed import (
     DistInfo,
@@ -232,10 +233,10 @@ class KNNEvaluator:
             folders = tuple(on_rank0(find_classes, dist, d) for d in (train_dir, val_dir))
         except (FileNotFoundError, ValueError) as e:  # no folder, no class folders in it
             raise ConfigError(str(e)) from e
-        if folders[0].classes != folders[1].classes:
+        diff = class_difference(*folders)
+        if diff:
             raise ConfigError(
-                f"k-NN class folders differ: {train_dir} has {folders[0].classes[:5]}..., "
-                f"{val_dir} has {folders[1].classes[:5]}...; both need the same class names"
+                f"k-NN class folders differ ({diff}): train and val need the same class names"
             )
         transform = eval_transform(input_size)
         self.sets = [ClassFolderDataset(f, transform, seed, max_images) for f in folders]
@@ -320,15 +321,25 @@ def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> to
             "standardisation) instead",
             path,
         )
+    if "cls_token" in report.missing:  # e.g. a detectron2 backbone saved without it
+        logger.warning(
+            "%s has no class token: its features are the mean patch token (--pool avg); "
+            "--pool cls would read a random, untrained token",
+            path,
+        )
+        net.knn_default_pool = "avg"
     return net
 
 
 def default_pool(model: torch.nn.Module) -> str:
     """The k-NN feature a model from :func:`encoder_for_checkpoint` is read by when none is
-    asked for: ``avg`` for an avg-pool fine-tuned classifier (what its head read), else ``cls``."""
+    asked for: ``avg`` for an avg-pool fine-tuned classifier (what its head read) or weights
+    without a class token, else ``cls``."""
     from mae_transfer.classification.model import ViTClassifier
 
-    return "avg" if isinstance(model, ViTClassifier) else "cls"
+    if isinstance(model, ViTClassifier):
+        return "avg"
+    return getattr(model, "knn_default_pool", "cls")  # avg where the file has no class token
 
 
 def checkpoint_features(

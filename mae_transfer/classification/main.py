@@ -42,20 +42,29 @@ def _evaluate(cfg: ClassifyConfig) -> Dict[str, float]:
         metrics = evaluate_checkpoint(cfg, device, info)
     finally:
         cleanup(info)
-    if info.is_main and cfg.output_dir:
+    if not info.is_main:
+        return {}  # rank 0 reports (and prints) for all
+    if cfg.output_dir:
+        from mae_transfer.checkpoint import write_text_atomic
+
+        path = os.path.join(cfg.output_dir, "eval.json")
         os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-            json.dump({"checkpoint": cfg.resume or cfg.finetune, **metrics}, f, indent=1)
+        record = {"checkpoint": cfg.resume or cfg.finetune, **metrics}
+        write_text_atomic(json.dumps(record, indent=1), path)
+        logger.info("wrote %s", path)
     return metrics
 
 
 def _finish(trainer) -> None:
-    out = trainer.cfg.output_dir
+    cfg = trainer.cfg
+    best = os.path.join(cfg.output_dir, BEST)
+    if not os.path.isfile(best) and cfg.resume:  # the best epoch came before the resume
+        best = f"reached before --resume, see {os.path.join(os.path.dirname(cfg.resume), BEST)}"
     logger.info(
         "best val top-1 %.2f: %s; last: %s",
         trainer.best_acc1,
-        os.path.join(out, BEST),
-        os.path.join(out, "checkpoint-last.pth"),
+        best,
+        os.path.join(cfg.output_dir, "checkpoint-last.pth"),
     )
 
 
@@ -68,7 +77,9 @@ def main(protocol: str, argv: Optional[Sequence[str]] = None, prog: str = "") ->
         cfg, _ = load_config(PROTOCOLS[protocol], argv, prog or f"tools/{protocol}.py")
         metrics = run(cfg)
         if cfg.eval and metrics:
-            print(f"top-1 {metrics['acc1']:.3f}  top-5 {metrics['acc5']:.3f}")
+            top5 = metrics["acc5"]
+            top5 = f"{top5:.3f}" if top5 == top5 else "n/a (5 classes or fewer)"
+            print(f"top-1 {metrics['acc1']:.3f}  top-5 {top5}")
 
     return exit_code(body, logger)
 

@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from mae_transfer.checkpoint import find_state_dict, load_file, save_atomic, strip_to_vit
+from mae_transfer.checkpoint import (
+    CheckpointError,
+    find_state_dict,
+    load_file,
+    save_atomic,
+    strip_to_vit,
+)
 from mae_transfer.data import ClassFolder, ClassFolderDataset, ShardSampler, collate, seeded
 from mae_transfer.data.sampler import sample_seed
 from mae_transfer.data.transforms import eval_transform
@@ -78,13 +84,13 @@ class ValEvaluator:
         model.eval()
         correct1 = torch.zeros((), device=device)
         correct5, loss_sum, n = torch.zeros_like(correct1), torch.zeros_like(correct1), 0
-        replaced = 0
+        replaced, outputs = 0, 0
         try:
             for x, y, skipped in self.loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
                     logits = model(x)
-                logits = logits.float()
+                logits, outputs = logits.float(), logits.shape[1]
                 keep = (skipped == 0).to(device, logits.dtype, non_blocking=True)
                 loss_sum += (F.cross_entropy(logits, y, reduction="none") * keep).sum()
                 top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -103,7 +109,8 @@ class ValEvaluator:
         total = max(int(total), 1)
         return {
             "acc1": 100.0 * c1 / total,
-            "acc5": 100.0 * c5 / total,
+            # with 5 classes or fewer every label is in the top 5: no measure, NaN
+            "acc5": 100.0 * c5 / total if outputs > 5 else float("nan"),
             "val_loss": loss / total,
             "val_skipped_images": int(replaced),
         }
@@ -155,13 +162,19 @@ class _ClassifierTrainer(EpochTrainer):
             head_init_std=self.head_init_std,
             **self.model_kwargs(),
         )
+        self.load_report = None
         if cfg.finetune:
             logger.info("initialising the encoder from %s", cfg.finetune)
             state, _ = strip_to_vit(find_state_dict(load_file(cfg.finetune)))
             # the head always starts afresh, as in the official code (a fine-tuned file's head
             # may not even have the right classes)
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
-            load_classifier_checkpoint(model, state, source=cfg.finetune)
+            self.load_report = load_classifier_checkpoint(model, state, source=cfg.finetune)
+        elif not cfg.resume and not cfg.eval:
+            logger.warning(
+                "no --finetune weights: the encoder starts from random initialisation (a "
+                "baseline; give --finetune a pretraining checkpoint to evaluate one)"
+            )
         return model
 
     def val_images(self) -> Dataset:
@@ -277,9 +290,31 @@ class LinprobeTrainer(_ClassifierTrainer):
 
     def build_model(self) -> ViTClassifier:
         model = super().build_model()
+        self._check_frozen_loaded(model)
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")
         return model
+
+    def _check_frozen_loaded(self, model: ViTClassifier) -> None:
+        """The frozen encoder must come whole from --finetune, as the official script asserts:
+        only the head (and, with avg pooling, a fresh fc_norm) may be new. A missing part
+        would stay at its random initialisation, and the probe would measure it."""
+        report, cfg = self.load_report, self.cfg
+        if report is None:
+            return
+        fresh = ("head.",) + (("fc_norm.",) if cfg.global_pool == "avg" else ())
+        absent = [k for k in report.missing + report.new if not k.startswith(fresh)]
+        if absent:
+            hint = (
+                "; a checkpoint fine-tuned with avg pooling has no 'norm' (nor a trained class "
+                "token): probe it with --global_pool avg"
+                if cfg.global_pool != "avg" and any(k.startswith("norm.") for k in absent)
+                else ""
+            )
+            raise CheckpointError(
+                f"{cfg.finetune} lacks frozen encoder weights the probe would read untrained: "
+                f"{', '.join(sorted(absent)[:6])}{hint}"
+            )
 
     def set_train_mode(self) -> None:
         self.ddp.eval()  # the frozen encoder (and fc_norm) in eval mode

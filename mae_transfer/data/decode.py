@@ -16,15 +16,16 @@ import functools
 import io
 import logging
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "EncodedImage",
     "dct_reduction",
+    "decode_pil",
     "decode_uint8",
     "open_encoded",
     "pil_to_uint8",
@@ -46,8 +47,7 @@ class EncodedImage:
 
     def __init__(self, data: bytearray, path: str = "<bytes>"):
         self.data, self.path = data, path
-        # header only: raises UnidentifiedImageError for what is not an image
-        self.pil = Image.open(io.BytesIO(data))
+        self.pil = open_image(data, path)  # the header only
         self.format, self.mode = self.pil.format, self.pil.mode
         self.width, self.height = self.pil.size
 
@@ -59,6 +59,18 @@ class EncodedImage:
     def tensor(self) -> torch.Tensor:
         """The encoded bytes as a 1-D uint8 tensor (a view, no copy)."""
         return torch.frombuffer(self.data, dtype=torch.uint8)
+
+
+def open_image(data, path: str) -> Image.Image:
+    """``Image.open`` of a file's bytes (the header only), whose error names the file.
+
+    Raises:
+        UnidentifiedImageError: not an image (e.g. a macOS ``._`` file, an HTML page).
+    """
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"cannot identify image file {path!r}") from None
 
 
 def open_encoded(path: str) -> EncodedImage:
@@ -85,9 +97,10 @@ def _is_high_depth(mode: str) -> bool:
 def _note_high_depth(mode: str) -> None:
     """Says once per process (and mode) what happens to such images."""
     logger.warning(
-        "images of mode %s (one channel, more than 8 bits: e.g. 16-bit PNG, float TIFF) are "
-        "stretched from each image's own min..max to 0..255 (as MONAI's ScaleIntensity); "
-        "a plain convert('RGB') would clip them (16-bit: almost all white)",
+        "images of mode %s (more than 8 bits per value: 16-bit PNG / TIFF, 32-bit int or "
+        "float) are stretched from each image's own min..max to 0..255 (as MONAI's "
+        "ScaleIntensity); PIL alone would clip them to 0..255 or keep only each value's high "
+        "byte (a 12- or 16-bit scan comes out almost all white or almost black)",
         mode,
     )
 
@@ -116,6 +129,53 @@ def to_rgb(img: Image.Image) -> Image.Image:
         _note_high_depth(img.mode)
         img = Image.fromarray(stretch_to_uint8(np.asarray(img)), "L")
     return img.convert("RGB")
+
+
+def _rgb16(img: Image.Image, data) -> Optional[np.ndarray]:
+    """All 16 bits of a 16-bit-per-channel RGB(A) PNG or TIFF as (H, W, 3), which PIL reads
+    as 8-bit RGB keeping each value's high byte (12-bit data in a 16-bit file then comes out
+    almost black; planar TIFFs come out garbled); None for other images, or for a TIFF
+    without ``tifffile``. Call before ``img.load()``: a PNG's depth is in its tile list, gone
+    after it."""
+    if img.mode not in ("RGB", "RGBA"):
+        return None
+    if img.format == "TIFF":  # PIL misreads planar ones; the header's BitsPerSample says
+        bits = img.tag_v2.get(258, 8)
+        if max(bits if isinstance(bits, tuple) else (bits,)) <= 8:
+            return None
+    elif not any(";16" in str(t.args) for t in img.tile or ()):
+        return None
+    try:
+        if img.format == "PNG":
+            from torchvision.io import ImageReadMode, decode_png
+
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            arr = decode_png(raw, mode=ImageReadMode.UNCHANGED).permute(1, 2, 0)
+            return arr.to(torch.int32).numpy()[..., :3]
+        if img.format == "TIFF":
+            try:
+                import tifffile
+            except ImportError:
+                return None
+            arr = tifffile.imread(io.BytesIO(data))
+            if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+                arr = arr.transpose(1, 2, 0)  # planar
+            return arr[..., :3] if arr.ndim == 3 else None
+    except Exception as e:  # noqa: BLE001 - each reader has its own errors: one kind here
+        raise OSError(f"cannot decode the 16-bit image: {e}") from e
+    return None
+
+
+def decode_pil(img: Image.Image, data) -> Image.Image:
+    """An opened, not yet loaded image (and its file's bytes) -> decoded RGB: as
+    :func:`to_rgb`, and 16-bit RGB PNG / TIFF read with all their bits, then stretched from
+    their own min..max to 0..255 like one-channel deep images. Raises on corrupt data."""
+    deep = _rgb16(img, data)
+    if deep is None:
+        img.load()
+        return to_rgb(img)
+    _note_high_depth(img.mode + " (16 bits per channel)")
+    return Image.fromarray(stretch_to_uint8(deep), "RGB")
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
@@ -161,5 +221,4 @@ def decode_uint8(enc: EncodedImage, reduce: int = 1, use_torchvision: bool = Tru
             return decode_jpeg(enc.tensor(), mode=ImageReadMode.RGB), 1.0
         except RuntimeError as e:  # torchvision reports corrupt JPEGs as RuntimeError
             raise OSError(f"cannot decode {enc.path}: {e}") from e
-    enc.pil.load()
-    return pil_to_uint8(enc.pil), 1.0
+    return pil_to_uint8(decode_pil(enc.pil, enc.data)), 1.0

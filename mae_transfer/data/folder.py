@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import random
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
-from .decode import to_rgb
+from .decode import decode_pil, open_image
 
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # What a corrupt, truncated or mislabelled file raises while being decoded.
 UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, DecompressionBombError)
-MAX_CONSECUTIVE_BAD = 50
+MAX_BAD_TRIES = 50  # unreadable files in a row for one item before the run stops
 
 
 def split_root(root: str, split: str = "train") -> str:
@@ -32,22 +35,73 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
+def _hidden(name: str) -> bool:
+    """Names starting with '.': macOS's ``._photo.jpg`` resource forks (not images, though
+    named like them), ``.ipynb_checkpoints``, ``.git``, ``.DS_Store``."""
+    return name.startswith(".")
+
+
+def walk_images(base: str, report: bool = True) -> Iterator[Tuple[str, List[str]]]:
+    """(folder, its image file names, sorted) under ``base``, recursively, in sorted order.
+
+    Symlinks are followed, but each folder is walked once (by device and inode): a link loop
+    (``sub/up -> ..``) would otherwise list the same images again and again, or never end.
+    Hidden files and folders are left out. ``report``: log what was left out (folders that
+    cannot be read, folders reached twice, files without an image extension) when done.
+    """
+    seen: Set[Tuple[int, int]] = set()
+    repeated, others = 0, Counter()
+
+    def unreadable(e: OSError) -> None:
+        logger.warning("cannot list %s (%s): its images are left out", e.filename, e.strerror)
+
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True, onerror=unreadable):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            repeated += 1
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        names = []
+        for f in sorted(filenames):
+            if _is_image(f) and not _hidden(f):
+                names.append(f)
+            elif not _hidden(f):
+                others[os.path.splitext(f)[1].lower() or "(none)"] += 1
+        yield dirpath, names
+    if report and repeated:
+        logger.warning(
+            "%s: %d folder(s) reached again through symlinks (e.g. a link to a parent) were "
+            "listed once",
+            base,
+            repeated,
+        )
+    if report and others:
+        kinds = ", ".join(f"{ext} {n}" for ext, n in others.most_common(6))
+        logger.warning(
+            "%s: left out %d file(s) without an image extension (%s); images are %s",
+            base,
+            sum(others.values()),
+            kinds,
+            " ".join(IMG_EXTENSIONS),
+        )
+
+
 def first_image(root: str, split: str = "train") -> Optional[str]:
     """The first image file found under ``root`` (stops there: cheap on ImageNet), or None."""
-    for dirpath, _, filenames in os.walk(split_root(root, split), followlinks=True):
-        for f in filenames:
-            if _is_image(f):
-                return os.path.join(dirpath, f)
+    for dirpath, names in walk_images(split_root(root, split), report=False):
+        if names:
+            return os.path.join(dirpath, names[0])
     return None
 
 
 def list_images(base: str) -> List[str]:
     """Image files under ``base``, recursively, in sorted order (possibly none)."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-        dirnames.sort()
-        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
-    return files
+    return [os.path.join(d, f) for d, names in walk_images(base) for f in names]
 
 
 class PathList(Sequence[str]):
@@ -125,54 +179,100 @@ def find_classes(root: str) -> ClassFolder:
     """Scans a class-folder tree; a clear error when it holds no class folder with images."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root} is not a directory")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
+    label = {name: i for i, name in enumerate(classes)}
     samples: List[Tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        samples += [(path, label) for path in list_images(os.path.join(root, name))]
+    for dirpath, names in walk_images(root):  # one walk: its notes come once, not per class
+        rel = os.path.relpath(dirpath, root)
+        if rel != ".":  # images directly in root belong to no class
+            y = label[rel.split(os.sep, 1)[0]]
+            samples += [(os.path.join(dirpath, f), y) for f in names]
     if not samples:
         raise FileNotFoundError(
             f"no class folders with images under {root}: expected {root}/<class>/<image> "
             f"(e.g. an ImageNet train/ or val/ folder)"
         )
+    empty = sorted(set(classes) - {classes[y] for _, y in samples})
+    if empty:
+        logger.warning(
+            "%s: %d class folder(s) without images keep their label: %s",
+            root,
+            len(empty),
+            ", ".join(empty[:8]) + (" ..." if len(empty) > 8 else ""),
+        )
     return ClassFolder(root, classes, samples)
+
+
+def class_difference(a: ClassFolder, b: ClassFolder) -> str:
+    """What differs between two class folders' class lists ('' when nothing), e.g. "only in
+    train/: n0144 (1 of 1000); only in val/: n0999 (1 of 999)"."""
+    if a.classes == b.classes:
+        return ""
+    parts = []
+    for x, y in ((a, b), (b, a)):
+        only = sorted(set(x.classes) - set(y.classes))
+        if only:
+            names = ", ".join(only[:5]) + (" ..." if len(only) > 5 else "")
+            parts.append(f"only in {x.root}: {names} ({len(only)} of {len(x.classes)})")
+    return "; ".join(parts) or "the same names with duplicates"
 
 
 def load_rgb(path: str) -> Image.Image:
     """Opens and fully decodes an image as RGB; raises on corrupt or truncated files."""
     with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-        return to_rgb(img)  # a copy unless RGB; 16-bit / float images stretched to 8 bits
+        data = f.read()
+    return decode_pil(open_image(data, path), data)  # deep images stretched to 8 bits
 
 
 def read_good(
-    paths: Sequence[str], i: int, bad: Set[str], loader=load_rgb
+    paths: Sequence[str], i: int, bad: Set[str], loader=load_rgb, seed: int = 0
 ) -> Tuple[int, object, int]:
-    """Decodes ``paths[i]``, or the next decodable file after it (wrapping around).
+    """Decodes ``paths[i]``; when it is unreadable, another file chosen at random instead.
+
+    The replacements are ``i + k * stride`` (k = 1, 2, ...) for a stride drawn from ``seed``
+    (the item's own seed: the same on every run and resume) coprime to the number of files, so
+    they are distinct files spread over the data set: a run of bad files (e.g. one corrupt
+    folder) does not make its next good neighbour count many times.
 
     Args:
         paths: the data set's files.
         i: the index asked for.
         bad: files already reported unreadable (each is logged once per process).
         loader: path -> decoded image; raises one of :data:`UNREADABLE` on a bad file.
+        seed: draws the stride.
 
     Returns:
-        (index of the file used, the decoded image, how many unreadable files were skipped).
+        (index of the file used, the decoded image, how many unreadable files were tried).
+
+    Raises:
+        ConfigError: :data:`MAX_BAD_TRIES` files in a row (or every file) were unreadable.
     """
-    skipped = 0
-    for step in range(min(len(paths), MAX_CONSECUTIVE_BAD)):
-        j = (i + step) % len(paths)
+    n = len(paths)
+    stride = 1
+    if n > 2:
+        rng = random.Random(seed)
+        stride = rng.randrange(1, n)
+        while math.gcd(stride, n) != 1:
+            stride = rng.randrange(1, n)
+    tries = min(n, MAX_BAD_TRIES)
+    for k in range(tries):
+        j = (i + k * stride) % n
         try:
-            return j, loader(paths[j]), skipped
+            return j, loader(paths[j]), k
         except UNREADABLE as e:
-            skipped += 1
             if paths[j] not in bad:
                 bad.add(paths[j])
                 logger.warning("skipping unreadable image %s: %s", paths[j], e)
-    raise RuntimeError(
-        f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from {paths[i]}: "
-        "is data_path a folder of images?"
-    )
+    from mae_transfer.engine.config import ConfigError  # here: the engine imports this module
+
+    if tries == n:
+        what = f"all {n} image files are unreadable"
+    else:
+        what = (
+            f"{tries} image files in a row were unreadable for one item, from {paths[i]} on "
+            f"({len(bad)} of the {n} files reported so far)"
+        )
+    raise ConfigError(f"{what}: is the data path a folder of images? (see the warnings above)")
 
 
 def collate(batch) -> tuple:
@@ -234,7 +334,8 @@ class ClassFolderDataset(torch.utils.data.Dataset):
         from .sampler import sample_seed, seeded
 
         epoch, index = key
-        used, img, skipped = read_good(self.paths, index, self._bad)
-        with seeded(sample_seed(self.seed, epoch, index)):
+        seed = sample_seed(self.seed, epoch, index)
+        used, img, skipped = read_good(self.paths, index, self._bad, seed=seed)
+        with seeded(seed):
             x = self.transform(img)
         return x, int(self.labels[used]), skipped

@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision import transforms
 
 from .decode import EncodedImage, dct_reduction, decode_uint8
@@ -50,14 +51,38 @@ def pretrain_transform(input_size: Size) -> transforms.Compose:
     )
 
 
+class ResizeToCover:
+    """Bicubic resize of a PIL image, aspect kept, to the smallest size that covers
+    ``(H, W) / crop_pct``: a centre crop of (H, W) then takes ``crop_pct`` of the image along
+    its tighter side and never pads (for square sizes, the short side to size / crop_pct)."""
+
+    def __init__(self, size: Tuple[int, int], crop_pct: float):
+        self.size, self.crop_pct = size, crop_pct
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        (h, w), (ih, iw) = self.size, (img.height, img.width)
+        scale = max(h / ih, w / iw) / self.crop_pct
+        out = (max(h, round(ih * scale)), max(w, round(iw * scale)))
+        return transforms.functional.resize(
+            img, list(out), interpolation=transforms.InterpolationMode.BICUBIC
+        )
+
+
 def eval_transform(input_size: Size, crop_pct: float = 224 / 256) -> transforms.Compose:
-    """Resize the short side to size / crop_pct (256 for 224), centre crop, normalise: the
-    ImageNet evaluation of MAE's fine-tuning, for any input size (deterministic)."""
+    """Resize the short side to int(size / crop_pct) (256 for 224), centre crop, normalise: the
+    ImageNet evaluation of MAE's fine-tuning, for any input size (deterministic). A non-square
+    (H, W) resizes so that the crop fits inside (:class:`ResizeToCover`): resizing the short
+    side to min(H, W) / crop_pct would leave the crop wider than the image, padded black."""
     h, w = hw(input_size)
-    short = int(round(min(h, w) / crop_pct))
+    if h == w:  # torchvision's Resize(int), as the official code: the same pixels
+        resize = transforms.Resize(
+            int(h / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC
+        )
+    else:
+        resize = ResizeToCover((h, w), crop_pct)
     return transforms.Compose(
         [
-            transforms.Resize(short, interpolation=transforms.InterpolationMode.BICUBIC),
+            resize,
             transforms.CenterCrop((h, w)),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

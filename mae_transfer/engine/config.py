@@ -210,10 +210,17 @@ def check_types(cfg: C, checks: Checks) -> C:
     fixes = {}
     for name, f in fields_of(type(cfg)).items():
         kind, value = flag_type(f), getattr(cfg, name)
-        if "List" in str(f.type) or "Dict" in str(f.type) or kind is str or value is None:
+        if "List" in str(f.type) or "Dict" in str(f.type) or value is None:
             continue
         if _is_bool(f):
             checks.need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+            continue
+        if kind is str:  # YAML gives numbers for e.g. `output_dir: 2024`, lists for `[a, b]`
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                fixes[name] = str(value)
+            elif not isinstance(value, str):
+                checks.errors.append(f"{name} must be a string, got {value!r}")
+                fixes[name] = f.default
             continue
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not is_number or (kind is int and not isinstance(value, int)):
