@@ -322,7 +322,7 @@ def test_listing_skips_hidden_files_walks_each_folder_once_and_says_what_it_left
     files = list_images(str(root))
     assert [os.path.basename(f) for f in files] == ["img_000.jpg", "img_001.png", "img_002.jpg"]
     assert "1 folder(s) reached again" in caplog.text or "2 folder(s) reached again" in caplog.text
-    assert "left out 2 file(s) without an image extension (.gif 1, .txt 1)" in caplog.text
+    assert "left out 1 image file(s) of other types (.gif 1)" in caplog.text  # not notes.txt
     assert os.path.basename(first_image(str(root))) == "img_000.jpg"
     # class folders: hidden ones are no class; an empty class keeps its label, with a warning
     (root / "c_empty").mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -41,13 +42,20 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+@functools.cache
+def _other_image_types() -> frozenset:
+    """Extensions PIL can open that the data sets do not read (``.gif``, ``.jfif``, ...):
+    such files are left out with a note; notes, JSON and the like silently."""
+    return frozenset(Image.registered_extensions()) - set(IMG_EXTENSIONS)
+
+
 def walk_images(base: str, report: bool = True) -> Iterator[Tuple[str, List[str]]]:
     """(folder, its image file names, sorted) under ``base``, recursively, in sorted order.
 
     Symlinks are followed, but each folder is walked once (by device and inode): a link loop
     (``sub/up -> ..``) would otherwise list the same images again and again, or never end.
     Hidden files and folders are left out. ``report``: log what was left out (folders that
-    cannot be read, folders reached twice, files without an image extension) when done.
+    cannot be read, folders reached twice, images of types not read, e.g. GIF) when done.
     """
     seen: Set[Tuple[int, int]] = set()
     repeated, others = 0, Counter()
@@ -70,8 +78,8 @@ def walk_images(base: str, report: bool = True) -> Iterator[Tuple[str, List[str]
         for f in sorted(filenames):
             if _is_image(f) and not _hidden(f):
                 names.append(f)
-            elif not _hidden(f):
-                others[os.path.splitext(f)[1].lower() or "(none)"] += 1
+            elif not _hidden(f) and os.path.splitext(f)[1].lower() in _other_image_types():
+                others[os.path.splitext(f)[1].lower()] += 1
         yield dirpath, names
     if report and repeated:
         logger.warning(
@@ -83,7 +91,7 @@ def walk_images(base: str, report: bool = True) -> Iterator[Tuple[str, List[str]
     if report and others:
         kinds = ", ".join(f"{ext} {n}" for ext, n in others.most_common(6))
         logger.warning(
-            "%s: left out %d file(s) without an image extension (%s); images are %s",
+            "%s: left out %d image file(s) of other types (%s); read are %s",
             base,
             sum(others.values()),
             kinds,
