@@ -678,6 +678,10 @@ def test_the_probe_refuses_weights_that_leave_part_of_its_frozen_encoder_random(
         cfg = cfg_of(LinprobeConfig, data, tmp_path / "p", finetune=path, global_pool="cls")
         with pytest.raises(CheckpointError, match=match):
             LinprobeTrainer(cfg, CPU, DistInfo())
+    # weights of another shape are not loaded either: an MLP twice as wide stays random
+    cfg = cfg_of(LinprobeConfig, data, tmp_path / "m", model_kwargs={**TINY, "mlp_ratio": 2.0})
+    with pytest.raises(CheckpointError, match="blocks.0.mlp.fc1.bias"):
+        LinprobeTrainer(cfg, CPU, DistInfo())
     # with avg pooling the probe reads a fresh fc_norm (as the official probe does), not norm
     cfg = cfg_of(LinprobeConfig, data, tmp_path / "p", finetune=paths["norm."], global_pool="avg")
     LinprobeTrainer(cfg, CPU, DistInfo()).close()

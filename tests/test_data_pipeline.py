@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from mae_transfer.data import ResumableDistributedSampler, collate, sample_seed
+from mae_transfer.data import ResumableDistributedSampler, collate, read_good, sample_seed
 from mae_transfer.data.decode import dct_reduction, decode_uint8, open_encoded
 from mae_transfer.data.device_decode import PendingBatch, decode_on_device
 from mae_transfer.data.transforms import (
@@ -159,9 +159,11 @@ def test_truncated_jpeg_is_skipped_and_counted(tmp_path):
     ds = PretrainDataset(str(d), 32, num_patches=4)
     x, _, skipped = ds[(0, 0)]
     assert skipped == 1 and ds._bad == {ds.files[0]}
-    # replaced by the next file, augmented with the draws of key (0, 0)
-    g = torch.Generator().manual_seed(sample_seed(0, 0, 0))
-    assert torch.equal(x, ds.crop(open_encoded(ds.files[1]), g))
+    # replaced by a file drawn with the item's seed, augmented with the draws of key (0, 0)
+    seed = sample_seed(0, 0, 0)
+    used, _, _ = read_good(ds.files, 0, set(), lambda p: decode_uint8(open_encoded(p)), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    assert used != 0 and torch.equal(x, ds.crop(open_encoded(ds.files[used]), g))
 
 
 def test_batches_do_not_depend_on_worker_count(image_dir):
@@ -299,7 +301,9 @@ def test_16_bit_and_float_images_are_stretched_not_clipped_to_white(tmp_path, ca
     x, _, skipped = ds[(0, 0)]
     assert skipped == 0 and 0 < x.float().mean() < 255 and x.float().std() > 20
     # constant, NaN and infinite values: no division by zero, no crash
-    assert (stretch_to_uint8(np.full((2, 2), 7.0)) == 0).all()
+    # constant images keep their level: floats read on 0..1, 16-bit on 0..65535
+    assert (stretch_to_uint8(np.full((2, 2), 0.5)) == 128).all()
+    assert (stretch_to_uint8(np.full((2, 2), 65535, np.uint16)) == 255).all()
     odd = stretch_to_uint8(np.array([np.nan, -np.inf, 1.0, 3.0, np.inf]))
     assert odd.tolist() == [0, 0, 0, 255, 255]
 
@@ -315,20 +319,20 @@ def test_listing_skips_hidden_files_walks_each_folder_once_and_says_what_it_left
     for f in sorted((root / "a").iterdir()):  # macOS copies: a '._' file beside every image
         (root / "a" / f"._{f.name}").write_bytes(b"\0\5\26\7 resource fork")
     write_images(str(root / ".ipynb_checkpoints"), 2)
-    (root / "a" / "loop").symlink_to(root)  # a link to a parent: walked once, not forever
-    (root / "b").symlink_to(root / "a")  # the same folder twice
+    (root / "a" / "loop").symlink_to(root)  # a link to a parent: not followed (endless)
+    (root / "b").symlink_to(root / "a")  # another name for a folder: a class of its own
     (root / "a" / "notes.txt").write_text("x")
     (root / "a" / "anim.gif").write_bytes(b"GIF89a")
-    files = list_images(str(root))
+    files = list_images(str(root / "a"))
     assert [os.path.basename(f) for f in files] == ["img_000.jpg", "img_001.png", "img_002.jpg"]
-    assert "1 folder(s) reached again" in caplog.text or "2 folder(s) reached again" in caplog.text
+    assert "2 symlink(s) to a folder they are in (a loop) were not followed" in caplog.text
     assert "left out 1 image file(s) of other types (.gif 1)" in caplog.text  # not notes.txt
     assert os.path.basename(first_image(str(root))) == "img_000.jpg"
     # class folders: hidden ones are no class; an empty class keeps its label, with a warning
     (root / "c_empty").mkdir()
     folder = find_classes(str(root))
     assert folder.classes == ["a", "b", "c_empty"] and "c_empty" in caplog.text
-    assert {y for _, y in folder.samples} == {0}  # b is a's folder again: listed once
+    assert [y for _, y in folder.samples] == [0, 0, 0, 1, 1, 1]  # a/loop/... not walked
 
 
 def test_unreadable_files_are_replaced_by_files_spread_over_the_data_set(tmp_path):
@@ -348,6 +352,12 @@ def test_unreadable_files_are_replaced_by_files_spread_over_the_data_set(tmp_pat
     assert counts[:30].sum() == 0 and counts[30:].min() >= 1 and counts.max() <= 6
     again = [read_good(paths, i, set(), load, seed=sample_seed(0, 0, i))[0] for i in range(60)]
     assert used == again  # the same replacement on every run and resume
+    # a large corrupt block (1,300 of 2,000 files, a class folder of ImageNet in a small set):
+    # draws from the whole set never run out of tries there
+    paths = [f"bad_{i}" for i in range(1300)] + [f"good_{i}" for i in range(700)]
+    for epoch in range(3):
+        for i in range(1300):
+            read_good(paths, i, set(), load, seed=sample_seed(0, epoch, i))
     with pytest.raises(ConfigError, match="all 3 image files are unreadable"):
         read_good(["x", "y", "z"], 1, set(), lambda p: load("bad"), seed=5)
 
@@ -370,26 +380,69 @@ def test_non_square_evaluation_crops_inside_the_image_and_square_is_the_official
     assert torch.equal(eval_transform(96)(photo), official(photo))  # 109 px, truncated
 
 
-def test_16_bit_rgb_png_and_tiff_keep_all_their_bits(tmp_path):
-    cv2 = pytest.importorskip("cv2")
-    tifffile = pytest.importorskip("tifffile")
+def _png16(path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG written by hand (PIL writes none in colour): grey + alpha or RGB."""
+    import struct
+    import zlib
+
+    h, w, c = pixels.shape
+    colour_type = {2: 4, 3: 2}[c]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    head = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(rows))
+    path.write_bytes(data + chunk(b"IEND", b""))
+
+
+def _stretched(values: np.ndarray) -> np.ndarray:
+    lo, hi = values.min(), values.max()
+    return np.rint((values.astype(float) - lo) * 255 / (hi - lo))
+
+
+def _both_decoders(path: str) -> np.ndarray:
     from mae_transfer.data import load_rgb
 
-    # 12-bit colour data in 16-bit files: PIL keeps the high byte (max 15, almost black) and
-    # reads planar TIFFs garbled
+    got = np.asarray(load_rgb(path))
+    img, _ = decode_uint8(open_encoded(path))  # the pretraining pipeline's decoder
+    assert torch.equal(img, torch.from_numpy(got.copy()).permute(2, 0, 1))
+    return got.astype(float)
+
+
+def test_16_bit_colour_and_grey_alpha_pngs_keep_all_their_bits(tmp_path):
+    # 12-bit data in 16-bit files: PIL keeps the high byte (max 15, almost black)
     rgb = (smooth_image(40, 30).astype(np.uint16) * 16).clip(0, 4095)
-    cv2.imwrite(str(tmp_path / "a.png"), rgb[..., ::-1])
+    _png16(tmp_path / "rgb.png", rgb)
+    assert np.abs(_both_decoders(str(tmp_path / "rgb.png")) - _stretched(rgb)).max() <= 1
+    grey = np.stack([rgb[..., 0], np.full_like(rgb[..., 0], 65535)], -1)  # + opaque alpha
+    _png16(tmp_path / "la.png", grey)
+    got = _both_decoders(str(tmp_path / "la.png"))
+    assert np.abs(got - _stretched(rgb[..., 0])[..., None]).max() <= 1
+
+
+def test_16_bit_colour_tiffs_keep_all_their_bits_or_fall_back_with_a_warning(
+    tmp_path, monkeypatch, caplog
+):
+    tifffile = pytest.importorskip("tifffile")
+    from mae_transfer.data import decode
+
+    rgb = (smooth_image(40, 30).astype(np.uint16) * 16).clip(0, 4095)
     tifffile.imwrite(tmp_path / "b.tif", rgb, photometric="rgb")
-    tifffile.imwrite(
-        tmp_path / "c.tif", rgb.transpose(2, 0, 1), photometric="rgb", planarconfig="separate"
-    )
-    lo, hi = rgb.min(), rgb.max()
-    expected = np.rint((rgb.astype(float) - lo) * 255 / (hi - lo))
-    for name in ("a.png", "b.tif", "c.tif"):
-        got = np.asarray(load_rgb(str(tmp_path / name))).astype(float)
-        assert np.abs(got - expected).max() <= 1, name
-        img, _ = decode_uint8(open_encoded(str(tmp_path / name)))
-        assert torch.equal(img, torch.from_numpy(got.astype(np.uint8)).permute(2, 0, 1))
+    planar = rgb.transpose(2, 0, 1)  # PIL reads planar 16-bit TIFFs garbled
+    tifffile.imwrite(tmp_path / "c.tif", planar, photometric="rgb", planarconfig="separate")
+    for name in ("b.tif", "c.tif"):
+        assert np.abs(_both_decoders(str(tmp_path / name)) - _stretched(rgb)).max() <= 1, name
+
+    # tifffile without a codec (e.g. LZW without imagecodecs): PIL's 8 bits, said once
+    def no_codec(img, data):
+        raise ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(decode, "_read_deep", no_codec)
+    got = _both_decoders(str(tmp_path / "b.tif"))
+    assert got.max() <= 16 and "keeps each value's high byte" in caplog.text
 
 
 def test_string_settings_given_a_list_are_named(tmp_path):
@@ -397,7 +450,8 @@ def test_string_settings_given_a_list_are_named(tmp_path):
     from pretrain.config import load_config, validate
 
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("data_path: [a, b]\n")
+    cfg_file.write_text("data_path: [a, b]\noutput_dir: 1.10\n")
     cfg = load_config(["--config", str(cfg_file)])[0]
-    with pytest.raises(ConfigError, match=r"data_path must be a string, got \['a', 'b'\]"):
+    with pytest.raises(ConfigError, match=r"data_path must be a string, got \['a', 'b'\]") as e:
         validate(cfg)
+    assert "output_dir must be a string, got 1.1 (in YAML, quote it" in str(e.value)

@@ -19,6 +19,7 @@ from mae_transfer.classification.knn import (
     knn_accuracy,
     knn_scores,
 )
+from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.distributed import DistInfo
 from pretrain.config import make_config, validate
 from pretrain.engine import Trainer
@@ -347,8 +348,13 @@ def test_a_checkpoint_without_the_final_norm_is_named(tmp_path, caplog):
     assert "has no final norm" in caplog.text
 
 
-def test_a_checkpoint_without_a_class_token_is_read_by_the_mean_patch_token(tmp_path, caplog):
-    from mae_transfer.classification.knn import default_pool, encoder_for_checkpoint
+def test_a_checkpoint_without_a_class_token_runs_without_one(tmp_path, caplog):
+    from mae_transfer.classification.knn import (
+        checkpoint_features,
+        default_pool,
+        encoder_for_checkpoint,
+        extract_features,
+    )
 
     enc, paths = save_mae_checkpoints(tmp_path, img_size=32, depth=2)
     tiny = dict(embed_dim=32, depth=2, num_heads=2)
@@ -356,7 +362,18 @@ def test_a_checkpoint_without_a_class_token_is_read_by_the_mean_patch_token(tmp_
         default_pool(encoder_for_checkpoint(paths["official"], "vit_base_patch16", 32, **tiny))
         == "cls"
     )
-    # e.g. a detectron2 backbone's weights: no cls_token, whose stand-in would be random
+    # e.g. a detectron2 backbone's weights: no cls_token. A stand-in token would be random and
+    # every patch would attend to it: the encoder runs without one, as the backbone did
     torch.save({k: v for k, v in enc.items() if k != "cls_token"}, tmp_path / "no_cls.pth")
-    model = encoder_for_checkpoint(str(tmp_path / "no_cls.pth"), "vit_base_patch16", 32, **tiny)
-    assert default_pool(model) == "avg" and "has no class token" in caplog.text
+    feats = []
+    for seed in (0, 1):  # whatever the random state, the same features
+        torch.manual_seed(seed)
+        model = encoder_for_checkpoint(str(tmp_path / "no_cls.pth"), "vit_base_patch16", 32, **tiny)
+        assert model.num_prefix_tokens == 0 and default_pool(model) == "avg"
+        imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+        loader = [(imgs, torch.tensor([0, 1]))]
+        feats.append(extract_features(model, loader, torch.device("cpu"), "avg")[0])
+    assert torch.equal(feats[0], feats[1]) and "has no class token" in caplog.text
+    with pytest.raises(ConfigError, match="no class token; use --pool avg"):
+        extract_features(model, loader, torch.device("cpu"), "cls")
+    assert checkpoint_features(model, "avg") is None

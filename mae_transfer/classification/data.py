@@ -3,13 +3,14 @@ fine-tuning, crop + flip for linear probing), mixup / cutmix, and cached feature
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torchvision import transforms
 
 from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, ClassFolder, find_classes
-from mae_transfer.data.folder import class_difference
+from mae_transfer.data.folder import IMG_EXTENSIONS, class_difference
 from mae_transfer.data.transforms import Size, hw
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.distributed import DistInfo, on_rank0
@@ -72,11 +73,17 @@ def class_folders(
 def _classes(root: str, dist: DistInfo) -> ClassFolder:
     try:
         return on_rank0(find_classes, dist, root)
-    except FileNotFoundError as e:  # e.g. ImageNet's val/ as distributed: 50,000 files flat
-        raise ConfigError(
-            f"{e}; images directly in {root} have no class: sort them into one folder per "
-            "class (for ImageNet's val/, one per synset, as train/ is)"
-        ) from e
+    except FileNotFoundError as e:
+        flat = os.path.isdir(root) and any(
+            f.name.lower().endswith(IMG_EXTENSIONS) for f in os.scandir(root)
+        )
+        hint = (  # e.g. ImageNet's val/ as distributed: 50,000 files, no class folders
+            f"; images directly in {root} have no class: sort them into one folder per class "
+            "(for ImageNet's val/, one per synset, as train/ is)"
+            if flat
+            else ""
+        )
+        raise ConfigError(f"{e}{hint}") from e
 
 
 def build_mixup(cfg: FinetuneConfig, num_classes: int):

@@ -171,9 +171,12 @@ def extract_features(
         (N, D) fp32 features and (N,) labels, on the CPU.
     """
     if feature_fn is None:
+        prefix = getattr(model, "num_prefix_tokens", 1)  # 0: an encoder without class token
+        if pool == "cls" and prefix == 0:
+            raise ConfigError("--pool cls: these weights have no class token; use --pool avg")
 
         def feature_fn(imgs):
-            return pool_tokens(model.forward_features(imgs), pool)
+            return pool_tokens(model.forward_features(imgs), pool, prefix)
 
     was_training = model.training
     model.eval()
@@ -312,8 +315,11 @@ def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> to
     if "fc_norm.weight" in state and "norm.weight" not in state:
         classes = head_dim_of(state) or 1
         net = build_classifier(name, classes, input_size, global_pool="avg", **overrides)
-    else:
-        net = create_model(name, img_size=hw(input_size), **overrides)
+    else:  # weights without a class token (a detection backbone's): an encoder without one
+        no_cls = "cls_token" not in state and "class_token" not in overrides
+        net = create_model(
+            name, img_size=hw(input_size), **({"class_token": False} if no_cls else {}), **overrides
+        )
     report = load_pretrained(net, state, source=path)
     if "norm.weight" in report.missing:  # e.g. a detection / segmentation backbone's weights
         logger.warning(
@@ -321,13 +327,12 @@ def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> to
             "standardisation) instead",
             path,
         )
-    if "cls_token" in report.missing:  # e.g. a detectron2 backbone saved without it
+    if getattr(net, "num_prefix_tokens", 1) == 0:
         logger.warning(
-            "%s has no class token: its features are the mean patch token (--pool avg); "
-            "--pool cls would read a random, untrained token",
+            "%s has no class token: the encoder runs without one (as a detection backbone "
+            "does) and its feature is the mean patch token (--pool avg)",
             path,
         )
-        net.knn_default_pool = "avg"
     return net
 
 
@@ -337,9 +342,9 @@ def default_pool(model: torch.nn.Module) -> str:
     without a class token, else ``cls``."""
     from mae_transfer.classification.model import ViTClassifier
 
-    if isinstance(model, ViTClassifier):
+    if isinstance(model, ViTClassifier) or getattr(model, "num_prefix_tokens", 1) == 0:
         return "avg"
-    return getattr(model, "knn_default_pool", "cls")  # avg where the file has no class token
+    return "cls"
 
 
 def checkpoint_features(

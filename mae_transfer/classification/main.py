@@ -50,7 +50,8 @@ def _evaluate(cfg: ClassifyConfig) -> Dict[str, float]:
         path = os.path.join(cfg.output_dir, "eval.json")
         os.makedirs(cfg.output_dir, exist_ok=True)
         record = {"checkpoint": cfg.resume or cfg.finetune, **metrics}
-        write_text_atomic(json.dumps(record, indent=1), path)
+        record = {k: None if v != v else v for k, v in record.items()}  # NaN: strict JSON null
+        write_text_atomic(json.dumps(record, indent=1, allow_nan=False), path)
         logger.info("wrote %s", path)
     return metrics
 

@@ -63,7 +63,7 @@ def _collate_flags(batch) -> tuple:
 class ValEvaluator:
     """Top-1 / top-5 accuracy and the cross-entropy of a classifier on a labelled set, each
     process taking a shard and the counts summed over all of them. An unreadable image is
-    left out (the data set hands the next readable one in its place, which would count that
+    left out (the data set hands another readable one in its place, which would count that
     one twice) and counted in ``skipped_images``."""
 
     def __init__(self, dataset: Dataset, dist: DistInfo, batch_size: int, num_workers: int):
@@ -84,13 +84,14 @@ class ValEvaluator:
         model.eval()
         correct1 = torch.zeros((), device=device)
         correct5, loss_sum, n = torch.zeros_like(correct1), torch.zeros_like(correct1), 0
-        replaced, outputs = 0, 0
+        replaced = 0
+        outputs = getattr(getattr(model, "module", model), "num_classes", 0)  # DDP or not
         try:
             for x, y, skipped in self.loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
                     logits = model(x)
-                logits, outputs = logits.float(), logits.shape[1]
+                logits = logits.float()
                 keep = (skipped == 0).to(device, logits.dtype, non_blocking=True)
                 loss_sum += (F.cross_entropy(logits, y, reduction="none") * keep).sum()
                 top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -303,7 +304,9 @@ class LinprobeTrainer(_ClassifierTrainer):
         if report is None:
             return
         fresh = ("head.",) + (("fc_norm.",) if cfg.global_pool == "avg" else ())
-        absent = [k for k in report.missing + report.new if not k.startswith(fresh)]
+        absent = [
+            k for k in report.missing + report.new + report.mismatched if not k.startswith(fresh)
+        ]
         if absent:
             hint = (
                 "; a checkpoint fine-tuned with avg pooling has no 'norm' (nor a trained class "
@@ -312,7 +315,8 @@ class LinprobeTrainer(_ClassifierTrainer):
                 else ""
             )
             raise CheckpointError(
-                f"{cfg.finetune} lacks frozen encoder weights the probe would read untrained: "
+                f"{cfg.finetune} does not fill the frozen encoder (missing or of another shape, "
+                "so the probe would read them untrained): "
                 f"{', '.join(sorted(absent)[:6])}{hint}"
             )
 

@@ -16,7 +16,7 @@ import functools
 import io
 import logging
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -106,17 +106,30 @@ def _note_high_depth(mode: str) -> None:
 
 
 def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Any real array -> uint8, its finite min..max mapped linearly onto 0..255 (NaN -> 0;
-    +-inf -> the ends; a constant array -> 0)."""
-    a = np.asarray(values, dtype=np.float64)
+    """Any real array -> uint8, its finite min..max mapped linearly onto 0..255 (NaN -> 0,
+    +-inf -> the ends). A constant array has no range to stretch: 16-bit values are scaled
+    from 0..65535, floats from 0..1, others clipped. Integers of up to 16 bits of range go
+    through a lookup table (no float copy of a large scan)."""
+    a = np.asarray(values)
+    if a.dtype.kind in "ui":
+        lo, hi = int(a.min()), int(a.max())
+        if hi == lo:
+            v = lo * 255 / 65535 if a.dtype.itemsize == 2 else lo
+            return np.full(a.shape, min(max(round(v), 0), 255), np.uint8)
+        if hi - lo < 1 << 16:
+            lut = np.rint(np.arange(hi - lo + 1) * (255.0 / (hi - lo))).astype(np.uint8)
+            return lut[a - np.asarray(lo, a.dtype) if lo >= 0 else a.astype(np.int64) - lo]
+    a = a.astype(np.float32)  # a copy: changed in place below
     finite = np.isfinite(a)
     if not finite.any():
         return np.zeros(a.shape, np.uint8)
-    lo, hi = a[finite].min(), a[finite].max()
-    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
-    if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
-    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    lo, hi = (a.min(), a.max()) if finite.all() else (a[finite].min(), a[finite].max())
+    if hi == lo:
+        return np.full(a.shape, round(min(max(float(lo), 0.0), 1.0) * 255), np.uint8)
+    np.nan_to_num(a, copy=False, nan=lo, posinf=hi, neginf=lo)
+    a -= lo
+    a *= 255.0 / (hi - lo)
+    return np.rint(a, out=a).astype(np.uint8)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -131,51 +144,67 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _rgb16(img: Image.Image, data) -> Optional[np.ndarray]:
-    """All 16 bits of a 16-bit-per-channel RGB(A) PNG or TIFF as (H, W, 3), which PIL reads
-    as 8-bit RGB keeping each value's high byte (12-bit data in a 16-bit file then comes out
-    almost black; planar TIFFs come out garbled); None for other images, or for a TIFF
-    without ``tifffile``. Call before ``img.load()``: a PNG's depth is in its tile list, gone
-    after it."""
+def _deep_colour(img: Image.Image) -> bool:
+    """A PNG or TIFF of 16 bits per channel that PIL opens as 8-bit RGB(A) (keeping each
+    value's high byte; planar TIFFs it reads garbled). Before ``img.load()``: a PNG's depth
+    is in its tile list, gone after it."""
     if img.mode not in ("RGB", "RGBA"):
-        return None
-    if img.format == "TIFF":  # PIL misreads planar ones; the header's BitsPerSample says
-        bits = img.tag_v2.get(258, 8)
-        if max(bits if isinstance(bits, tuple) else (bits,)) <= 8:
-            return None
-    elif not any(";16" in str(t.args) for t in img.tile or ()):
-        return None
-    try:
-        if img.format == "PNG":
-            from torchvision.io import ImageReadMode, decode_png
+        return False
+    if img.format == "TIFF":
+        bits = img.tag_v2.get(258, 8)  # BitsPerSample
+        return max(bits if isinstance(bits, tuple) else (bits,)) > 8
+    return img.format == "PNG" and any(";16" in str(t.args) for t in img.tile or ())
 
-            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            arr = decode_png(raw, mode=ImageReadMode.UNCHANGED).permute(1, 2, 0)
-            return arr.to(torch.int32).numpy()[..., :3]
-        if img.format == "TIFF":
-            try:
-                import tifffile
-            except ImportError:
-                return None
-            arr = tifffile.imread(io.BytesIO(data))
-            if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
-                arr = arr.transpose(1, 2, 0)  # planar
-            return arr[..., :3] if arr.ndim == 3 else None
-    except Exception as e:  # noqa: BLE001 - each reader has its own errors: one kind here
-        raise OSError(f"cannot decode the 16-bit image: {e}") from e
-    return None
+
+def _read_deep(img: Image.Image, data) -> np.ndarray:
+    """All the bits of a :func:`_deep_colour` file, (H, W, C) with C 1-4 (a grey + alpha PNG
+    opens as RGBA). Raises OSError (corrupt data) or ImportError (no TIFF reader)."""
+    if img.format == "PNG":
+        from torchvision.io import ImageReadMode, decode_png
+
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        try:
+            arr = decode_png(raw, mode=ImageReadMode.UNCHANGED)
+        except RuntimeError as e:
+            raise OSError(f"cannot decode the 16-bit PNG: {e}") from e
+        return arr.permute(1, 2, 0).to(torch.int32).numpy()
+    import tifffile  # scikit-image's dependency; optional here
+
+    arr = tifffile.imread(io.BytesIO(data))  # compressed ones may need imagecodecs
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+        arr = arr.transpose(1, 2, 0)  # planar
+    return arr if arr.ndim == 3 else arr[..., None]
+
+
+@functools.cache
+def _note_deep_fallback(reason: str) -> None:
+    logger.warning(
+        "16-bit colour TIFFs are read through PIL, which keeps each value's high byte "
+        "(12-bit data comes out dark): %s",
+        reason,
+    )
 
 
 def decode_pil(img: Image.Image, data) -> Image.Image:
     """An opened, not yet loaded image (and its file's bytes) -> decoded RGB: as
-    :func:`to_rgb`, and 16-bit RGB PNG / TIFF read with all their bits, then stretched from
+    :func:`to_rgb`, and 16-bit colour PNG / TIFF read with all their bits, then stretched from
     their own min..max to 0..255 like one-channel deep images. Raises on corrupt data."""
-    deep = _rgb16(img, data)
+    deep = None
+    if _deep_colour(img):
+        try:
+            deep = _read_deep(img, data)
+        except ImportError:
+            _note_deep_fallback("install tifffile to read all 16 bits")
+        except Exception as e:  # noqa: BLE001 - tifffile's own errors (e.g. a missing codec)
+            if img.format != "TIFF":
+                raise
+            _note_deep_fallback(f"tifffile could not read one: {str(e)[:100]}")
     if deep is None:
         img.load()
         return to_rgb(img)
     _note_high_depth(img.mode + " (16 bits per channel)")
-    return Image.fromarray(stretch_to_uint8(deep), "RGB")
+    rgb = deep[..., :3] if deep.shape[-1] >= 3 else np.repeat(deep[..., :1], 3, axis=-1)
+    return Image.fromarray(stretch_to_uint8(rgb), "RGB")
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -52,27 +51,29 @@ def _other_image_types() -> frozenset:
 def walk_images(base: str, report: bool = True) -> Iterator[Tuple[str, List[str]]]:
     """(folder, its image file names, sorted) under ``base``, recursively, in sorted order.
 
-    Symlinks are followed, but each folder is walked once (by device and inode): a link loop
-    (``sub/up -> ..``) would otherwise list the same images again and again, or never end.
+    Symlinks are followed, except one to a folder it is in (by device and inode): such a loop
+    (``sub/up -> ..``) would list the same images again and again, or never end.
     Hidden files and folders are left out. ``report``: log what was left out (folders that
-    cannot be read, folders reached twice, images of types not read, e.g. GIF) when done.
+    cannot be read, loops, images of types not read, e.g. GIF) when done.
     """
-    seen: Set[Tuple[int, int]] = set()
-    repeated, others = 0, Counter()
+    chain: Dict[str, frozenset] = {}  # folder -> (device, inode) of it and its ancestors
+    loops, others = 0, Counter()
 
     def unreadable(e: OSError) -> None:
         logger.warning("cannot list %s (%s): its images are left out", e.filename, e.strerror)
 
     for dirpath, dirnames, filenames in os.walk(base, followlinks=True, onerror=unreadable):
+        above = chain.get(os.path.dirname(dirpath), frozenset())
         try:
             st = os.stat(dirpath)
         except OSError:
             continue
-        if (st.st_dev, st.st_ino) in seen:
-            repeated += 1
+        key = (st.st_dev, st.st_ino)
+        if st.st_ino and key in above:  # a link back to a folder it is in (inode 0: unknown)
+            loops += 1
             dirnames[:] = []
             continue
-        seen.add((st.st_dev, st.st_ino))
+        chain[dirpath] = above | {key} if st.st_ino else above
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
         names = []
         for f in sorted(filenames):
@@ -81,12 +82,9 @@ def walk_images(base: str, report: bool = True) -> Iterator[Tuple[str, List[str]
             elif not _hidden(f) and os.path.splitext(f)[1].lower() in _other_image_types():
                 others[os.path.splitext(f)[1].lower()] += 1
         yield dirpath, names
-    if report and repeated:
+    if report and loops:
         logger.warning(
-            "%s: %d folder(s) reached again through symlinks (e.g. a link to a parent) were "
-            "listed once",
-            base,
-            repeated,
+            "%s: %d symlink(s) to a folder they are in (a loop) were not followed", base, loops
         )
     if report and others:
         kinds = ", ".join(f"{ext} {n}" for ext, n in others.most_common(6))
@@ -235,36 +233,30 @@ def load_rgb(path: str) -> Image.Image:
 def read_good(
     paths: Sequence[str], i: int, bad: Set[str], loader=load_rgb, seed: int = 0
 ) -> Tuple[int, object, int]:
-    """Decodes ``paths[i]``; when it is unreadable, another file chosen at random instead.
+    """Decodes ``paths[i]``; when it is unreadable, another file drawn at random instead.
 
-    The replacements are ``i + k * stride`` (k = 1, 2, ...) for a stride drawn from ``seed``
-    (the item's own seed: the same on every run and resume) coprime to the number of files, so
-    they are distinct files spread over the data set: a run of bad files (e.g. one corrupt
-    folder) does not make its next good neighbour count many times.
+    The draws (distinct files, up to :data:`MAX_BAD_TRIES` in all) come from ``seed``, the
+    item's own seed: the same on every run and resume. Drawn from the whole data set, not the
+    neighbours, they do not make a run of bad files (a corrupt folder) count its next good
+    file many times, nor fail there: 50 unreadable draws in a row need most files bad.
 
     Args:
         paths: the data set's files.
         i: the index asked for.
         bad: files already reported unreadable (each is logged once per process).
         loader: path -> decoded image; raises one of :data:`UNREADABLE` on a bad file.
-        seed: draws the stride.
+        seed: seeds the draws.
 
     Returns:
         (index of the file used, the decoded image, how many unreadable files were tried).
 
     Raises:
-        ConfigError: :data:`MAX_BAD_TRIES` files in a row (or every file) were unreadable.
+        ConfigError: every file tried was unreadable (all of them, in a small data set).
     """
     n = len(paths)
-    stride = 1
-    if n > 2:
-        rng = random.Random(seed)
-        stride = rng.randrange(1, n)
-        while math.gcd(stride, n) != 1:
-            stride = rng.randrange(1, n)
     tries = min(n, MAX_BAD_TRIES)
-    for k in range(tries):
-        j = (i + k * stride) % n
+    order = [i] + [j for j in _draws(n, tries, seed) if j != i]
+    for k, j in enumerate(order[:tries]):
         try:
             return j, loader(paths[j]), k
         except UNREADABLE as e:
@@ -277,10 +269,16 @@ def read_good(
         what = f"all {n} image files are unreadable"
     else:
         what = (
-            f"{tries} image files in a row were unreadable for one item, from {paths[i]} on "
-            f"({len(bad)} of the {n} files reported so far)"
+            f"{paths[i]} and {tries - 1} other files drawn at random from the {n} were all "
+            f"unreadable ({len(bad)} reported so far): most files look unreadable"
         )
     raise ConfigError(f"{what}: is the data path a folder of images? (see the warnings above)")
+
+
+def _draws(n: int, tries: int, seed: int) -> List[int]:
+    """``tries`` distinct indices of ``range(n)`` drawn from ``seed`` (all of them, in a random
+    order, when ``tries == n``)."""
+    return random.Random(seed).sample(range(n), tries)
 
 
 def collate(batch) -> tuple:
@@ -308,7 +306,7 @@ class ClassFolderDataset(torch.utils.data.Dataset):
     Keys are ``(epoch, index)`` as the samplers of :mod:`mae_transfer.data.sampler` yield them;
     a random ``transform`` runs under :func:`~mae_transfer.data.seeded` with the sample's seed,
     so augmentation is a pure function of (seed, epoch, index). An unreadable file is replaced
-    by the next readable one (with that one's label), logged once and counted.
+    by another one drawn at random (with that one's label), logged once and counted.
 
     Args:
         folder: a scanned class-folder tree (:func:`find_classes`).

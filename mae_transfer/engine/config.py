@@ -215,11 +215,11 @@ def check_types(cfg: C, checks: Checks) -> C:
         if _is_bool(f):
             checks.need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
             continue
-        if kind is str:  # YAML gives numbers for e.g. `output_dir: 2024`, lists for `[a, b]`
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                fixes[name] = str(value)
-            elif not isinstance(value, str):
-                checks.errors.append(f"{name} must be a string, got {value!r}")
+        if kind is str:  # YAML reads `[a, b]` as a list, `1.10` as 1.1, `2026-12-06` as a date
+            if not isinstance(value, str):
+                checks.errors.append(
+                    f"{name} must be a string, got {value!r} (in YAML, quote it: '...')"
+                )
                 fixes[name] = f.default
             continue
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
