@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -469,7 +470,7 @@ def _refused(caplog, code: int, *expected: str) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["weights", "model_name", "config_file", "unknown_key", "out_indices", "no_test_set"],
+    ["weights", "model_name", "config_file", "unknown_key", "out_indices", "no_test_set", "taken"],
 )
 def test_train_det_refuses_bad_input_before_training_with_exit_2(toy_coco, tmp_path, caplog, case):
     """Each used to end in a traceback (exit 1); a missing test set only after the training."""
@@ -489,6 +490,9 @@ def test_train_det_refuses_bad_input_before_training_with_exit_2(toy_coco, tmp_p
     elif case == "out_indices":  # only the model knows its depth (4)
         opts += ["MODEL.VIT.OUT_INDICES", "[0, 1, 2, 7]"]
         expected = ("out_indices (0, 1, 2, 7) out of range for depth 4",)
+    elif case == "taken":  # detectron2's own name: its COCO files, silently, not these
+        opts += ["DATASETS.COCO", repr([["coco_2017_val", *toy_coco["val"]]])]
+        expected = ("DATASETS.COCO names 'coco_2017_val', which is already registered",)
     else:  # as demo_tiny.yaml's toy_coco_val, which only --coco-val registers (here: other
         # tests of this process did; hence a name of its own)
         data, opts = data[:3], opts + ["DATASETS.TEST", "('toy_coco_val_not_given',)"]
@@ -718,3 +722,37 @@ def test_a_resumed_adamw_keeps_its_step_count_where_its_implementation_reads_it(
     assert opt.param_groups[0]["fused"] is True
     step = opt.state[q]["step"]
     assert step.device == q.device and step.dtype == torch.float32
+
+
+def test_train_det_names_a_class_count_that_does_not_fit_the_data(toy_coco, tmp_path, caplog):
+    import logging
+
+    argv = ["--config-file", TINY_CONFIG, "--coco-train", *toy_coco["train"], *TINY_OPTS]
+    argv += ["DATASETS.TEST", "()", "SOLVER.MAX_ITER", "1", "SOLVER.STEPS", "()"]
+    argv += ["SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(tmp_path / "out")]
+    with open(toy_coco["train"][0]) as f:
+        n = len(json.load(f)["categories"])
+    code = load_tool("train_det").cli(argv + ["MODEL.ROI_HEADS.NUM_CLASSES", "1"])
+    _refused(caplog, code, f"has {n} categories but MODEL.ROI_HEADS.NUM_CLASSES is 1")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert load_tool("train_det").cli(argv + ["MODEL.ROI_HEADS.NUM_CLASSES", str(n + 2)]) == 0
+    assert f"{n} categories, MODEL.ROI_HEADS.NUM_CLASSES is {n + 2}" in caplog.text
+    # our loggers write to detectron2's log file too (the weight-loading report, the summary)
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert f"{n} categories, MODEL.ROI_HEADS.NUM_CLASSES is {n + 2}" in log
+
+
+def test_drawn_class_names_come_from_the_detector_s_data_set(toy_coco, caplog):
+    from mae_transfer.detection.train import build_cfg, register_coco_datasets
+    from mae_transfer.detection.visualize import class_names
+
+    cfg = build_cfg(TINY_CONFIG, TINY_OPTS, coco_val=toy_coco["val"])
+    register_coco_datasets(cfg)
+    with open(toy_coco["val"][0]) as f:
+        names = [c["name"] for c in sorted(json.load(f)["categories"], key=lambda c: c["id"])]
+    # the names of the user's set, read from its file (they were unknown before it loaded)
+    assert list(class_names(cfg, cfg.DATASETS.TEST[0]).thing_classes) == names
+    # a recipe config's coco_2017_val: COCO's 80 names would label this detector's 6 classes
+    assert class_names(cfg, "coco_2017_val").get("thing_classes", None) is None
+    assert "80 class names of 'coco_2017_val' do not fit the detector's" in caplog.text

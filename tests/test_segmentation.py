@@ -513,3 +513,20 @@ def test_cpu_runs_use_plain_batchnorm_with_any_launcher(launcher):
     assert "SyncBN" in str(Config.fromfile(RECIPE)._cfg_dict)  # the recipe asks for it
     assert "SyncBN" not in str(cfg._cfg_dict)
     assert cfg.env_cfg.dist_cfg.backend == "gloo"
+
+
+def test_the_comparison_grid_takes_images_of_different_sizes(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from mae_transfer.segmentation import visualize
+
+    paths = []
+    for i, (h, w) in enumerate(((40, 60), (64, 32))):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(paths[-1])
+    monkeypatch.setattr(
+        visualize, "predict", lambda model, p: np.zeros(Image.open(p).size[::-1], int)
+    )
+    grid = visualize.comparison_grid(paths, [("model", None)], [(255, 0, 0)], scale=1)
+    assert grid.shape == (20 + 2 * (64 + 4), 2 * (60 + 4), 3)  # cells padded to 64 x 60

@@ -24,15 +24,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mae_transfer.detection  # noqa: E402,F401  (compat fixes + backbone registration)
 
 # isort: split
+from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from mae_transfer.detection import MAECheckpointer  # noqa: E402
 from mae_transfer.detection.train import (  # noqa: E402
     Trainer,
+    attach_logs,
     build_cfg,
     check_datasets,
     check_detector_weights,
+    check_num_classes,
     check_weights,
     register_coco_datasets,
     summarize,
@@ -54,12 +57,18 @@ def load_cfg(args):
 def setup(args):
     cfg = load_cfg(args)
     cfg.freeze()
-    default_setup(cfg, args)
+    default_setup(cfg, args)  # sets up detectron2's and fvcore's loggers only
+    # ours too (the weight-loading report, data set checks, the summary): to the console and
+    # to detectron2's log.txt
+    attach_logs(("mae_transfer", "train_det"), cfg.OUTPUT_DIR, comm.get_rank())
     return cfg
 
 
 def main(args):
     cfg = setup(args)
+    for name in cfg.DATASETS.TEST:  # read now: a category mismatch is named before training
+        DatasetCatalog.get(name)
+    check_num_classes(cfg, cfg.DATASETS.TEST)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # a trained detector, all of it: an MAE file or another model's would evaluate heads
@@ -69,7 +78,8 @@ def main(args):
         )
         results = Trainer.test(cfg, model)
     else:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg)  # its data loader has read the training sets
+        check_num_classes(cfg, cfg.DATASETS.TRAIN)
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
     if comm.is_main_process() and results:

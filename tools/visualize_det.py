@@ -41,6 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config-file", required=True)
     p.add_argument("--weights", required=True, help="detectron2 checkpoint (model_final.pth)")
     p.add_argument("--images", nargs="*", default=None)
+    p.add_argument(
+        "--coco-val",
+        nargs=2,
+        metavar=("JSON", "IMAGE_ROOT"),
+        default=None,
+        help="your COCO-format test set (as train_det): its images, and its class names",
+    )
     p.add_argument("--num", type=int, default=8)
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--output", default="predictions.png")
@@ -72,7 +79,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def body():
-        cfg = build_cfg(args.config_file, args.opts)
+        cfg = build_cfg(args.config_file, args.opts, coco_val=args.coco_val)
         if "://" not in args.weights and not os.path.isfile(args.weights):
             raise CheckpointError(f"--weights {args.weights!r} does not exist")
         register_coco_datasets(cfg)

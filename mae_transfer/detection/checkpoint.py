@@ -83,7 +83,7 @@ class MAECheckpointer(DetectionCheckpointer):
             return incompatible
         model = self.model.module if hasattr(self.model, "module") else self.model
         vit_name, vit = find_vit(model)
-        report = load_pretrained(vit, checkpoint.pop("model"), log=False)
+        report = load_pretrained(vit, checkpoint.pop("model"), log=False, source=self._source)
         others = [k for k in model.state_dict() if not k.startswith(vit_name + ".")]
         (logger.info if report.ok else logger.warning)(
             "MAE weights into %s:\n%s\n  new outside the ViT (trained from scratch): %d tensors"

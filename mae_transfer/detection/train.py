@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import yaml
@@ -107,6 +107,15 @@ def register_coco_datasets(cfg) -> List[str]:
     for name, json_file, image_root in cfg.DATASETS.COCO:
         if name not in DatasetCatalog.list():
             register_coco_instances(name, {}, json_file, image_root)
+        else:  # registered before: by this same entry (fine) or by detectron2 (its COCO files)
+            meta = MetadataCatalog.get(name)
+            same = (getattr(meta, "json_file", None), getattr(meta, "image_root", None))
+            if same != (json_file, image_root):
+                raise ConfigError(
+                    f"DATASETS.COCO names {name!r}, which is already registered for "
+                    f"{same[0]} / {same[1]} (e.g. one of detectron2's built-in COCO sets): "
+                    f"give {json_file} another name, and use it in DATASETS.TRAIN / TEST"
+                )
         names.append(name)
     return names
 
@@ -172,6 +181,59 @@ def check_datasets(cfg, eval_only: bool = False) -> None:
             errors.append(f"{key} {name!r}: image folder {image_root} does not exist")
     if errors:
         raise ConfigError("invalid detectron2 data sets:\n  - " + "\n  - ".join(errors))
+
+
+def attach_logs(names: Sequence[str], output_dir: str, rank: int = 0) -> None:
+    """Our loggers next to detectron2's (``default_setup`` configures only its own and
+    fvcore's): INFO on rank 0, warnings elsewhere; to the console unless the root logger
+    already prints, and to ``output_dir/log.txt`` on rank 0. Propagation is left on (logging
+    set up by a caller still sees the records); calling again adds nothing."""
+    import sys
+
+    fmt = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", "%m/%d %H:%M:%S")
+    targets = [("console", None)] if not logging.getLogger().handlers else []
+    if rank == 0 and output_dir:
+        targets.append(("file", os.path.join(output_dir, "log.txt")))
+    for name in names:
+        log = logging.getLogger(name)
+        log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        have = {getattr(h, "_mae_target", None) for h in log.handlers}
+        for kind, path in targets:
+            if (kind, path) in have:
+                continue
+            if kind == "file":
+                os.makedirs(output_dir, exist_ok=True)
+                handler: logging.Handler = logging.FileHandler(path)
+            else:
+                handler = logging.StreamHandler(sys.stdout)
+            handler._mae_target = (kind, path)
+            handler.setFormatter(fmt)
+            log.addHandler(handler)
+
+
+def check_num_classes(cfg, names: Sequence[str]) -> None:
+    """MODEL.ROI_HEADS.NUM_CLASSES against the categories of data sets already loaded (their
+    metadata has ``thing_classes`` once read): fewer classes than the data fails at the first
+    iteration deep in the box head (a device-side assert on a GPU), more leaves outputs no
+    image can teach and fails COCO evaluation when one is predicted."""
+    want = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for name in names:
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes is None or len(classes) == want:
+            continue
+        if len(classes) > want:
+            raise ConfigError(
+                f"data set {name!r} has {len(classes)} categories but MODEL.ROI_HEADS.NUM_CLASSES "
+                f"is {want}: add MODEL.ROI_HEADS.NUM_CLASSES {len(classes)} to the command"
+            )
+        logger.warning(
+            "data set %r has %d categories, MODEL.ROI_HEADS.NUM_CLASSES is %d: the extra outputs "
+            "are never trained; set MODEL.ROI_HEADS.NUM_CLASSES %d",
+            name,
+            len(classes),
+            want,
+            len(classes),
+        )
 
 
 def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:

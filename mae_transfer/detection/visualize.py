@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
 from .train import build_augmentations
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -28,6 +31,27 @@ def predict(cfg, model, image_path: str):
     return img, out["instances"].to("cpu")
 
 
+def class_names(cfg, name: str):
+    """The metadata whose ``thing_classes`` label the drawing: data set ``name``'s, read from
+    its annotation file if not yet known (a COCO-format set learns its names when loaded), or
+    none (class indices) when its names do not fit the model's classes, e.g. COCO's 80 names
+    of a recipe config's DATASETS.TEST over a detector of another data set."""
+    metadata = MetadataCatalog.get(name)
+    if "thing_classes" not in metadata.as_dict() and name in DatasetCatalog.list():
+        DatasetCatalog.get(name)  # sets thing_classes
+    names = metadata.get("thing_classes", None)
+    if names is not None and len(names) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        logger.warning(
+            "the %d class names of %r do not fit the detector's %d classes: drawn as class "
+            "indices (give --coco-val JSON IMAGE_ROOT of its data set for names)",
+            len(names),
+            name,
+            cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+        )
+        return MetadataCatalog.get("__mae_transfer_no_names__")
+    return metadata
+
+
 def draw_predictions(
     cfg,
     model,
@@ -39,7 +63,7 @@ def draw_predictions(
     scale: float = 2.0,
 ) -> str:
     """Draws boxes, masks, class names and scores above ``score_thresh``; writes ``output``."""
-    metadata = MetadataCatalog.get(dataset or (cfg.DATASETS.TEST or cfg.DATASETS.TRAIN)[0])
+    metadata = class_names(cfg, dataset or (cfg.DATASETS.TEST or cfg.DATASETS.TRAIN)[0])
     tiles: List[np.ndarray] = []
     for path in image_paths:
         img, inst = predict(cfg, model, path)

@@ -73,15 +73,20 @@ def comparison_grid(
 ) -> np.ndarray:
     """Rows of image | ground truth | each (title, model) prediction, with titles on top."""
     titles = ["image"] + (["ground truth"] if gt_paths else []) + [t for t, _ in columns]
-    rows: List[np.ndarray] = []
+    rows: List[List[np.ndarray]] = []
     for i, path in enumerate(image_paths):
         img = np.asarray(Image.open(path).convert("RGB"))
         cells = [img]
         if gt_paths:
             cells.append(overlay(img, load_labels(gt_paths[i]), palette))
         cells += [overlay(img, predict(model, path), palette) for _, model in columns]
-        rows.append(np.concatenate([_pad(c) for c in cells], axis=1))
-    grid = np.concatenate(rows, axis=0)
+        rows.append(cells)
+    # images of different sizes: every cell padded (white, right and bottom) to the largest
+    h = max(c.shape[0] for cells in rows for c in cells)
+    w = max(c.shape[1] for cells in rows for c in cells)
+    grid = np.concatenate(
+        [np.concatenate([_pad(_fit(c, h, w)) for c in cells], axis=1) for cells in rows], axis=0
+    )
     grid = np.asarray(
         Image.fromarray(grid).resize(
             (grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST
@@ -92,6 +97,11 @@ def comparison_grid(
     for k, t in enumerate(titles):
         ImageDraw.Draw(head).text((k * cell_w + 4, 4), t, fill=(0, 0, 0))
     return np.concatenate([np.asarray(head), grid], axis=0)
+
+
+def _fit(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``img`` padded with white to (h, w) (it is at most that large)."""
+    return np.pad(img, ((0, h - img.shape[0]), (0, w - img.shape[1]), (0, 0)), constant_values=255)
 
 
 def _pad(img: np.ndarray, pad: int = 2) -> np.ndarray:
