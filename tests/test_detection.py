@@ -756,3 +756,15 @@ def test_drawn_class_names_come_from_the_detector_s_data_set(toy_coco, caplog):
     # a recipe config's coco_2017_val: COCO's 80 names would label this detector's 6 classes
     assert class_names(cfg, "coco_2017_val").get("thing_classes", None) is None
     assert "80 class names of 'coco_2017_val' do not fit the detector's" in caplog.text
+
+
+def test_a_data_set_name_of_ours_is_registered_again_for_other_files(tmp_path):
+    from detectron2.data import MetadataCatalog
+
+    from mae_transfer.detection.train import build_cfg, register_coco_datasets
+
+    for i in range(2):  # e.g. two demo runs in one process, each with its own data
+        files = write_toy_coco(str(tmp_path / str(i)), num_train=2, num_val=1, size=64)
+        entry = repr([["toy_again_train", *files["train"]]])
+        register_coco_datasets(build_cfg(TINY_CONFIG, TINY_OPTS + ["DATASETS.COCO", entry]))
+        assert MetadataCatalog.get("toy_again_train").json_file == files["train"][0]

@@ -101,21 +101,32 @@ def _reason(e: Exception) -> str:
     return str(e) or type(e).__name__
 
 
+_REGISTERED_HERE: set = set()  # names register_coco_datasets registered in this process
+
+
 def register_coco_datasets(cfg) -> List[str]:
-    """Registers each ``DATASETS.COCO`` entry [name, json_file, image_root] (once)."""
+    """Registers each ``DATASETS.COCO`` entry [name, json_file, image_root]: once; again for
+    other files when this function registered the name before (an earlier run in this
+    process, e.g. a notebook); a name someone else registered (detectron2's ``coco_2017_*``)
+    for other files is a ConfigError."""
     names = []
     for name, json_file, image_root in cfg.DATASETS.COCO:
-        if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, json_file, image_root)
-        else:  # registered before: by this same entry (fine) or by detectron2 (its COCO files)
+        if name in DatasetCatalog.list():
             meta = MetadataCatalog.get(name)
-            same = (getattr(meta, "json_file", None), getattr(meta, "image_root", None))
-            if same != (json_file, image_root):
+            before = (meta.get("json_file", None), meta.get("image_root", None))
+            if before == (json_file, image_root):
+                names.append(name)
+                continue
+            if name not in _REGISTERED_HERE:  # detectron2's (its COCO files) or the caller's
                 raise ConfigError(
                     f"DATASETS.COCO names {name!r}, which is already registered for "
-                    f"{same[0]} / {same[1]} (e.g. one of detectron2's built-in COCO sets): "
+                    f"{before[0]} / {before[1]} (e.g. one of detectron2's built-in COCO sets): "
                     f"give {json_file} another name, and use it in DATASETS.TRAIN / TEST"
                 )
+            DatasetCatalog.remove(name)  # ours, for other files (an earlier run in this process)
+            MetadataCatalog.remove(name)
+        register_coco_instances(name, {}, json_file, image_root)
+        _REGISTERED_HERE.add(name)
         names.append(name)
     return names
 
