@@ -530,3 +530,31 @@ def test_the_comparison_grid_takes_images_of_different_sizes(tmp_path, monkeypat
     )
     grid = visualize.comparison_grid(paths, [("model", None)], [(255, 0, 0)], scale=1)
     assert grid.shape == (20 + 2 * (64 + 4), 2 * (60 + 4), 3)  # cells padded to 64 x 60
+
+
+def test_data_folders_are_checked_for_pairs_before_training(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mae_transfer.engine.config import ConfigError
+    from mae_transfer.segmentation.runner import check_data
+
+    root = tmp_path / "data"
+    for d in ("img", "ann"):
+        (root / d).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(root / "img" / f"{i}.png")
+        Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "ann" / f"{i}.png")
+    ds = dict(type="BaseSegDataset", data_root=str(root))
+    ds["data_prefix"] = dict(img_path="img", seg_map_path="ann")
+    cfg = Config(dict(train_dataloader=dict(dataset=ds)))
+    with pytest.raises(ConfigError, match=r"no '.jpg' images in .*img \(found: .png\); set"):
+        check_data(cfg)  # BaseSegDataset's default suffix is .jpg: mmseg found nothing
+    ds["img_suffix"] = ".png"
+    check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    Image.fromarray(np.zeros((64, 96), np.uint8)).save(root / "ann" / "1.png")
+    with pytest.raises(ConfigError, match="image 1.png is 48x32 but its label .* is 96x64"):
+        check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    (root / "ann" / "1.png").unlink()
+    with pytest.raises(ConfigError, match=r"1 of 3 images have no label '<name>.png'"):
+        check_data(Config(dict(train_dataloader=dict(dataset=ds))))

@@ -220,7 +220,78 @@ def _missing_data(ds: Dict, key: str) -> List[str]:
     ]
     if ds.get("ann_file"):
         paths.append(("ann_file", os.path.join(root, ds["ann_file"])))
-    return [f"{key}.{name}: {path} does not exist" for name, path in paths if not _exists(path)]
+    missing = [f"{key}.{name}: {path} does not exist" for name, path in paths if not _exists(path)]
+    return missing or _unpaired_data(ds, key, dict(paths))
+
+
+PAIR_SAMPLE = 32  # image / label pairs whose sizes are compared (headers only)
+
+
+def _suffix(ds: Dict, name: str) -> str:
+    """The dataset config's ``img_suffix`` / ``seg_map_suffix``, or its class's default."""
+    if ds.get(name):
+        return ds[name]
+    try:
+        import inspect
+
+        from mmseg.registry import DATASETS
+
+        cls = DATASETS.get(ds.get("type", "BaseSegDataset"))
+        default = inspect.signature(cls.__init__).parameters[name].default
+        return default if isinstance(default, str) else ""
+    except (KeyError, TypeError, ValueError, AttributeError, ImportError):
+        return ""
+
+
+def _unpaired_data(ds: Dict, key: str, paths: Dict[str, str]) -> List[str]:
+    """Local image / label folders listed the way mmseg lists them (by suffix): no image of
+    ``img_suffix`` (mmseg fails with 'need at least one array to concatenate'), images
+    without a label, and, on a sample, an image whose label has another size (training runs
+    on misaligned labels; evaluation dies with a shape error naming no file)."""
+    img_dir, seg_dir = paths.get("data_prefix.img_path"), paths.get("data_prefix.seg_map_path")
+    if not img_dir or "://" in img_dir or not os.path.isdir(img_dir) or ds.get("ann_file"):
+        return []
+    img_suffix, seg_suffix = _suffix(ds, "img_suffix"), _suffix(ds, "seg_map_suffix")
+    if not img_suffix or not seg_suffix:  # a dataset class we cannot read the defaults of
+        return []
+    images = sorted(
+        os.path.relpath(os.path.join(d, f), img_dir)
+        for d, _, files in os.walk(img_dir)
+        for f in files
+        if f.endswith(img_suffix) and not f.startswith(".")
+    )
+    if not images:
+        kinds = sorted({os.path.splitext(f)[1] for _, _, fs in os.walk(img_dir) for f in fs})
+        return [
+            f"{key}: no '{img_suffix}' images in {img_dir} (found: {', '.join(kinds) or 'none'});"
+            f" set {key}.img_suffix"
+        ]
+    if not seg_dir or "://" in seg_dir or not os.path.isdir(seg_dir):
+        return []
+    labels = [os.path.join(seg_dir, i[: len(i) - len(img_suffix)] + seg_suffix) for i in images]
+    unpaired = [i for i, lab in zip(images, labels) if not os.path.isfile(lab)]
+    if unpaired:
+        return [
+            f"{key}: {len(unpaired)} of {len(images)} images have no label "
+            f"'<name>{seg_suffix}' in {seg_dir} (e.g. {unpaired[0]}); set "
+            f"{key}.seg_map_suffix if the labels end otherwise"
+        ]
+    from PIL import Image
+
+    step = max(1, len(images) // PAIR_SAMPLE)
+    for i in range(0, len(images), step):
+        try:
+            with Image.open(os.path.join(img_dir, images[i])) as a, Image.open(labels[i]) as b:
+                sizes = a.size, b.size
+        except OSError:
+            continue  # unreadable: mmseg's own loading says so
+        if sizes[0] != sizes[1]:
+            return [
+                f"{key}: image {images[i]} is {sizes[0][0]}x{sizes[0][1]} but its label "
+                f"{labels[i]} is {sizes[1][0]}x{sizes[1][1]}: labels must have their image's "
+                "size (checked on a sample)"
+            ]
+    return []
 
 
 def _exists(path: str) -> bool:
