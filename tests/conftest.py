@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import sys
 import traceback
@@ -111,7 +112,9 @@ def _rank_main(rank, world, port, fn, args, queue):
 
     info = init_distributed("cpu")
     try:
-        queue.put((rank, "ok", fn(info, *args)))
+        # as bytes: queue.put shares tensors through file descriptors that this process serves,
+        # and a rank that exits before the parent reads them fails the read (FileNotFoundError)
+        queue.put((rank, "ok", pickle.dumps(fn(info, *args))))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         queue.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
@@ -130,7 +133,7 @@ def run_ranks(fn, *args, world: int = 2, timeout: float = 240) -> dict:
     results = {}
     for _ in procs:
         rank, status, value = queue.get(timeout=timeout)
-        results[rank] = (status, value)
+        results[rank] = (status, pickle.loads(value) if status == "ok" else value)
     for p in procs:
         p.join(timeout=30)
     return results
