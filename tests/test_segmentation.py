@@ -558,3 +558,18 @@ def test_data_folders_are_checked_for_pairs_before_training(tmp_path):
     (root / "ann" / "1.png").unlink()
     with pytest.raises(ConfigError, match=r"1 of 3 images have no label '<name>.png'"):
         check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+
+
+def test_visualization_colours_come_from_the_config_s_own_classes():
+    from types import SimpleNamespace
+
+    from mae_transfer.segmentation.visualize import dataset_meta
+
+    model = SimpleNamespace(decode_head=SimpleNamespace(num_classes=2))
+    own = dict(classes=("sky", "road"), palette=[[0, 0, 255], [128, 128, 128]])
+    cfg = Config(dict(test_dataloader=dict(dataset=dict(type="BaseSegDataset", metainfo=own))))
+    meta = dataset_meta(cfg, model)
+    assert meta["classes"] == ("sky", "road") and meta["palette"] == own["palette"]
+    cfg.test_dataloader.dataset.metainfo = dict(classes=("sky", "road"))  # no palette given
+    meta = dataset_meta(cfg, model)
+    assert meta["classes"] == ("sky", "road") and len(meta["palette"]) == 2

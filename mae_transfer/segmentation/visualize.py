@@ -24,12 +24,18 @@ def init_segmentor(cfg, checkpoint: str, device: str = "cpu"):
 
 
 def dataset_meta(cfg, model) -> dict:
-    """Classes and palette of the config's test data set type (its METAINFO); a fixed random
-    palette where it has none."""
+    """Classes and palette of the config's test data set: its ``metainfo=`` (a data set of
+    one's own classes), else its type's METAINFO; a fixed random palette where neither has
+    one."""
     from mmseg.registry import DATASETS
 
-    dataset_cls = DATASETS.get(cfg.test_dataloader.dataset.type)
+    dataset = cfg.test_dataloader.dataset
+    dataset_cls = DATASETS.get(dataset.type)
     meta = dict(getattr(dataset_cls, "METAINFO", None) or {})
+    given = dict(dataset.get("metainfo") or {})
+    if given.get("classes") and not given.get("palette"):  # own classes: not the type's colours
+        meta.pop("palette", None)
+    meta.update(given)
     if not meta.get("palette"):
         num_classes = model.decode_head.num_classes
         meta["palette"] = np.random.RandomState(0).randint(0, 256, (num_classes, 3)).tolist()
