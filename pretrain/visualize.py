@@ -12,6 +12,7 @@ from PIL import Image
 
 from mae_transfer.checkpoint import CheckpointError, find_state_dict, load_file
 from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, load_rgb
+from mae_transfer.data.transforms import ResizeToCover
 from mae_transfer.mae import MaskedAutoencoderViT
 from mae_transfer.models import DECODER, VIT_SIZES
 from mae_transfer.registry import create_model
@@ -100,11 +101,7 @@ def prepare_image(path_or_array, size: Tuple[int, int]) -> torch.Tensor:
         else Image.fromarray(path_or_array)
     )
     h, w = size
-    scale = max(h / img.height, w / img.width)
-    img = img.resize(
-        (max(w, round(img.width * scale)), max(h, round(img.height * scale))),
-        Image.Resampling.BICUBIC,
-    )
+    img = ResizeToCover((h, w), crop_pct=1.0)(img)
     left, top = (img.width - w) // 2, (img.height - h) // 2
     x = np.asarray(img.crop((left, top, left + w, top + h)), dtype=np.float32) / 255.0
     x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)

@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mae_transfer.detection  # noqa: E402,F401  (compat fixes + backbone registration)
 
 # isort: split
-from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
@@ -66,9 +65,7 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
-    for name in cfg.DATASETS.TEST:  # read now: a category mismatch is named before training
-        DatasetCatalog.get(name)
-    check_num_classes(cfg, cfg.DATASETS.TEST)
+    check_num_classes(cfg, cfg.DATASETS.TEST)  # before training: reads their names if needed
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # a trained detector, all of it: an MAE file or another model's would evaluate heads

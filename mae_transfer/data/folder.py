@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
-from .decode import decode_pil, open_image
+from .decode import decode_pil, open_encoded
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +76,12 @@ def walk_images(base: str, report: bool = True) -> Iterator[Tuple[str, List[str]
         chain[dirpath] = above | {key} if st.st_ino else above
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
         names = []
-        for f in sorted(filenames):
-            if _is_image(f) and not _hidden(f):
+        for f in sorted(f for f in filenames if not _hidden(f)):
+            ext = os.path.splitext(f)[1].lower()
+            if _is_image(f):
                 names.append(f)
-            elif not _hidden(f) and os.path.splitext(f)[1].lower() in _other_image_types():
-                others[os.path.splitext(f)[1].lower()] += 1
+            elif ext in _other_image_types():
+                others[ext] += 1
         yield dirpath, names
     if report and loops:
         logger.warning(
@@ -225,9 +226,8 @@ def class_difference(a: ClassFolder, b: ClassFolder) -> str:
 
 def load_rgb(path: str) -> Image.Image:
     """Opens and fully decodes an image as RGB; raises on corrupt or truncated files."""
-    with open(path, "rb") as f:
-        data = f.read()
-    return decode_pil(open_image(data, path), data)  # deep images stretched to 8 bits
+    enc = open_encoded(path)
+    return decode_pil(enc.pil, enc.data)  # deep images stretched to 8 bits
 
 
 def read_good(
@@ -255,7 +255,8 @@ def read_good(
     """
     n = len(paths)
     tries = min(n, MAX_BAD_TRIES)
-    order = [i] + [j for j in _draws(n, tries, seed) if j != i]
+    draws = random.Random(seed).sample(range(n), tries)  # distinct files
+    order = [i] + [j for j in draws if j != i]
     for k, j in enumerate(order[:tries]):
         try:
             return j, loader(paths[j]), k
@@ -273,12 +274,6 @@ def read_good(
             f"unreadable ({len(bad)} reported so far): most files look unreadable"
         )
     raise ConfigError(f"{what}: is the data path a folder of images? (see the warnings above)")
-
-
-def _draws(n: int, tries: int, seed: int) -> List[int]:
-    """``tries`` distinct indices of ``range(n)`` drawn from ``seed`` (all of them, in a random
-    order, when ``tries == n``)."""
-    return random.Random(seed).sample(range(n), tries)
 
 
 def collate(batch) -> tuple:

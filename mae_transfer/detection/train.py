@@ -222,14 +222,24 @@ def attach_logs(names: Sequence[str], output_dir: str, rank: int = 0) -> None:
             log.addHandler(handler)
 
 
+def thing_classes(name: str) -> Optional[List[str]]:
+    """Data set ``name``'s category names (None if unknown). A registered COCO-format set
+    learns them when its file is read: read here if that has not happened yet (detectron2's
+    built-in sets know them without reading)."""
+    metadata = MetadataCatalog.get(name)
+    if "thing_classes" not in metadata.as_dict() and name in DatasetCatalog.list():
+        DatasetCatalog.get(name)  # sets thing_classes
+    return metadata.get("thing_classes", None)
+
+
 def check_num_classes(cfg, names: Sequence[str]) -> None:
-    """MODEL.ROI_HEADS.NUM_CLASSES against the categories of data sets already loaded (their
-    metadata has ``thing_classes`` once read): fewer classes than the data fails at the first
-    iteration deep in the box head (a device-side assert on a GPU), more leaves outputs no
-    image can teach and fails COCO evaluation when one is predicted."""
+    """MODEL.ROI_HEADS.NUM_CLASSES against the categories of data sets ``names``
+    (:func:`thing_classes`): fewer classes than the data fails at the first iteration deep in
+    the box head (a device-side assert on a GPU), more leaves outputs no image can teach and
+    fails COCO evaluation when one is predicted."""
     want = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     for name in names:
-        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        classes = thing_classes(name)
         if classes is None or len(classes) == want:
             continue
         if len(classes) > want:

@@ -7,13 +7,13 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from .train import build_augmentations
+from .train import build_augmentations, thing_classes
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,7 @@ def class_names(cfg, name: str):
     its annotation file if not yet known (a COCO-format set learns its names when loaded), or
     none (class indices) when its names do not fit the model's classes, e.g. COCO's 80 names
     of a recipe config's DATASETS.TEST over a detector of another data set."""
-    metadata = MetadataCatalog.get(name)
-    if "thing_classes" not in metadata.as_dict() and name in DatasetCatalog.list():
-        DatasetCatalog.get(name)  # sets thing_classes
-    names = metadata.get("thing_classes", None)
+    names = thing_classes(name)
     if names is not None and len(names) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
         logger.warning(
             "the %d class names of %r do not fit the detector's %d classes: drawn as class "
@@ -49,7 +46,7 @@ def class_names(cfg, name: str):
             cfg.MODEL.ROI_HEADS.NUM_CLASSES,
         )
         return MetadataCatalog.get("__mae_transfer_no_names__")
-    return metadata
+    return MetadataCatalog.get(name)
 
 
 def draw_predictions(
