@@ -768,3 +768,58 @@ def test_a_data_set_name_of_ours_is_registered_again_for_other_files(tmp_path):
         entry = repr([["toy_again_train", *files["train"]]])
         register_coco_datasets(build_cfg(TINY_CONFIG, TINY_OPTS + ["DATASETS.COCO", entry]))
         assert MetadataCatalog.get("toy_again_train").json_file == files["train"][0]
+
+
+def _box_only(src: str, dst: str) -> str:
+    """A copy of COCO JSON ``src`` without masks."""
+    with open(src) as f:
+        data = json.load(f)
+    for ann in data["annotations"]:
+        ann.pop("segmentation")
+    with open(dst, "w") as f:
+        json.dump(data, f)
+    return dst
+
+
+def test_masks_the_config_cannot_read_are_refused_and_box_only_test_sets_get_box_ap(
+    toy_coco, tmp_path, caplog
+):
+    """Box-only or RLE training data used to fail at the first iteration inside detectron2
+    (exit 1), and a box-only test set failed in pycocotools' mask evaluation after the training."""
+    import logging
+
+    (train_json, root), (val_json, val_root) = toy_coco["train"], toy_coco["val"]
+    boxes = _box_only(train_json, str(tmp_path / "boxes.json"))
+    val_boxes = _box_only(val_json, str(tmp_path / "val_boxes.json"))
+    opts = [*TINY_OPTS, "SOLVER.MAX_ITER", "1", "SOLVER.STEPS", "()", "SOLVER.IMS_PER_BATCH", "2"]
+    train_det = load_tool("train_det")
+
+    def argv(data, *more, out):
+        return [
+            "--config-file",
+            TINY_CONFIG,
+            *data,
+            *opts,
+            *more,
+            "OUTPUT_DIR",
+            str(tmp_path / out),
+        ]
+
+    no_test = ("DATASETS.TEST", "()")
+    code = train_det.cli(argv(["--coco-train", boxes, root], *no_test, out="a"))
+    _refused(caplog, code, "has boxes only", "add MODEL.MASK_ON False")
+    caplog.clear()
+    # the recipes' polygon format; the toy set's masks are RLE (demo_tiny.yaml reads bitmasks)
+    polygon = ("INPUT.MASK_FORMAT", "polygon")
+    code = train_det.cli(argv(["--coco-train", train_json, root], *no_test, *polygon, out="b"))
+    _refused(caplog, code, "have RLE masks", "add INPUT.MASK_FORMAT bitmask")
+    caplog.clear()
+
+    # a box-only test set: box AP, and a warning that says why there is no mask AP
+    data = ["--coco-train", train_json, root]
+    test = ["DATASETS.COCO", repr([["toy_boxes_val", val_boxes, val_root]])]
+    test += ["DATASETS.TEST", "('toy_boxes_val',)"]
+    with caplog.at_level(logging.INFO):
+        results = train_det.main(train_det.parser().parse_args(argv(data, *test, out="c")))
+    assert "bbox" in results and "segm" not in results
+    assert "have no 'segmentation', so mask AP cannot be computed" in caplog.text

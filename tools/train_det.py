@@ -36,6 +36,7 @@ from mae_transfer.detection.train import (  # noqa: E402
     check_detector_weights,
     check_num_classes,
     check_weights,
+    eval_tasks,
     register_coco_datasets,
     summarize,
 )
@@ -65,7 +66,9 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
-    check_num_classes(cfg, cfg.DATASETS.TEST)  # before training: reads their names if needed
+    for name in cfg.DATASETS.TEST:  # before training: reads each set once (names, masks)
+        eval_tasks(cfg, name)
+    check_num_classes(cfg, cfg.DATASETS.TEST)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # a trained detector, all of it: an MAE file or another model's would evaluate heads

@@ -24,6 +24,7 @@ from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
+    get_detection_dataset_dicts,
 )
 from detectron2.data import transforms as T
 from detectron2.data.datasets import register_coco_instances
@@ -257,6 +258,75 @@ def check_num_classes(cfg, names: Sequence[str]) -> None:
         )
 
 
+def count_masks(dicts: Sequence[Dict]) -> Dict[str, int]:
+    """Instances of detectron2 data set dicts by mask: ``polygon``, ``rle`` (a dict) or
+    ``none`` (no ``segmentation``: a box-only annotation); crowd regions, which training
+    drops and evaluation reads, counted apart (``crowd``, ``crowd_none``)."""
+    counts = dict(polygon=0, rle=0, none=0, crowd=0, crowd_none=0)
+    for record in dicts:
+        for obj in record.get("annotations", ()):
+            segm = obj.get("segmentation")
+            if obj.get("iscrowd", 0):
+                counts["crowd"] += 1
+                counts["crowd_none"] += not segm
+            else:
+                counts["none" if not segm else "rle" if isinstance(segm, dict) else "polygon"] += 1
+    return counts
+
+
+def check_train_masks(cfg, dicts: Sequence[Dict]) -> None:
+    """With MODEL.MASK_ON every training instance needs a mask that INPUT.MASK_FORMAT can
+    read; otherwise the first iteration fails inside detectron2 (a KeyError, "Instances has
+    no field gt_masks", or "Failed to use mask_format=='polygon'"). ConfigError naming the
+    key to set."""
+    if not cfg.MODEL.MASK_ON:
+        return
+    c = count_masks(dicts)
+    total = c["polygon"] + c["rle"] + c["none"]
+    names = ", ".join(cfg.DATASETS.TRAIN)
+    if c["none"] == total and total:
+        raise ConfigError(
+            f"DATASETS.TRAIN ({names}) has boxes only, no 'segmentation' in its {total} "
+            "instances: add MODEL.MASK_ON False to train a box-only detector"
+        )
+    if c["none"]:
+        raise ConfigError(
+            f"DATASETS.TRAIN ({names}): {c['none']} of {total} instances have no "
+            "'segmentation' and Mask R-CNN needs a mask for each: give them masks, drop them "
+            "from the JSON, or add MODEL.MASK_ON False"
+        )
+    if c["rle"] and cfg.INPUT.MASK_FORMAT == "polygon":
+        raise ConfigError(
+            f"DATASETS.TRAIN ({names}): {c['rle']} of {total} instances have RLE masks, which "
+            "INPUT.MASK_FORMAT polygon cannot read: add INPUT.MASK_FORMAT bitmask"
+        )
+
+
+_SEGM_EVALUABLE: Dict[tuple, bool] = {}  # (name, json_file, image_root) -> masks everywhere
+
+
+def eval_tasks(cfg, name: str) -> tuple:
+    """COCOEvaluator's tasks for data set ``name``: masks too when the model predicts them
+    and every annotation of the set, crowd regions included, has one (pycocotools fails on an
+    annotation without, after the whole training); a box-only set gets box AP and a warning.
+    The set is read once per process and file."""
+    if not cfg.MODEL.MASK_ON:
+        return ("bbox",)
+    meta = MetadataCatalog.get(name)
+    key = (name, meta.get("json_file", None), meta.get("image_root", None))
+    if key not in _SEGM_EVALUABLE:
+        c = count_masks(DatasetCatalog.get(name))
+        _SEGM_EVALUABLE[key] = not (c["none"] or c["crowd_none"])
+        if not _SEGM_EVALUABLE[key]:
+            logger.warning(
+                "data set %r: %d annotations have no 'segmentation', so mask AP cannot be "
+                "computed on it: box AP only",
+                name,
+                c["none"] + c["crowd_none"],
+            )
+    return ("bbox", "segm") if _SEGM_EVALUABLE[key] else ("bbox",)
+
+
 def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     """LSJ (ResizeScale 0.1-2.0 + FixedSizeCrop + flip) for training when INPUT.LSJ.ENABLED;
     detectron2's resize otherwise."""
@@ -404,7 +474,17 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, True))
+        # the arguments detectron2's own loader reads them with; checked before training
+        dicts = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+            if cfg.MODEL.KEYPOINT_ON
+            else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        check_train_masks(cfg, dicts)
+        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, True), dataset=dicts)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -412,10 +492,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)  # even with no detections
         return COCOEvaluator(
             dataset_name,
-            tasks=tasks,
+            tasks=eval_tasks(cfg, dataset_name),  # given: even with no detections
             output_dir=output_folder or cfg.OUTPUT_DIR,
             use_fast_impl=HAS_COMPILED_OPS,
         )
