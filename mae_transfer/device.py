@@ -130,11 +130,16 @@ def auto_dtype(device: torch.device) -> Tuple[Optional[torch.dtype], str]:
     return None, f"no bf16 rule for device type {device.type!r}"
 
 
+def fused_adamw_supported(device) -> bool:
+    """Whether ``torch.optim.AdamW(..., fused=True)`` runs on ``device`` (a device or its
+    name; probed there, once per device: bare ``"cuda"`` is the current GPU)."""
+    return _fused_adamw_probe(str(torch.device(device)))
+
+
 @functools.cache
-def fused_adamw_supported(device_type: str) -> bool:
-    """Whether ``torch.optim.AdamW(..., fused=True)`` runs on this device type."""
+def _fused_adamw_probe(device: str) -> bool:
     try:
-        p = torch.nn.Parameter(torch.zeros(2, device=device_type))
+        p = torch.nn.Parameter(torch.zeros(2, device=device))
         p.grad = torch.ones_like(p)
         torch.optim.AdamW([p], fused=True).step()
         return True

@@ -80,8 +80,8 @@ class PretrainDataset(Dataset):
         """Decodes and augments one file (raises on an unreadable one), then draws the noise."""
         if self.pipeline == "official":
             img = load_rgb(path)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):  # the CPU's generator only (not the GPUs')
+                torch.default_generator.manual_seed(seed)
                 return self.transform(img), torch.rand(self.num_patches)
         g = torch.Generator().manual_seed(seed)
         enc = open_encoded(path)

@@ -123,7 +123,8 @@ class Trainer(EpochTrainer):
         """
         with torch.autocast(self.device.type, enabled=False):
             if isinstance(imgs, PendingBatch):
-                imgs = decode_on_device(imgs, hw(self.cfg.input_size), self.device)
+                imgs, failed = decode_on_device(imgs, hw(self.cfg.input_size), self.device)
+                self._window.skipped += failed  # counted as the loader's skipped files
             return normalize(imgs) if imgs.dtype == torch.uint8 else imgs
 
     def evaluate(self) -> Dict[str, float]:

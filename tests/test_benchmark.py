@@ -260,3 +260,34 @@ def test_attention_section_at_the_models_shapes_in_bf16(tmp_path, monkeypatch):
     assert by["encoder", "sdpa_math"]["kernel"] == "attention_math"
     assert by["encoder", "explicit"]["kernel"] == "matmul + softmax"
     assert all(r["ms_per_step"] > r["ms_fwd_bwd_per_block"] > 0 for r in rows)
+
+
+def test_gpu_cases_run_on_the_asked_gpu_and_time_many_products(monkeypatch):
+    """--device cuda:1 built the Mask R-CNN case on the current GPU (0) while its timer and
+    memory counter read GPU 1; the GPU peak timed one ~30 us product per launch and sync."""
+    import pytest
+
+    from mae_transfer.benchmark import measure, transfer
+
+    asked = []
+
+    def build_model(cfg):
+        asked.append(cfg.MODEL.DEVICE)
+        raise StopIteration
+
+    monkeypatch.setattr("detectron2.modeling.build_model", build_model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # else the config says cpu
+    with pytest.raises(StopIteration):
+        transfer._tiny_maskrcnn(torch.device("cuda", 1))
+    assert asked == ["cuda:1"]
+
+    products = []
+    monkeypatch.setattr(measure, "_sync", lambda device: None)
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: products.append(1) or real_mm(*a, **k))
+    fake_gpu = torch.device("meta")  # not a CPU: the GPU rule
+    peak = measure.matmul_peak(fake_gpu, n=8, repeats=3)
+    assert len(products) == 20 * (2 + 3) and peak["gflops"] > 0
+    products.clear()
+    measure.matmul_peak(torch.device("cpu"), n=8, repeats=3)
+    assert len(products) == 2 + 3

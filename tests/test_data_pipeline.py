@@ -139,8 +139,8 @@ def test_device_decoding_equals_the_loader_pipeline(tmp_path):
     pending, noise_dev, _ = collate([dev[k] for k in keys])
     assert isinstance(pending, PendingBatch) and pending.to("cpu") is pending
     assert sum(p.data is not None for p in pending) == 5  # 3 JPEGs + grey + l
-    x_dev = decode_on_device(pending, (32, 32), torch.device("cpu"))
-    assert torch.equal(x_dev, x_cpu) and torch.equal(noise_dev, noise_cpu)
+    x_dev, failed = decode_on_device(pending, (32, 32), torch.device("cpu"))
+    assert failed == 0 and torch.equal(x_dev, x_cpu) and torch.equal(noise_dev, noise_cpu)
 
 
 def test_float_resize_path_of_gpus_is_within_one_level():
@@ -455,3 +455,67 @@ def test_string_settings_given_a_list_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"data_path must be a string, got \['a', 'b'\]") as e:
         validate(cfg)
     assert "output_dir must be a string, got 1.1 (in YAML, quote it" in str(e.value)
+
+
+def test_seeded_draws_leave_the_gpus_generators_alone(tmp_path, monkeypatch):
+    """Mixup (every fine-tuning step) and the official pipeline in the main process seed the
+    CPU generator only: torch.manual_seed reseeded every GPU's, so dropout and drop path on
+    the GPU followed the mixup seed instead of the run's stream."""
+    from mae_transfer.data import seeded
+
+    gpu_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", gpu_seeds.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", gpu_seeds.append)
+    with seeded(5):
+        a = torch.rand(3)
+    with seeded(5):
+        assert torch.equal(torch.rand(3), a)  # still a pure function of the seed
+    d = tmp_path / "imgs"
+    os.makedirs(d)
+    Image.fromarray(smooth_image(40, 56)).save(d / "0.png")
+    PretrainDataset(str(d), 32, num_patches=16, seed=3, pipeline="official")[(0, 0)]
+    assert gpu_seeds == []
+
+
+def test_device_decoding_survives_bad_jpegs(tmp_path, monkeypatch, caplog):
+    """One bad JPEG failed the whole batched nvJPEG call: a traceback on one rank while the
+    others waited in the all-reduce. Truncated files are now left to the worker (which skips
+    and counts them), a JPEG the device cannot decode is decoded on the CPU, and one nobody
+    can decode is replaced by another image of the batch and counted."""
+    import torchvision
+
+    from mae_transfer.data import device_decode
+
+    d = tmp_path / "imgs"
+    write_images(str(d), 4)
+    jpegs = sorted(str(p) for p in d.rglob("*.jpg"))
+    with open(jpegs[0], "rb") as f:
+        data = f.read()
+    with open(jpegs[0], "wb") as f:
+        f.write(data[: len(data) // 2])  # truncated: no end-of-image marker
+    dev = PretrainDataset(str(d), 32, num_patches=4, seed=5, pipeline="device")
+    items = [dev[(0, i)] for i in range(len(dev))]
+    assert sum(skipped for *_, skipped in items) == 1  # the worker met it and replaced it
+    pending, _, _ = collate(items)
+    assert all(p.data is None or device_decode.JPEG_EOI in bytes(p.data[-32:]) for p in pending)
+
+    ref, failed = device_decode.decode_on_device(pending, (32, 32), torch.device("cpu"))
+    assert failed == 0
+
+    def failing_device_decoder(data, **kw):
+        raise RuntimeError("nvjpeg: unsupported")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", failing_device_decoder)
+    with caplog.at_level("WARNING"):
+        out, failed = device_decode.decode_on_device(pending, (32, 32), torch.device("cpu"))
+    assert failed == 0 and (out.float() - ref.float()).abs().max() <= 1  # PIL's decode
+    assert "decoded on the CPU (the device decoder failed: nvjpeg: unsupported)" in caplog.text
+    first = next(i for i, p in enumerate(pending) if p.data is not None)
+    pending[first].data = torch.frombuffer(
+        bytearray(b"\xff\xd8" + bytes(99) + b"\xff\xd9"), dtype=torch.uint8
+    )
+    out, failed = device_decode.decode_on_device(pending, (32, 32), torch.device("cpu"))
+    assert failed == 1 and any(
+        torch.equal(out[first], out[j]) for j in range(len(out)) if j != first
+    )
+    assert "cannot decode" in caplog.text

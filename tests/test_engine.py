@@ -299,8 +299,32 @@ def test_each_process_runs_on_its_own_gpu_whatever_device_was_asked(monkeypatch)
     four = DistInfo(rank=3, local_rank=3, world_size=4)
     for asked in ("cuda:0", "cuda"):  # cuda:0 would have put every rank on GPU 0
         assert own_device(torch.device(asked), four) == torch.device("cuda", 3)
-    assert own_device(torch.device("cuda:1"), DistInfo()) == torch.device("cuda:1")  # 1 process
     assert own_device(torch.device("cpu"), four) == torch.device("cpu")
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    # one process on cuda:1 makes it current: bare "cuda" (the fused-AdamW probe, the loader's
+    # pin-memory thread) had opened a context and allocated on GPU 0
+    assert own_device(torch.device("cuda:1"), DistInfo()) == torch.device("cuda:1")
+    assert own_device(torch.device("cuda"), DistInfo()) == torch.device("cuda")
+    assert chosen == [1]
+
+
+def test_the_fused_adamw_probe_runs_on_the_given_device(monkeypatch):
+    from mae_transfer import device as dev
+
+    where = []
+
+    def zeros(*shape, device=None, **kw):
+        where.append(device)
+        raise RuntimeError("no such device here")
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    try:
+        assert not dev.fused_adamw_supported(torch.device("cuda", 3))
+        assert not dev.fused_adamw_supported("cuda:3")  # probed once per device
+    finally:
+        dev._fused_adamw_probe.cache_clear()
+    assert where == ["cuda:3"]
 
 
 def test_cuda_rng_state_is_the_process_own_device_only(monkeypatch):

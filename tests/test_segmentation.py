@@ -573,3 +573,22 @@ def test_visualization_colours_come_from_the_config_s_own_classes():
     cfg.test_dataloader.dataset.metainfo = dict(classes=("sky", "road"))  # no palette given
     meta = dataset_meta(cfg, model)
     assert meta["classes"] == ("sky", "road") and len(meta["palette"]) == 2
+
+
+def test_every_launcher_gets_the_local_rank_mmengine_wraps_ddp_with(monkeypatch, tmp_path):
+    """mmengine builds DDP with device_ids=[LOCAL_RANK]; its MPI set-up selects the GPU but
+    exports no LOCAL_RANK (every rank's DDP was built for GPU 0), and test_seg.py refused the
+    --local-rank flag that torch.distributed.launch passes."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import test_seg
+    import train_seg
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # recorded, so that the test's changes are undone
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
+    train_seg.parse_args([RECIPE, "--launcher", "mpi"])
+    assert os.environ["LOCAL_RANK"] == "3"
+    monkeypatch.delenv("LOCAL_RANK")
+    missing = str(tmp_path / "none.pth")
+    assert test_seg.main([TINY_CONFIG, missing, "--launcher", "pytorch", "--local-rank=2"]) == 2
+    assert os.environ["LOCAL_RANK"] == "2"

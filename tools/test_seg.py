@@ -19,8 +19,10 @@ from mmengine.model import is_model_wrapper  # noqa: E402
 from mae_transfer.engine.launch import exit_code  # noqa: E402
 from mae_transfer.segmentation.checkpoint import check_fits, read_segmentor  # noqa: E402
 from mae_transfer.segmentation.runner import (  # noqa: E402
+    add_launcher_args,
     build_cfg,
     check_data,
+    export_local_rank,
     make_runner,
     model_state_shapes,
     parse_cfg_options,
@@ -37,9 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="a trained segmentor (iter_N.pth), every weight of it")
     p.add_argument("--work-dir")
     p.add_argument("--cfg-options", nargs="+", default=[], help="key=value overrides")
-    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     p.add_argument("--out", help="write the metrics as JSON here")
+    add_launcher_args(p)
     args = p.parse_args(argv)
+    export_local_rank(args)
 
     def body():
         options = parse_cfg_options(args.cfg_options)

@@ -23,8 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mae_transfer.engine.launch import exit_code  # noqa: E402
 from mae_transfer.segmentation.runner import (  # noqa: E402
     AMP_MODES,
+    add_launcher_args,
     build_cfg,
     check_data,
+    export_local_rank,
     make_runner,
 )
 
@@ -62,10 +64,9 @@ def parse_args(argv=None):
         default={},
         help="override config values: key=value (e.g. train_cfg.max_iters=100)",
     )
-    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    add_launcher_args(p)
     args = p.parse_args(argv)
-    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    export_local_rank(args)
     return args
 
 

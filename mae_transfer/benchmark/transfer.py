@@ -114,7 +114,7 @@ def _tiny_maskrcnn(dev):
     from mae_transfer.detection.train import build_cfg
 
     cfg = build_cfg(
-        os.path.join(ROOT, "configs", "detectron2", "demo_tiny.yaml"), ["MODEL.DEVICE", dev.type]
+        os.path.join(ROOT, "configs", "detectron2", "demo_tiny.yaml"), ["MODEL.DEVICE", str(dev)]
     )
     model = build_model(cfg).train()
     storage = EventStorage(0)

@@ -35,12 +35,14 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 @contextlib.contextmanager
 def seeded(seed: int):
-    """Seeds torch (CPU), Python's ``random`` and NumPy's global generator for the block, then
-    restores all three: code that draws from global generators (timm's transforms, mixup)
-    becomes a pure function of ``seed`` and leaves the caller's streams untouched."""
+    """Seeds torch's CPU generator, Python's ``random`` and NumPy's global generator for the
+    block, then restores all three: code that draws from global generators (timm's transforms,
+    mixup) becomes a pure function of ``seed`` and leaves the caller's streams untouched. The
+    GPUs' generators are not touched (``torch.manual_seed`` would reseed them all, and
+    dropout / drop path on the GPU would follow this seed)."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:

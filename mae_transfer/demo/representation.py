@@ -55,8 +55,8 @@ def load_mae(path: str) -> torch.nn.Module:
 def fresh_mae(path: str, seed: int) -> torch.nn.Module:
     """The checkpoint's architecture, randomly initialised under ``seed`` as pretraining
     builds it (``seed`` = the run's seed gives exactly its starting weights)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # built on the CPU; the GPUs' generators untouched
+        torch.default_generator.manual_seed(seed)
         return _build(_args(path)).eval()
 
 

@@ -375,7 +375,7 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     if s.OPTIMIZER.upper() == "SGD":
         opt = torch.optim.SGD(groups, lr=s.BASE_LR, momentum=s.MOMENTUM)
     else:
-        device = next(model.parameters()).device.type
+        device = next(model.parameters()).device
         # a fused AdamW unscales AMP gradients inside its own step, after detectron2's clipping
         # wrapper has clipped them: clipping would then see scaled gradients
         clip_scaled = amp_dtype(cfg) == torch.float16 and s.CLIP_GRADIENTS.ENABLED

@@ -86,8 +86,15 @@ def init_distributed(device_type: str, dist_url: str = "env://") -> DistInfo:
 def own_device(device: torch.device, info: DistInfo) -> torch.device:
     """The device a process runs on: with several processes on CUDA, the GPU that
     :func:`init_distributed` bound it to (an explicit ``cuda:N`` would put them all on GPU N,
-    so it is overridden, with a warning); otherwise ``device`` as given."""
-    if not info.enabled or device.type != "cuda":
+    so it is overridden, with a warning); otherwise ``device`` as given. One process on
+    ``cuda:N`` makes N the current device: what runs on bare ``"cuda"`` (probes, the
+    loader's pin-memory thread, library code) would otherwise open a context and allocate on
+    GPU 0, which may be another user's or full."""
+    if device.type != "cuda":
+        return device
+    if not info.enabled:
+        if device.index is not None:
+            torch.cuda.set_device(device.index)
         return device
     own = torch.device("cuda", torch.cuda.current_device())
     if device.index is not None and device.index != own.index and info.is_main:

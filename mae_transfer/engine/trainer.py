@@ -76,7 +76,7 @@ def make_scaler(device: torch.device, fp16: bool) -> torch.amp.GradScaler:
 def adamw_impl(device: torch.device) -> dict:
     """Fused AdamW (one pass over each parameter) on CUDA, and on CPU where torch has it
     (2.4+; ~5x faster than the foreach loop for ViT-B on 2 cores); foreach otherwise."""
-    return {"fused": True} if fused_adamw_supported(device.type) else {"foreach": True}
+    return {"fused": True} if fused_adamw_supported(device) else {"foreach": True}
 
 
 def set_tf32(enabled: bool) -> None:

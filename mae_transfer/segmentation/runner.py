@@ -90,6 +90,27 @@ def build_cfg(
     return cfg
 
 
+LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
+
+
+def add_launcher_args(p: argparse.ArgumentParser) -> None:
+    """``--launcher`` (mmengine's) and ``--local-rank`` (passed by the deprecated
+    ``torch.distributed.launch``; torchrun sets LOCAL_RANK instead)."""
+    p.add_argument("--launcher", choices=LAUNCHERS, default="none")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def export_local_rank(args: argparse.Namespace) -> None:
+    """Sets LOCAL_RANK, which mmengine's DDP wrapper reads for ``device_ids``: under
+    ``--launcher mpi`` from Open MPI's local rank (mmengine's MPI set-up selects that GPU but
+    exports nothing: every rank built DDP for GPU 0, or failed on a missing LOCAL_RANK), else
+    from ``--local-rank`` when the launcher gave only the flag."""
+    if args.launcher == "mpi" and "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+        os.environ["LOCAL_RANK"] = os.environ["OMPI_COMM_WORLD_LOCAL_RANK"]
+    else:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+
 def local_device(launcher: str = "none") -> torch.device:
     """This process's device before mmengine sets it (as mmengine's launchers will choose it:
     LOCAL_RANK, SLURM_LOCALID, the Open MPI local rank), so that every rank looks at its own GPU
