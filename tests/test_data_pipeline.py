@@ -210,28 +210,67 @@ def test_normalisation_constants_are_made_once_per_device(monkeypatch):
     assert torch.equal(normalize(x), first) and not made
 
 
-def test_device_decoding_drains_the_callers_cuda_stream_first(monkeypatch):
-    """nvJPEG writes its outputs without waiting for the caller's queued kernels: the
-    caller's stream must be drained before the decode is launched (faked: no GPU here)."""
+def test_device_decoding_allocates_on_a_side_stream_and_never_waits_on_the_host(monkeypatch):
+    """nvJPEG writes its outputs without waiting for the current stream's queued kernels: they
+    are allocated on a side stream's memory, marked as used by the caller's stream, which
+    waits for the side stream; the host does not wait for the GPU (faked: no GPU here)."""
+    import contextlib
+
     import torchvision.io
 
-    from mae_transfer.data.device_decode import decode_jpegs
+    from mae_transfer.data import device_decode
 
-    events = []
+    events, current = [], ["caller"]
 
     class Stream:
-        def synchronize(self):
-            events.append("synchronize")
+        def __init__(self, name="side", device=None):
+            self.name = name
+            events.append(("new stream", device))
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(
-        torchvision.io, "decode_jpeg", lambda data, **kw: events.append(("decode", kw["device"]))
-    )
-    decode_jpegs([torch.zeros(4, dtype=torch.uint8)], torch.device("cuda", 0))
-    assert events == ["synchronize", ("decode", torch.device("cuda", 0))]
+        def synchronize(self):
+            events.append(("host waits for", self.name))
+
+        def wait_stream(self, other):
+            events.append((self.name, "waits for", other.name))
+
+    caller = Stream("caller")
+
+    @contextlib.contextmanager
+    def stream(s):
+        current.append(s.name)
+        yield
+        current.pop()
+
+    class Decoded:
+        def record_stream(self, s):
+            events.append(("used by", s.name))
+
+    def decode_jpeg(data, **kw):
+        events.append(("decode on", kw["device"], "allocating on", current[-1]))
+        return [Decoded() for _ in data]
+
     events.clear()
-    decode_jpegs([torch.zeros(4, dtype=torch.uint8)], torch.device("cpu"))
-    assert events == [("decode", torch.device("cpu"))]  # nothing to drain on the CPU
+    monkeypatch.setattr(device_decode, "_DECODE_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    two = [torch.zeros(4, dtype=torch.uint8)] * 2
+    gpu = torch.device("cuda", 1)
+    device_decode.decode_jpegs(two, gpu)
+    assert events == [
+        ("new stream", 1),
+        ("decode on", gpu, "allocating on", "side"),
+        ("caller", "waits for", "side"),
+        ("used by", "caller"),
+        ("used by", "caller"),
+    ]
+    events.clear()
+    device_decode.decode_jpegs(two, gpu)
+    assert events[0] == ("decode on", gpu, "allocating on", "side")  # the same side stream
+    events.clear()
+    device_decode.decode_jpegs(two, torch.device("cpu"))
+    assert events == [("decode on", torch.device("cpu"), "allocating on", "caller")]
 
 
 def test_data_sets_hold_their_paths_in_arrays_not_python_objects(tmp_path, image_dir):

@@ -136,14 +136,35 @@ def _decode_each(items: List[PendingCrop], device: torch.device) -> List[Optiona
 def decode_jpegs(data: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
     """One batched ``torchvision.io.decode_jpeg`` on ``device``, as RGB uint8 (3, H, W).
 
-    On CUDA the caller's stream is drained first. The decoder's outputs come from the caching
-    allocator of the caller's stream, but nvJPEG writes them without waiting for the work
-    queued there, so memory that the previous step's backward still reads could be
-    overwritten (pytorch/vision#9606, meta-pytorch/torchcodec#1634). The price is one host
-    wait per batch, on a path that already hands the host the decoding.
+    On CUDA the decode is issued with a side stream current: torchvision allocates the outputs
+    on the current stream but nvJPEG writes them from its own, without waiting for work queued
+    on the current stream (pytorch/vision#9606, meta-pytorch/torchcodec#1634). Allocated on the
+    caller's stream they could land in memory the previous step's backward still reads. The
+    side stream's memory is used by nothing else: each output is marked as used by the
+    caller's stream (``record_stream``), so the allocator hands it out again only after the
+    caller's work on it has run, and the caller's stream waits for the side stream. The host
+    never waits for the caller's stream, so the decode overlaps the previous step on the GPU
+    (the first version drained that stream before every batch).
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    if device.type != "cuda":
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    side = _decode_stream(device)
+    caller = torch.cuda.current_stream(device)
+    with torch.cuda.stream(side):
+        out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    caller.wait_stream(side)
+    for img in out:
+        img.record_stream(caller)
+    return out
+
+
+_DECODE_STREAMS: dict = {}  # CUDA device index -> the side stream JPEGs are decoded under
+
+
+def _decode_stream(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DECODE_STREAMS:
+        _DECODE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _DECODE_STREAMS[index]
