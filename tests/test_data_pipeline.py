@@ -212,19 +212,21 @@ def test_normalisation_constants_are_made_once_per_device(monkeypatch):
 
 def test_device_decoding_allocates_on_a_side_stream_and_never_waits_on_the_host(monkeypatch):
     """nvJPEG writes its outputs without waiting for the current stream's queued kernels: they
-    are allocated on a side stream's memory, marked as used by the caller's stream, which
-    waits for the side stream; the host does not wait for the GPU (faked: no GPU here)."""
+    are allocated under a side stream from a pool of their own, marked as used by the
+    caller's stream, which waits for the side stream; the host does not wait for the caller's
+    stream. With another allocator backend the caller's stream is drained first (faked: no
+    GPU here)."""
     import contextlib
 
     import torchvision.io
 
     from mae_transfer.data import device_decode
 
-    events, current = [], ["caller"]
+    events, current = [], ["caller stream, general memory"]
 
     class Stream:
         def __init__(self, name="side", device=None):
-            self.name = name
+            self.name, self.device = name, device
             events.append(("new stream", device))
 
         def synchronize(self):
@@ -233,11 +235,21 @@ def test_device_decoding_allocates_on_a_side_stream_and_never_waits_on_the_host(
         def wait_stream(self, other):
             events.append((self.name, "waits for", other.name))
 
+    class MemPool:
+        pass
+
     caller = Stream("caller")
 
     @contextlib.contextmanager
     def stream(s):
-        current.append(s.name)
+        current.append(f"{s.name} stream")
+        yield
+        current.pop()
+
+    @contextlib.contextmanager
+    def use_mem_pool(pool, device=None):
+        assert isinstance(pool, MemPool) and device == 1
+        current.append(current[-1] + ", own pool")
         yield
         current.pop()
 
@@ -249,10 +261,14 @@ def test_device_decoding_allocates_on_a_side_stream_and_never_waits_on_the_host(
         events.append(("decode on", kw["device"], "allocating on", current[-1]))
         return [Decoded() for _ in data]
 
+    backend = ["native"]
     events.clear()
-    monkeypatch.setattr(device_decode, "_DECODE_STREAMS", {})
+    monkeypatch.setattr(device_decode, "_DECODE_SIDE", {})
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "MemPool", MemPool)
     monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "use_mem_pool", use_mem_pool)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: backend[0])
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
     monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
     two = [torch.zeros(4, dtype=torch.uint8)] * 2
@@ -260,17 +276,23 @@ def test_device_decoding_allocates_on_a_side_stream_and_never_waits_on_the_host(
     device_decode.decode_jpegs(two, gpu)
     assert events == [
         ("new stream", 1),
-        ("decode on", gpu, "allocating on", "side"),
+        ("decode on", gpu, "allocating on", "side stream, own pool"),
         ("caller", "waits for", "side"),
         ("used by", "caller"),
         ("used by", "caller"),
     ]
     events.clear()
     device_decode.decode_jpegs(two, gpu)
-    assert events[0] == ("decode on", gpu, "allocating on", "side")  # the same side stream
+    assert events[0] == ("decode on", gpu, "allocating on", "side stream, own pool")  # reused
     events.clear()
     device_decode.decode_jpegs(two, torch.device("cpu"))
-    assert events == [("decode on", torch.device("cpu"), "allocating on", "caller")]
+    assert events == [("decode on", torch.device("cpu"), "allocating on", current[0])]
+    # cudaMallocAsync may hand memory freed on one stream to another: drain the caller's first
+    backend[0] = "cudaMallocAsync"
+    monkeypatch.setattr(device_decode, "_DECODE_SIDE", {})
+    events.clear()
+    device_decode.decode_jpegs(two, gpu)
+    assert events == [("host waits for", "caller"), ("decode on", gpu, "allocating on", current[0])]
 
 
 def test_data_sets_hold_their_paths_in_arrays_not_python_objects(tmp_path, image_dir):
@@ -541,14 +563,24 @@ def test_device_decoding_survives_bad_jpegs(tmp_path, monkeypatch, caplog):
     ref, failed = device_decode.decode_on_device(pending, (32, 32), torch.device("cpu"))
     assert failed == 0
 
+    monkeypatch.setattr(device_decode, "_CPU_ONLY", set())
+    device_calls = []
+
     def failing_device_decoder(data, **kw):
+        device_calls.append(len(data))
         raise RuntimeError("nvjpeg: unsupported")
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", failing_device_decoder)
     with caplog.at_level("WARNING"):
         out, failed = device_decode.decode_on_device(pending, (32, 32), torch.device("cpu"))
     assert failed == 0 and (out.float() - ref.float()).abs().max() <= 1  # PIL's decode
-    assert "decoded on the CPU (the device decoder failed: nvjpeg: unsupported)" in caplog.text
+    assert "the device decoder failed (nvjpeg: unsupported): decoded on the CPU" in caplog.text
+    n = sum(p.data is not None for p in pending)
+    assert device_calls == [n] + [1] * n  # the batch, then each file once
+    device_calls.clear()
+    out, failed = device_decode.decode_on_device(pending, (32, 32), torch.device("cpu"))
+    assert device_calls == [] and (out.float() - ref.float()).abs().max() <= 1  # remembered
+
     first = next(i for i, p in enumerate(pending) if p.data is not None)
     pending[first].data = torch.frombuffer(
         bytearray(b"\xff\xd8" + bytes(99) + b"\xff\xd9"), dtype=torch.uint8
@@ -557,4 +589,16 @@ def test_device_decoding_survives_bad_jpegs(tmp_path, monkeypatch, caplog):
     assert failed == 1 and any(
         torch.equal(out[first], out[j]) for j in range(len(out)) if j != first
     )
-    assert "cannot decode" in caplog.text
+    assert "cannot decode" in caplog.text and "replaced by another image" in caplog.text
+    # no image readable: zeros, counted (raising would leave the other ranks waiting)
+    nothing = [device_decode.PendingCrop(pending[first].data, (0, 0, 8, 8), False, path="x.jpg")]
+    out, failed = device_decode.decode_on_device(nothing * 2, (32, 32), torch.device("cpu"))
+    assert failed == 2 and not out.any()
+
+    def out_of_memory(data, **kw):
+        raise RuntimeError("Error while decoding JPEG images: CUDA out of memory. Tried to ...")
+
+    monkeypatch.setattr(device_decode, "_CPU_ONLY", set())
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):  # not a bad file: not hidden
+        device_decode.decode_on_device(pending, (32, 32), torch.device("cpu"))
