@@ -79,16 +79,12 @@ def load_file(path: str, mmap: bool = False) -> Any:
             "error message saved by a failed download?)"
         )
     try:
-        # argparse.Namespace: the official MAE training loop stores its args as one; it is a
-        # plain attribute container, safe to allow.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            if not mmap:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except (RuntimeError, OSError) as e:  # a legacy (non-zip) file, or a filesystem
-                logger.info("%s: not memory-mapped (%s); reading it whole", path, e)
-                return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return _load_safely(path, mmap)
+        except Exception as e:  # noqa: BLE001 - retried or re-raised below
+            if not ("mmengine" in str(e) and _allow_mmengine_objects()):
+                raise
+        return _load_safely(path, mmap)  # an mmengine checkpoint (iter_N.pth, epoch_N.pth)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(
@@ -97,6 +93,33 @@ def load_file(path: str, mmap: bool = False) -> Any:
                 f"dict, e.g. torch.save({{'model': sd}}, ...). Details: {e}"
             ) from e
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def _load_safely(path: str, mmap: bool) -> Any:
+    # argparse.Namespace: the official MAE training loop stores its args as one; it is a
+    # plain attribute container, safe to allow.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        if not mmap:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, OSError) as e:  # a legacy (non-zip) file, or a filesystem
+            logger.info("%s: not memory-mapped (%s); reading it whole", path, e)
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _allow_mmengine_objects() -> bool:
+    """Allow-lists the data containers mmengine stores in its checkpoints (its message hub's
+    ``HistoryBuffer`` and numpy arrays; :mod:`mae_transfer.compat.mmengine_compat`), where
+    mmengine is installed; True if that was possible."""
+    try:
+        from mmengine.logging.history_buffer import HistoryBuffer
+
+        from mae_transfer.compat import mmengine_compat
+    except ImportError:
+        return False
+    mmengine_compat.apply()
+    return HistoryBuffer in torch.serialization.get_safe_globals()
 
 
 def find_state_dict(obj: Any) -> Dict[str, torch.Tensor]:

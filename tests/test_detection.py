@@ -521,7 +521,7 @@ def test_a_trained_detector_must_fill_the_whole_model(toy_coco, tmp_path):
     torch.save({"model": build_model(cfg).state_dict()}, detector)
     MAECheckpointer(build_model(cfg), whole_model=True).load(str(detector))  # fits
     mae, _ = _official_encoder_file(tmp_path)
-    with pytest.raises(CheckpointError, match="a backbone only"):
+    with pytest.raises(CheckpointError, match="holds a ViT but not a detector"):
         MAECheckpointer(build_model(cfg), whole_model=True).load(mae)
     wider = cfg.clone()
     wider.MODEL.VIT.SIZE_OVERRIDES = [["embed_dim", 48], ["depth", 4], ["num_heads", 2]]
@@ -544,7 +544,7 @@ def test_eval_only_checks_the_weights_before_launching_workers(toy_coco, tmp_pat
     data = ["--coco-val", *toy_coco["val"]]
     argv = ["--config-file", TINY_CONFIG, "--eval-only", "--num-gpus", "2", *data, *TINY_OPTS]
     argv += ["MODEL.WEIGHTS"]
-    _refused(caplog, tool.cli([*argv, mae]), "is a ViT / MAE checkpoint (a backbone only)")
+    _refused(caplog, tool.cli([*argv, mae]), "holds a ViT but not a detector of this code")
     assert not launched
     cfg = _cfg(toy_coco, tmp_path / "out")
     detector = str(tmp_path / "detector.pth")
@@ -556,7 +556,7 @@ def test_eval_only_checks_the_weights_before_launching_workers(toy_coco, tmp_pat
 def test_visualize_det_refuses_bad_input_with_exit_2(toy_coco, tmp_path, caplog, case):
     mae, _ = _official_encoder_file(tmp_path)
     weights, images = mae, [toy_coco["val"][1]]
-    expected = ("is a ViT / MAE checkpoint (a backbone only)",)
+    expected = ("holds a ViT but not a detector of this code",)
     if case == "missing_file":
         weights, expected = str(tmp_path / "nothere.pth"), ("--weights", "does not exist")
     elif case == "no_images":
@@ -823,3 +823,33 @@ def test_masks_the_config_cannot_read_are_refused_and_box_only_test_sets_get_box
         results = train_det.main(train_det.parser().parse_args(argv(data, *test, out="c")))
     assert "bbox" in results and "segm" not in results
     assert "have no 'segmentation', so mask AP cannot be computed" in caplog.text
+
+
+def test_a_segmentor_checkpoint_initialises_the_detector_s_vit(toy_coco, tmp_path, caplog):
+    """An mmengine iter_N.pth of a segmentor (ViT under backbone.vit., message hub in its meta)
+    was refused by weights_only, and as a bare state dict taken for a detector of this code,
+    of which nothing loaded (detectron2 only warned)."""
+    from mmengine.logging import HistoryBuffer
+
+    from mae_transfer.compat import mmengine_compat  # noqa: F401  (pickles as train_seg saves)
+
+    _, enc = _official_encoder_file(tmp_path)
+    state = {f"backbone.vit.{k}": v for k, v in enc.items()}
+    state["decode_head.conv_seg.weight"] = torch.zeros(3, 8, 1, 1)
+    path = str(tmp_path / "iter_40.pth")
+    torch.save({"meta": {"hub": HistoryBuffer([1.0, 2.0], [1, 1])}, "state_dict": state}, path)
+    cfg = _cfg(toy_coco, tmp_path / "out", weights=path)
+    model = build_model(cfg)
+    allowed = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()  # as in a process that never imported mmseg code
+    try:
+        with caplog.at_level("INFO"):
+            MAECheckpointer(model).load(path)
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(allowed)
+    vit = model.backbone.bottom_up.vit
+    assert torch.equal(vit.blocks[2].attn.qkv.weight, enc["blocks.2.attn.qkv.weight"])
+    assert "prefix 'backbone.vit.' stripped" in caplog.text
+    with pytest.raises(CheckpointError, match="holds a ViT but not a detector"):
+        MAECheckpointer(build_model(cfg), whole_model=True).load(path)

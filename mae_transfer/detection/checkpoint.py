@@ -33,10 +33,20 @@ def find_vit(model: nn.Module) -> Tuple[str, nn.Module]:
     raise ValueError("the model has no MAE ViT backbone (MODEL.BACKBONE.NAME build_mae_vit_*)")
 
 
+DETECTOR_HEADS = ("roi_heads.", "proposal_generator.")
+OUR_VIT_PREFIXES = (D2_VIT_PREFIX, "backbone.vit.")  # with / without the FPN
+
+
 def is_bare_vit(state: Dict[str, Any]) -> bool:
-    """True for MAE / ViT state dicts (ours, official), False for whole-detector ones."""
+    """True for checkpoints of which only the ViT can be used here: MAE / ViT files (ours,
+    official, a classifier), and other models holding a ViT (an mmseg segmentor, a ViTDet
+    detector, a backbone-only conversion); False for detectors of this code (their ViT where
+    ours sits, and detection heads) and checkpoints without a ViT (detectron2's own path)."""
     vit, prefix = strip_to_vit(state)
-    return ANCHOR_KEY in vit and not prefix.startswith("backbone.")
+    if ANCHOR_KEY not in vit:
+        return False
+    ours = prefix in OUR_VIT_PREFIXES and any(k.startswith(DETECTOR_HEADS) for k in state)
+    return not ours
 
 
 class MAECheckpointer(DetectionCheckpointer):
@@ -66,9 +76,10 @@ class MAECheckpointer(DetectionCheckpointer):
         if is_bare_vit(state):
             if self.whole_model:
                 raise CheckpointError(
-                    f"{filename} is a ViT / MAE checkpoint (a backbone only): the detector's "
-                    "FPN and heads would be random. Give a trained detector (model_final.pth); "
-                    f"train one with tools/train_det.py ... MODEL.WEIGHTS {filename}"
+                    f"{filename} holds a ViT but not a detector of this code (a ViT / MAE "
+                    "checkpoint, or another model's, e.g. a segmentor): the detector's FPN and "
+                    "heads would be random. Give a trained detector (model_final.pth); train "
+                    f"one with tools/train_det.py ... MODEL.WEIGHTS {filename}"
                 )
             return {"model": state, "__mae__": True}
         if "model" in loaded:  # detectron2's own checkpoints (with optimizer, iteration, ...)
