@@ -1,6 +1,7 @@
 # The two README commands:  make demo  |  make test
 # Both install what is missing first (tools/setup_env.sh is idempotent and fast when done).
-VENV ?= .venv
+# the environment: make ... VENV=path, or MAE_VENV=path make ... (default .venv)
+VENV := $(or $(VENV),$(MAE_VENV),.venv)
 PY := $(VENV)/bin/python
 export MAE_VENV := $(abspath $(VENV))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmarks: how close pretraining and transfer run to this machine's limit.
 
-    python tools/benchmark.py all --json bench.json            # everything (~30 min on 2 cores)
+    python tools/benchmark.py all --json bench.json            # everything (~40-55 min on 2 cores)
     python tools/benchmark.py pretrain --model mae_vit_base_patch16 --batch 8
     python tools/benchmark.py official                          # ours vs the official step
     python tools/benchmark.py data --feed_rates 3000            # input pipeline, loader workers

@@ -514,7 +514,7 @@ class EpochTrainer:
         names = list(copies)
         if also_epoch_copy:
             names.append(f"checkpoint-{self.epoch - 1}.pth")
-        for name in names:  # the same bytes under other names: linked, not written again
+        for name in names:  # the same bytes under other names (byte copies, each atomic)
             copy_atomic(last, os.path.join(self.cfg.output_dir, name))
 
     # -- training ----------------------------------------------------------------------------
