@@ -17,11 +17,13 @@ front of it is stripped. Shapes that differ only by input size (position table) 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -446,8 +448,9 @@ def _replace_atomically(path: str, write: Callable[[Any], None]) -> None:
     see a partial one, and a failed write leaves no temporary file behind."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pth", dir=directory)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (mkstemp makes it 0600)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -458,6 +461,39 @@ def _replace_atomically(path: str, write: Callable[[Any], None]) -> None:
             os.remove(tmp)
         raise
     _fsync_dir(directory)
+
+
+TMP_PREFIX = ".tmp-"
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(directory: str, older_than_s: float = 3600) -> List[str]:
+    """Removes what a process killed mid-write left in ``directory`` (temporary checkpoint
+    files of :func:`save_atomic` / :func:`copy_atomic`, whole checkpoints in size) when older
+    than ``older_than_s`` (a write in progress is minutes old at most); returns their paths."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        path = os.path.join(directory, name)
+        if not (name.startswith(TMP_PREFIX) and name.endswith(".pth")):
+            continue
+        try:
+            if now - os.path.getmtime(path) > older_than_s:
+                os.remove(path)
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
 
 
 def _fsync_dir(directory: str) -> None:

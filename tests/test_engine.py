@@ -3,6 +3,7 @@ resuming across world sizes, mocked CUDA devices, no host sync per step."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -143,6 +144,89 @@ def test_ddp_gradients_stay_in_their_buckets_between_updates(tmp_path, image_dir
     set to None, backward allocates new ones and DDP copies them into the buckets each step."""
     results = run_ranks(_grads_after_two_updates, str(tmp_path / "out"), image_dir)
     assert all(status == "ok" and value is True for status, value in results.values()), results
+
+
+def _weights(t) -> list:
+    return [p.detach().clone() for p in t.model.parameters()]
+
+
+def _killed_and_resumed(info, ref_dir, out, data):
+    """An uninterrupted 2-epoch run, and the same run killed in epoch 1 and resumed; mask
+    noise drawn from each rank's own stream in the forward (what drop path does)."""
+    kw = dict(epochs=2, batch_size=2, mask_noise="global", save_every_iters=1)
+    ref = Trainer(tiny_cfg(ref_dir, data, **kw), torch.device("cpu"), info)
+    ref.train()
+    t = Trainer(tiny_cfg(out, data, **kw), torch.device("cpu"), info)
+    step, calls = t._step, []
+
+    def dying_step(*a):
+        calls.append(1)
+        if len(calls) == 5:  # epoch 1, iteration 1 (3 iterations per epoch)
+            raise InterruptedError
+        return step(*a)
+
+    t._step = dying_step
+    with contextlib.suppress(InterruptedError):
+        t.train()
+    resumed = Trainer(tiny_cfg(out, data, **kw), torch.device("cpu"), info)
+    at = (resumed.epoch, resumed.iter)
+    resumed.train()
+    same = all(torch.equal(a, b) for a, b in zip(_weights(ref), _weights(resumed)))
+    return at, same
+
+
+def test_a_resumed_multi_process_run_equals_the_uninterrupted_one(tmp_path, image_dir):
+    """Only rank 0's random state was saved and the others were reseeded on resume: their
+    drop path and mask noise then differed from the uninterrupted run's."""
+    results = run_ranks(_killed_and_resumed, str(tmp_path / "ref"), str(tmp_path / "b"), image_dir)
+    assert all(status == "ok" for status, _ in results.values()), results
+    for at, same in (value for _, value in results.values()):
+        assert at == (1, 1) and same
+
+
+def _save_with_a_full_disk_on_rank0(info, out, data):
+    t = Trainer(tiny_cfg(out, data, epochs=1), torch.device("cpu"), info)
+    if info.rank == 0:
+
+        def full(*a, **k):
+            raise OSError(28, "No space left on device")
+
+        trainer_module.save_atomic = full
+    try:
+        t.save()
+    except ConfigError as e:
+        return str(e)
+    return "saved"
+
+
+def test_a_write_failing_on_rank0_stops_every_rank_with_its_reason(tmp_path, image_dir):
+    """Only rank 0 writes: its OSError was a traceback there while the others waited in their
+    next collective (with NCCL, up to the 30-minute timeout)."""
+    out = str(tmp_path / "out")
+    results = run_ranks(_save_with_a_full_disk_on_rank0, out, image_dir)
+    messages = {rank: value for rank, (status, value) in results.items() if status == "ok"}
+    assert len(messages) == 2, results
+    for message in messages.values():
+        assert message.startswith("1 of 2 processes could not write"), message
+    assert "No space left on device" in messages[0]
+
+
+def test_checkpoints_take_the_umask_and_stale_temporaries_are_removed(tmp_path, image_dir):
+    """mkstemp makes 0600 files (other users of a shared cluster could not read checkpoints),
+    and a process killed mid-write left a whole-checkpoint-sized temporary file forever."""
+    out = tmp_path / "out"
+    os.makedirs(out)
+    stale, fresh = out / ".tmp-killed.pth", out / ".tmp-writing.pth"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(stale, (1, 1))
+    old = os.umask(0o022)
+    try:
+        train(tiny_cfg(out, image_dir, epochs=1))
+    finally:
+        os.umask(old)
+    assert oct((out / LAST).stat().st_mode & 0o777) == oct(0o644)
+    assert not stale.exists() and fresh.exists()  # a write in progress is left alone
 
 
 # -- resuming with another batch size / world size / accumulation -----------------------------
@@ -510,3 +594,80 @@ def test_a_run_resumed_with_another_batch_keeps_the_records_before_its_checkpoin
     train(tiny_cfg(tmp_path, image_dir, batch_size=6, **kw))  # 2 iterations per epoch now
     fractions = [r["epoch"] for r in _records(tmp_path) if "step" in r]
     assert fractions == [0.25, 0.5, 1.0, 1.5, 2.0]  # 0.75 (after the checkpoint) dropped
+
+
+# -- a requeue signal: checkpoint first, then submitit's requeue ------------------------------
+def test_the_requeue_signal_is_recorded_then_handed_to_submitit(monkeypatch):
+    import signal
+
+    from mae_transfer.engine import preemption
+
+    submitit_handler, alarms = [], []
+    monkeypatch.setattr(signal, "alarm", alarms.append)
+    old = signal.signal(signal.SIGUSR2, lambda signum, frame: submitit_handler.append(signum))
+    try:
+        preemption.install(signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert preemption.requested() and submitit_handler == []  # recorded, not acted on
+        assert alarms == [preemption.FALLBACK_S]  # submitit's requeue anyway if no checkpoint
+        preemption.hand_over()
+        assert submitit_handler == [signal.SIGUSR2] and alarms[-1] == 0
+    finally:
+        preemption.reset()
+        signal.signal(signal.SIGUSR2, old)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def _stop_when_rank1_is_signalled(info, out, data):
+    from mae_transfer.engine import preemption
+
+    cfg = tiny_cfg(out, data, epochs=3, batch_size=2, mask_noise="global")
+    t = Trainer(cfg, torch.device("cpu"), info)
+    step, calls = t._step, []
+
+    def counting_step(*a):
+        calls.append(1)
+        return step(*a)
+
+    t._step = counting_step
+    # the signal reaches rank 1 only, during its 5th iteration (epoch 1, iteration 1)
+    preemption.requested = lambda: info.rank == 1 and len(calls) >= 5
+    try:
+        t.train()
+    except preemption.PreemptionStop as e:
+        stopped = str(e)
+    else:
+        stopped = "not stopped"
+    ckpt = torch.load(os.path.join(out, LAST), weights_only=True)
+    return stopped, (ckpt["epoch"], ckpt["iter"])
+
+
+def test_a_requeue_signal_stops_every_rank_after_a_checkpoint_at_the_same_step(tmp_path, image_dir):
+    """submitit requeued at once from wherever training was: with save_every_iters 0 (the
+    default) up to a whole epoch was trained again after every time-out."""
+    results = run_ranks(_stop_when_rank1_is_signalled, str(tmp_path / "out"), image_dir)
+    assert all(status == "ok" for status, _ in results.values()), results
+    for stopped, at in (value for _, value in results.values()):
+        assert stopped.startswith("stopped for a requeue at epoch 1, iteration 2"), stopped
+        assert at == (1, 2)  # the log step after the signal (log_every_iters 1), saved there
+
+
+def test_a_run_stopped_for_a_requeue_resumes_to_the_uninterrupted_weights(
+    tmp_path, image_dir, monkeypatch
+):
+    from mae_transfer.engine import preemption
+
+    ref = train(tiny_cfg(tmp_path / "a", image_dir, epochs=2, accum_iter=1))
+    cfg = tiny_cfg(tmp_path / "b", image_dir, epochs=2)
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    monkeypatch.setattr(preemption, "requested", lambda: t.epoch == 1 and t.iter >= 1)
+    with pytest.raises(preemption.PreemptionStop):
+        t.train()
+    t.close()
+    monkeypatch.setattr(preemption, "requested", lambda: False)
+    resumed = Trainer(cfg, torch.device("cpu"), DistInfo())
+    assert (resumed.epoch, resumed.iter) == (1, 1)
+    resumed.train()
+    resumed.close()
+    for a, b in zip(_weights(ref), _weights(resumed)):
+        assert torch.equal(a, b)

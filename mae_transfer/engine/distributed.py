@@ -8,7 +8,7 @@ import logging
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -137,6 +137,15 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=_collective_device())
     return box[0]
+
+
+def gather_to_main(obj: Any, info: DistInfo) -> Optional[List[Any]]:
+    """Every process's ``obj`` on rank 0, as a list indexed by rank (None elsewhere)."""
+    if not info.enabled:
+        return [obj]
+    out: Optional[List[Any]] = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def on_rank0(fn: Callable[..., Any], info: DistInfo, *args: Any) -> Any:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from typing import Any, Callable
 
+from . import preemption
 from .launch import setup_logging
+from .preemption import PreemptionStop
 
 
 def launcher_parser(prog: str, protocol_help: str = "") -> argparse.ArgumentParser:
@@ -61,8 +64,9 @@ def parse_launcher(prog: str, argv, protocol_help: str = ""):
 class TrainingJob:
     """What submitit runs in each task: ``run(cfg)`` after joining the job's process group.
 
-    On preemption or time-out it requeues itself with ``auto_resume`` on; the trainer then
-    resumes from whichever is further along, ``checkpoint-last.pth`` or the first ``--resume``.
+    On preemption or time-out it requeues itself with ``auto_resume`` on, after the trainer
+    wrote ``checkpoint-last.pth`` (:mod:`.preemption`); the requeued job then resumes from
+    whichever is further along, ``checkpoint-last.pth`` or the first ``--resume``.
     """
 
     def __init__(self, run: Callable[[Any], Any], cfg):
@@ -71,13 +75,33 @@ class TrainingJob:
     def __call__(self):
         set_dist_env()
         setup_logging(int(os.environ.get("RANK", 0)))
-        return self.run(self.cfg)
+        watch_requeue_signal()
+        try:
+            return self.run(self.cfg)
+        except PreemptionStop as e:  # the checkpoint is written: submitit requeues (rank 0)
+            if int(os.environ.get("RANK", 0)) == 0:
+                logging.getLogger(__name__).warning("%s", e)
+            preemption.hand_over()
+            return None
 
     def checkpoint(self):
         import submitit
 
         cfg = dataclasses.replace(self.cfg, auto_resume=True)
         return submitit.helpers.DelayedSubmission(TrainingJob(self.run, cfg))
+
+
+def watch_requeue_signal() -> None:
+    """The signal submitit requeues on (USR2 unless configured) asks the trainer to write a
+    checkpoint first (:mod:`.preemption`); a no-op outside a submitit job."""
+    import submitit
+    from submitit.core.job_environment import JobEnvironment
+
+    try:
+        submitit.JobEnvironment()
+    except RuntimeError:  # debug executor: nothing signals it
+        return
+    preemption.install(JobEnvironment._usr_sig())
 
 
 def set_dist_env() -> None:

@@ -33,11 +33,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mae_transfer.checkpoint import copy_atomic, load_file, save_atomic
+from mae_transfer.checkpoint import (
+    copy_atomic,
+    load_file,
+    remove_stale_temporaries,
+    save_atomic,
+)
 from mae_transfer.data import ResumableDistributedSampler, collate
 from mae_transfer.device import fused_adamw_supported, resolve_amp
 from mae_transfer.optim import keep_optimizer_impl, param_groups
 
+from . import preemption
 from .config import ConfigError, TrainConfig, save_config
 from .distributed import (
     DistInfo,
@@ -46,8 +52,11 @@ from .distributed import (
     barrier,
     broadcast_buffers,
     broadcast_object,
+    gather_to_main,
+    on_every_rank,
 )
 from .logger import RunLogger
+from .preemption import PreemptionStop
 from .schedule import cosine_lr
 from .state import get_rng_state, newest_checkpoint, set_rng_state
 
@@ -211,7 +220,11 @@ class EpochTrainer:
         self.skipped_images = 0
         self._epoch_loss = [0.0, 0]  # (sum, count) of the epoch's losses so far
         self._resumed = False  # from a training checkpoint of ours
+        self._stop_requested = False  # for a requeue (preemption): agreed at a log step
         self._resume()
+        if dist_info.is_main:
+            for path in remove_stale_temporaries(cfg.output_dir):
+                logger.info("removed %s, left by a process killed while writing it", path)
         self.ddp = self._wrap(self.model)
         # a resumed run's logs drop what the interrupted run logged after its checkpoint: by
         # the fraction of the epoch, which (unlike the step) holds when the batch size changed
@@ -348,6 +361,16 @@ class EpochTrainer:
                 path = newest_checkpoint([cfg.resume, last], self.checkpoint_format)
             except Exception as e:  # noqa: BLE001 - every rank raises it, none waits forever
                 error = f"{type(e).__name__}: {e}"
+            if path and cfg.resume and path != cfg.resume and os.path.isfile(cfg.resume):
+                logger.warning(
+                    "--resume %s is behind %s (found by auto-resume): continuing from the "
+                    "latter, the furthest along (what a requeue or a re-run needs). To go back "
+                    "to %s instead, add --no-auto_resume (%s is then replaced at the next save)",
+                    cfg.resume,
+                    path,
+                    cfg.resume,
+                    LAST,
+                )
         path, error = broadcast_object((path, error), self.dist)
         if error:
             raise ConfigError(f"cannot choose the checkpoint to resume from: {error}")
@@ -381,10 +404,23 @@ class EpochTrainer:
         self._resumed = True
         self._same_global_batch = ckpt.get("global_batch") == self.sampler.global_batch
         self.load_extra_state(ckpt)
-        set_rng_state(ckpt.get("rng", {}), self.device)
-        if self.dist.rank:  # rank 0's state was saved; the others keep their own streams
-            step = self.epoch * self.ipe + self.iter
-            torch.manual_seed(self.cfg.seed + self.dist.rank + 7919 * step)
+        per_rank = ckpt.get("rng_per_rank")
+        if isinstance(per_rank, list) and len(per_rank) == self.dist.world_size:
+            set_rng_state(per_rank[self.dist.rank], self.device)  # exact, rank by rank
+        else:
+            set_rng_state(ckpt.get("rng", {}), self.device)
+            if self.dist.rank:  # another process count: rank 0's state, the others reseeded
+                step = self.epoch * self.ipe + self.iter
+                torch.manual_seed(self.cfg.seed + self.dist.rank + 7919 * step)
+        saved_batch = int(ckpt.get("global_batch", 0)) * int(ckpt.get("accum_iter", 1))
+        if saved_batch and saved_batch != self.eff_batch and self.dist.is_main:
+            logger.warning(
+                "effective batch %d (checkpoint) -> %d: the lr is now %.3g%s",
+                saved_batch,
+                self.eff_batch,
+                self.base_lr,
+                "" if self.cfg.lr is not None else f" (blr {self.cfg.blr} x batch / 256)",
+            )
         logger.info("resumed from %s at epoch %d, iteration %d", path, self.epoch, self.iter)
 
     def _load_resumable(self, ckpt: Any, path: str) -> None:
@@ -476,7 +512,7 @@ class EpochTrainer:
             )
         return samples // self.sampler.global_batch
 
-    def checkpoint_state(self) -> Dict:
+    def checkpoint_state(self, rng_per_rank: Optional[List[Dict]] = None) -> Dict:
         return {
             "format": self.checkpoint_format,
             "protocol": self.protocol,
@@ -493,6 +529,9 @@ class EpochTrainer:
             "epoch_loss": list(self._epoch_loss),
             "args": self.cfg.to_dict(),
             "rng": get_rng_state(self.device),
+            # every process's streams (drop path, mask noise): restored rank by rank when the
+            # run resumes with as many processes
+            "rng_per_rank": rng_per_rank,
             **self.extra_state(),
         }
 
@@ -507,15 +546,22 @@ class EpochTrainer:
                 f"{self.cfg.output_dir} is intact. Lower the lr or set --clip_grad, and "
                 f"continue with --resume {os.path.join(self.cfg.output_dir, LAST)}."
             )
-        if not self.dist.is_main:
-            return
+        rngs = gather_to_main(get_rng_state(self.device), self.dist)
         last = os.path.join(self.cfg.output_dir, LAST)
-        save_atomic(self.checkpoint_state(), last)
-        names = list(copies)
-        if also_epoch_copy:
-            names.append(f"checkpoint-{self.epoch - 1}.pth")
-        for name in names:  # the same bytes under other names (byte copies, each atomic)
-            copy_atomic(last, os.path.join(self.cfg.output_dir, name))
+
+        def write() -> None:
+            if not self.dist.is_main:
+                return
+            save_atomic(self.checkpoint_state(rngs), last)
+            names = list(copies)
+            if also_epoch_copy:
+                names.append(f"checkpoint-{self.epoch - 1}.pth")
+            for name in names:  # the same bytes under other names (byte copies, each atomic)
+                copy_atomic(last, os.path.join(self.cfg.output_dir, name))
+
+        # a failed write (disk full, quota, permissions) stops every process with rank 0's
+        # reason; the others used to wait for it in their next collective
+        on_every_rank(write, self.dist, f"could not write {last} (the previous one is intact)")
 
     # -- training ----------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
@@ -529,8 +575,12 @@ class EpochTrainer:
                     f"train into {cfg.output_dir}. Raise --epochs to train on, or use that "
                     "run's output_dir"
                 )
-        if self.dist.is_main:
-            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        config_file = os.path.join(cfg.output_dir, "config.yaml")
+        on_every_rank(
+            lambda: save_config(cfg, config_file) if self.dist.is_main else None,
+            self.dist,
+            f"could not write {config_file}",
+        )
         bar = self.log.progress(cfg.epochs * self.ipe, self.epoch * self.ipe + self.iter)
         stats: Dict[str, float] = {}
         if self.epoch >= cfg.epochs:
@@ -569,6 +619,8 @@ class EpochTrainer:
             if self._mid_epoch_save_due():
                 self._flush()
                 self.save()
+            if self._stop_requested and self.iter % cfg.accum_iter == 0 and self.iter < self.ipe:
+                self._stop_for_requeue()
         self._flush()
         self.epoch, self.iter = epoch + 1, 0
         metrics = self._evaluate()
@@ -580,7 +632,18 @@ class EpochTrainer:
         stats.update(metrics)
         self.log.record(stats)
         self.log.scalars(stats, epoch, "epoch")
+        if self._stop_requested and self.epoch < cfg.epochs:  # saved above
+            raise PreemptionStop(f"stopped for a requeue after epoch {epoch}")
         return stats
+
+    def _stop_for_requeue(self) -> None:
+        """Every process, together: checkpoint here (an update boundary), then stop."""
+        self._flush()
+        self.save()
+        raise PreemptionStop(
+            f"stopped for a requeue at epoch {self.epoch}, iteration {self.iter}: "
+            f"{os.path.join(self.cfg.output_dir, LAST)} written"
+        )
 
     def _mid_epoch_save_due(self) -> bool:
         """At the first optimizer step at or after each multiple of ``save_every_iters`` (with
@@ -640,7 +703,11 @@ class EpochTrainer:
         w = self._window
         if not w.n:
             return None
-        loss_sum, n, skipped = all_reduce_sum([w.loss, w.n, w.skipped], self.dist)
+        # (a requeue signal one process received travels with the log step's numbers)
+        loss_sum, n, skipped, stop = all_reduce_sum(
+            [w.loss, w.n, w.skipped, float(preemption.requested())], self.dist
+        )
+        self._stop_requested = self._stop_requested or stop > 0
         self.skipped_images += int(skipped)
         self._check_finite(loss_sum, w.first_iter)
         self._epoch_loss[0] += loss_sum
@@ -661,10 +728,16 @@ class EpochTrainer:
             what = f"loss is {loss_sum}"
         last = os.path.join(self.cfg.output_dir, LAST)
         kept = f"{last} is intact" if os.path.isfile(last) else "no checkpoint was written yet"
+        lr = f"lr={self.cfg.lr}" if self.cfg.lr is not None else f"blr={self.cfg.blr}"
+        fp16 = ", or use --amp bf16 / fp32 instead of fp16" if self._dynamic_scale else ""
+        then = (
+            f"then continue with --resume {last} (which takes changed settings)"
+            if os.path.isfile(last)
+            else "then start again"
+        )
         raise NonFiniteLossError(
-            f"{what} at {where}; stopping without saving ({kept}). Lower the lr "
-            f"(blr={self.cfg.blr}), set --clip_grad, or use --amp bf16 / fp32 instead of fp16; "
-            f"then continue with --resume {last} (which takes changed settings)."
+            f"{what} at {where}; stopping without saving ({kept}). Lower the lr ({lr}), "
+            f"set --clip_grad{fp16}; {then}."
         )
 
     def _evaluate(self) -> Dict[str, float]:
