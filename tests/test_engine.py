@@ -584,6 +584,19 @@ def test_a_resumed_run_logs_each_step_once_and_the_whole_epoch_s_loss(tmp_path, 
     assert [r["train_loss"] for r in ends_b] == pytest.approx(losses_a, rel=1e-6)
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_logged_once_after_a_restart(
+    tmp_path, image_dir
+):
+    """The restart trains from scratch but appended to the killed run's log.jsonl: steps 1-3
+    twice (and a second initial evaluation record)."""
+    kw = dict(epochs=1, batch_size=3, log_every_iters=1, save_every_iters=0)
+    _killed_in_epoch_0(tiny_cfg(tmp_path / "b", image_dir, **kw))
+    assert not (tmp_path / "b" / LAST).exists()
+    train(tiny_cfg(tmp_path / "b", image_dir, **kw))
+    assert [r["step"] for r in _records(tmp_path / "b") if "step" in r] == [1, 2, 3, 4]
+    assert (tmp_path / "b" / "log.jsonl.old").is_file()  # the killed run's, kept aside
+
+
 def test_a_run_resumed_with_another_batch_keeps_the_records_before_its_checkpoint(
     tmp_path, image_dir
 ):
@@ -671,3 +684,40 @@ def test_a_run_stopped_for_a_requeue_resumes_to_the_uninterrupted_weights(
     resumed.close()
     for a, b in zip(_weights(ref), _weights(resumed)):
         assert torch.equal(a, b)
+
+
+def test_two_runs_in_one_output_dir_are_refused_or_stopped(tmp_path, image_dir):
+    """A second run given the same output_dir resumed the first one's checkpoint while it
+    was still training, and both wrote checkpoint-last.pth and log.jsonl, silently."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from mae_transfer.engine.state import OWNER_FILE
+
+    out = tmp_path / "out"
+    os.makedirs(out)
+    owner = out / OWNER_FILE
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner.write_text(json.dumps({"host": socket.gethostname(), "pid": alive.pid, "id": "x"}))
+        with pytest.raises(
+            ConfigError, match=f"in use by another run on this host .pid {alive.pid}"
+        ):
+            Trainer(tiny_cfg(out, image_dir, epochs=1), torch.device("cpu"), DistInfo())
+    finally:
+        alive.kill()
+        alive.wait()
+    # its process gone (a requeue, a crash): taken over
+    a = Trainer(tiny_cfg(out, image_dir, epochs=1), torch.device("cpu"), DistInfo())
+    # another run claims the folder (here from this process; from another host it cannot be
+    # refused): the first stops at its next save instead of overwriting the other's files
+    b = Trainer(tiny_cfg(out, image_dir, epochs=1), torch.device("cpu"), DistInfo())
+    with pytest.raises(ConfigError, match="another run took over"):
+        a.save()
+    b.save()
+    a.close()
+    b.close()
+    train(tiny_cfg(out, image_dir, epochs=1))
+    assert not owner.exists()  # released at the end: the next run here (a resume) may start

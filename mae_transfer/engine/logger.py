@@ -32,7 +32,9 @@ class RunLogger:
         """``resumed_at``: where a resumed run starts, as (epoch + fraction of it, global step
         or None when the step's size changed); what the interrupted run logged after that
         point (it is trained again) is dropped from ``log.jsonl`` and hidden in TensorBoard
-        (``purge_step``), so that no curve holds it twice."""
+        (``purge_step``), so that no curve holds it twice. A run that starts from scratch
+        where one was killed before its first checkpoint moves that run's ``log.jsonl`` aside
+        (``log.jsonl.old``) and hides its events."""
         self.output_dir, self.enabled = output_dir, enabled
         self.writer = None
         self.bar: Optional[tqdm] = None
@@ -44,6 +46,10 @@ class RunLogger:
             if resumed_at is not None:
                 self._drop_records_after(resumed_at[0])
                 purge = None if resumed_at[1] is None else resumed_at[1] + 1
+            elif os.path.isfile(self.path):  # from scratch: nothing logged before is this run's
+                os.replace(self.path, self.path + ".old")
+                logger.info("%s moved to log.jsonl.old: this run starts from scratch", self.path)
+                purge = -1  # (the initial evaluation is logged at step -1)
             self.writer = SummaryWriter(log_dir=log_dir or output_dir, purge_step=purge)
 
     @property

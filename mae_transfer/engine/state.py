@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import socket
+import time
+import uuid
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -67,3 +72,80 @@ def newest_checkpoint(paths: Sequence[str], fmt: str) -> Optional[str]:
             ", ".join(f"{p} (epoch, samples {checkpoint_progress(p, fmt)})" for p in found),
         )
     return best
+
+
+OWNER_FILE = ".run-owner"  # in output_dir: the run writing there (host, pid, start, id)
+
+
+def _read_owner(output_dir: str) -> Optional[Dict]:
+    try:
+        with open(os.path.join(output_dir, OWNER_FILE)) as f:
+            owner = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
+def claim_output_dir(output_dir: str) -> Dict:
+    """Makes this process the run writing to ``output_dir`` (rank 0, at the start) and returns
+    its record. A run still alive on this host (another process) is a :class:`ConfigError`;
+    one elsewhere cannot be checked: it stops at its next save (:func:`check_owner`). A
+    requeued or restarted run takes over from its dead predecessor."""
+    from mae_transfer.checkpoint import write_text_atomic
+
+    from .config import ConfigError
+
+    other = _read_owner(output_dir)
+    host = socket.gethostname()
+    if (
+        other
+        and other.get("host") == host
+        and other.get("pid") != os.getpid()
+        and isinstance(other.get("pid"), int)
+        and _alive(other["pid"])
+    ):
+        raise ConfigError(
+            f"{output_dir} is in use by another run on this host (pid {other['pid']}, started "
+            f"{other.get('started')}): give this run another --output_dir, or stop that one (if "
+            f"it is not running any more, delete {os.path.join(output_dir, OWNER_FILE)})"
+        )
+    owner = {
+        "host": host,
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "id": uuid.uuid4().hex,
+    }
+    os.makedirs(output_dir, exist_ok=True)
+    write_text_atomic(json.dumps(owner) + "\n", os.path.join(output_dir, OWNER_FILE))
+    return owner
+
+
+def check_owner(output_dir: str, owner: Dict) -> None:
+    """Raises RuntimeError when another run has claimed ``output_dir`` since this one did
+    (two runs given one output_dir): this one stops instead of overwriting its files."""
+    current = _read_owner(output_dir)
+    if current is not None and current.get("id") != owner.get("id"):
+        raise RuntimeError(
+            f"another run took over {output_dir} (host {current.get('host')}, pid "
+            f"{current.get('pid')}, started {current.get('started')}): this run stops so as not "
+            "to overwrite its files; give each run its own --output_dir"
+        )
+
+
+def release_output_dir(output_dir: str, owner: Dict) -> None:
+    """Removes this run's claim on ``output_dir`` (at its end, also after an error), unless
+    another run holds it now."""
+    current = _read_owner(output_dir)
+    if owner and current is not None and current.get("id") == owner.get("id"):
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(output_dir, OWNER_FILE))

@@ -58,7 +58,14 @@ from .distributed import (
 from .logger import RunLogger
 from .preemption import PreemptionStop
 from .schedule import cosine_lr
-from .state import get_rng_state, newest_checkpoint, set_rng_state
+from .state import (
+    check_owner,
+    claim_output_dir,
+    get_rng_state,
+    newest_checkpoint,
+    release_output_dir,
+    set_rng_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,9 +229,15 @@ class EpochTrainer:
         self._resumed = False  # from a training checkpoint of ours
         self._stop_requested = False  # for a requeue (preemption): agreed at a log step
         self._resume()
-        if dist_info.is_main:
-            for path in remove_stale_temporaries(cfg.output_dir):
-                logger.info("removed %s, left by a process killed while writing it", path)
+        self._owner: Dict = {}
+
+        def claim() -> None:  # rank 0: this run writes output_dir (two runs there: refused)
+            if dist_info.is_main:
+                self._owner = claim_output_dir(cfg.output_dir)
+                for path in remove_stale_temporaries(cfg.output_dir):
+                    logger.info("removed %s, left by a process killed while writing it", path)
+
+        on_every_rank(claim, dist_info, f"could not start in {cfg.output_dir}")
         self.ddp = self._wrap(self.model)
         # a resumed run's logs drop what the interrupted run logged after its checkpoint: by
         # the fraction of the epoch, which (unlike the step) holds when the batch size changed
@@ -552,6 +565,7 @@ class EpochTrainer:
         def write() -> None:
             if not self.dist.is_main:
                 return
+            check_owner(self.cfg.output_dir, self._owner)
             save_atomic(self.checkpoint_state(rngs), last)
             names = list(copies)
             if also_epoch_copy:
@@ -596,6 +610,8 @@ class EpochTrainer:
                 stats = self._train_epoch(bar)
         finally:
             bar.close()
+            if self.dist.is_main:  # the next run here (a resume, a re-run) need not wait
+                release_output_dir(cfg.output_dir, self._owner)
         barrier(self.dist)
         return stats
 
