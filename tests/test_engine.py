@@ -721,3 +721,30 @@ def test_two_runs_in_one_output_dir_are_refused_or_stopped(tmp_path, image_dir):
     b.close()
     train(tiny_cfg(out, image_dir, epochs=1))
     assert not owner.exists()  # released at the end: the next run here (a resume) may start
+
+
+def test_a_kill_while_saving_never_leaves_a_checkpoint_naming_a_missing_copy(
+    tmp_path, image_dir, monkeypatch
+):
+    """checkpoint-last.pth (recording the best accuracy) was written before the best copy: a
+    kill in between left a run that reported a checkpoint-best.pth that did not exist."""
+    out = tmp_path / "out"
+    t = Trainer(tiny_cfg(out, image_dir, epochs=1), torch.device("cpu"), DistInfo())
+    real = trainer_module.copy_atomic
+
+    def killed_at_last(src, dst):
+        if dst.endswith(LAST):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(trainer_module, "copy_atomic", killed_at_last)
+    t.epoch = 1  # as at the end of epoch 0
+    with pytest.raises(KeyboardInterrupt):
+        t.save(also_epoch_copy=True, copies=["checkpoint-best.pth"])
+    assert (out / "checkpoint-best.pth").is_file() and (out / "checkpoint-0.pth").is_file()
+    assert not (out / LAST).exists()  # the older state (here: none) stays the resume point
+    monkeypatch.setattr(trainer_module, "copy_atomic", real)
+    t.save(copies=["checkpoint-best.pth"])
+    best = torch.load(out / "checkpoint-best.pth", weights_only=True)
+    assert best["epoch"] == torch.load(out / LAST, weights_only=True)["epoch"]
+    t.close()

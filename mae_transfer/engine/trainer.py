@@ -566,12 +566,16 @@ class EpochTrainer:
             if not self.dist.is_main:
                 return
             check_owner(self.cfg.output_dir, self._owner)
-            save_atomic(self.checkpoint_state(rngs), last)
             names = list(copies)
             if also_epoch_copy:
                 names.append(f"checkpoint-{self.epoch - 1}.pth")
-            for name in names:  # the same bytes under other names (byte copies, each atomic)
-                copy_atomic(last, os.path.join(self.cfg.output_dir, name))
+            # the extra names (byte copies, each atomic) before checkpoint-last.pth: a kill in
+            # between leaves the older last, whose resume writes them again (written after it,
+            # a resume could find the best accuracy recorded and its copy missing)
+            paths = [os.path.join(self.cfg.output_dir, name) for name in names] + [last]
+            save_atomic(self.checkpoint_state(rngs), paths[0])
+            for path in paths[1:]:
+                copy_atomic(paths[0], path)
 
         # a failed write (disk full, quota, permissions) stops every process with rank 0's
         # reason; the others used to wait for it in their next collective
