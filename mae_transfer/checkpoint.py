@@ -17,7 +17,6 @@ front of it is stripped. Shapes that differ only by input size (position table) 
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import math
 import os
@@ -466,8 +465,15 @@ def _replace_atomically(path: str, write: Callable[[Any], None]) -> None:
 TMP_PREFIX = ".tmp-"
 
 
-@functools.cache
 def _umask() -> int:
+    """This process's umask, read without changing it (Linux), else by setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

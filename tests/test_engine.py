@@ -625,6 +625,15 @@ def test_the_requeue_signal_is_recorded_then_handed_to_submitit(monkeypatch):
         assert alarms == [preemption.FALLBACK_S]  # submitit's requeue anyway if no checkpoint
         preemption.hand_over()
         assert submitit_handler == [signal.SIGUSR2] and alarms[-1] == 0
+        # rank 0 hands over also when only another task received the signal
+        preemption.reset()
+        preemption.hand_over(signal.SIGUSR2)
+        assert submitit_handler == [signal.SIGUSR2] * 2
+        # loader workers inherit the handler: a signal there is not the run's
+        preemption.reset()
+        preemption._request.pid = -1
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert not preemption.requested()
     finally:
         preemption.reset()
         signal.signal(signal.SIGUSR2, old)
@@ -694,6 +703,7 @@ def test_two_runs_in_one_output_dir_are_refused_or_stopped(tmp_path, image_dir):
     import subprocess
     import sys
 
+    from mae_transfer.engine import state
     from mae_transfer.engine.state import OWNER_FILE
 
     out = tmp_path / "out"
@@ -701,11 +711,16 @@ def test_two_runs_in_one_output_dir_are_refused_or_stopped(tmp_path, image_dir):
     owner = out / OWNER_FILE
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        owner.write_text(json.dumps({"host": socket.gethostname(), "pid": alive.pid, "id": "x"}))
+        record = {"host": socket.gethostname(), "pid": alive.pid, "id": "x"}
+        record.update(pidns=state._pid_namespace(), start=state._process_start(alive.pid))
+        owner.write_text(json.dumps(record))
         with pytest.raises(
             ConfigError, match=f"in use by another run on this host .pid {alive.pid}"
         ):
             Trainer(tiny_cfg(out, image_dir, epochs=1), torch.device("cpu"), DistInfo())
+        record["start"] = "0"  # the pid now another process (reused): not the run
+        owner.write_text(json.dumps(record))
+        Trainer(tiny_cfg(out, image_dir, epochs=1), torch.device("cpu"), DistInfo()).close()
     finally:
         alive.kill()
         alive.wait()
@@ -716,6 +731,9 @@ def test_two_runs_in_one_output_dir_are_refused_or_stopped(tmp_path, image_dir):
     b = Trainer(tiny_cfg(out, image_dir, epochs=1), torch.device("cpu"), DistInfo())
     with pytest.raises(ConfigError, match="another run took over"):
         a.save()
+    a._window.add(torch.tensor(1.0), 0)  # and at its next log step, before writing logs
+    with pytest.raises(ConfigError, match="another run took over"):
+        a._flush()
     b.save()
     a.close()
     b.close()
@@ -747,4 +765,22 @@ def test_a_kill_while_saving_never_leaves_a_checkpoint_naming_a_missing_copy(
     t.save(copies=["checkpoint-best.pth"])
     best = torch.load(out / "checkpoint-best.pth", weights_only=True)
     assert best["epoch"] == torch.load(out / LAST, weights_only=True)["epoch"]
+    t.close()
+
+
+def test_a_requeue_signal_in_an_epoch_s_last_steps_saves_before_evaluating(
+    tmp_path, image_dir, monkeypatch
+):
+    from mae_transfer.engine import preemption
+
+    t = Trainer(tiny_cfg(tmp_path / "out", image_dir, epochs=2), torch.device("cpu"), DistInfo())
+    events = []
+    save, evaluate = t.save, t._evaluate
+    t.save = lambda **kw: events.append(("save", t.epoch, t.iter)) or save(**kw)
+    t._evaluate = lambda: events.append(("evaluate",)) or evaluate()
+    monkeypatch.setattr(preemption, "requested", lambda: t.epoch == 0 and t.iter == 3)
+    with pytest.raises(preemption.PreemptionStop, match="after epoch 0"):
+        t.train()
+    # (the first evaluation is the initial model's, the k-NN monitor's epoch -1)
+    assert events == [("evaluate",), ("save", 1, 0), ("evaluate",), ("save", 1, 0)]
     t.close()

@@ -8,7 +8,7 @@ import logging
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -139,12 +139,13 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
-def gather_to_main(obj: Any, info: DistInfo) -> Optional[List[Any]]:
-    """Every process's ``obj`` on rank 0, as a list indexed by rank (None elsewhere)."""
+def all_gather_objects(obj: Any, info: DistInfo) -> List[Any]:
+    """Every process's (small) ``obj``, as a list indexed by rank, on every process (one
+    all-gather; with NCCL a gather to one rank would open a connection to each)."""
     if not info.enabled:
         return [obj]
-    out: Optional[List[Any]] = [None] * info.world_size if info.is_main else None
-    dist.gather_object(obj, out, dst=0)
+    out: List[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
     return out
 
 

@@ -47,8 +47,12 @@ class RunLogger:
                 self._drop_records_after(resumed_at[0])
                 purge = None if resumed_at[1] is None else resumed_at[1] + 1
             elif os.path.isfile(self.path):  # from scratch: nothing logged before is this run's
-                os.replace(self.path, self.path + ".old")
-                logger.info("%s moved to log.jsonl.old: this run starts from scratch", self.path)
+                aside = self.path + ".old"
+                n = 1
+                while os.path.exists(aside):
+                    aside, n = f"{self.path}.old.{n}", n + 1
+                os.replace(self.path, aside)
+                logger.info("%s moved to %s: this run starts from scratch", self.path, aside)
                 purge = -1  # (the initial evaluation is logged at step -1)
             self.writer = SummaryWriter(log_dir=log_dir or output_dir, purge_step=purge)
 

@@ -8,19 +8,20 @@ request, on every process. The trainer shares the request at its next log step (
 all-reduce it makes there anyway: no host sync is added), writes ``checkpoint-last.pth`` at the
 next update, on every process together, and raises :class:`PreemptionStop`; the job then calls
 :func:`hand_over`, which runs submitit's handler: requeue (rank 0) and exit. If the trainer does
-not get there within :data:`FALLBACK_S` (a long evaluation, a stalled loader), an alarm hands
+not get there within :data:`FALLBACK_S` (a stalled loader, a very long save), an alarm hands
 over anyway: submitit's behaviour, with the last checkpoint written before.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 
-FALLBACK_S = 60  # seconds from the signal to submitit's own requeue if no checkpoint came first
+FALLBACK_S = 90  # seconds from the signal (120 s before the limit) to submitit's own requeue
 
 
 class PreemptionStop(Exception):
@@ -31,20 +32,27 @@ class _Request:
     signum: Optional[int] = None  # the signal received (None: no request)
     original: Any = None  # the handler replaced by install()
     frame: Any = None
+    pid: Optional[int] = None  # the process that installed it (not its forked loader workers)
 
 
 _request = _Request()
 
 
 def install(signum: int) -> None:
-    """Records ``signum`` instead of acting on it at once (see the module docstring)."""
-    _request.original = signal.getsignal(signum)
-    _request.signum = None
+    """Records ``signum`` instead of acting on it at once (see the module docstring); once
+    per process (a second call keeps the first's original handler)."""
+    if signal.getsignal(signum) is not _record:
+        _request.original = signal.getsignal(signum)
+    _request.signum, _request.pid = None, os.getpid()
     signal.signal(signum, _record)
 
 
+def _ours() -> bool:
+    return os.getpid() == _request.pid  # loader workers inherit the handlers: not theirs
+
+
 def _record(signum: int, frame: Any) -> None:
-    if _request.signum is None:
+    if _ours() and _request.signum is None:
         logger.warning(
             "signal %s: the job will be requeued after writing a checkpoint at the next log "
             "step and update (within %d s, or requeued as it is)",
@@ -57,8 +65,9 @@ def _record(signum: int, frame: Any) -> None:
 
 
 def _fallback(signum: int, frame: Any) -> None:
-    logger.warning("no checkpoint within %d s of the signal: requeued as it is", FALLBACK_S)
-    hand_over()
+    if _ours():
+        logger.warning("no checkpoint within %d s of the signal: requeued as it is", FALLBACK_S)
+        hand_over()
 
 
 def requested() -> bool:
@@ -66,11 +75,12 @@ def requested() -> bool:
     return _request.signum is not None
 
 
-def hand_over() -> None:
+def hand_over(signum: Optional[int] = None) -> None:
     """Runs the handler :func:`install` replaced (submitit's: on rank 0 it calls the job's
-    ``checkpoint()``, requeues and exits; elsewhere it returns)."""
+    ``checkpoint()``, requeues and exits; elsewhere it returns), for the signal this process
+    received or, when only another process received it, for ``signum``."""
     signal.alarm(0)
-    original, signum = _request.original, _request.signum
+    original, signum = _request.original, _request.signum or signum
     if signum is not None and callable(original):
         original(signum, _request.frame)
 

@@ -75,13 +75,13 @@ class TrainingJob:
     def __call__(self):
         set_dist_env()
         setup_logging(int(os.environ.get("RANK", 0)))
-        watch_requeue_signal()
+        signum = watch_requeue_signal()
         try:
             return self.run(self.cfg)
         except PreemptionStop as e:  # the checkpoint is written: submitit requeues (rank 0)
             if int(os.environ.get("RANK", 0)) == 0:
                 logging.getLogger(__name__).warning("%s", e)
-            preemption.hand_over()
+            preemption.hand_over(signum)  # (also when only another task got the signal)
             return None
 
     def checkpoint(self):
@@ -91,17 +91,22 @@ class TrainingJob:
         return submitit.helpers.DelayedSubmission(TrainingJob(self.run, cfg))
 
 
-def watch_requeue_signal() -> None:
+def watch_requeue_signal():
     """The signal submitit requeues on (USR2 unless configured) asks the trainer to write a
-    checkpoint first (:mod:`.preemption`); a no-op outside a submitit job."""
+    checkpoint first (:mod:`.preemption`); returns it. A no-op (None) outside a submitit job
+    and in the debug executor (this very process, which nothing signals)."""
     import submitit
     from submitit.core.job_environment import JobEnvironment
 
     try:
-        submitit.JobEnvironment()
-    except RuntimeError:  # debug executor: nothing signals it
-        return
-    preemption.install(JobEnvironment._usr_sig())
+        env = submitit.JobEnvironment()
+    except RuntimeError:
+        return None
+    if env.name() == "debug":
+        return None
+    signum = JobEnvironment._usr_sig()
+    preemption.install(signum)
+    return signum
 
 
 def set_dist_env() -> None:

@@ -86,14 +86,35 @@ def _read_owner(output_dir: str) -> Optional[Dict]:
     return owner if isinstance(owner, dict) else None
 
 
-def _alive(pid: int) -> bool:
+def _process_start(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` (field 22 of /proc/<pid>/stat) if it runs and is not
+    a zombie; None otherwise (or where /proc cannot tell)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _same_process_alive(owner: Dict) -> bool:
+    """Whether the process ``owner`` records still runs: same host, same pid namespace, and
+    its pid started at the recorded time (a reused pid, a zombie, another container's pid 1
+    do not count)."""
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
         return False
-    except OSError:  # exists, owned by another user
-        return True
-    return True
+    if pid == os.getpid() or owner.get("pidns") != _pid_namespace():
+        return False
+    start = _process_start(pid)
+    return start is not None and start == owner.get("start")
 
 
 def claim_output_dir(output_dir: str) -> Dict:
@@ -106,22 +127,17 @@ def claim_output_dir(output_dir: str) -> Dict:
     from .config import ConfigError
 
     other = _read_owner(output_dir)
-    host = socket.gethostname()
-    if (
-        other
-        and other.get("host") == host
-        and other.get("pid") != os.getpid()
-        and isinstance(other.get("pid"), int)
-        and _alive(other["pid"])
-    ):
+    if other and _same_process_alive(other):
         raise ConfigError(
             f"{output_dir} is in use by another run on this host (pid {other['pid']}, started "
             f"{other.get('started')}): give this run another --output_dir, or stop that one (if "
             f"it is not running any more, delete {os.path.join(output_dir, OWNER_FILE)})"
         )
     owner = {
-        "host": host,
+        "host": socket.gethostname(),
         "pid": os.getpid(),
+        "pidns": _pid_namespace(),
+        "start": _process_start(os.getpid()),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "id": uuid.uuid4().hex,
     }
@@ -130,11 +146,20 @@ def claim_output_dir(output_dir: str) -> Dict:
     return owner
 
 
-def check_owner(output_dir: str, owner: Dict) -> None:
-    """Raises RuntimeError when another run has claimed ``output_dir`` since this one did
-    (two runs given one output_dir): this one stops instead of overwriting its files."""
+def owns_output_dir(output_dir: str, owner: Dict) -> bool:
+    """False when another run has claimed ``output_dir`` since this one did (two runs given
+    one output_dir); True without a claim of its own (not rank 0)."""
+    if not owner:
+        return True
     current = _read_owner(output_dir)
-    if current is not None and current.get("id") != owner.get("id"):
+    return current is None or current.get("id") == owner.get("id")
+
+
+def check_owner(output_dir: str, owner: Dict) -> None:
+    """Raises RuntimeError when another run has claimed ``output_dir`` since this one did:
+    this one stops instead of overwriting its files."""
+    if not owns_output_dir(output_dir, owner):
+        current = _read_owner(output_dir) or {}
         raise RuntimeError(
             f"another run took over {output_dir} (host {current.get('host')}, pid "
             f"{current.get('pid')}, started {current.get('started')}): this run stops so as not "

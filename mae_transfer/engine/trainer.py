@@ -47,12 +47,12 @@ from . import preemption
 from .config import ConfigError, TrainConfig, save_config
 from .distributed import (
     DistInfo,
+    all_gather_objects,
     all_reduce_min,
     all_reduce_sum,
     barrier,
     broadcast_buffers,
     broadcast_object,
-    gather_to_main,
     on_every_rank,
 )
 from .logger import RunLogger
@@ -63,6 +63,7 @@ from .state import (
     claim_output_dir,
     get_rng_state,
     newest_checkpoint,
+    owns_output_dir,
     release_output_dir,
     set_rng_state,
 )
@@ -228,6 +229,7 @@ class EpochTrainer:
         self._epoch_loss = [0.0, 0]  # (sum, count) of the epoch's losses so far
         self._resumed = False  # from a training checkpoint of ours
         self._stop_requested = False  # for a requeue (preemption): agreed at a log step
+        self._saved_at: Optional[tuple] = None  # (epoch, iter) of the last save
         self._resume()
         self._owner: Dict = {}
 
@@ -238,6 +240,13 @@ class EpochTrainer:
                     logger.info("removed %s, left by a process killed while writing it", path)
 
         on_every_rank(claim, dist_info, f"could not start in {cfg.output_dir}")
+        try:
+            self._init_rest(cfg, device, dist_info)
+        except BaseException:
+            self.release()
+            raise
+
+    def _init_rest(self, cfg: TrainConfig, device: torch.device, dist_info: DistInfo) -> None:
         self.ddp = self._wrap(self.model)
         # a resumed run's logs drop what the interrupted run logged after its checkpoint: by
         # the fraction of the epoch, which (unlike the step) holds when the batch size changed
@@ -374,8 +383,12 @@ class EpochTrainer:
                 path = newest_checkpoint([cfg.resume, last], self.checkpoint_format)
             except Exception as e:  # noqa: BLE001 - every rank raises it, none waits forever
                 error = f"{type(e).__name__}: {e}"
+            restarted = any(
+                int(os.environ.get(v, "0") or 0) > 0
+                for v in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
+            )
             if path and cfg.resume and path != cfg.resume and os.path.isfile(cfg.resume):
-                logger.warning(
+                (logger.info if restarted else logger.warning)(
                     "--resume %s is behind %s (found by auto-resume): continuing from the "
                     "latter, the furthest along (what a requeue or a re-run needs). To go back "
                     "to %s instead, add --no-auto_resume (%s is then replaced at the next save)",
@@ -559,7 +572,7 @@ class EpochTrainer:
                 f"{self.cfg.output_dir} is intact. Lower the lr or set --clip_grad, and "
                 f"continue with --resume {os.path.join(self.cfg.output_dir, LAST)}."
             )
-        rngs = gather_to_main(get_rng_state(self.device), self.dist)
+        rngs = all_gather_objects(get_rng_state(self.device), self.dist)
         last = os.path.join(self.cfg.output_dir, LAST)
 
         def write() -> None:
@@ -579,10 +592,17 @@ class EpochTrainer:
 
         # a failed write (disk full, quota, permissions) stops every process with rank 0's
         # reason; the others used to wait for it in their next collective
-        on_every_rank(write, self.dist, f"could not write {last} (the previous one is intact)")
+        on_every_rank(write, self.dist, f"could not write {last}")
+        self._saved_at = (self.epoch, self.iter)
 
     # -- training ----------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
+        try:
+            return self._train()
+        finally:
+            self.release()  # (an error included: the claim is this process's, not the dir's)
+
+    def _train(self) -> Dict[str, float]:
         cfg = self.cfg
         if self.epoch >= cfg.epochs:  # the same on every rank (one resumed checkpoint)
             last = os.path.join(cfg.output_dir, LAST)
@@ -614,8 +634,6 @@ class EpochTrainer:
                 stats = self._train_epoch(bar)
         finally:
             bar.close()
-            if self.dist.is_main:  # the next run here (a resume, a re-run) need not wait
-                release_output_dir(cfg.output_dir, self._owner)
         barrier(self.dist)
         return stats
 
@@ -643,8 +661,11 @@ class EpochTrainer:
                 self._stop_for_requeue()
         self._flush()
         self.epoch, self.iter = epoch + 1, 0
-        metrics = self._evaluate()
         keep = self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs
+        stopping = self._stop_requested and self.epoch < cfg.epochs
+        if stopping:  # the epoch secured before its evaluation (which the fallback may cut)
+            self.save(also_epoch_copy=keep)
+        metrics = self._evaluate()
         self.save(also_epoch_copy=keep, copies=self.checkpoint_copies(metrics))
         loss_sum, n = self._epoch_loss
         stats = {"epoch": epoch, "train_loss": loss_sum / max(n, 1), "time_s": time.time() - t0}
@@ -652,14 +673,15 @@ class EpochTrainer:
         stats.update(metrics)
         self.log.record(stats)
         self.log.scalars(stats, epoch, "epoch")
-        if self._stop_requested and self.epoch < cfg.epochs:  # saved above
+        if stopping:  # saved above
             raise PreemptionStop(f"stopped for a requeue after epoch {epoch}")
         return stats
 
     def _stop_for_requeue(self) -> None:
         """Every process, together: checkpoint here (an update boundary), then stop."""
         self._flush()
-        self.save()
+        if self._saved_at != (self.epoch, self.iter):  # (not again after a mid-epoch save)
+            self.save()
         raise PreemptionStop(
             f"stopped for a requeue at epoch {self.epoch}, iteration {self.iter}: "
             f"{os.path.join(self.cfg.output_dir, LAST)} written"
@@ -724,9 +746,15 @@ class EpochTrainer:
         if not w.n:
             return None
         # (a requeue signal one process received travels with the log step's numbers)
-        loss_sum, n, skipped, stop = all_reduce_sum(
-            [w.loss, w.n, w.skipped, float(preemption.requested())], self.dist
+        lost = float(self.dist.is_main and not owns_output_dir(self.cfg.output_dir, self._owner))
+        loss_sum, n, skipped, stop, lost = all_reduce_sum(
+            [w.loss, w.n, w.skipped, float(preemption.requested()), lost], self.dist
         )
+        if lost:  # another run claimed output_dir: stop before writing more into it
+            raise ConfigError(
+                f"another run took over {self.cfg.output_dir} (see its .run-owner): this run "
+                "stops so as not to write into it; give each run its own --output_dir"
+            )
         self._stop_requested = self._stop_requested or stop > 0
         self.skipped_images += int(skipped)
         self._check_finite(loss_sum, w.first_iter)
@@ -787,5 +815,13 @@ class EpochTrainer:
         frac = self.epoch + self.iter / self.ipe
         self.log.record({"epoch": frac, "step": step, "loss": loss, "lr": lr, "img_s": img_s})
 
+    def release(self) -> None:
+        """Gives up this run's claim on output_dir (rank 0; the next run there need not
+        wait). Done when training ends, also by an error; :meth:`close` does it too."""
+        if self.dist.is_main and self._owner:
+            release_output_dir(self.cfg.output_dir, self._owner)
+            self._owner = {}
+
     def close(self) -> None:
+        self.release()
         self.log.close()
