@@ -99,7 +99,7 @@ def decode_on_device(
     for i, item in enumerate(batch):
         if item.data is None:
             out[i] = item.image.to(device, non_blocking=True)
-    good = [i for i in range(len(batch)) if i not in set(bad)]
+    good = sorted(set(range(len(batch))) - set(bad))
     for k, i in enumerate(bad):  # as the dataset replaces an unreadable file: another image
         if good:
             out[i] = out[good[k % len(good)]]

@@ -37,7 +37,7 @@ DETECTOR_HEADS = ("roi_heads.", "proposal_generator.")
 OUR_VIT_PREFIXES = (D2_VIT_PREFIX, "backbone.vit.")  # with / without the FPN
 
 
-def is_bare_vit(state: Dict[str, Any]) -> bool:
+def is_vit_source(state: Dict[str, Any]) -> bool:
     """True for checkpoints of which only the ViT can be used here: MAE / ViT files (ours,
     official, a classifier), and other models holding a ViT (an mmseg segmentor, a ViTDet
     detector, a backbone-only conversion); False for detectors of this code (their ViT where
@@ -73,7 +73,7 @@ class MAECheckpointer(DetectionCheckpointer):
             return super()._load_file(filename)
         loaded = load_file(filename)  # weights_only=True
         state = find_state_dict(loaded)
-        if is_bare_vit(state):
+        if is_vit_source(state):
             if self.whole_model:
                 raise CheckpointError(
                     f"{filename} holds a ViT but not a detector of this code (a ViT / MAE "

@@ -155,16 +155,25 @@ def owns_output_dir(output_dir: str, owner: Dict) -> bool:
     return current is None or current.get("id") == owner.get("id")
 
 
+def takeover_message(output_dir: str) -> str:
+    """Why a run stops when another has claimed its ``output_dir``, naming that run."""
+    current = _read_owner(output_dir)
+    who = (
+        f" (host {current.get('host')}, pid {current.get('pid')}, started {current.get('started')})"
+        if current
+        else ""
+    )
+    return (
+        f"another run took over {output_dir}{who}: this run stops so as not to write into its "
+        "files; give each run its own --output_dir"
+    )
+
+
 def check_owner(output_dir: str, owner: Dict) -> None:
     """Raises RuntimeError when another run has claimed ``output_dir`` since this one did:
     this one stops instead of overwriting its files."""
     if not owns_output_dir(output_dir, owner):
-        current = _read_owner(output_dir) or {}
-        raise RuntimeError(
-            f"another run took over {output_dir} (host {current.get('host')}, pid "
-            f"{current.get('pid')}, started {current.get('started')}): this run stops so as not "
-            "to overwrite its files; give each run its own --output_dir"
-        )
+        raise RuntimeError(takeover_message(output_dir))
 
 
 def release_output_dir(output_dir: str, owner: Dict) -> None:

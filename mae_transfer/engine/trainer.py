@@ -66,6 +66,7 @@ from .state import (
     owns_output_dir,
     release_output_dir,
     set_rng_state,
+    takeover_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -751,10 +752,7 @@ class EpochTrainer:
             [w.loss, w.n, w.skipped, float(preemption.requested()), lost], self.dist
         )
         if lost:  # another run claimed output_dir: stop before writing more into it
-            raise ConfigError(
-                f"another run took over {self.cfg.output_dir} (see its .run-owner): this run "
-                "stops so as not to write into it; give each run its own --output_dir"
-            )
+            raise ConfigError(takeover_message(self.cfg.output_dir))
         self._stop_requested = self._stop_requested or stop > 0
         self.skipped_images += int(skipped)
         self._check_finite(loss_sum, w.first_iter)
@@ -775,12 +773,13 @@ class EpochTrainer:
         else:
             what = f"loss is {loss_sum}"
         last = os.path.join(self.cfg.output_dir, LAST)
-        kept = f"{last} is intact" if os.path.isfile(last) else "no checkpoint was written yet"
+        saved = os.path.isfile(last)
+        kept = f"{last} is intact" if saved else "no checkpoint was written yet"
         lr = f"lr={self.cfg.lr}" if self.cfg.lr is not None else f"blr={self.cfg.blr}"
         fp16 = ", or use --amp bf16 / fp32 instead of fp16" if self._dynamic_scale else ""
         then = (
             f"then continue with --resume {last} (which takes changed settings)"
-            if os.path.isfile(last)
+            if saved
             else "then start again"
         )
         raise NonFiniteLossError(
