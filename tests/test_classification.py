@@ -261,6 +261,31 @@ def test_finetune_resume_mid_epoch_equals_an_uninterrupted_run(data, tmp_path):
     assert best["best_acc1"] == max(r["acc1"] for r in read_log(out) if "acc1" in r)
 
 
+def test_a_resume_after_an_evaluated_epoch_keeps_its_best_accuracy(data, tmp_path):
+    """checkpoint-last.pth is written before the evaluation, so it records the best accuracy
+    before it; a run killed later in the next epoch resumes with the best from log.jsonl (a
+    stale best would let a worse epoch replace checkpoint-best.pth)."""
+    cfg = cfg_of(FinetuneConfig, data, tmp_path, epochs=2)
+    t = FinetuneTrainer(cfg, CPU, DistInfo())
+    compute = t.compute_loss
+
+    def killed(*a):
+        if (t.epoch, t.iter) == (1, 1):
+            raise KeyboardInterrupt
+        return compute(*a)
+
+    t.compute_loss = killed
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    t.close()
+    acc = [r["acc1"] for r in read_log(tmp_path) if "acc1" in r]
+    assert len(acc) == 1 and torch.load(tmp_path / BEST, weights_only=True)["best_acc1"] == acc[0]
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["best_acc1"] == -1
+    resumed = FinetuneTrainer(cfg, CPU, DistInfo())
+    assert (resumed.epoch, resumed.best_acc1) == (1, acc[0])
+    resumed.close()
+
+
 # -- linear probing -----------------------------------------------------------------------------
 def test_lars_step_matches_a_hand_computation():
     from timm.optim import Lars

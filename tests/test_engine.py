@@ -245,6 +245,35 @@ def _killed_after(cfg, iterations: int) -> Trainer:
     return t
 
 
+def test_an_unreadable_checkpoint_last_falls_back_to_the_newest_readable_copy(
+    tmp_path, image_dir, caplog
+):
+    """Written atomically, checkpoint-last.pth can still be damaged by the storage: auto-resume
+    stopped with an error although the epoch copies beside it were sound."""
+    out = tmp_path / "out"
+    train(tiny_cfg(out, image_dir, epochs=2, save_every_epochs=1))
+    last = out / LAST
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # cut short
+    t = Trainer(tiny_cfg(out, image_dir, epochs=3), torch.device("cpu"), DistInfo())
+    assert (t.epoch, t.iter) == (2, 0)  # checkpoint-1.pth: as far along as the damaged one
+    assert f"{last} cannot be read" in caplog.text and "checkpoint-1.pth instead" in caplog.text
+    t.close()
+    (out / "checkpoint-1.pth").write_bytes(b"PK\x03\x04 damaged")
+    t = Trainer(tiny_cfg(out, image_dir, epochs=3), torch.device("cpu"), DistInfo())
+    assert (t.epoch, t.iter) == (1, 0)  # checkpoint-0.pth
+    t.close()
+    with pytest.raises(ConfigError, match="cannot read checkpoint .*checkpoint-1.pth"):
+        Trainer(  # asked for by name: an error, not a fallback
+            tiny_cfg(out, image_dir, epochs=3, resume=str(out / "checkpoint-1.pth")),
+            torch.device("cpu"),
+            DistInfo(),
+        )
+    (out / "checkpoint-0.pth").unlink()
+    with pytest.raises(ConfigError, match="no other checkpoint-.*pth in .* can be read"):
+        Trainer(tiny_cfg(out, image_dir, epochs=3), torch.device("cpu"), DistInfo())
+
+
 def test_mid_epoch_resume_continues_at_the_same_sample_with_another_global_batch(
     tmp_path, tmp_path_factory
 ):
@@ -768,19 +797,92 @@ def test_a_kill_while_saving_never_leaves_a_checkpoint_naming_a_missing_copy(
     t.close()
 
 
-def test_a_requeue_signal_in_an_epoch_s_last_steps_saves_before_evaluating(
+def test_a_requeue_signal_in_an_epoch_s_last_steps_saves_and_leaves_the_evaluation_to_the_requeue(
     tmp_path, image_dir, monkeypatch
 ):
     from mae_transfer.engine import preemption
 
-    t = Trainer(tiny_cfg(tmp_path / "out", image_dir, epochs=2), torch.device("cpu"), DistInfo())
+    cfg = tiny_cfg(tmp_path / "out", image_dir, epochs=2)
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
     events = []
     save, evaluate = t.save, t._evaluate
     t.save = lambda **kw: events.append(("save", t.epoch, t.iter)) or save(**kw)
-    t._evaluate = lambda: events.append(("evaluate",)) or evaluate()
+    t._evaluate = lambda: events.append(("evaluate", t.epoch)) or evaluate()
     monkeypatch.setattr(preemption, "requested", lambda: t.epoch == 0 and t.iter == 3)
     with pytest.raises(preemption.PreemptionStop, match="after epoch 0"):
         t.train()
     # (the first evaluation is the initial model's, the k-NN monitor's epoch -1)
-    assert events == [("evaluate",), ("save", 1, 0), ("evaluate",), ("save", 1, 0)]
+    assert events == [("evaluate", 0), ("save", 1, 0)]
     t.close()
+    monkeypatch.setattr(preemption, "requested", lambda: False)
+    resumed = Trainer(cfg, torch.device("cpu"), DistInfo())
+    evaluated = []
+    evaluate = resumed._evaluate
+    resumed._evaluate = lambda: evaluated.append(resumed.epoch) or evaluate()
+    resumed.train()
+    resumed.close()
+    assert evaluated == [1, 2]  # epoch 0's evaluation first, then epoch 1's
+    assert [r["epoch"] for r in _records(tmp_path / "out") if "train_loss" in r] == [0, 1]
+
+
+class _EvalCrash(Exception):
+    pass
+
+
+def test_a_crash_in_an_epoch_s_evaluation_loses_no_training(tmp_path, image_dir, monkeypatch):
+    """The checkpoint was written after the evaluation: a crash in it (out of memory with the
+    evaluation's larger batches, a node lost) lost the whole epoch."""
+    ref = train(tiny_cfg(tmp_path / "a", image_dir, epochs=2))
+    cfg = tiny_cfg(tmp_path / "b", image_dir, epochs=2)
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+
+    def crash_after_epoch_0():
+        if t.epoch == 1:
+            raise _EvalCrash
+        return {}
+
+    t.evaluate = crash_after_epoch_0
+    with pytest.raises(_EvalCrash):
+        t.train()
+    t.close()
+    resumed = Trainer(cfg, torch.device("cpu"), DistInfo())
+    assert (resumed.epoch, resumed.iter) == (1, 0)
+    evaluated = []
+    evaluate = resumed._evaluate
+    resumed._evaluate = lambda: evaluated.append(resumed.epoch) or evaluate()
+    resumed.train()
+    resumed.close()
+    assert evaluated == [1, 2]  # the crashed evaluation (epoch 0's) first
+    for a, b in zip(_weights(ref), _weights(resumed)):
+        assert torch.equal(a, b)  # evaluating does not move the training's random streams
+    ends_a, ends_b = ([r for r in _records(tmp_path / d) if "train_loss" in r] for d in "ab")
+    assert [r["epoch"] for r in ends_b] == [0, 1]
+    assert [r["train_loss"] for r in ends_b] == [r["train_loss"] for r in ends_a]
+
+
+def test_an_evaluated_epoch_is_not_evaluated_again_on_resume(tmp_path, image_dir, monkeypatch):
+    """checkpoint-last.pth keeps the evaluation pending until the next save: a run resumed from
+    it finds the epoch's record in log.jsonl (written after the evaluation and its copies)."""
+    cfg = tiny_cfg(tmp_path, image_dir, epochs=2)
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    compute = t.compute_loss
+
+    def killed(*a):
+        if (t.epoch, t.iter) == (1, 1):
+            raise KeyboardInterrupt
+        return compute(*a)
+
+    t.compute_loss = killed
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    t.close()
+    assert torch.load(tmp_path / LAST, weights_only=True)["eval_pending"]["epoch"] == 0
+    resumed = Trainer(cfg, torch.device("cpu"), DistInfo())
+    evaluated = []
+    evaluate = resumed._evaluate
+    resumed._evaluate = lambda: evaluated.append(resumed.epoch) or evaluate()
+    resumed.train()
+    resumed.close()
+    assert evaluated == [2]
+    assert [r["epoch"] for r in _records(tmp_path) if "train_loss" in r] == [0, 1]
+    assert torch.load(tmp_path / LAST, weights_only=True)["eval_pending"]["epoch"] == 1

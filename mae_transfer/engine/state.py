@@ -59,19 +59,62 @@ def checkpoint_progress(path: str, fmt: str) -> Tuple[int, int]:
     return (int(ckpt["epoch"]), int(samples))
 
 
-def newest_checkpoint(paths: Sequence[str], fmt: str) -> Optional[str]:
-    """The existing file among ``paths`` that resumes furthest into training (first on ties)."""
-    found = [p for p in dict.fromkeys(paths) if p and os.path.isfile(p)]
-    if not found:
+def newest_checkpoint(paths: Sequence[str], fmt: str, damaged_ok: str = "") -> Optional[str]:
+    """The existing file among ``paths`` that resumes furthest into training (first on ties).
+
+    ``damaged_ok``: the one of them (output_dir's checkpoint-last.pth, found by auto-resume)
+    that may be unreadable: cut short or damaged by the storage (our writes are atomic, the
+    storage is not always sound). The furthest along of the readable ``checkpoint-*.pth``
+    beside it (epoch and best copies) then stands in for it, with a warning. Any other
+    unreadable file is an error.
+    """
+    from mae_transfer.checkpoint import CheckpointError
+
+    progress = {}
+    for path in dict.fromkeys(paths):
+        if not path or not os.path.isfile(path):
+            continue
+        try:
+            progress[path] = checkpoint_progress(path, fmt)
+        except CheckpointError as e:
+            if path != damaged_ok:
+                raise
+            progress.update(_readable_copies(path, fmt, e))
+    if not progress:
         return None
-    best = max(found, key=lambda p: checkpoint_progress(p, fmt))  # max keeps the first of ties
-    if len(found) > 1:
-        logger.info(
-            "resume: %s is the furthest along of %s",
-            best,
-            ", ".join(f"{p} (epoch, samples {checkpoint_progress(p, fmt)})" for p in found),
-        )
+    best = max(progress, key=progress.get)  # max keeps the first of ties
+    if len(progress) > 1:
+        found = ", ".join(f"{p} (epoch, samples {v})" for p, v in progress.items())
+        logger.info("resume: %s is the furthest along of %s", best, found)
     return best
+
+
+def _readable_copies(damaged: str, fmt: str, error: Exception) -> Dict[str, Tuple[int, int]]:
+    """{path: progress} of the readable checkpoint-*.pth beside ``damaged``; an error if none."""
+    from mae_transfer.checkpoint import CheckpointError
+
+    folder, progress = os.path.dirname(damaged) or ".", {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith("checkpoint-") and name.endswith(".pth") and path != damaged:
+            try:
+                progress[path] = checkpoint_progress(path, fmt)
+            except CheckpointError:
+                logger.warning("%s cannot be read either: passed over", path)
+    if not progress:
+        raise CheckpointError(
+            f"{error}; no other checkpoint-*.pth in {folder} can be read to resume from. "
+            f"Move {damaged} aside to start afresh, or --resume a copy kept elsewhere"
+        )
+    best = max(progress, key=progress.get)
+    logger.warning(
+        "%s cannot be read (%s): resuming from %s instead, the furthest along of the "
+        "checkpoints beside it (the training since then is done again)",
+        damaged,
+        error,
+        best,
+    )
+    return {best: progress[best]}
 
 
 OWNER_FILE = ".run-owner"  # in output_dir: the run writing there (host, pid, start, id)

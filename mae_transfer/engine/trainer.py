@@ -231,6 +231,9 @@ class EpochTrainer:
         self._resumed = False  # from a training checkpoint of ours
         self._stop_requested = False  # for a requeue (preemption): agreed at a log step
         self._saved_at: Optional[tuple] = None  # (epoch, iter) of the last save
+        # an ended epoch's record while its evaluation is to come: checkpoints written then
+        # hold it, and a run resumed from one evaluates that epoch first
+        self._eval_pending: Optional[Dict] = None
         self._resume()
         self._owner: Dict = {}
 
@@ -256,6 +259,12 @@ class EpochTrainer:
             step = self.epoch * self.ipe + self.iter if self._same_global_batch else None
             resumed_at = (self.epoch + self.iter / self.ipe, step)
         self.log = RunLogger(cfg.output_dir, cfg.log_dir, dist_info.is_main, resumed_at)
+        if self._eval_pending is not None:  # evaluated, unless the log lacks its record
+            record = self.log.last_record("train_loss") if dist_info.is_main else None
+            record = broadcast_object(record, dist_info)
+            if record.get("epoch") == self._eval_pending["epoch"]:
+                self.checkpoint_copies(record)  # (written then: only the best accuracy kept)
+                self._eval_pending = None
         self._window = _Window()
         self.bar_extras: Dict[str, str] = {}  # shown on the progress line (e.g. k-NN top-1)
         logger.info(
@@ -327,7 +336,8 @@ class EpochTrainer:
         pass
 
     def checkpoint_copies(self, metrics: Dict[str, float]) -> List[str]:
-        """File names to save a copy of this epoch's state under, besides the last one."""
+        """File names to save this epoch's evaluated state under (e.g. the best one); also
+        given an evaluated epoch's ``log.jsonl`` record on resume (to update, not to save)."""
         return []
 
     def describe(self) -> str:
@@ -381,7 +391,8 @@ class EpochTrainer:
         if self.dist.is_main:
             last = os.path.join(cfg.output_dir, LAST) if cfg.auto_resume else ""
             try:
-                path = newest_checkpoint([cfg.resume, last], self.checkpoint_format)
+                damaged_ok = last if last != cfg.resume else ""  # found, not asked for
+                path = newest_checkpoint([cfg.resume, last], self.checkpoint_format, damaged_ok)
             except Exception as e:  # noqa: BLE001 - every rank raises it, none waits forever
                 error = f"{type(e).__name__}: {e}"
             restarted = any(
@@ -425,6 +436,8 @@ class EpochTrainer:
         self._load_scaler(ckpt)
         self.epoch, self.iter = int(ckpt["epoch"]), self._resume_iteration(ckpt)
         self.skipped_images = int(ckpt.get("skipped_images", 0))
+        pending = ckpt.get("eval_pending")
+        self._eval_pending = dict(pending) if isinstance(pending, dict) and not self.iter else None
         if self.iter:
             loss_sum, n = ckpt.get("epoch_loss", (0.0, 0))
             self._epoch_loss = [float(loss_sum), int(n)]
@@ -559,12 +572,18 @@ class EpochTrainer:
             # every process's streams (drop path, mask noise): restored rank by rank when the
             # run resumes with as many processes
             "rng_per_rank": rng_per_rank,
+            "eval_pending": self._eval_pending,
             **self.extra_state(),
         }
 
-    def save(self, also_epoch_copy: bool = False, copies: Sequence[str] = ()) -> None:
+    def save(
+        self, also_epoch_copy: bool = False, copies: Sequence[str] = (), last: bool = True
+    ) -> None:
         """Writes checkpoint-last.pth atomically (rank 0), after every rank has checked that the
-        weights are finite: all processes stop together, with the message, when they are not."""
+        weights are finite: all processes stop together, with the message, when they are not.
+
+        ``also_epoch_copy`` and ``copies`` (file names in output_dir) get the same state; with
+        ``last`` False only they are written."""
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # a finite loss can still come with an overflowing update
             raise NonFiniteLossError(
@@ -574,7 +593,7 @@ class EpochTrainer:
                 f"continue with --resume {os.path.join(self.cfg.output_dir, LAST)}."
             )
         rngs = all_gather_objects(get_rng_state(self.device), self.dist)
-        last = os.path.join(self.cfg.output_dir, LAST)
+        last_path = os.path.join(self.cfg.output_dir, LAST)
 
         def write() -> None:
             if not self.dist.is_main:
@@ -586,15 +605,19 @@ class EpochTrainer:
             # the extra names (byte copies, each atomic) before checkpoint-last.pth: a kill in
             # between leaves the older last, whose resume writes them again (written after it,
             # a resume could find the best accuracy recorded and its copy missing)
-            paths = [os.path.join(self.cfg.output_dir, name) for name in names] + [last]
+            paths = [os.path.join(self.cfg.output_dir, name) for name in names]
+            paths += [last_path] if last else []
+            if not paths:
+                return
             save_atomic(self.checkpoint_state(rngs), paths[0])
             for path in paths[1:]:
                 copy_atomic(paths[0], path)
 
         # a failed write (disk full, quota, permissions) stops every process with rank 0's
         # reason; the others used to wait for it in their next collective
-        on_every_rank(write, self.dist, f"could not write {last}")
-        self._saved_at = (self.epoch, self.iter)
+        on_every_rank(write, self.dist, f"could not write {last_path if last else copies[0]}")
+        if last:
+            self._saved_at = (self.epoch, self.iter)
 
     # -- training ----------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
@@ -622,7 +645,10 @@ class EpochTrainer:
         )
         bar = self.log.progress(cfg.epochs * self.ipe, self.epoch * self.ipe + self.iter)
         stats: Dict[str, float] = {}
-        if self.epoch >= cfg.epochs:
+        if self._eval_pending is not None:  # saved before its epoch's evaluation, not done
+            logger.info("evaluating epoch %d, saved before its evaluation", self.epoch - 1)
+            stats = self._finish_epoch()
+        if self.epoch >= cfg.epochs and not stats:
             logger.info("nothing to do: %s has finished all %d epochs", cfg.output_dir, cfg.epochs)
             stats = self.log.last_record("train_loss")
         elif self.evaluate_at_start and self.epoch == self.iter == 0:
@@ -661,21 +687,34 @@ class EpochTrainer:
             if self._stop_requested and self.iter % cfg.accum_iter == 0 and self.iter < self.ipe:
                 self._stop_for_requeue()
         self._flush()
-        self.epoch, self.iter = epoch + 1, 0
-        keep = self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs
-        stopping = self._stop_requested and self.epoch < cfg.epochs
-        if stopping:  # the epoch secured before its evaluation (which the fallback may cut)
-            self.save(also_epoch_copy=keep)
-        metrics = self._evaluate()
-        self.save(also_epoch_copy=keep, copies=self.checkpoint_copies(metrics))
         loss_sum, n = self._epoch_loss
         stats = {"epoch": epoch, "train_loss": loss_sum / max(n, 1), "time_s": time.time() - t0}
         stats.update(lr=self.current_lr(), skipped_images=self.skipped_images)
+        self.epoch, self.iter, self._eval_pending = epoch + 1, 0, stats
+        # saved before the evaluation, as the official loops do: a crash or a time-out in it
+        # loses no training (the resumed run evaluates this epoch first)
+        self.save(
+            also_epoch_copy=self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs
+        )
+        if self._stop_requested and self.epoch < cfg.epochs:
+            raise PreemptionStop(f"stopped for a requeue after epoch {epoch}")
+        return self._finish_epoch()
+
+    def _finish_epoch(self) -> Dict[str, float]:
+        """The pending evaluation of the epoch that ended, its copies (the best one), its record.
+
+        checkpoint-last.pth is not written again: it keeps the evaluation pending (and the best
+        accuracy before it) until the next save; a run resumed from it re-evaluates the epoch
+        only if ``log.jsonl`` lacks its record (written last, so every copy is there then)."""
+        stats = dict(self._eval_pending or {})
+        metrics = self._evaluate()
+        self._eval_pending = None
+        copies = self.checkpoint_copies(metrics)
+        if copies:
+            self.save(copies=copies, last=False)
         stats.update(metrics)
         self.log.record(stats)
-        self.log.scalars(stats, epoch, "epoch")
-        if stopping:  # saved above
-            raise PreemptionStop(f"stopped for a requeue after epoch {epoch}")
+        self.log.scalars(stats, stats["epoch"], "epoch")
         return stats
 
     def _stop_for_requeue(self) -> None:
