@@ -603,8 +603,7 @@ class EpochTrainer:
             if also_epoch_copy:
                 names.append(f"checkpoint-{self.epoch - 1}.pth")
             # the extra names (byte copies, each atomic) before checkpoint-last.pth: a kill in
-            # between leaves the older last, whose resume writes them again (written after it,
-            # a resume could find the best accuracy recorded and its copy missing)
+            # between leaves the older last, whose resume writes them again
             paths = [os.path.join(self.cfg.output_dir, name) for name in names]
             paths += [last_path] if last else []
             if not paths:
