@@ -55,7 +55,7 @@ class PretrainConfig(TrainConfig):
     mask_noise: str = "per_sample"  # per_sample: mask depends on (seed, epoch, image), not rank
     dataset_repeats: int = 1  # virtual passes over a small folder per epoch (demo data)
     decode_on_device: bool = False  # JPEGs decoded in the step (nvJPEG on CUDA), not the loader
-    reduced_decode: bool = True  # large JPEGs decoded at 1/2-1/8 size (DCT scaling) when cropped
+    reduced_decode: bool = True  # large JPEGs decoded at 1/4-1/8 size (DCT scaling) when cropped
     # the official main_pretrain.py defaults (the paper's recipe: configs/pretrain/*.yaml)
     epochs: int = 400
     warmup_epochs: int = 40
@@ -75,9 +75,9 @@ FLAG_HELP = {
     "data_path": "ImageNet root (with train/) or any folder of images",
     "decode_on_device": "decode JPEGs on the training device (nvJPEG through torchvision on "
     "CUDA); loader workers then only read files and draw crops",
-    "reduced_decode": "decode a JPEG at 1/2, 1/4 or 1/8 size when the crop is at least that "
-    "many times the output (faster on photographs >= 2x the input size; pixels differ from "
-    "full-size decoding by ~1-2 grey levels on average, see README)",
+    "reduced_decode": "decode a JPEG at 1/4 or 1/8 size when the crop is at least that many "
+    "times the output (faster on photographs >= 4x the input size; pixels differ from "
+    "full-size decoding by ~0.6 grey levels on average, see README)",
     "knn_train": "class folders for the k-NN monitor's memory bank (e.g. a subset of train/)",
     "knn_val": "class folders the k-NN monitor classifies (e.g. val/)",
     "knn_every": "run the k-NN monitor every this many epochs",

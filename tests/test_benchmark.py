@@ -43,7 +43,7 @@ def test_benchmark_all_tiny_writes_json(tmp_path):
     assert vs["official_model_img_s"] > 0 and vs["speedup_model_only"] > 0
     # input pipeline: per core, through the loader, workers for the asked step rates
     per_core = [r for r in data["data"] if "images" in r]
-    assert [r["images"] for r in per_core] == ["500x375 q90 JPEG", "1024x768 q90 JPEG"]
+    assert [r["images"] for r in per_core] == ["500x375 q90 JPEG", "2048x1536 q90 JPEG"]
     assert all(r["official_img_s"] > 0 and r["ours_speedup"] > 0 for r in per_core)
     loaders = [r for r in data["data"] if "loader_img_s" in r]
     assert [r["workers"] for r in loaders][:2] == [0, 1]

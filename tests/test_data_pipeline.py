@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from mae_transfer.data import ResumableDistributedSampler, collate, read_good, sample_seed
-from mae_transfer.data.decode import dct_reduction, decode_uint8, open_encoded
+from mae_transfer.data.decode import dct_reduction, decode_reduced, decode_uint8, open_encoded
 from mae_transfer.data.device_decode import PendingBatch, decode_on_device
 from mae_transfer.data.transforms import (
     IMAGENET_MEAN,
@@ -22,7 +22,6 @@ from mae_transfer.data.transforms import (
     RandomResizedCropFlip,
     crop_params,
     normalize,
-    reduced_crop,
     resized_crop_uint8,
 )
 from pretrain.data import PretrainDataset
@@ -104,7 +103,7 @@ def _official_crop(path: str, crop, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(out)).permute(2, 0, 1).float()
 
 
-def test_reduced_size_decoding_when_the_crop_is_twice_the_output(tmp_path):
+def test_reduced_size_decoding_when_the_crop_is_four_times_the_output(tmp_path):
     from pretrain.samples import sample_images
 
     photo = dict(sample_images())["astronaut"]  # 512 x 512, natural edges and textures
@@ -113,17 +112,52 @@ def test_reduced_size_decoding_when_the_crop_is_twice_the_output(tmp_path):
     enc = open_encoded(path)
     crop = (21, 30, 522, 701)  # 522 x 701 -> 128: decoded at 1/4
     assert dct_reduction(crop[2:], (128, 128)) == 4
-    assert dct_reduction((255, 700), (128, 128)) == 1  # 255 < 2 x 128
-    small, scale = decode_uint8(enc, 4)
-    assert scale == 4 and small.shape == (3, 150, 200)
+    assert dct_reduction((511, 700), (128, 128)) == 1  # 511 < 4 x 128; 1/2 is not used
+    small, scale = decode_reduced(enc, 4)
+    assert scale == 4 and small.size == (200, 150)
     fast = RandomResizedCropFlip(128).apply(open_encoded(path), crop, flip=False)
     full = RandomResizedCropFlip(128, reduced_decode=False).apply(enc, crop, flip=False)
-    assert (full.float() - _official_crop(path, crop, 128)).abs().max() <= 3
-    # the crop actually taken: edges on whole pixels of the 1/4 image (<= 2 px off here)
-    top, left, h, w = (4 * v for v in reduced_crop(crop, 4, small.shape[-2:]))
-    assert max(abs(top - 21), abs(left - 30), abs(top + h - 543), abs(left + w - 731)) <= 2
-    err = (fast.float() - _official_crop(path, (top, left, h, w), 128)).abs()
-    assert err.mean() < 2.0  # DCT scaling is a slightly different low-pass than bicubic
+    official = _official_crop(path, crop, 128)
+    assert (full.float() - official).abs().max() <= 3
+    # the crop itself (1.78), not one moved to whole pixels of the 1/4 image (5.21 when it
+    # was, 1.74 against the official crop of the moved edges)
+    err = (fast.float() - official).abs()
+    assert err.mean() < 2.0, err.mean()  # DCT scaling is a slightly different low-pass
+
+
+def _gradient(h: int, w: int) -> np.ndarray:
+    """Smooth colour waves (~70 px period), no noise: a shift of the crop shows, a different
+    low-pass hardly does."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    waves = [np.sin(xx / 11 + yy / 17 + c) for c in range(3)]
+    return (127 + 100 * np.stack(waves, axis=-1)).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "crop, scale, bound",
+    [  # the bound: the exact region's difference (the DCT low-pass, stronger at 1/8) + margin
+        ((1, 2, 262, 270), 4, 1.0),  # edges between pixels of the 1/4 image
+        ((101, 203, 301, 390), 4, 1.0),
+        ((3, 5, 517, 531), 8, 2.5),  # and of the 1/8 image
+        ((59, 197, 522, 600), 8, 2.5),
+    ],
+)
+def test_reduced_decoding_resizes_the_exact_crop(tmp_path, crop, scale, bound):
+    """The reduced image's pixel x covers full-size pixels [x s, (x + 1) s): the crop is
+    resized from that fractional region. Moving its edges to whole reduced pixels (up to half
+    an output pixel) differed from the full-size path by 5.7-6.0 grey levels on average at 1/4
+    and 5.8-17.0 at 1/8 here; the exact region differs by 0.6-0.7 and 1.9-2.0 (the DCT
+    low-pass)."""
+    path = str(tmp_path / "gradient.jpg")
+    Image.fromarray(_gradient(600, 800)).save(path, quality=95)
+    assert dct_reduction(crop[2:], (64, 64)) == scale
+    assert decode_reduced(open_encoded(path), scale)[1] == scale
+    full = RandomResizedCropFlip(64, reduced_decode=False).apply(open_encoded(path), crop, False)
+    for flip in (False, True):
+        fast = RandomResizedCropFlip(64).apply(open_encoded(path), crop, flip)
+        assert fast.dtype == torch.uint8 and fast.shape == (3, 64, 64) and fast.is_contiguous()
+        err = (fast.float() - (full.flip(-1) if flip else full).float()).abs()
+        assert err.mean() < bound, err.mean()
 
 
 def test_device_decoding_equals_the_loader_pipeline(tmp_path):
@@ -355,7 +389,7 @@ def test_16_bit_and_float_images_are_stretched_not_clipped_to_white(tmp_path, ca
         with caplog.at_level("WARNING"):
             rgb = np.asarray(load_rgb(path)).astype(float)
         assert np.abs(rgb - expected[..., None]).max() <= 1, name  # all three channels
-        img, _ = decode_uint8(open_encoded(path))  # the pretraining pipeline's decoder
+        img = decode_uint8(open_encoded(path))  # the pretraining pipeline's decoder
         assert torch.equal(img, torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1))
     assert "stretched" in caplog.text
     ds = PretrainDataset(str(tmp_path), 32, num_patches=4)
@@ -468,7 +502,7 @@ def _both_decoders(path: str) -> np.ndarray:
     from mae_transfer.data import load_rgb
 
     got = np.asarray(load_rgb(path))
-    img, _ = decode_uint8(open_encoded(path))  # the pretraining pipeline's decoder
+    img = decode_uint8(open_encoded(path))  # the pretraining pipeline's decoder
     assert torch.equal(img, torch.from_numpy(got.copy()).permute(2, 0, 1))
     return got.astype(float)
 

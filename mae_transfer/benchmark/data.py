@@ -14,7 +14,7 @@ import torch
 from .measure import in_fresh_process, per_item_best, timed
 
 IMAGENET_LIKE = (375, 500)  # (H, W): a typical ImageNet photograph
-LARGE = (768, 1024)  # a larger photograph: crops >= 2x the output are decoded reduced
+LARGE = (1536, 2048)  # a larger photograph: crops >= 4x the output are decoded at 1/4
 
 
 def make_jpegs(directory: str, n: int, hw: Tuple[int, int], quality: int = 90) -> List[str]:

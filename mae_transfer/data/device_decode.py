@@ -141,7 +141,7 @@ def _decode_on_cpu(item: PendingCrop, device: torch.device) -> Optional[torch.Te
     warning naming the file, if PIL cannot read it either."""
     try:
         enc = EncodedImage(bytearray(item.data.numpy().tobytes()), item.path)
-        img, _ = decode_uint8(enc, use_torchvision=False)
+        img = decode_uint8(enc, use_torchvision=False)
     except (OSError, ValueError, SyntaxError) as e:
         logger.warning(
             "%s: cannot decode (%s): replaced by another image of the batch", item.path, e

@@ -8,9 +8,10 @@ horizontal flip):
   the normalisation to the device (:func:`normalize`), so batches travel as uint8 (a quarter
   of the bytes through the loader's queues and the pinned copy). It draws the same crop and
   flip from the same generator state as the official transform, crops and resizes in one pass,
-  and decodes a JPEG at 1/2, 1/4 or 1/8 of its size when the crop is that much larger than the
-  output. On the same crop its output, normalised, equals the official one within decoding
-  tolerance (tests/test_data_pipeline.py).
+  and decodes a JPEG at 1/4 or 1/8 of its size when the crop is that much larger than the
+  output (then resizing the crop's exact, fractional region of the reduced image). On the same
+  crop its output, normalised, equals the official one within decoding tolerance
+  (tests/test_data_pipeline.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from .decode import EncodedImage, dct_reduction, decode_uint8
+from .decode import EncodedImage, dct_reduction, decode_reduced, decode_uint8, pil_to_uint8
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -132,44 +133,25 @@ def crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def reduced_crop(crop: CropParams, scale: float, hw_reduced: Tuple[int, int]) -> CropParams:
-    """The crop in an image decoded at 1/``scale``, in whole pixels of that image.
-
-    Each edge moves by at most ``scale / 2`` full-size pixels (1 px at 1/2 size), at most half
-    an output pixel since the crop is at least ``scale`` times the output: the random crop's
-    position and size shift by that much, the pixels within it are not resampled twice.
-    """
-    top, left, h, w = crop
-    if scale == 1:
-        return crop
-    t, lft = round(top / scale), round(left / scale)
-    b = min(max(round((top + h) / scale), t + 1), hw_reduced[0])
-    r = min(max(round((left + w) / scale), lft + 1), hw_reduced[1])
-    return t, lft, b - t, r - lft
-
-
 def resized_crop_uint8(
     img: torch.Tensor,
     crop: CropParams,
     out_hw: Tuple[int, int],
-    scale: float = 1.0,
     via_float: Optional[bool] = None,
 ) -> torch.Tensor:
     """Crop and bicubic resize in one pass, in uint8 (PIL's antialiased bicubic kernel).
 
     Args:
         img: (3, H, W) uint8, any strides (the decoder's HWC memory is fine).
-        crop: (top, left, height, width) in full-size pixels.
+        crop: (top, left, height, width) in pixels of ``img``.
         out_hw: output (H, W).
-        scale: ``img`` was decoded at 1/scale of the full size; the crop is mapped onto it
-            (:func:`reduced_crop`).
         via_float: resize in float32 and round back (default: on GPUs, whose antialiased
             kernels take no uint8); the CPU resizes uint8 directly (its fast path).
 
     Returns:
         (3, out_h, out_w) uint8.
     """
-    top, left, h, w = reduced_crop(crop, scale, img.shape[-2:])
+    top, left, h, w = crop
     region = img[None, :, top : top + h, left : left + w]
     if via_float is None:
         via_float = img.device.type != "cpu"
@@ -181,6 +163,34 @@ def resized_crop_uint8(
     return out[0]
 
 
+def resized_crop_reduced(
+    img: Image.Image, crop: CropParams, out_hw: Tuple[int, int], scale: float
+) -> torch.Tensor:
+    """The full-size crop, resized from an image decoded at 1/``scale`` (PIL's antialiased
+    bicubic, crop and resize in one pass): the exact, fractional region, no edge moved.
+
+    Args:
+        img: the reduced image (:func:`~mae_transfer.data.decode.decode_reduced`, RGB or L).
+        crop: (top, left, height, width) in full-size pixels.
+        out_hw: output (H, W).
+        scale: ``img`` is 1/scale of the full size; its pixel x covers full-size pixels
+            [x * scale, (x + 1) * scale), so full-size x is x / scale in it (libjpeg's DCT
+            scaling places them there, measured in ``decode_reduced``).
+
+    Returns:
+        (3, out_h, out_w) uint8, contiguous.
+    """
+    top, left, h, w = crop
+    box = (  # within the reduced image (ceil(W / s) x ceil(H / s)); clamped all the same
+        left / scale,
+        top / scale,
+        min((left + w) / scale, img.width),
+        min((top + h) / scale, img.height),
+    )
+    out = img.resize((out_hw[1], out_hw[0]), Image.BICUBIC, box=box)
+    return pil_to_uint8(out).contiguous()  # (3, H, W) memory, as the full-size path's
+
+
 class RandomResizedCropFlip:
     """The pretraining augmentation in uint8: encoded image + generator -> (3, H, W) uint8.
 
@@ -188,10 +198,11 @@ class RandomResizedCropFlip:
         size: output size, int or (H, W).
         scale, ratio: RandomResizedCrop's area fraction and aspect range.
         flip_p: probability of a horizontal flip.
-        reduced_decode: decode JPEGs at 1/2, 1/4, 1/8 size when the crop is at least that
-            many times the output (libjpeg's DCT scaling; never upsamples more than before).
-            Faster, not the same pixels: the crop's edges snap to the reduced grid (at most
-            half an output pixel) and the low-pass differs, ~2 grey levels on average (README).
+        reduced_decode: decode JPEGs at 1/4 or 1/8 size when the crop is at least that many
+            times the output (libjpeg's DCT scaling; never upsamples more than before) and
+            resize the crop's exact region of that image (:func:`resized_crop_reduced`). Not
+            the same pixels: the low-pass differs, ~0.6 grey levels on average (README); not
+            at 1/2, where it saved no time (``decode.DCT_SCALES``).
         use_torchvision: full-size JPEGs through torchvision's ``decode_jpeg`` (else PIL).
     """
 
@@ -218,9 +229,12 @@ class RandomResizedCropFlip:
 
     def apply(self, enc: EncodedImage, crop: CropParams, flip: bool) -> torch.Tensor:
         """Decodes ``enc`` (reduced when the crop allows) and crops, resizes, flips it."""
-        reduce = dct_reduction(crop[2:], self.size) if self.reduced_decode else 1
-        img, scale = decode_uint8(enc, reduce, self.use_torchvision)
-        out = resized_crop_uint8(img, crop, self.size, scale)
+        reduce = dct_reduction(crop[2:], self.size) if self.reduced_decode and enc.is_jpeg else 1
+        if reduce > 1:
+            img, scale = decode_reduced(enc, reduce)
+            out = resized_crop_reduced(img, crop, self.size, scale)
+        else:
+            out = resized_crop_uint8(decode_uint8(enc, self.use_torchvision), crop, self.size)
         return out.flip(-1) if flip else out
 
 
