@@ -253,25 +253,63 @@ def test_an_unreadable_checkpoint_last_falls_back_to_the_newest_readable_copy(
     out = tmp_path / "out"
     train(tiny_cfg(out, image_dir, epochs=2, save_every_epochs=1))
     last = out / LAST
-    data = last.read_bytes()
-    last.write_bytes(data[: len(data) // 2])  # cut short
-    t = Trainer(tiny_cfg(out, image_dir, epochs=3), torch.device("cpu"), DistInfo())
+    good = last.read_bytes()
+    last.write_bytes(good[: len(good) // 2])  # cut short
+    t = Trainer(tiny_cfg(out, image_dir, epochs=2), torch.device("cpu"), DistInfo())
     assert (t.epoch, t.iter) == (2, 0)  # checkpoint-1.pth: as far along as the damaged one
     assert f"{last} cannot be read" in caplog.text and "checkpoint-1.pth instead" in caplog.text
+    # kept aside; the copy takes its place (the end of a run reads it: encoder.pth)
+    assert (out / (LAST + ".unreadable")).is_file()
+    assert last.read_bytes() == (out / "checkpoint-1.pth").read_bytes()
+    t.train()  # nothing to do: all epochs done
     t.close()
+    last.write_bytes(b"PK\x03\x04 damaged")
     (out / "checkpoint-1.pth").write_bytes(b"PK\x03\x04 damaged")
     t = Trainer(tiny_cfg(out, image_dir, epochs=3), torch.device("cpu"), DistInfo())
     assert (t.epoch, t.iter) == (1, 0)  # checkpoint-0.pth
     t.close()
+    last.write_bytes(b"PK\x03\x04 damaged")
     with pytest.raises(ConfigError, match="cannot read checkpoint .*checkpoint-1.pth"):
         Trainer(  # asked for by name: an error, not a fallback
             tiny_cfg(out, image_dir, epochs=3, resume=str(out / "checkpoint-1.pth")),
             torch.device("cpu"),
             DistInfo(),
         )
-    (out / "checkpoint-0.pth").unlink()
-    with pytest.raises(ConfigError, match="no other checkpoint-.*pth in .* can be read"):
+    elsewhere = tmp_path / "kept.pth"
+    os.replace(out / "checkpoint-0.pth", elsewhere)
+    with pytest.raises(ConfigError, match="no checkpoint-.*pth beside it can be read"):
         Trainer(tiny_cfg(out, image_dir, epochs=3), torch.device("cpu"), DistInfo())
+    # a readable --resume: taken, the damaged one passed over
+    t = Trainer(
+        tiny_cfg(out, image_dir, epochs=3, resume=str(elsewhere)), torch.device("cpu"), DistInfo()
+    )
+    assert (t.epoch, t.iter) == (1, 0)
+    t.close()
+
+
+def test_a_run_started_afresh_moves_an_earlier_run_s_checkpoints_aside(tmp_path, image_dir):
+    """They mixed with the new run's, and a fallback from an unreadable checkpoint-last.pth
+    could resume the earlier run's furthest copy as if it were this run's."""
+    out = tmp_path / "out"
+    train(tiny_cfg(out, image_dir, epochs=3, save_every_epochs=1))  # run A
+    train(tiny_cfg(out, image_dir, epochs=1, save_every_epochs=1, auto_resume=False))  # run B
+    names = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
+    assert names == [
+        "checkpoint-0.pth",
+        "checkpoint-0.pth.old",
+        "checkpoint-1.pth.old",
+        "checkpoint-2.pth.old",
+        "checkpoint-last.pth",
+        "checkpoint-last.pth.old",
+    ]
+    (out / LAST).write_bytes(b"PK\x03\x04 damaged")
+    t = Trainer(tiny_cfg(out, image_dir, epochs=1), torch.device("cpu"), DistInfo())
+    assert t._resumed_from == str(out / "checkpoint-0.pth")  # B's, not A's checkpoint-2
+    t.close()
+    t = Trainer(tiny_cfg(out, image_dir, epochs=1), torch.device("cpu"), DistInfo())
+    assert t._resumed_from == str(out / LAST)  # (an ordinary resume moves nothing)
+    assert not (out / "checkpoint-0.pth.old.1").exists()
+    t.close()
 
 
 def test_mid_epoch_resume_continues_at_the_same_sample_with_another_global_batch(
@@ -825,6 +863,43 @@ def test_a_requeue_signal_in_an_epoch_s_last_steps_saves_and_leaves_the_evaluati
     assert [r["epoch"] for r in _records(tmp_path / "out") if "train_loss" in r] == [0, 1]
 
 
+def test_a_record_cut_short_by_a_kill_is_dropped_before_the_evaluation_is_logged_again(
+    tmp_path, image_dir
+):
+    """The record appended after a resume went onto the end of the cut line: both were lost."""
+    cfg = tiny_cfg(tmp_path, image_dir, epochs=1)
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    record = t.log.record
+
+    def killed_while_writing(r):
+        if "train_loss" not in r:
+            return record(r)
+        with open(t.log.path, "a") as f:
+            f.write(json.dumps(r)[:20])
+        raise KeyboardInterrupt
+
+    t.log.record = killed_while_writing
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    t.close()
+    train(cfg)  # checkpoint-last.pth: epoch 0's evaluation pending, its record unreadable
+    ends = [r for r in _records(tmp_path) if "train_loss" in r]  # (every line parses)
+    assert [r["epoch"] for r in ends] == [0]
+
+
+def test_a_finished_run_s_pending_last_evaluation_is_done_when_resumed_elsewhere(
+    tmp_path, image_dir
+):
+    t = Trainer(tiny_cfg(tmp_path / "a", image_dir, epochs=1), torch.device("cpu"), DistInfo())
+    t.evaluate = lambda: (_ for _ in ()).throw(_EvalCrash) if t.epoch == 1 else {}
+    with pytest.raises(_EvalCrash):
+        t.train()
+    t.close()
+    resume = str(tmp_path / "a" / LAST)
+    train(tiny_cfg(tmp_path / "b", image_dir, epochs=1, resume=resume))  # (was refused)
+    assert [r["epoch"] for r in _records(tmp_path / "b") if "train_loss" in r] == [0]
+
+
 class _EvalCrash(Exception):
     pass
 
@@ -885,4 +960,5 @@ def test_an_evaluated_epoch_is_not_evaluated_again_on_resume(tmp_path, image_dir
     resumed.close()
     assert evaluated == [2]
     assert [r["epoch"] for r in _records(tmp_path) if "train_loss" in r] == [0, 1]
-    assert torch.load(tmp_path / LAST, weights_only=True)["eval_pending"]["epoch"] == 1
+    # a finished run's checkpoint is written once more after the last evaluation
+    assert torch.load(tmp_path / LAST, weights_only=True)["eval_pending"] is None

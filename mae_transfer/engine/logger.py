@@ -10,6 +10,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from tqdm import tqdm
 
+from .state import move_aside
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,6 +38,7 @@ class RunLogger:
         where one was killed before its first checkpoint moves that run's ``log.jsonl`` aside
         (``log.jsonl.old``) and hides its events."""
         self.output_dir, self.enabled = output_dir, enabled
+        self._unreadable_lines = 0
         self.writer = None
         self.bar: Optional[tqdm] = None
         if enabled:
@@ -47,11 +50,7 @@ class RunLogger:
                 self._drop_records_after(resumed_at[0])
                 purge = None if resumed_at[1] is None else resumed_at[1] + 1
             elif os.path.isfile(self.path):  # from scratch: nothing logged before is this run's
-                aside = self.path + ".old"
-                n = 1
-                while os.path.exists(aside):
-                    aside, n = f"{self.path}.old.{n}", n + 1
-                os.replace(self.path, aside)
+                aside = move_aside(self.path)
                 logger.info("%s moved to %s: this run starts from scratch", self.path, aside)
                 purge = -1  # (the initial evaluation is logged at step -1)
             self.writer = SummaryWriter(log_dir=log_dir or output_dir, purge_step=purge)
@@ -65,12 +64,14 @@ class RunLogger:
         if not os.path.isfile(self.path):
             return []
         out = []
+        self._unreadable_lines = 0
         with open(self.path) as f:
             for line in f:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError:
                     logger.warning("%s: skipping an unreadable line %r", self.path, line[:80])
+                    self._unreadable_lines += 1
         return out
 
     def _drop_records_after(self, epoch: float) -> None:
@@ -83,7 +84,9 @@ class RunLogger:
             if not ("step" in r and r.get("epoch", 0) > epoch + 1e-9)
             and not ("train_loss" in r and r.get("epoch", -1) >= int(epoch))
         ]
-        if len(kept) < len(records):
+        # rewritten also to drop a line cut short by a kill: the next record would be
+        # appended to it, and both lost
+        if len(kept) < len(records) or self._unreadable_lines:
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)

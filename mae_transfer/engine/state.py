@@ -59,18 +59,21 @@ def checkpoint_progress(path: str, fmt: str) -> Tuple[int, int]:
     return (int(ckpt["epoch"]), int(samples))
 
 
-def newest_checkpoint(paths: Sequence[str], fmt: str, damaged_ok: str = "") -> Optional[str]:
-    """The existing file among ``paths`` that resumes furthest into training (first on ties).
+def newest_checkpoint(
+    paths: Sequence[str], fmt: str, damaged_ok: str = ""
+) -> Tuple[Optional[str], bool]:
+    """The existing file among ``paths`` that resumes furthest into training (first on ties),
+    and whether ``damaged_ok`` was passed over.
 
     ``damaged_ok``: the one of them (output_dir's checkpoint-last.pth, found by auto-resume)
     that may be unreadable: cut short or damaged by the storage (our writes are atomic, the
-    storage is not always sound). The furthest along of the readable ``checkpoint-*.pth``
-    beside it (epoch and best copies) then stands in for it, with a warning. Any other
-    unreadable file is an error.
+    storage is not always sound). The readable ``checkpoint-*.pth`` beside it (epoch and best
+    copies) then compete with the other paths, and the choice is named in a warning. Any other
+    unreadable file is an error, as is a damaged one with nothing readable to stand in.
     """
     from mae_transfer.checkpoint import CheckpointError
 
-    progress = {}
+    progress, damage = {}, None
     for path in dict.fromkeys(paths):
         if not path or not os.path.isfile(path):
             continue
@@ -79,18 +82,38 @@ def newest_checkpoint(paths: Sequence[str], fmt: str, damaged_ok: str = "") -> O
         except CheckpointError as e:
             if path != damaged_ok:
                 raise
-            progress.update(_readable_copies(path, fmt, e))
+            damage = e
+    if damage is not None:
+        progress.update(_readable_copies(damaged_ok, fmt))
+        if not progress:
+            raise CheckpointError(
+                f"{damage}; no checkpoint-*.pth beside it can be read to resume from. Move "
+                f"{damaged_ok} aside to start afresh, or resume a readable copy kept "
+                "elsewhere with --resume PATH --no-auto_resume"
+            )
     if not progress:
-        return None
+        return None, False
     best = max(progress, key=progress.get)  # max keeps the first of ties
     if len(progress) > 1:
         found = ", ".join(f"{p} (epoch, samples {v})" for p, v in progress.items())
         logger.info("resume: %s is the furthest along of %s", best, found)
-    return best
+    if damage is not None:
+        logger.warning(
+            "%s cannot be read (%s): resuming from %s instead (the training since then is "
+            "done again); the unreadable file is kept as %s",
+            damaged_ok,
+            damage,
+            best,
+            damaged_ok + UNREADABLE,
+        )
+    return best, damage is not None
 
 
-def _readable_copies(damaged: str, fmt: str, error: Exception) -> Dict[str, Tuple[int, int]]:
-    """{path: progress} of the readable checkpoint-*.pth beside ``damaged``; an error if none."""
+UNREADABLE = ".unreadable"  # suffix of a checkpoint-last.pth passed over by auto-resume
+
+
+def _readable_copies(damaged: str, fmt: str) -> Dict[str, Tuple[int, int]]:
+    """{path: progress} of the readable checkpoint-*.pth beside ``damaged``."""
     from mae_transfer.checkpoint import CheckpointError
 
     folder, progress = os.path.dirname(damaged) or ".", {}
@@ -101,20 +124,16 @@ def _readable_copies(damaged: str, fmt: str, error: Exception) -> Dict[str, Tupl
                 progress[path] = checkpoint_progress(path, fmt)
             except CheckpointError:
                 logger.warning("%s cannot be read either: passed over", path)
-    if not progress:
-        raise CheckpointError(
-            f"{error}; no other checkpoint-*.pth in {folder} can be read to resume from. "
-            f"Move {damaged} aside to start afresh, or --resume a copy kept elsewhere"
-        )
-    best = max(progress, key=progress.get)
-    logger.warning(
-        "%s cannot be read (%s): resuming from %s instead, the furthest along of the "
-        "checkpoints beside it (the training since then is done again)",
-        damaged,
-        error,
-        best,
-    )
-    return {best: progress[best]}
+    return progress
+
+
+def move_aside(path: str) -> str:
+    """Renames ``path`` to ``path.old`` (``.old.1``, ``.old.2``, ... when taken); the new name."""
+    aside, n = path + ".old", 1
+    while os.path.exists(aside):
+        aside, n = f"{path}.old.{n}", n + 1
+    os.replace(path, aside)
+    return aside
 
 
 OWNER_FILE = ".run-owner"  # in output_dir: the run writing there (host, pid, start, id)

@@ -59,9 +59,11 @@ from .logger import RunLogger
 from .preemption import PreemptionStop
 from .schedule import cosine_lr
 from .state import (
+    UNREADABLE,
     check_owner,
     claim_output_dir,
     get_rng_state,
+    move_aside,
     newest_checkpoint,
     owns_output_dir,
     release_output_dir,
@@ -234,6 +236,8 @@ class EpochTrainer:
         # an ended epoch's record while its evaluation is to come: checkpoints written then
         # hold it, and a run resumed from one evaluates that epoch first
         self._eval_pending: Optional[Dict] = None
+        self._resumed_from: Optional[str] = None  # the checkpoint chosen (every rank)
+        self._last_unreadable = False  # output_dir's checkpoint-last.pth passed over (rank 0)
         self._resume()
         self._owner: Dict = {}
 
@@ -242,6 +246,7 @@ class EpochTrainer:
                 self._owner = claim_output_dir(cfg.output_dir)
                 for path in remove_stale_temporaries(cfg.output_dir):
                     logger.info("removed %s, left by a process killed while writing it", path)
+                self._tidy_checkpoints()
 
         on_every_rank(claim, dist_info, f"could not start in {cfg.output_dir}")
         try:
@@ -392,7 +397,9 @@ class EpochTrainer:
             last = os.path.join(cfg.output_dir, LAST) if cfg.auto_resume else ""
             try:
                 damaged_ok = last if last != cfg.resume else ""  # found, not asked for
-                path = newest_checkpoint([cfg.resume, last], self.checkpoint_format, damaged_ok)
+                path, self._last_unreadable = newest_checkpoint(
+                    [cfg.resume, last], self.checkpoint_format, damaged_ok
+                )
             except Exception as e:  # noqa: BLE001 - every rank raises it, none waits forever
                 error = f"{type(e).__name__}: {e}"
             restarted = any(
@@ -419,8 +426,38 @@ class EpochTrainer:
             )
         return path
 
+    def _tidy_checkpoints(self) -> None:
+        """Rank 0, once output_dir is claimed: output_dir's checkpoints are this run's only.
+
+        Resumed from one of them, an unreadable checkpoint-last.pth passed over is kept aside
+        and the chosen file takes its place (what the end of a run reads, e.g. to export the
+        encoder). Started afresh (or from a file elsewhere), an earlier run's
+        ``checkpoint-*.pth`` are moved aside (``.old``, as its ``log.jsonl``): they would mix
+        with this run's, and a fallback from an unreadable checkpoint-last.pth could take one
+        of them for this run's."""
+        out, chosen = self.cfg.output_dir, self._resumed_from
+        last = os.path.join(out, LAST)
+        if self._last_unreadable:
+            os.replace(last, last + UNREADABLE)
+            copy_atomic(chosen, last)
+            return
+        if chosen and os.path.dirname(os.path.abspath(chosen)) == os.path.abspath(out):
+            return
+        if not os.path.isdir(out):
+            return
+        old = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n.endswith(".pth")]
+        for name in sorted(old):
+            move_aside(os.path.join(out, name))
+        if old:
+            logger.warning(
+                "%s held checkpoints of an earlier run (%s): moved aside to *.old, as this run %s",
+                out,
+                ", ".join(sorted(old)),
+                f"continues {chosen}" if chosen else "starts afresh",
+            )
+
     def _resume(self) -> None:
-        path = self._choose_checkpoint()
+        path = self._resumed_from = self._choose_checkpoint()
         if not path:
             return
         ckpt = load_file(path, mmap=True)  # ours: replaced whole by save_atomic, never rewritten
@@ -627,7 +664,7 @@ class EpochTrainer:
 
     def _train(self) -> Dict[str, float]:
         cfg = self.cfg
-        if self.epoch >= cfg.epochs:  # the same on every rank (one resumed checkpoint)
+        if self.epoch >= cfg.epochs and self._eval_pending is None:  # (the same on every rank)
             last = os.path.join(cfg.output_dir, LAST)
             here = os.path.isfile(last) if self.dist.is_main else False
             if not broadcast_object(here, self.dist):  # rank 0's answer: none waits for others
@@ -702,9 +739,10 @@ class EpochTrainer:
     def _finish_epoch(self) -> Dict[str, float]:
         """The pending evaluation of the epoch that ended, its copies (the best one), its record.
 
-        checkpoint-last.pth is not written again: it keeps the evaluation pending (and the best
-        accuracy before it) until the next save; a run resumed from it re-evaluates the epoch
-        only if ``log.jsonl`` lacks its record (written last, so every copy is there then)."""
+        checkpoint-last.pth keeps the evaluation pending (and the best accuracy before it) until
+        the next save; a run resumed from it re-evaluates the epoch only if ``log.jsonl`` lacks
+        its record (written after the copies). After the last epoch it is written once more,
+        evaluated: a finished run's checkpoint then has nothing left to do."""
         stats = dict(self._eval_pending or {})
         metrics = self._evaluate()
         self._eval_pending = None
@@ -714,6 +752,8 @@ class EpochTrainer:
         stats.update(metrics)
         self.log.record(stats)
         self.log.scalars(stats, stats["epoch"], "epoch")
+        if self.epoch >= self.cfg.epochs:
+            self.save()
         return stats
 
     def _stop_for_requeue(self) -> None:
