@@ -286,6 +286,37 @@ def test_a_resume_after_an_evaluated_epoch_keeps_its_best_accuracy(data, tmp_pat
     resumed.close()
 
 
+def test_top1_is_ranked_on_fp32_logits_under_bf16_autocast():
+    """Logits 12.005 and 12.025 are both 12.0 in bf16: the head's output under autocast left
+    top-1 to the tie order of topk (the official evaluation runs in fp16, which keeps them)."""
+    from mae_transfer.classification.trainer import ValEvaluator
+
+    class Stub(torch.nn.Module):
+        num_classes = 3
+
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(4, 3)
+            torch.nn.init.zeros_(self.head.weight)
+            self.head.bias.data = torch.tensor([11.0, 12.005, 12.025])
+
+        def pooled(self, x):
+            return x.mean(dim=(2, 3)).repeat(1, 2)[:, :4]
+
+        def forward(self, x):
+            return self.head(self.pooled(x))
+
+    class One(torch.utils.data.Dataset):  # one image of class 2 (keys as the sampler's)
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, key):
+            return torch.zeros(3, 4, 4), 2, 0
+
+    metrics = ValEvaluator(One(), DistInfo(), 1, 0)(Stub(), CPU, torch.bfloat16)
+    assert metrics["acc1"] == 100.0
+
+
 # -- linear probing -----------------------------------------------------------------------------
 def test_lars_step_matches_a_hand_computation():
     from timm.optim import Lars

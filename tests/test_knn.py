@@ -97,10 +97,12 @@ def _knn_on_ranks(info, train, val):
         def forward_features(self, x):
             return enc(x.mean(dim=(2, 3)))[:, None, :]
 
-    searched, real = [], knn.knn_correct  # (train rows, val rows) each search sees
+    searched, real = [], knn.knn_correct  # (train rows, padding rows, val rows) of each search
 
     def spy(train_f, train_l, test_f, test_l, *args, **kwargs):
-        searched.append((len(train_l), len(test_l)))
+        pad = int((train_l < 0).sum())
+        assert not train_f[train_l < 0].any()  # padding rows: zeros with label -1
+        searched.append((len(train_l) - pad, pad, len(test_l)))
         return real(train_f, train_l, test_f, test_l, *args, **kwargs)
 
     knn.knn_correct = spy
@@ -114,11 +116,12 @@ def test_several_ranks_gather_the_training_features_and_split_the_search(tmp_pat
     train = write_colour_classes(tmp_path / "train", 7, seed=0)
     val = write_colour_classes(tmp_path / "val", 5, seed=1)
     single, searched = _knn_on_ranks(DistInfo(), train, val)
-    assert searched == [(21, 15)]
+    assert searched == [(21, 0, 15)]
     results = run_ranks(_knn_on_ranks, train, val)
     assert all(status == "ok" and value[0] == single for status, value in results.values()), results
-    # every rank votes with all 21 training features, for its own share of the 15 images
-    assert sorted(results[r][1][1][0] for r in results) == [(21, 7), (21, 8)]
+    # every rank votes with all 21 training features, for its own share of the 15 images; the
+    # shards of 11 and 10 are gathered padded to 11 each (NCCL's equal sizes), on the device
+    assert sorted(results[r][1][1][0] for r in results) == [(21, 1, 7), (21, 1, 8)]
 
 
 def _pretrain_cfg(out, data, **kw):
@@ -377,3 +380,19 @@ def test_a_checkpoint_without_a_class_token_runs_without_one(tmp_path, caplog):
     with pytest.raises(ConfigError, match="no class token; use --pool avg"):
         extract_features(model, loader, torch.device("cpu"), "cls")
     assert checkpoint_features(model, "avg") is None
+
+
+def test_padding_rows_of_a_gathered_bank_are_never_neighbours():
+    """Zero rows (label -1) pad the parts of a gathered bank; with similarities below 0 they
+    would be the nearest "neighbours" (and their label no class)."""
+    from mae_transfer.classification.knn import knn_correct
+
+    train = torch.tensor([[-1.0, 0.0], [-1.0, 0.1], [0.0, -1.0]])
+    labels = torch.tensor([0, 0, 1])
+    test, truth = torch.tensor([[1.0, 0.2], [0.1, 1.0]]), torch.tensor([1, 0])
+    plain = knn_correct(train, labels, test, truth, 2, ks=(1, 3))
+    padded = knn_correct(
+        torch.cat([train, torch.zeros(2, 2)]), torch.cat([labels, torch.tensor([-1, -1])]),
+        test, truth, 2, ks=(1, 3),
+    )  # fmt: skip
+    assert padded == plain

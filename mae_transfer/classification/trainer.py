@@ -60,6 +60,16 @@ def _collate_flags(batch) -> tuple:
     return (*collate(batch)[:-1], torch.tensor([item[-1] for item in batch]))
 
 
+def _fp32_logits(model: torch.nn.Module, x: torch.Tensor, amp_dtype) -> torch.Tensor:
+    """The encoder under autocast, the head in fp32: bf16 logits (8 bits of mantissa: 12.005
+    and 12.025 are both 12.0) left top-1 to the tie order of ``topk``."""
+    net = getattr(model, "module", model)  # (DDP or not)
+    with torch.autocast(x.device.type, amp_dtype, enabled=amp_dtype is not None):
+        feats = x if x.ndim == 2 else net.pooled(x)  # (B, D): cached features (the probe)
+    with torch.autocast(x.device.type, enabled=False):
+        return net.head(feats.float())
+
+
 class ValEvaluator:
     """Top-1 / top-5 accuracy and the cross-entropy of a classifier on a labelled set, each
     process taking a shard and the counts summed over all of them. An unreadable image is
@@ -74,6 +84,7 @@ class ValEvaluator:
             sampler=ShardSampler(len(dataset), dist.rank, dist.world_size),
             num_workers=num_workers,
             collate_fn=_collate_flags,
+            pin_memory=torch.cuda.is_available(),  # (the copies to the GPU overlap)
         )
 
     @torch.no_grad()
@@ -89,9 +100,7 @@ class ValEvaluator:
         try:
             for x, y, skipped in self.loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(x)
-                logits = logits.float()
+                logits = _fp32_logits(model, x, amp_dtype)
                 keep = (skipped == 0).to(device, logits.dtype, non_blocking=True)
                 loss_sum += (F.cross_entropy(logits, y, reduction="none") * keep).sum()
                 top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -166,7 +175,9 @@ class _ClassifierTrainer(EpochTrainer):
         self.load_report = None
         if cfg.finetune:
             logger.info("initialising the encoder from %s", cfg.finetune)
-            state, _ = strip_to_vit(find_state_dict(load_file(cfg.finetune)))
+            # memory-mapped: a node's processes share the pages, and the optimizer state of a
+            # training checkpoint (2x the weights) is never read
+            state, _ = strip_to_vit(find_state_dict(load_file(cfg.finetune, mmap=True)))
             # the head always starts afresh, as in the official code (a fine-tuned file's head
             # may not even have the right classes)
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -377,6 +388,7 @@ class LinprobeTrainer(_ClassifierTrainer):
             sampler=ShardSampler(len(images), d.rank, d.world_size),
             num_workers=cfg.num_workers,
             collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
         )
         amp_dtype, _ = resolve_amp(cfg.amp, self.device)
         logger.info("extracting the frozen features of %d %s images", len(images), what)
@@ -456,7 +468,7 @@ def evaluate_checkpoint(
     an official ``mae_finetuned_vit_*.pth``), without conversion."""
     _, val_folder = class_folders(cfg, dist)
     path = cfg.resume or cfg.finetune
-    ckpt = load_file(path)
+    ckpt = load_file(path, mmap=True)  # (as --finetune: shared pages, the optimizer unread)
     state, _ = strip_to_vit(find_state_dict(ckpt))
     num_classes = cfg.nb_classes or head_dim_of(state) or len(val_folder.classes)
     names = ckpt.get("classes") if isinstance(ckpt, dict) else None

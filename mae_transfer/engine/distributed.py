@@ -8,7 +8,7 @@ import logging
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -186,20 +186,29 @@ def on_every_rank(fn: Callable[[], Any], info: DistInfo, what: str) -> None:
         raise ConfigError(f"{int(failed)} of {info.world_size} processes {what}{here}")
 
 
-def all_gather_rows(x: torch.Tensor, info: DistInfo) -> List[torch.Tensor]:
-    """Every process's ``x`` (rows may differ in number), as a list indexed by rank."""
+def all_gather_padded(x: torch.Tensor, info: DistInfo) -> Tuple[torch.Tensor, List[int]]:
+    """Every process's ``x`` (rows may differ in number) in one tensor, gathered straight into
+    it on the collective device (NCCL needs equal sizes: each part is padded with zero rows
+    to the longest), and the number of real rows of each part. Rows ``r * longest`` to
+    ``r * longest + sizes[r]`` are rank r's."""
     if not info.enabled:
-        return [x]
+        return x, [x.shape[0]]
     dev = _collective_device()
     n = torch.tensor([x.shape[0]], device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(info.world_size)]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=dev)
-    padded[: x.shape[0]] = x.to(dev)
-    out = [torch.empty_like(padded) for _ in range(info.world_size)]
-    dist.all_gather(out, padded)
-    return [o[: int(s.item())].to(x.device) for o, s in zip(out, sizes)]
+    counts = [torch.zeros_like(n) for _ in range(info.world_size)]
+    dist.all_gather(counts, n)
+    sizes = [int(c.item()) for c in counts]
+    longest = max(sizes)
+    out = x.new_empty((info.world_size * longest, *x.shape[1:]), device=dev)
+    if not longest:
+        return out, sizes
+    padded = x.new_zeros((longest, *x.shape[1:]), device=dev)
+    padded[: x.shape[0]] = x
+    if dev.type == "cuda":  # NCCL writes into ``out`` (its list form gathers into a copy)
+        dist.all_gather_into_tensor(out, padded)
+    else:
+        dist.all_gather(list(out.split(longest)), padded)
+    return out, sizes
 
 
 def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
