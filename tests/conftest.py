@@ -169,3 +169,26 @@ def count_host_reads(trainer, monkeypatch) -> list:
 
     trainer._step = counted
     return reads
+
+
+def train_until_killed(trainer, epoch: int, iteration: int) -> None:
+    """Trains ``trainer`` until the step at (``epoch``, ``iteration``) begins, then stops it as
+    a kill there would (KeyboardInterrupt), and closes it."""
+    compute = trainer.compute_loss
+
+    def killed(*a):
+        if (trainer.epoch, trainer.iter) == (epoch, iteration):
+            raise KeyboardInterrupt
+        return compute(*a)
+
+    trainer.compute_loss = killed
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.close()
+
+
+def record_evaluations(trainer) -> list:
+    """The epochs at which ``trainer`` evaluates from now on (its ``epoch`` at each call)."""
+    epochs, evaluate = [], trainer._evaluate
+    trainer._evaluate = lambda: epochs.append(trainer.epoch) or evaluate()
+    return epochs

@@ -19,6 +19,7 @@ from conftest import (
     count_host_reads,
     run_ranks,
     save_mae_checkpoints,
+    train_until_killed,
     write_colour_classes,
 )
 
@@ -266,18 +267,7 @@ def test_a_resume_after_an_evaluated_epoch_keeps_its_best_accuracy(data, tmp_pat
     before it; a run killed later in the next epoch resumes with the best from log.jsonl (a
     stale best would let a worse epoch replace checkpoint-best.pth)."""
     cfg = cfg_of(FinetuneConfig, data, tmp_path, epochs=2)
-    t = FinetuneTrainer(cfg, CPU, DistInfo())
-    compute = t.compute_loss
-
-    def killed(*a):
-        if (t.epoch, t.iter) == (1, 1):
-            raise KeyboardInterrupt
-        return compute(*a)
-
-    t.compute_loss = killed
-    with pytest.raises(KeyboardInterrupt):
-        t.train()
-    t.close()
+    train_until_killed(FinetuneTrainer(cfg, CPU, DistInfo()), 1, 1)
     acc = [r["acc1"] for r in read_log(tmp_path) if "acc1" in r]
     assert len(acc) == 1 and torch.load(tmp_path / BEST, weights_only=True)["best_acc1"] == acc[0]
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["best_acc1"] == -1

@@ -10,7 +10,14 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_MAE, count_host_reads, run_ranks, write_images
+from conftest import (
+    TINY_MAE,
+    count_host_reads,
+    record_evaluations,
+    run_ranks,
+    train_until_killed,
+    write_images,
+)
 
 import mae_transfer.engine.trainer as trainer_module
 from mae_transfer.engine import distributed as distributed_module
@@ -620,19 +627,7 @@ def _records(out):
 
 def _killed_in_epoch_0(cfg):
     """Trains until the 4th iteration starts: saved at iteration 2, iteration 3 logged."""
-    t = Trainer(cfg, torch.device("cpu"), DistInfo())
-    compute, calls = t.compute_loss, []
-
-    def killed(*a):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return compute(*a)
-
-    t.compute_loss = killed
-    with pytest.raises(KeyboardInterrupt):
-        t.train()
-    t.close()
+    train_until_killed(Trainer(cfg, torch.device("cpu"), DistInfo()), 0, 3)
 
 
 def test_a_resumed_run_logs_each_step_once_and_the_whole_epoch_s_loss(tmp_path, image_dir):
@@ -854,9 +849,7 @@ def test_a_requeue_signal_in_an_epoch_s_last_steps_saves_and_leaves_the_evaluati
     t.close()
     monkeypatch.setattr(preemption, "requested", lambda: False)
     resumed = Trainer(cfg, torch.device("cpu"), DistInfo())
-    evaluated = []
-    evaluate = resumed._evaluate
-    resumed._evaluate = lambda: evaluated.append(resumed.epoch) or evaluate()
+    evaluated = record_evaluations(resumed)
     resumed.train()
     resumed.close()
     assert evaluated == [1, 2]  # epoch 0's evaluation first, then epoch 1's
@@ -922,9 +915,7 @@ def test_a_crash_in_an_epoch_s_evaluation_loses_no_training(tmp_path, image_dir,
     t.close()
     resumed = Trainer(cfg, torch.device("cpu"), DistInfo())
     assert (resumed.epoch, resumed.iter) == (1, 0)
-    evaluated = []
-    evaluate = resumed._evaluate
-    resumed._evaluate = lambda: evaluated.append(resumed.epoch) or evaluate()
+    evaluated = record_evaluations(resumed)
     resumed.train()
     resumed.close()
     assert evaluated == [1, 2]  # the crashed evaluation (epoch 0's) first
@@ -939,23 +930,10 @@ def test_an_evaluated_epoch_is_not_evaluated_again_on_resume(tmp_path, image_dir
     """checkpoint-last.pth keeps the evaluation pending until the next save: a run resumed from
     it finds the epoch's record in log.jsonl (written after the evaluation and its copies)."""
     cfg = tiny_cfg(tmp_path, image_dir, epochs=2)
-    t = Trainer(cfg, torch.device("cpu"), DistInfo())
-    compute = t.compute_loss
-
-    def killed(*a):
-        if (t.epoch, t.iter) == (1, 1):
-            raise KeyboardInterrupt
-        return compute(*a)
-
-    t.compute_loss = killed
-    with pytest.raises(KeyboardInterrupt):
-        t.train()
-    t.close()
+    train_until_killed(Trainer(cfg, torch.device("cpu"), DistInfo()), 1, 1)
     assert torch.load(tmp_path / LAST, weights_only=True)["eval_pending"]["epoch"] == 0
     resumed = Trainer(cfg, torch.device("cpu"), DistInfo())
-    evaluated = []
-    evaluate = resumed._evaluate
-    resumed._evaluate = lambda: evaluated.append(resumed.epoch) or evaluate()
+    evaluated = record_evaluations(resumed)
     resumed.train()
     resumed.close()
     assert evaluated == [2]
