@@ -38,7 +38,6 @@ class RunLogger:
         where one was killed before its first checkpoint moves that run's ``log.jsonl`` aside
         (``log.jsonl.old``) and hides its events."""
         self.output_dir, self.enabled = output_dir, enabled
-        self._unreadable_lines = 0
         self.writer = None
         self.bar: Optional[tqdm] = None
         if enabled:
@@ -61,23 +60,26 @@ class RunLogger:
 
     def records(self) -> List[Dict]:
         """The records of ``log.jsonl``; a line cut short (a kill mid-write) is skipped."""
+        return self._read()[0]
+
+    def _read(self) -> Tuple[List[Dict], int]:
+        """(the records of ``log.jsonl``, how many of its lines could not be read)."""
         if not os.path.isfile(self.path):
-            return []
-        out = []
-        self._unreadable_lines = 0
+            return [], 0
+        out, unreadable = [], 0
         with open(self.path) as f:
             for line in f:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError:
                     logger.warning("%s: skipping an unreadable line %r", self.path, line[:80])
-                    self._unreadable_lines += 1
-        return out
+                    unreadable += 1
+        return out, unreadable
 
     def _drop_records_after(self, epoch: float) -> None:
         """Keeps the iteration records up to ``epoch`` (with its fraction) and the records of
         the epochs that ended before it."""
-        records = self.records()
+        records, unreadable = self._read()
         kept = [
             r
             for r in records
@@ -86,7 +88,7 @@ class RunLogger:
         ]
         # rewritten also to drop a line cut short by a kill: the next record would be
         # appended to it, and both lost
-        if len(kept) < len(records) or self._unreadable_lines:
+        if len(kept) < len(records) or unreadable:
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)

@@ -9,7 +9,7 @@ import os
 import socket
 import time
 import uuid
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -116,15 +116,23 @@ def _readable_copies(damaged: str, fmt: str) -> Dict[str, Tuple[int, int]]:
     """{path: progress} of the readable checkpoint-*.pth beside ``damaged``."""
     from mae_transfer.checkpoint import CheckpointError
 
-    folder, progress = os.path.dirname(damaged) or ".", {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if name.startswith("checkpoint-") and name.endswith(".pth") and path != damaged:
+    progress = {}
+    for path in checkpoint_files(os.path.dirname(damaged) or "."):
+        if path != damaged:
             try:
                 progress[path] = checkpoint_progress(path, fmt)
             except CheckpointError:
                 logger.warning("%s cannot be read either: passed over", path)
     return progress
+
+
+def checkpoint_files(folder: str) -> List[str]:
+    """The paths of the ``checkpoint-*.pth`` in ``folder`` (last, epoch and best copies),
+    sorted; none if it does not exist."""
+    if not os.path.isdir(folder):
+        return []
+    names = sorted(n for n in os.listdir(folder) if n.startswith("checkpoint-"))
+    return [os.path.join(folder, n) for n in names if n.endswith(".pth")]
 
 
 def move_aside(path: str) -> str:

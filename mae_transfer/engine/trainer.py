@@ -61,6 +61,7 @@ from .schedule import cosine_lr
 from .state import (
     UNREADABLE,
     check_owner,
+    checkpoint_files,
     claim_output_dir,
     get_rng_state,
     move_aside,
@@ -443,16 +444,14 @@ class EpochTrainer:
             return
         if chosen and os.path.dirname(os.path.abspath(chosen)) == os.path.abspath(out):
             return
-        if not os.path.isdir(out):
-            return
-        old = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n.endswith(".pth")]
-        for name in sorted(old):
-            move_aside(os.path.join(out, name))
+        old = checkpoint_files(out)
+        for path in old:
+            move_aside(path)
         if old:
             logger.warning(
                 "%s held checkpoints of an earlier run (%s): moved aside to *.old, as this run %s",
                 out,
-                ", ".join(sorted(old)),
+                ", ".join(os.path.basename(p) for p in old),
                 f"continues {chosen}" if chosen else "starts afresh",
             )
 
