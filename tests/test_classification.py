@@ -494,6 +494,31 @@ def test_an_unreadable_validation_image_is_left_out_not_counted_twice(data, tmp_
     assert metrics["acc1"] == pytest.approx(expected)
 
 
+def test_cached_probe_features_leave_an_unreadable_image_out_as_images_do(data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(data["root"], root)
+    for split in ("train", "val"):  # the last image of the first class
+        with open(find_classes(str(root / split)).samples[4][0], "wb") as f:
+            f.write(b"not an image")
+    metrics, trainers = {}, {}
+    for cache in (False, True):
+        cfg = cfg_of(LinprobeConfig, {**data, "root": str(root)}, tmp_path / str(cache),
+                     cache_features=cache)  # fmt: skip
+        trainers[cache] = t = LinprobeTrainer(cfg, CPU, DistInfo())
+        metrics[cache] = t.evaluate()
+    # the image standing in for the unreadable one: left out of the validation, counted
+    assert metrics[True]["val_skipped_images"] == metrics[False]["val_skipped_images"] == 1
+    assert metrics[True]["acc1"] == pytest.approx(metrics[False]["acc1"])
+    assert metrics[True]["val_loss"] == pytest.approx(metrics[False]["val_loss"], rel=1e-5)
+    # and in training: trained on, counted each epoch, as without the cache
+    cached = trainers[True].train_dataset
+    assert [cached[(0, i)][2] for i in range(len(cached))].count(1) == 1
+    for t in trainers.values():
+        t.train()
+        t.close()
+    assert trainers[True].skipped_images == trainers[False].skipped_images
+
+
 def test_the_probe_augments_with_crop_and_flip_only():
     from PIL import Image
     from torchvision import transforms as T

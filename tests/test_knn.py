@@ -8,11 +8,21 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MAE, run_ranks, save_mae_checkpoints, write_colour_classes
+from conftest import (
+    ROOT,
+    TINY_MAE,
+    count_host_reads,
+    run_ranks,
+    save_mae_checkpoints,
+    write_colour_classes,
+)
 
+from mae_transfer.classification import knn
 from mae_transfer.classification.knn import (
     KNNEvaluator,
     extract_features,
@@ -67,11 +77,45 @@ def test_extract_features_normalises_and_restores_the_mode(tmp_path):
     root = write_colour_classes(tmp_path / "train", 4, seed=0)
     model = MeanColour().train()
     ev = KNNEvaluator(root, root, 32)
-    feats, labels = extract_features(model, ev.loaders[0], torch.device("cpu"))
+    feats, labels, replaced = extract_features(model, ev.loaders[0], torch.device("cpu"))
     assert (
         model.training and feats.shape == (12, 3) and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     )
     assert torch.allclose(feats.norm(dim=1), torch.ones(12))
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_extraction_reads_nothing_back_batch_by_batch(tmp_path, monkeypatch, on_device):
+    # on a GPU each read is a sync: the copies to the host are asynchronous instead
+    root = write_colour_classes(tmp_path / "train", 4, seed=0)
+    loader = list(KNNEvaluator(root, root, 32, batch_size=2).loaders[0])  # (decoded before)
+    run = SimpleNamespace(
+        _step=lambda: extract_features(MeanColour(), loader, torch.device("cpu"), on_device=on_device)
+    )
+    reads = count_host_reads(run, monkeypatch)
+    feats, labels, replaced = run._step()
+    assert reads == [1] and feats.shape == (12, 3) and not replaced.any()
+
+
+def test_images_standing_in_for_unreadable_ones_are_left_out_of_the_knn(tmp_path):
+    train = write_colour_classes(tmp_path / "train", 6, seed=0)
+    val = write_colour_classes(tmp_path / "val", 3, seed=1)
+    ev = KNNEvaluator(train, val, 32)
+    for ds, i in ((ev.sets[0], 0), (ev.sets[1], 0), (ev.sets[1], 1)):
+        with open(ds.paths[i], "wb") as f:
+            f.write(b"not an image")
+    spy, real = [], knn.knn_correct
+
+    def knn_correct_spy(*args, **kwargs):
+        spy.append(args[:4])
+        return real(*args, **kwargs)
+
+    with mock.patch.object(knn, "knn_correct", knn_correct_spy):
+        acc = ev(MeanColour(), torch.device("cpu"), ks=(3,))
+    tr_f, tr_l, va_f, va_l = spy[0]
+    assert len(tr_l) == 18 and (tr_l == -1).sum() == 1  # never a neighbour
+    assert len(va_l) == 9 and (va_l == -1).sum() == 2  # never counted
+    assert acc == {"knn_k3_top1": 100.0}  # (of the 7 readable images)
 
 
 def test_evaluator_on_class_folders(tmp_path):

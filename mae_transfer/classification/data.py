@@ -104,15 +104,24 @@ def build_mixup(cfg: FinetuneConfig, num_classes: int):
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """Pre-extracted features: items ``(feature, label, 0)`` by ``(epoch, index)`` keys.
+    """Pre-extracted features: items ``(feature, label, replaced)`` by ``(epoch, index)`` keys,
+    ``replaced`` 1 where the image stood in for an unreadable file (as
+    :class:`~mae_transfer.data.ClassFolderDataset` counts it: trained on, left out of the
+    validation, counted in both).
 
     Held as the shards the processes extracted (:class:`~mae_transfer.data.ShardSampler`'s
     split: shard ``r`` of ``W`` holds items ``r, r + W, r + 2W, ...``), so that nobody has to
     concatenate or reorder them into a second copy.
     """
 
-    def __init__(self, features: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]):
+    def __init__(
+        self,
+        features: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor],
+        replaced: Optional[Sequence[torch.Tensor]] = None,
+    ):
         self.features, self.labels = list(features), list(labels)
+        self.replaced = None if replaced is None else list(replaced)
 
     def __len__(self) -> int:
         return sum(len(labels) for labels in self.labels)
@@ -120,7 +129,8 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> Tuple[torch.Tensor, int, int]:
         _, index = key
         shard, row = index % len(self.labels), index // len(self.labels)
-        return self.features[shard][row], int(self.labels[shard][row]), 0
+        replaced = 0 if self.replaced is None else int(self.replaced[shard][row])
+        return self.features[shard][row], int(self.labels[shard][row]), replaced
 
     def all_features(self) -> torch.Tensor:
         """Every feature in index order, as one new tensor (for inspection: a copy)."""

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from mae_transfer.data import (
     ClassFolderDataset,
     ShardSampler,
-    collate,
+    collate_flags,
     eval_transform,
     find_classes,
 )
@@ -163,16 +163,20 @@ def extract_features(
     normalize: bool = True,
     feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     on_device: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features and labels of every batch of ``loader``, L2-normalised unless ``normalize`` is
-    False; on the CPU, or left on ``device`` with ``on_device`` (no host sync per batch).
+    False; on the CPU, or left on ``device`` with ``on_device``. Neither waits for the device
+    batch by batch (the copies to the host are asynchronous, into pinned memory).
 
     The feature of a batch is ``feature_fn(imgs)``, by default ``pool`` over
     ``model.forward_features(imgs)`` (our ViT, or the MAE model's unmasked encoder: (B, 1 + L, D)
-    tokens). The model runs in eval mode; its previous mode is restored.
+    tokens). The model runs in eval mode; its previous mode is restored. The loader's batches
+    are ``(images, labels, skipped)``; with ``skipped`` per item (:func:`collate_flags`) the
+    rows of the images that stood in for an unreadable file are marked.
 
     Returns:
-        (N, D) fp32 features and (N,) labels.
+        (N, D) fp32 features, (N,) labels and (N,) bool: the row stands in for an unreadable
+        file (a duplicate of another image of the set, which evaluation leaves out).
     """
     if feature_fn is None:
         prefix = getattr(model, "num_prefix_tokens", 1)  # 0: an encoder without class token
@@ -184,21 +188,30 @@ def extract_features(
 
     was_training = model.training
     model.eval()
-    feats, labels = [], []
+    where = device if on_device else torch.device("cpu")
+    feats, labels, replaced = [], [], []
     try:
-        for imgs, targets, *_ in loader:
+        for imgs, targets, *rest in loader:
             imgs = imgs.to(device, non_blocking=True)
             with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
                 f = feature_fn(imgs).float()
             f = F.normalize(f, dim=1) if normalize else f
-            feats.append(f if on_device else f.cpu())
-            labels.append(targets.to(device, non_blocking=True) if on_device else targets)
+            # (from a GPU: a copy into pinned memory that the host does not wait for)
+            feats.append(f.to(where, non_blocking=True))
+            labels.append(targets.to(where, non_blocking=True))
+            skipped = rest[-1] if rest else 0
+            flags = skipped > 0 if isinstance(skipped, torch.Tensor) else None
+            if flags is None or flags.shape != targets.shape:  # (counts summed per batch)
+                flags = torch.zeros(len(targets), dtype=torch.bool)
+            replaced.append(flags.to(where, non_blocking=True))
     finally:
         model.train(was_training)
+    if device.type == "cuda" and not on_device:
+        torch.cuda.synchronize(device)  # the copies to the host have landed
     if not feats:  # this process's shard is empty
-        where = device if on_device else "cpu"
-        return torch.zeros(0, 0, device=where), torch.zeros(0, dtype=torch.long, device=where)
-    return torch.cat(feats), torch.cat(labels)
+        empty = torch.zeros(0, dtype=torch.long, device=where)
+        return torch.zeros(0, 0, device=where), empty, empty.bool()
+    return torch.cat(feats), torch.cat(labels), torch.cat(replaced)
 
 
 def gather_features(
@@ -264,7 +277,7 @@ class KNNEvaluator:
                 batch_size=batch_size,
                 sampler=ShardSampler(len(ds), dist.rank, dist.world_size),
                 num_workers=num_workers,
-                collate_fn=collate,
+                collate_fn=collate_flags,  # (which images stood in for unreadable ones)
                 pin_memory=torch.cuda.is_available(),  # (the copies to the GPU overlap)
             )
             for ds in self.sets
@@ -284,19 +297,27 @@ class KNNEvaluator:
         features are ``pool`` over ``model``'s tokens, or ``feature_fn(images)`` when given."""
         train, val = self.loaders
         args = (device, pool, amp_dtype, True, feature_fn, True)  # (kept on the device)
-        tr_f, tr_l = gather_features(*extract_features(model, train, *args), self.dist)
-        va_f, va_l = extract_features(model, val, *args)  # this shard only
+        # an image standing in for an unreadable file is left out (label -1): never a
+        # neighbour, never counted, as the validation of the classifiers leaves it out
+        tr_f, tr_l, tr_bad = extract_features(model, train, *args)
+        tr_f, tr_l = gather_features(tr_f, tr_l.masked_fill(tr_bad, -1), self.dist)
+        va_f, va_l, va_bad = extract_features(model, val, *args)  # this shard only
         correct = knn_correct(
             tr_f.to(device),
             tr_l.to(device),
             va_f,
-            va_l,
+            va_l.masked_fill(va_bad, -1),  # (no class is -1: never right)
             self.num_classes,
             ks,
             temperature,
             normalized=True,  # extract_features normalised them
         )
-        *counts, total = all_reduce_sum([*correct.values(), len(va_l)], self.dist)
+        *counts, total, left_out = all_reduce_sum(
+            [*correct.values(), int((~va_bad).sum()), int(tr_bad.sum() + va_bad.sum())],
+            self.dist,
+        )
+        if left_out and self.dist.is_main:
+            logger.warning("k-NN: %d unreadable images left out", int(left_out))
         nan = float("nan")  # an empty validation set
         return {
             f"knn_k{k}_top1": 100.0 * c / total if total else nan for k, c in zip(correct, counts)

@@ -27,7 +27,13 @@ from mae_transfer.checkpoint import (
     save_atomic,
     strip_to_vit,
 )
-from mae_transfer.data import ClassFolder, ClassFolderDataset, ShardSampler, collate, seeded
+from mae_transfer.data import (
+    ClassFolder,
+    ClassFolderDataset,
+    ShardSampler,
+    collate_flags,
+    seeded,
+)
 from mae_transfer.data.sampler import sample_seed
 from mae_transfer.data.transforms import eval_transform
 from mae_transfer.device import resolve_amp
@@ -55,11 +61,6 @@ BEST = "checkpoint-best.pth"
 MIXUP_SEED_OFFSET = 1_000_003  # mixup's draws: a stream apart from the images' own seeds
 
 
-def _collate_flags(batch) -> tuple:
-    """:func:`collate`, but each item's skipped count kept (a tensor) instead of summed."""
-    return (*collate(batch)[:-1], torch.tensor([item[-1] for item in batch]))
-
-
 def _fp32_logits(model: torch.nn.Module, x: torch.Tensor, amp_dtype) -> torch.Tensor:
     """The encoder under autocast, the head in fp32: bf16 logits (8 bits of mantissa: 12.005
     and 12.025 are both 12.0) left top-1 to the tie order of ``topk``."""
@@ -83,7 +84,7 @@ class ValEvaluator:
             batch_size=batch_size,
             sampler=ShardSampler(len(dataset), dist.rank, dist.world_size),
             num_workers=num_workers,
-            collate_fn=_collate_flags,
+            collate_fn=collate_flags,
             pin_memory=torch.cuda.is_available(),  # (the copies to the GPU overlap)
         )
 
@@ -387,13 +388,13 @@ class LinprobeTrainer(_ClassifierTrainer):
             batch_size=cfg.batch_size,
             sampler=ShardSampler(len(images), d.rank, d.world_size),
             num_workers=cfg.num_workers,
-            collate_fn=collate,
+            collate_fn=collate_flags,  # (which images stood in for unreadable ones)
             pin_memory=self.device.type == "cuda",
         )
         amp_dtype, _ = resolve_amp(cfg.amp, self.device)
         logger.info("extracting the frozen features of %d %s images", len(images), what)
         with tf32_enabled(self.device):
-            feats, labels = extract_features(
+            feats, labels, replaced = extract_features(
                 self.model,
                 loader,
                 self.device,
@@ -402,7 +403,7 @@ class LinprobeTrainer(_ClassifierTrainer):
                 feature_fn=self.model.pooled,
             )
         if not d.enabled:
-            return FeatureDataset([feats], [labels])
+            return FeatureDataset([feats], [labels], [replaced])
         name = "features-" + "-".join(what.split())
         paths = [os.path.join(cfg.output_dir, f"{name}.{r}-of-{d.world_size}.pth")
                  for r in range(d.world_size)]  # fmt: skip
@@ -410,7 +411,9 @@ class LinprobeTrainer(_ClassifierTrainer):
 
         def write() -> None:
             os.makedirs(cfg.output_dir, exist_ok=True)
-            save_atomic({"features": feats, "labels": labels}, paths[d.rank])
+            save_atomic(
+                {"features": feats, "labels": labels, "replaced": replaced}, paths[d.rank]
+            )
 
         # each step ends in a collective: a failure on one process stops all of them (and the
         # files are all written before any is read)
@@ -422,7 +425,7 @@ class LinprobeTrainer(_ClassifierTrainer):
             "could not read the features the others cached in output_dir (is it on storage "
             "every node can read?)",
         )
-        return FeatureDataset([s["features"] for s in shards], [s["labels"] for s in shards])
+        return FeatureDataset(*([s[k] for s in shards] for k in ("features", "labels", "replaced")))
 
     def train(self) -> Dict[str, float]:
         stats = super().train()  # ends with a barrier: no process reads the features any more

@@ -295,6 +295,12 @@ def collate(batch) -> tuple:
     return (*out, int(sum(skipped)))
 
 
+def collate_flags(batch) -> tuple:
+    """:func:`collate`, but each item's skipped count kept, as a (B,) tensor, instead of summed:
+    evaluation leaves out the items an unreadable file was replaced in."""
+    return (*collate(batch)[:-1], torch.tensor([item[-1] for item in batch]))
+
+
 class ClassFolderDataset(torch.utils.data.Dataset):
     """Labelled images from class folders; items are ``(image, label, skipped)``.
 
