@@ -210,6 +210,9 @@ def test_the_monitor_logs_a_curve_and_leaves_pretraining_unchanged(tmp_path, ima
         records = [json.loads(line) for line in f]
     curve = [(r["epoch"], r["knn_k20_top1"]) for r in records if "knn_k20_top1" in r]
     assert [e for e, _ in curve] == [-1, 0, 1] and all(0 <= a <= 100 for _, a in curve)
+    # the evaluation's time beside the training's
+    epochs = [r for r in records if "train_loss" in r]
+    assert len(epochs) == 2 and all(r["eval_time_s"] > 0 and r["time_s"] > 0 for r in epochs)
     assert "knn" in monitored.bar_extras
     # the same curve in TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

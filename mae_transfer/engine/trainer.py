@@ -742,8 +742,10 @@ class EpochTrainer:
         the next save; a run resumed from it re-evaluates the epoch only if ``log.jsonl`` lacks
         its record (written after the copies). After the last epoch it is written once more,
         evaluated: a finished run's checkpoint then has nothing left to do."""
-        stats = dict(self._eval_pending or {})
+        stats, t0 = dict(self._eval_pending or {}), time.time()
         metrics = self._evaluate()
+        if metrics:  # (the training's own time is time_s)
+            metrics["eval_time_s"] = time.time() - t0
         self._eval_pending = None
         copies = self.checkpoint_copies(metrics)
         if copies:
