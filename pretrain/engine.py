@@ -138,7 +138,7 @@ class Trainer(EpochTrainer):
         logger.info(
             "k-NN after %d epochs: %s",
             self.epoch,
-            ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()),
+            ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith("top1")),
         )
         return metrics
 

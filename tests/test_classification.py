@@ -779,8 +779,41 @@ def test_evaluation_edge_cases_are_named(data, tmp_path, caplog):
         shutil.copy(f, flat / "val" / f"{i}.png")
     with pytest.raises(ConfigError, match="sort them into one folder per class"):
         class_folders(make_config(FinetuneConfig, {"data_path": str(flat)}))
+    # --eval of a pretraining checkpoint: refused first, not read as a classifier
+    caplog.clear()
+    values = {"data_path": data["root"], "eval": True, "resume": data["official"]}
+    cfg = make_config(FinetuneConfig, {**values, "model_kwargs": TINY})
+    with pytest.raises(CheckpointError, match="no classification head: --eval needs"):
+        evaluate_checkpoint(cfg, CPU, DistInfo())
+    assert "evaluating it so" not in caplog.text
     # resumed into another output_dir: the best copy stayed beside the resumed file
     cfg = SimpleNamespace(output_dir=str(tmp_path / "b"), resume="/runs/a/checkpoint-last.pth")
     with caplog.at_level("INFO", logger="classification"):
         _finish(SimpleNamespace(cfg=cfg, best_acc1=50.0))
     assert "reached before --resume, see /runs/a/checkpoint-best.pth" in caplog.text
+
+
+def test_the_official_scripts_flags_are_understood():
+    """Their command lines (FINETUNE.md, LINPROBE.md) use --cls_token and --dist_eval."""
+    from mae_transfer.classification.config import load_config
+
+    def pool(cls, *flags):
+        return load_config(cls, ["--data_path", "d", *flags], "t")[0].global_pool
+
+    assert pool(LinprobeConfig) == "cls" and pool(FinetuneConfig) == "avg"
+    assert pool(FinetuneConfig, "--cls_token", "--dist_eval") == "cls"
+    assert pool(LinprobeConfig, "--global_pool") == "avg"  # the official flag, bare
+    assert pool(LinprobeConfig, "--global_pool", "avg", "--epochs", "3") == "avg"
+    assert pool(FinetuneConfig, "--global_pool", "cls") == "cls"
+    cfg = load_config(FinetuneConfig, ["--data_path", "d", "--global_pool", "max"], "t")[0]
+    with pytest.raises(ConfigError, match="global_pool must be one of"):
+        validate(cfg)
+
+
+def test_an_input_size_the_patches_do_not_tile_is_padded_with_a_warning(caplog):
+    model = build_classifier("vit_base_patch16", 3, 36, "avg", **TINY)  # patch 8
+    assert "input_size 36x36 is not a multiple of the patch size 8" in caplog.text
+    assert model(torch.rand(1, 3, 36, 36)).shape == (1, 3)  # (padded to 40, as said)
+    caplog.clear()
+    build_classifier("vit_base_patch16", 3, (32, 40), "avg", **TINY)
+    assert "not a multiple" not in caplog.text

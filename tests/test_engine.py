@@ -940,3 +940,30 @@ def test_an_evaluated_epoch_is_not_evaluated_again_on_resume(tmp_path, image_dir
     assert [r["epoch"] for r in _records(tmp_path) if "train_loss" in r] == [0, 1]
     # a finished run's checkpoint is written once more after the last evaluation
     assert torch.load(tmp_path / LAST, weights_only=True)["eval_pending"] is None
+
+
+def test_the_progress_line_shows_the_last_evaluation(tmp_path, image_dir):
+    """It kept the previous evaluation's accuracy: the line was redrawn by training only."""
+    t = Trainer(
+        tiny_cfg(tmp_path, image_dir, log_every_iters=1000), torch.device("cpu"), DistInfo()
+    )
+
+    def evaluate():
+        t.bar_extras["acc1"] = f"{10.0 * t.epoch:.1f}"
+        return {"acc1": 10.0 * t.epoch}
+
+    t.evaluate = evaluate
+    t.train()
+    t.close()
+    assert "acc1=20.0" in t.log.bar.postfix and "loss=" in t.log.bar.postfix
+
+
+def test_a_finished_run_asked_for_fewer_epochs_says_so_and_keeps_its_config(
+    tmp_path, image_dir, caplog
+):
+    train(tiny_cfg(tmp_path, image_dir, epochs=2))
+    config = (tmp_path / "config.yaml").read_text()
+    caplog.set_level("INFO")
+    train(tiny_cfg(tmp_path, image_dir, epochs=1))
+    assert "has finished 2 epochs (--epochs 1)" in caplog.text
+    assert (tmp_path / "config.yaml").read_text() == config  # (it trained with epochs 2)

@@ -25,6 +25,7 @@ from conftest import (
 from mae_transfer.classification import knn
 from mae_transfer.classification.knn import (
     KNNEvaluator,
+    encoder_for_checkpoint,
     extract_features,
     knn_accuracy,
     knn_scores,
@@ -90,7 +91,9 @@ def test_extraction_reads_nothing_back_batch_by_batch(tmp_path, monkeypatch, on_
     root = write_colour_classes(tmp_path / "train", 4, seed=0)
     loader = list(KNNEvaluator(root, root, 32, batch_size=2).loaders[0])  # (decoded before)
     run = SimpleNamespace(
-        _step=lambda: extract_features(MeanColour(), loader, torch.device("cpu"), on_device=on_device)
+        _step=lambda: extract_features(
+            MeanColour(), loader, torch.device("cpu"), on_device=on_device
+        )
     )
     reads = count_host_reads(run, monkeypatch)
     feats, labels, replaced = run._step()
@@ -115,7 +118,7 @@ def test_images_standing_in_for_unreadable_ones_are_left_out_of_the_knn(tmp_path
     tr_f, tr_l, va_f, va_l = spy[0]
     assert len(tr_l) == 18 and (tr_l == -1).sum() == 1  # never a neighbour
     assert len(va_l) == 9 and (va_l == -1).sum() == 2  # never counted
-    assert acc == {"knn_k3_top1": 100.0}  # (of the 7 readable images)
+    assert acc == {"knn_k3_top1": 100.0, "knn_skipped_images": 3}  # (7 readable of 9)
 
 
 def test_evaluator_on_class_folders(tmp_path):
@@ -124,7 +127,7 @@ def test_evaluator_on_class_folders(tmp_path):
     ev = KNNEvaluator(train, val, 32, max_images=9)
     assert [len(s) for s in ev.sets] == [9, 9]
     acc = ev(MeanColour(), torch.device("cpu"), ks=(3,))
-    assert acc == {"knn_k3_top1": 100.0}
+    assert acc == {"knn_k3_top1": 100.0, "knn_skipped_images": 0}
     os.rename(os.path.join(val, "blue"), os.path.join(val, "navy"))
     with pytest.raises(ValueError, match="k-NN class folders differ"):
         KNNEvaluator(train, val, 32)
@@ -230,17 +233,17 @@ def test_monitor_config_is_checked(tmp_path, image_dir):
 
 
 def test_standalone_command_on_an_official_format_checkpoint(tmp_path):
-    _, paths = save_mae_checkpoints(tmp_path, img_size=32, depth=2)
+    _, paths = save_mae_checkpoints(tmp_path, img_size=32, patch_size=8, depth=2)
     train = write_colour_classes(tmp_path / "train", 4, seed=0)
     val = write_colour_classes(tmp_path / "val", 2, seed=1)
-    out = tmp_path / "acc.json"
+    out = tmp_path / "not" / "yet" / "acc.json"  # (made before the work, not after it)
     cmd = [
         sys.executable,
         os.path.join(ROOT, "tools", "knn.py"),
         "--checkpoint",
         paths["official"],
         "--model",
-        "mae_vit_base_patch16",
+        "mae_vit_base_patch16",  # (no --patch_size: 8 is read from the weights)
         "--embed_dim",
         "32",
         "--depth",
@@ -255,6 +258,11 @@ def test_standalone_command_on_an_official_format_checkpoint(tmp_path):
         "32",
         "--k",
         "5",
+        "200",
+        "--max_images",
+        "9",
+        "--seed",
+        "3",
         "--num_workers",
         "0",
         "--device",
@@ -265,8 +273,29 @@ def test_standalone_command_on_an_official_format_checkpoint(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     acc = json.loads(out.read_text())
-    assert set(acc) == {"knn_k5_top1"} and 0 <= acc["knn_k5_top1"] <= 100
+    assert set(acc) == {"knn_k5_top1", "knn_k200_top1", "knn_skipped_images"}
     assert "knn_k5_top1" in r.stdout and "loaded" in r.stderr
+    assert "patch size 8, read from its patch embedding" in r.stderr and "resized" not in r.stderr
+    assert "k 200 is more than the 9 images of the bank" in r.stderr
+    # the same numbers as the evaluator in this process, with that seed's subsets
+    encoder = encoder_for_checkpoint(
+        paths["official"], "mae_vit_base_patch16", 32, embed_dim=32, depth=2, num_heads=2
+    )
+    expected = KNNEvaluator(train, val, 32, max_images=9, seed=3)(
+        encoder, torch.device("cpu"), ks=(5, 200)
+    )
+    assert acc == pytest.approx(expected)
+
+
+def test_images_outside_class_folders_are_refused_with_what_to_do(tmp_path):
+    train = write_colour_classes(tmp_path / "train", 2, seed=0)
+    val = write_colour_classes(tmp_path / "val", 2, seed=1)
+    for name in os.listdir(val):  # ImageNet's val/ as released: the images, no classes
+        for image in os.listdir(os.path.join(val, name)):
+            os.rename(os.path.join(val, name, image), os.path.join(val, f"{name}-{image}"))
+        os.rmdir(os.path.join(val, name))
+    with pytest.raises(ConfigError, match="sort them into one folder per class"):
+        KNNEvaluator(train, val, 32)
 
 
 def test_the_similarity_search_asks_for_full_fp32_and_an_empty_set_gives_nan(monkeypatch):

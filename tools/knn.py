@@ -53,6 +53,13 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, nargs="+", default=list(KS))
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--max_images", type=int, default=0, help="per set, fixed subset (0 = all)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="draws the --max_images subsets (the pretraining monitor's are drawn by the run's "
+        "--seed: give it to reproduce the monitor's numbers)",
+    )
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--num_workers", type=int, default=8)
     p.add_argument("--device", default="auto")
@@ -95,6 +102,8 @@ def run(args) -> None:
     info = init_distributed(device.type)
     device = own_device(device, info)
     setup_logging(info.rank)
+    if args.json and info.is_main:  # (before the work: a missing folder is not found after it)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     size = args.input_size[0] if len(args.input_size) == 1 else args.input_size[:2]
     overrides = {k: getattr(args, k) for k in ("embed_dim", "depth", "num_heads", "patch_size")}
     try:
@@ -102,7 +111,14 @@ def run(args) -> None:
             args.checkpoint, args.model, size, **{k: v for k, v in overrides.items() if v}
         ).to(device)
         evaluator = KNNEvaluator(  # ConfigError for folders without classes, other classes
-            args.train, args.val, size, info, args.max_images, args.batch_size, args.num_workers
+            args.train,
+            args.val,
+            size,
+            info,
+            args.max_images,
+            args.batch_size,
+            args.num_workers,
+            args.seed,
         )
         amp_dtype, _ = resolve_amp(args.amp, device)
         with tf32_enabled(device):
@@ -114,7 +130,7 @@ def run(args) -> None:
     if info.is_main:
         print(f"{evaluator.describe()}, {pool} features, T = {args.temperature}:")
         for name, value in acc.items():
-            print(f"  {name}: {value:.2f}")
+            print(f"  {name}: {value:.2f}" if name.endswith("top1") else f"  {name}: {value}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(acc, f, indent=1)

@@ -132,7 +132,25 @@ def eval_crop_pct(cfg: ClassifyConfig) -> float:
 
 def build_protocol_parser(cls: Type[ClassifyConfig], prog: str):
     what = "End-to-end fine-tuning" if cls is FinetuneConfig else "Linear probing"
-    return build_parser(cls, prog, f"{what} of a ViT classifier.", FLAG_HELP)
+    p = build_parser(cls, prog, f"{what} of a ViT classifier.", FLAG_HELP)
+    # the official scripts' spellings, so that their command lines run as written
+    pool = next(a for a in p._actions if a.dest == "global_pool")
+    pool.nargs, pool.const = "?", "avg"  # a bare --global_pool: the official flag (avg)
+    pool.help += "; a bare --global_pool means avg"
+    p.add_argument(
+        "--cls_token",
+        dest="global_pool",
+        action="store_const",
+        const="cls",
+        help="the official flag: --global_pool cls",
+    )
+    p.add_argument(
+        "--dist_eval",
+        action="store_true",
+        help="the official flag, accepted: the evaluation is always split over the processes "
+        "(with exact counts: no image repeated to fill a shard)",
+    )
+    return p
 
 
 def load_config(

@@ -57,10 +57,10 @@ def class_folders(
     """``data_path/train`` (None when only evaluating) and ``data_path/val``, checked to name
     the same classes; listed by rank 0 for all processes."""
     dist = dist or DistInfo()
-    val = _classes(f"{cfg.data_path}/val", dist)
+    val = class_folder(f"{cfg.data_path}/val", dist)
     if cfg.eval:
         return None, val
-    train = _classes(f"{cfg.data_path}/train", dist)
+    train = class_folder(f"{cfg.data_path}/train", dist)
     diff = class_difference(train, val)
     if diff:
         raise ConfigError(
@@ -70,7 +70,10 @@ def class_folders(
     return train, val
 
 
-def _classes(root: str, dist: DistInfo) -> ClassFolder:
+def class_folder(root: str, dist: Optional[DistInfo] = None) -> ClassFolder:
+    """The class folders of ``root``, listed by rank 0 for all processes; a ConfigError that
+    says what to do when the images are not in class folders (ImageNet's val/ as released)."""
+    dist = dist or DistInfo()
     try:
         return on_rank0(find_classes, dist, root)
     except FileNotFoundError as e:

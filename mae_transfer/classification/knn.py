@@ -11,6 +11,7 @@ MAE against other methods.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -22,7 +23,6 @@ from mae_transfer.data import (
     ShardSampler,
     collate_flags,
     eval_transform,
-    find_classes,
 )
 from mae_transfer.data.folder import class_difference
 from mae_transfer.engine.config import ConfigError
@@ -31,7 +31,6 @@ from mae_transfer.engine.distributed import (
     all_gather_padded,
     all_reduce_min,
     all_reduce_sum,
-    on_rank0,
 )
 from mae_transfer.engine.trainer import tf32_enabled
 
@@ -258,9 +257,11 @@ class KNNEvaluator:
         seed: int = 0,
     ):
         dist = dist or DistInfo()
-        try:
-            folders = tuple(on_rank0(find_classes, dist, d) for d in (train_dir, val_dir))
-        except (FileNotFoundError, ValueError) as e:  # no folder, no class folders in it
+        from mae_transfer.classification.data import class_folder
+
+        try:  # (a ConfigError with a hint for images not sorted into class folders)
+            folders = tuple(class_folder(d, dist) for d in (train_dir, val_dir))
+        except ValueError as e:  # no class folders in it
             raise ConfigError(str(e)) from e
         diff = class_difference(*folders)
         if diff:
@@ -270,7 +271,7 @@ class KNNEvaluator:
         transform = eval_transform(input_size)
         self.sets = [ClassFolderDataset(f, transform, seed, max_images) for f in folders]
         self.num_classes = len(folders[0].classes)
-        self.dist = dist
+        self.dist, self._said_capped = dist, False
         self.loaders = [
             DataLoader(
                 ds,
@@ -293,7 +294,8 @@ class KNNEvaluator:
         amp_dtype: Optional[torch.dtype] = None,
         feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> Dict[str, float]:
-        """{'knn_k20_top1': ..., 'knn_k200_top1': ...} (the same on every process); the
+        """{'knn_k20_top1': ..., 'knn_k200_top1': ..., 'knn_skipped_images': ...} (the same on
+        every process; the last counts the unreadable images left out of both sets); the
         features are ``pool`` over ``model``'s tokens, or ``feature_fn(images)`` when given."""
         train, val = self.loaders
         args = (device, pool, amp_dtype, True, feature_fn, True)  # (kept on the device)
@@ -318,10 +320,21 @@ class KNNEvaluator:
         )
         if left_out and self.dist.is_main:
             logger.warning("k-NN: %d unreadable images left out", int(left_out))
+        bank = int((tr_l >= 0).sum())  # (the same on every process)
+        capped = [k for k in ks if k > bank]
+        if capped and not self._said_capped and self.dist.is_main:
+            logger.warning(
+                "k-NN: k %s is more than the %d images of the bank: every image votes (as k %d)",
+                ", ".join(map(str, capped)),
+                bank,
+                bank,
+            )
+            self._said_capped = True
         nan = float("nan")  # an empty validation set
-        return {
+        out = {
             f"knn_k{k}_top1": 100.0 * c / total if total else nan for k, c in zip(correct, counts)
         }
+        return {**out, "knn_skipped_images": int(left_out)}
 
     def describe(self) -> str:
         return (
@@ -339,7 +352,7 @@ def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> to
     ``pooled`` is the feature its head was trained on: ``fc_norm`` of the mean patch token
     (see :func:`checkpoint_features`)."""
     from mae_transfer.checkpoint import load_pretrained, load_vit_state_dict
-    from mae_transfer.classification.model import build_classifier, head_dim_of
+    from mae_transfer.classification.model import build_classifier, head_dim_of, note_padding
     from mae_transfer.data.transforms import hw
     from mae_transfer.registry import create_model, resolve_name
 
@@ -347,6 +360,15 @@ def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> to
     if name.startswith("mae_"):
         name = name[len("mae_") :]
     state, _ = load_vit_state_dict(path)
+    kernel = state.get("patch_embed.proj.weight")
+    if "patch_size" not in overrides and kernel is not None and kernel.ndim == 4:
+        # the patch size the weights were trained at (a kernel resized to the name's would
+        # give other features): e.g. a /8 model evaluated under a /16 name
+        patch = int(kernel.shape[-1])
+        named = re.search(r"patch(\d+)", name)
+        if kernel.shape[-2] == patch and named and int(named.group(1)) != patch:
+            logger.info("%s: patch size %d, read from its patch embedding", path, patch)
+            overrides = {**overrides, "patch_size": patch}
     if "fc_norm.weight" in state and "norm.weight" not in state:
         classes = head_dim_of(state) or 1
         net = build_classifier(name, classes, input_size, global_pool="avg", **overrides)
@@ -355,6 +377,7 @@ def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> to
         net = create_model(
             name, img_size=hw(input_size), **({"class_token": False} if no_cls else {}), **overrides
         )
+        note_padding(net, input_size)
     report = load_pretrained(net, state, source=path)
     if "norm.weight" in report.missing:  # e.g. a detection / segmentation backbone's weights
         logger.warning(

@@ -103,7 +103,22 @@ def build_classifier(
     name ``mae_vit_base_patch16`` means the same encoder)."""
     args = dict(encoder_args(model), img_size=hw(input_size))
     args.update(kwargs)
-    return ViTClassifier(num_classes, global_pool, probe, head_init_std, **args)
+    net = ViTClassifier(num_classes, global_pool, probe, head_init_std, **args)
+    note_padding(net, input_size)
+    return net
+
+
+def note_padding(net: VisionTransformer, input_size: Size) -> None:
+    """Warns when ``input_size`` is not a multiple of the patch size: the ViT then zero-pads
+    every image at the bottom and right (the official code refuses such sizes)."""
+    (h, w), p = hw(input_size), net.patch_size
+    if h % p or w % p:
+        logger.warning(
+            "input_size %dx%d is not a multiple of the patch size %d: every image is zero-padded "
+            "to %dx%d (bottom and right); %dx%d or %dx%d would not be",
+            h, w, p, -(-h // p) * p, -(-w // p) * p, h // p * p, w // p * p,
+            -(-h // p) * p, -(-w // p) * p,
+        )  # fmt: skip
 
 
 def load_classifier_checkpoint(

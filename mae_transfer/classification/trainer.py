@@ -202,7 +202,7 @@ class _ClassifierTrainer(EpochTrainer):
         metrics = self.val(self.model, self.device, self.amp_dtype)
         self.bar_extras["acc1"] = f"{metrics['acc1']:.1f}"
         logger.info(
-            "epoch %d: val top-1 %.2f, top-5 %.2f, loss %.4f (best top-1 %.2f)",
+            "val after %d epochs: top-1 %.2f, top-5 %.2f, loss %.4f (best top-1 %.2f)",
             self.epoch,
             metrics["acc1"],
             metrics["acc5"],
@@ -411,9 +411,7 @@ class LinprobeTrainer(_ClassifierTrainer):
 
         def write() -> None:
             os.makedirs(cfg.output_dir, exist_ok=True)
-            save_atomic(
-                {"features": feats, "labels": labels, "replaced": replaced}, paths[d.rank]
-            )
+            save_atomic({"features": feats, "labels": labels, "replaced": replaced}, paths[d.rank])
 
         # each step ends in a collective: a failure on one process stops all of them (and the
         # files are all written before any is read)
@@ -473,6 +471,11 @@ def evaluate_checkpoint(
     path = cfg.resume or cfg.finetune
     ckpt = load_file(path, mmap=True)  # (as --finetune: shared pages, the optimizer unread)
     state, _ = strip_to_vit(find_state_dict(ckpt))
+    if head_dim_of(state) is None:  # (said first: what follows would read it as a classifier)
+        raise CheckpointError(
+            f"{path} has no classification head: --eval needs a fine-tuned (or linear-probe) "
+            "checkpoint; a pretraining checkpoint is for --finetune (or tools/knn.py)"
+        )
     num_classes = cfg.nb_classes or head_dim_of(state) or len(val_folder.classes)
     names = ckpt.get("classes") if isinstance(ckpt, dict) else None
     val_folder = _as_trained(val_folder, names, num_classes, path)

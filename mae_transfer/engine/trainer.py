@@ -273,6 +273,7 @@ class EpochTrainer:
                 self._eval_pending = None
         self._window = _Window()
         self.bar_extras: Dict[str, str] = {}  # shown on the progress line (e.g. k-NN top-1)
+        self._postfix: Dict[str, str] = {}  # the progress line's loss, lr, img/s
         logger.info(
             "%s; %d images, %d iterations/epoch; effective batch %d, lr %.3g; %s, precision %s",
             self.describe(),
@@ -668,13 +669,14 @@ class EpochTrainer:
             here = os.path.isfile(last) if self.dist.is_main else False
             if not broadcast_object(here, self.dist):  # rank 0's answer: none waits for others
                 raise ConfigError(
-                    f"--resume {cfg.resume} has finished all {cfg.epochs} epochs: nothing to "
-                    f"train into {cfg.output_dir}. Raise --epochs to train on, or use that "
-                    "run's output_dir"
+                    f"--resume {cfg.resume} has finished all {self.epoch} epochs: nothing to "
+                    f"train into {cfg.output_dir}. Raise --epochs (now {cfg.epochs}) to train "
+                    "on, or use that run's output_dir"
                 )
+        finished = self.epoch >= cfg.epochs and self._eval_pending is None
         config_file = os.path.join(cfg.output_dir, "config.yaml")
-        on_every_rank(
-            lambda: save_config(cfg, config_file) if self.dist.is_main else None,
+        on_every_rank(  # (not for a finished run: nothing is trained by this config)
+            lambda: save_config(cfg, config_file) if self.dist.is_main and not finished else None,
             self.dist,
             f"could not write {config_file}",
         )
@@ -684,7 +686,10 @@ class EpochTrainer:
             logger.info("evaluating epoch %d, saved before its evaluation", self.epoch - 1)
             stats = self._finish_epoch()
         if self.epoch >= cfg.epochs and not stats:
-            logger.info("nothing to do: %s has finished all %d epochs", cfg.output_dir, cfg.epochs)
+            more = f" (--epochs {cfg.epochs})" if self.epoch > cfg.epochs else ""
+            logger.info(
+                "nothing to do: %s has finished %d epochs%s", cfg.output_dir, self.epoch, more
+            )
             stats = self.log.last_record("train_loss")
         elif self.evaluate_at_start and self.epoch == self.iter == 0:
             metrics = self._evaluate()
@@ -746,6 +751,8 @@ class EpochTrainer:
         metrics = self._evaluate()
         if metrics:  # (the training's own time is time_s)
             metrics["eval_time_s"] = time.time() - t0
+            if self.log.bar is not None:  # the new accuracy on the progress line now
+                self.log.bar.set_postfix(**self._postfix, **self.bar_extras)
         self._eval_pending = None
         copies = self.checkpoint_copies(metrics)
         if copies:
@@ -881,13 +888,8 @@ class EpochTrainer:
         if loss is None:
             return
         lr = self.current_lr()
-        bar.set_postfix(
-            loss=f"{loss:.4f}",
-            lr=f"{lr:.2e}",
-            img_s=f"{img_s:.1f}",
-            **self.bar_extras,
-            refresh=False,
-        )
+        self._postfix = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
+        bar.set_postfix(**self._postfix, **self.bar_extras, refresh=False)
         step = self.epoch * self.ipe + self.iter
         self.log.scalars({"loss": loss, "lr": lr}, step, "train")
         frac = self.epoch + self.iter / self.ipe
