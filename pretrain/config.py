@@ -121,7 +121,9 @@ def validate(cfg: PretrainConfig, check_paths: bool = True) -> None:
             kwargs = dict(cfg.model_kwargs, norm_pix_loss=cfg.norm_pix_loss)
             return create_model(cfg.model, img_size=img_size, **kwargs)
 
-        check_model_fields(cfg, checks, build)
+        model = check_model_fields(cfg, checks, build)
+        if model is not None:
+            checks.errors.extend(patch_problems(cfg, model))
     else:
         checks.errors.append(
             f"model {cfg.model!r} is not an MAE model: pretraining needs an mae_vit_* name "
@@ -138,6 +140,20 @@ def validate(cfg: PretrainConfig, check_paths: bool = True) -> None:
     _check_data_path(cfg, checks, check_paths)
     _check_knn(cfg, checks, check_paths)
     checks.raise_if_any()
+
+
+def patch_problems(cfg: PretrainConfig, model) -> List[str]:
+    """What the input size and mask ratio cannot do with ``model``'s patches: the loss needs
+    images the patches tile, and a mask ratio that keeps at least one patch visible."""
+    from mae_transfer.data.transforms import hw
+
+    (h, w), p = hw(cfg.input_size), model.patch_size
+    if h % p or w % p:
+        return [f"input_size {cfg.input_size} is not a multiple of the patch size {p}"]
+    n = model.patch_embed.num_patches
+    if 0.0 < cfg.mask_ratio < 1.0 and int(n * (1 - cfg.mask_ratio)) < 1:
+        return [f"mask_ratio {cfg.mask_ratio} keeps no patch of the {n}"]
+    return []
 
 
 def _is_mae(name: str) -> bool:

@@ -28,7 +28,7 @@ from mae_transfer.engine.trainer import LAST, EpochTrainer, NonFiniteLossError
 from mae_transfer.optim import param_groups
 from mae_transfer.registry import create_model
 
-from .config import PretrainConfig
+from .config import PretrainConfig, patch_problems
 from .data import PretrainDataset
 
 __all__ = ["LAST", "NonFiniteLossError", "Trainer", "export_encoder"]
@@ -73,15 +73,9 @@ class Trainer(EpochTrainer):
         model = create_model(
             cfg.model, img_size=(h, w), norm_pix_loss=cfg.norm_pix_loss, **cfg.model_kwargs
         )
-        p = model.patch_size
-        if h % p or w % p:
-            raise ConfigError(
-                f"input_size {cfg.input_size} is not a multiple of the patch size {p}"
-            )
-        if int(model.patch_embed.num_patches * (1 - cfg.mask_ratio)) < 1:
-            raise ConfigError(
-                f"mask_ratio {cfg.mask_ratio} keeps no patch of the {model.patch_embed.num_patches}"
-            )
+        problems = patch_problems(cfg, model)
+        if problems:
+            raise ConfigError("; ".join(problems))
         return model
 
     def build_train_dataset(self) -> PretrainDataset:

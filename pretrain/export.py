@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mae_transfer.engine.launch import exit_code, setup_logging
@@ -15,6 +16,8 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="pretraining checkpoint (ours or official full)")
     p.add_argument("output", help="where to write {'model': encoder state dict}")
     args = p.parse_args(argv)
+    if os.path.isdir(args.output):
+        p.error(f"output {args.output} is a folder: name the file to write (e.g. encoder.pth)")
     setup_logging()
 
     def body():

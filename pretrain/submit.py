@@ -20,7 +20,7 @@ import sys
 from typing import Optional, Sequence
 
 from mae_transfer.engine.launch import exit_code, setup_logging
-from mae_transfer.engine.slurm import parse_launcher, submit
+from mae_transfer.engine.slurm import checks_paths_here, parse_launcher, submit
 
 from .config import load_config, validate
 from .main import run
@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def body():
         args, rest = parse_launcher("python -m pretrain.submit", argv, "python -m pretrain")
         cfg, _ = load_config(rest)
-        validate(cfg, check_paths=False)
+        validate(cfg, check_paths=checks_paths_here(args))
         if cfg.data_path and not os.path.isdir(cfg.data_path):
             logger.info(
                 "data_path %s not found here: the job checks it on its nodes", cfg.data_path

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT, TINY_MAE
 
@@ -18,7 +19,7 @@ from mae_transfer.benchmark.pretrain import official_update, our_update
 
 
 def test_benchmark_all_tiny_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "new" / "bench.json"  # (its folder made before the timing)
     cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "all", "--tiny"]
     cmd += ["--warmup", "0", "--repeats", "1", "--feed_rates", "500,2000", "--json", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -30,6 +31,9 @@ def test_benchmark_all_tiny_writes_json(tmp_path):
     assert set(cls) == {"finetune_step", "linprobe_features"}
     assert all(r["img_s"] > 0 and r["ratio_to_peak"] > 0 for r in cls.values())
     pre = data["pretrain"][0]
+    # the rows say they are not the named model's figures
+    assert pre["model"] == "mae_vit_base_patch16 (tiny)"
+    assert all(r["model"].endswith(" (tiny)") for r in data["classification"])
     for key in ("img_s", "gmac_fwd_per_img", "achieved_gflops", "ratio_to_peak", "peak_mem_mb"):
         assert isinstance(pre[key], float) and pre[key] > 0, key
     assert data["table2"][1]["mask_tokens_in_encoder"] is True
@@ -291,3 +295,20 @@ def test_gpu_cases_run_on_the_asked_gpu_and_time_many_products(monkeypatch):
     products.clear()
     measure.matmul_peak(torch.device("cpu"), n=8, repeats=3)
     assert len(products) == 2 + 3
+
+
+def test_benchmark_refuses_what_would_fail_after_the_timing(capsys):
+    """A patch size that does not tile the input, an odd batch for mixup: tracebacks from a
+    worker after the peak measurement, once."""
+    from mae_transfer.benchmark.cli import main
+
+    for argv, text in (
+        (
+            ["pretrain", "--input_size", "30"],
+            "--input_size 30 is not a multiple of the patch size 16",
+        ),
+        (["classification", "--batch", "3"], "--batch 3: fine-tuning's mixup (timm) needs an even"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and text in capsys.readouterr().err, argv

@@ -119,6 +119,24 @@ def test_models_that_cannot_be_built_are_named_before_training(tmp_path, image_d
             validate(make_config(dict(data_path=image_dir, model=model, model_kwargs=kwargs)))
 
 
+def test_patch_and_schedule_problems_are_named_with_the_others(tmp_path, image_dir):
+    """They were found one per run, after the others, once the trainer built the model."""
+    tiny = dict(data_path=image_dir, model_kwargs={**TINY_MAE, "patch_size": 8})
+    with pytest.raises(ConfigError) as e:
+        validate(make_config(dict(tiny, input_size=36, blr=-1.0, lr=0.1, min_lr=1.0)))
+    msg = str(e.value)
+    assert "blr must be > 0" in msg and "input_size 36 is not a multiple of the patch size 8" in msg
+    assert "min_lr 1.0 is above lr 0.1" in msg
+    with pytest.raises(ConfigError, match="mask_ratio 0.99 keeps no patch of the 16"):
+        validate(make_config(dict(tiny, input_size=32, mask_ratio=0.99)))
+    # an lr from blr is known once the batch is: refused before anything is trained
+    with pytest.raises(
+        ConfigError, match=r"min_lr 0.5 is above the lr 1.563e-05 \(blr 0.001 x batch 4"
+    ):
+        Trainer(tiny_cfg(tmp_path, image_dir, min_lr=0.5), CPU, DistInfo())
+    assert not (tmp_path / "out" / "checkpoint-last.pth").exists()
+
+
 def test_k_nn_folders_without_classes_stop_before_anything_is_written(tmp_path, image_dir):
     cfg = tiny_cfg(tmp_path, image_dir, knn_train=image_dir, knn_val=image_dir)  # flat folders
     with pytest.raises(ConfigError, match="k-NN monitor .* no class folders with images"):
@@ -153,9 +171,11 @@ def test_cli_rejects_bad_config_and_writes_nothing(tmp_path, image_dir):
 
 
 def test_input_size_must_fit_patch(tmp_path, image_dir):
-    cfg = tiny_cfg(tmp_path, image_dir, input_size=40)
     with pytest.raises(ConfigError, match="not a multiple of the patch size 16"):
-        Trainer(cfg, torch.device("cpu"), DistInfo())
+        tiny_cfg(tmp_path, image_dir, input_size=40)  # (validated)
+    cfg = make_config(tiny_values(image_dir, output_dir=str(tmp_path), input_size=40))
+    with pytest.raises(ConfigError, match="not a multiple of the patch size 16"):
+        Trainer(cfg, torch.device("cpu"), DistInfo())  # (and by the trainer, unvalidated)
 
 
 def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path):
@@ -483,6 +503,9 @@ def test_export_takes_pretraining_checkpoints_only(tmp_path, capfd):
     enc, paths = save_mae_checkpoints(tmp_path, img_size=32, depth=2)
     out = str(tmp_path / "enc.pth")
     assert export_main([paths["ours"], out]) == 0
+    with pytest.raises(SystemExit) as e:  # a folder: said before anything is read
+        export_main([paths["ours"], str(tmp_path)])
+    assert e.value.code == 2 and "is a folder: name the file" in capfd.readouterr().err
     assert set(torch.load(out, weights_only=True)["model"]) == set(enc)
     detector = {f"backbone.bottom_up.vit.{k}": v for k, v in enc.items()}
     torch.save({"model": detector}, tmp_path / "det.pth")
@@ -527,9 +550,20 @@ def test_visualization_refuses_what_it_cannot_draw(tmp_path, capfd):
     for extra, text in (
         (["--input_size", "30"], "not a multiple of"),
         (["--images", str(tmp_path / "empty")], "no images (.jpg"),
+        (["--mask_ratio", "0.99"], "--mask_ratio 0.99 keeps no patch of the 4"),
     ):
         assert tool.main(base + extra) == 2, extra
         assert text in capfd.readouterr().err, extra
+    # --output: a name without a suffix, a folder, a folder still to make; said as written
+    for given, written in (
+        ("named", "named.png"),
+        ("empty", "empty/reconstruction.png"),
+        ("new/sub/r.png", "new/sub/r.png"),
+    ):
+        assert tool.main([*base[:2], "--output", str(tmp_path / given), "--num", "1"]) == 0
+        assert (
+            tmp_path / written
+        ).is_file() and f"wrote {tmp_path / written}" in capfd.readouterr().out
     bare = str(tmp_path / "bare.pth")  # no args: the model is read from the weights or given
     torch.save({"model": mae.state_dict()}, bare)
     for extra, text in (
@@ -555,6 +589,8 @@ def test_bad_yaml_output_dir_and_device_are_config_errors(tmp_path, image_dir):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         validate(make_config(tiny_values(image_dir, output_dir=str(tmp_path / "afile"))))
+    with pytest.raises(ConfigError, match="output_dir must name a folder, got ''"):
+        validate(make_config(tiny_values(image_dir, output_dir="")))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available here"):
             validate(make_config(tiny_values(image_dir, device="cuda")))

@@ -113,3 +113,24 @@ def test_launcher_values_and_help(monkeypatch, tmp_path, capsys):
     assert "Every other flag goes to the training run" in capsys.readouterr().out
     assert submit_main(["--help"]) == 0
     assert "tools/finetune.py --help" in capsys.readouterr().out
+
+
+def test_without_slurm_nothing_runs_here_unasked(monkeypatch, tmp_path, capfd):
+    """submitit falls back to local processes without Slurm: --nodes 8 was a raw traceback,
+    one node 'submitted job 22814' that then failed on a path only its log named."""
+    from pretrain import submit as submit_module
+
+    class NoSlurm(FakeExecutor):
+        def __init__(self, folder, cluster=None, **kwargs):
+            self.cluster = cluster or "local"
+
+    FakeExecutor.submitted = []
+    monkeypatch.setattr(submitit, "AutoExecutor", NoSlurm)
+    flags = ["--ngpus", "1", "--output_dir", str(tmp_path / "out"), "--data_path", "/not/here"]
+    assert submit_module.main(flags) == 2
+    assert "no Slurm here (sbatch not found)" in capfd.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        submit_module.main(["--cluster", "local", "--nodes", "8", *flags])
+    assert e.value.code == 2 and "runs on this machine: one node" in capfd.readouterr().err
+    assert submit_module.main(["--cluster", "local", *flags]) == 2  # its paths: checked here
+    assert "data_path '/not/here'" in capfd.readouterr().err and not FakeExecutor.submitted

@@ -61,6 +61,15 @@ def main(argv=None) -> int:
     for item in args.images or []:
         if not os.path.exists(item):
             p.error(f"--images {item}: no such file or folder")
+    output = args.output
+    if os.path.isdir(output):  # a folder: the picture goes into it
+        output = os.path.join(output, "reconstruction.png")
+    elif not os.path.splitext(output)[1]:  # (matplotlib would add it, unsaid)
+        output += ".png"
+    try:  # made now, not found missing once the model has run
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    except OSError as e:
+        p.error(f"--output {args.output}: cannot make its folder: {e}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     size = args.input_size[0] if args.input_size and len(args.input_size) == 1 else args.input_size
     try:
@@ -69,11 +78,18 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    patches = model.patch_embed.num_patches
+    if int(patches * (1 - args.mask_ratio)) < 1:  # (as pretraining refuses it)
+        print(
+            f"error: --mask_ratio {args.mask_ratio} keeps no patch of the {patches}",
+            file=sys.stderr,
+        )
+        return 2
     if not images:
         print(f"error: no readable images in {' '.join(args.images)}", file=sys.stderr)
         return 2
     title = f"{os.path.basename(args.checkpoint)}, mask ratio {args.mask_ratio}"
-    path = visualize(model, images, args.output, args.mask_ratio, args.seed, title)
+    path = visualize(model, images, output, args.mask_ratio, args.seed, title)
     print(f"wrote {path}")
     return 0
 

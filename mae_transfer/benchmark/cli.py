@@ -109,10 +109,38 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             resolve_name(getattr(args, flag))
         except KeyError as e:
             p.error(f"--{flag}: {e}")
+    if not args.tiny:  # (--tiny picks a size its patches tile)
+        from mae_transfer.registry import patch_size_of
+
+        for flag in ("model", "table2_model"):
+            patch = patch_size_of(getattr(args, flag))
+            if args.input_size % patch:
+                p.error(
+                    f"--input_size {args.input_size} is not a multiple of the patch size {patch} "
+                    f"of --{flag} {getattr(args, flag)}"
+                )
+    if args.what in ("classification", "all") and args.batch % 2:
+        p.error(f"--batch {args.batch}: fine-tuning's mixup (timm) needs an even batch")
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        try:  # (made now, as the other tools do; not found missing after the timing)
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            p.error(f"--json {args.json}: cannot make {folder}: {e}")
+        if not os.access(folder, os.W_OK):
             p.error(f"--json {args.json}: {folder} is not a writable directory")
+
+
+def _mark_tiny(rows) -> None:
+    """Appends " (tiny)" to every row's model name: --tiny shrinks the named model."""
+    if isinstance(rows, dict):
+        if isinstance(rows.get("model"), str) and not rows["model"].endswith(" (tiny)"):
+            rows["model"] += " (tiny)"
+        for v in rows.values():
+            _mark_tiny(v)
+    elif isinstance(rows, list):
+        for v in rows:
+            _mark_tiny(v)
 
 
 def _write_json(path: str, results: Dict) -> None:
@@ -158,6 +186,8 @@ def main(argv=None, description: str = "") -> int:
     names = SECTIONS if args.what == "all" else ([args.what] if args.what != "matmul" else [])
     for name in names:
         results[name] = SECTIONS[name](args)
+        if args.tiny:  # not the named model's figures
+            _mark_tiny(results[name])
         if args.json:
             _write_json(args.json, results)
     print(markdown(results))

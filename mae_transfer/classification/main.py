@@ -105,7 +105,7 @@ def submit_main(argv: Sequence[str]) -> int:
         from pretrain.submit import main as submit_pretrain
 
         return submit_pretrain(rest)
-    from mae_transfer.engine.slurm import parse_launcher, submit
+    from mae_transfer.engine.slurm import checks_paths_here, parse_launcher, submit
 
     setup_logging()
 
@@ -113,7 +113,7 @@ def submit_main(argv: Sequence[str]) -> int:
         prog = f"tools/submit.py {protocol}"
         args, flags = parse_launcher(prog, rest, f"tools/{protocol}.py")
         cfg, _ = load_config(PROTOCOLS[protocol], flags, f"tools/submit.py {protocol}")
-        validate(cfg, check_paths=False)
+        validate(cfg, check_paths=checks_paths_here(args))
         submit(cfg, run, args, f"mae_{protocol}")
 
     return exit_code(body, logger)

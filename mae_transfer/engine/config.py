@@ -251,6 +251,10 @@ def check_train_config(cfg: TrainConfig, checks: Checks, check_paths: bool = Tru
     need(cfg.blr > 0, f"blr must be > 0, got {cfg.blr}")
     need(cfg.lr is None or cfg.lr > 0, f"lr must be > 0 (or unset to use blr), got {cfg.lr}")
     need(cfg.min_lr >= 0, f"min_lr must be >= 0, got {cfg.min_lr}")
+    need(
+        cfg.lr is None or not cfg.lr >= 0 or cfg.min_lr <= cfg.lr,
+        f"min_lr {cfg.min_lr} is above lr {cfg.lr}: the cosine schedule would rise",
+    )
     need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
     need(cfg.clip_grad is None or cfg.clip_grad > 0, f"clip_grad must be > 0, got {cfg.clip_grad}")
     need(cfg.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {cfg.amp!r}")
@@ -261,6 +265,10 @@ def check_train_config(cfg: TrainConfig, checks: Checks, check_paths: bool = Tru
     need(
         not check_paths or not cfg.resume or os.path.isfile(cfg.resume),
         f"resume checkpoint {cfg.resume!r} does not exist",
+    )
+    need(
+        bool(cfg.output_dir) and isinstance(cfg.output_dir, str),
+        f"output_dir must name a folder, got {cfg.output_dir!r}",
     )
     need(
         not cfg.output_dir or not os.path.exists(cfg.output_dir) or os.path.isdir(cfg.output_dir),
@@ -277,12 +285,13 @@ def check_train_config(cfg: TrainConfig, checks: Checks, check_paths: bool = Tru
 
 def check_model_fields(
     cfg: TrainConfig, checks: Checks, build: Optional[Callable[[Tuple[int, int]], Any]] = None
-) -> None:
+) -> Any:
     """The ``model`` (a registered name), ``model_kwargs`` and ``input_size`` fields that every
     protocol's config has. The model is built on the meta device (no memory, no weights) as the
     trainer will build it, ``build((H, W))`` (default: the registered model with
     ``model_kwargs``), so that a misspelt argument or a width that the heads do not divide is
-    named now, not once training has started."""
+    named now, not once training has started. Returns that model (None if it could not be
+    built), for the protocol's own checks."""
     import torch
 
     from mae_transfer.registry import create_model, resolve_name
@@ -310,9 +319,10 @@ def check_model_fields(
 
     try:
         with torch.device("meta"):
-            build((sizes[0], sizes[-1]))
+            return build((sizes[0], sizes[-1]))
     except Exception as e:  # noqa: BLE001 - the model's own complaint, named
         checks.errors.append(
             f"model {cfg.model} cannot be built with model_kwargs {cfg.model_kwargs}: "
             f"{type(e).__name__}: {e}"
         )
+    return None

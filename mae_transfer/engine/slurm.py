@@ -14,6 +14,7 @@ import os
 from typing import Any, Callable
 
 from . import preemption
+from .config import ConfigError
 from .launch import setup_logging
 from .preemption import PreemptionStop
 
@@ -48,6 +49,12 @@ def launcher_parser(prog: str, protocol_help: str = "") -> argparse.ArgumentPars
     return p
 
 
+def checks_paths_here(args: argparse.Namespace) -> bool:
+    """Whether the job runs on this machine (``--cluster local / debug``): its data and
+    checkpoint paths are then checked before it starts, as a direct run checks them."""
+    return args.cluster in ("local", "debug")
+
+
 def parse_launcher(prog: str, argv, protocol_help: str = ""):
     """(launcher flags, the protocol's flags); impossible launcher values are refused here
     (argparse's exit code 2), not by submitit or Slurm after the submission."""
@@ -58,6 +65,8 @@ def parse_launcher(prog: str, argv, protocol_help: str = ""):
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.mem_gb_per_gpu < 0:  # 0: Slurm's --mem=0, all of a node's memory
         p.error(f"--mem_gb_per_gpu must be >= 0, got {args.mem_gb_per_gpu}")
+    if args.cluster in ("local", "debug") and args.nodes > 1:
+        p.error(f"--cluster {args.cluster} runs on this machine: one node, not {args.nodes}")
     return args, rest
 
 
@@ -152,6 +161,12 @@ def submit(cfg, run: Callable[[Any], Any], args: argparse.Namespace, name: str) 
 
     job_dir = args.job_dir or os.path.join(cfg.output_dir, "submitit")
     executor = submitit.AutoExecutor(folder=job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
+    if args.cluster is None and executor.cluster != "slurm":  # (submitit would run it here)
+        raise ConfigError(
+            "no Slurm here (sbatch not found): submit from a Slurm login node, or try the "
+            "set-up on this machine with --cluster local (the tasks as processes here, one "
+            "node) or --cluster debug (in this process)"
+        )
     params = executor_parameters(args, name)
     if executor.cluster != "slurm":
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}

@@ -218,6 +218,11 @@ class EpochTrainer:
         self._check_accumulation()
         self.eff_batch = cfg.batch_size * cfg.accum_iter * dist_info.world_size
         self.base_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.eff_batch / 256
+        if cfg.min_lr > self.base_lr:  # (blr's lr is known only here: it needs the batch)
+            raise ConfigError(
+                f"min_lr {cfg.min_lr} is above the lr {self.base_lr:.4g} (blr {cfg.blr} x "
+                f"batch {self.eff_batch} / 256): the cosine schedule would rise, not decay"
+            )
         self.optimizer = self.build_optimizer()
         self.amp_dtype, fp16 = resolve_amp(cfg.amp, device)
         self.scaler = make_scaler(device, fp16)
