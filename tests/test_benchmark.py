@@ -160,8 +160,9 @@ def test_bad_arguments_stop_before_any_timing(tmp_path, capsys):
 
     from mae_transfer.benchmark import cli
 
+    (tmp_path / "afile").write_text("x")
     for bad, text in (
-        (["--json", str(tmp_path / "missing" / "x.json")], "is not a writable directory"),
+        (["--json", str(tmp_path / "afile" / "x.json")], "cannot make"),  # (a missing one: made)
         (["--feed_rates", "abc"], "expected positive numbers"),
         (["--feed_rates", "1000,-5"], "expected positive numbers"),
         (["--device", "cuda"], "no CUDA device"),
