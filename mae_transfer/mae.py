@@ -58,6 +58,11 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid_size: Size2 | None = None)
     return x.reshape(n, c, gh * p, gw * p)
 
 
+def kept_patches(length: int, mask_ratio: float) -> int:
+    """How many of ``length`` patches the masking keeps visible (the official ``len_keep``)."""
+    return int(length * (1 - mask_ratio))
+
+
 def masking_indices(
     n: int, length: int, mask_ratio: float, noise: Optional[torch.Tensor] = None, device=None
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,7 +78,7 @@ def masking_indices(
         mask: (N, L), 0 is keep, 1 is remove, in the original patch order.
         ids_restore: (N, L) indices that undo the shuffle.
     """
-    len_keep = int(length * (1 - mask_ratio))
+    len_keep = kept_patches(length, mask_ratio)
     if noise is None:
         noise = torch.rand(n, length, device=device)
     elif noise.shape != (n, length):

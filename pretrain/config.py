@@ -146,12 +146,13 @@ def patch_problems(cfg: PretrainConfig, model) -> List[str]:
     """What the input size and mask ratio cannot do with ``model``'s patches: the loss needs
     images the patches tile, and a mask ratio that keeps at least one patch visible."""
     from mae_transfer.data.transforms import hw
+    from mae_transfer.mae import kept_patches
 
     (h, w), p = hw(cfg.input_size), model.patch_size
     if h % p or w % p:
         return [f"input_size {cfg.input_size} is not a multiple of the patch size {p}"]
     n = model.patch_embed.num_patches
-    if 0.0 < cfg.mask_ratio < 1.0 and int(n * (1 - cfg.mask_ratio)) < 1:
+    if 0.0 < cfg.mask_ratio < 1.0 and kept_patches(n, cfg.mask_ratio) < 1:
         return [f"mask_ratio {cfg.mask_ratio} keeps no patch of the {n}"]
     return []
 

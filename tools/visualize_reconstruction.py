@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from mae_transfer.checkpoint import CheckpointError  # noqa: E402
 from mae_transfer.data import image_files, load_rgb  # noqa: E402
 from mae_transfer.data.folder import UNREADABLE  # noqa: E402
+from mae_transfer.mae import kept_patches  # noqa: E402
 from pretrain.samples import sample_images  # noqa: E402
 from pretrain.visualize import load_mae_for_visualization, visualize  # noqa: E402
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     patches = model.patch_embed.num_patches
-    if int(patches * (1 - args.mask_ratio)) < 1:  # (as pretraining refuses it)
+    if kept_patches(patches, args.mask_ratio) < 1:  # (as pretraining refuses it)
         print(
             f"error: --mask_ratio {args.mask_ratio} keeps no patch of the {patches}",
             file=sys.stderr,

@@ -121,10 +121,9 @@ class FeatureDataset(torch.utils.data.Dataset):
         self,
         features: Sequence[torch.Tensor],
         labels: Sequence[torch.Tensor],
-        replaced: Optional[Sequence[torch.Tensor]] = None,
+        replaced: Sequence[torch.Tensor],
     ):
-        self.features, self.labels = list(features), list(labels)
-        self.replaced = None if replaced is None else list(replaced)
+        self.features, self.labels, self.replaced = list(features), list(labels), list(replaced)
 
     def __len__(self) -> int:
         return sum(len(labels) for labels in self.labels)
@@ -132,7 +131,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> Tuple[torch.Tensor, int, int]:
         _, index = key
         shard, row = index % len(self.labels), index // len(self.labels)
-        replaced = 0 if self.replaced is None else int(self.replaced[shard][row])
+        replaced = int(self.replaced[shard][row])
         return self.features[shard][row], int(self.labels[shard][row]), replaced
 
     def all_features(self) -> torch.Tensor:

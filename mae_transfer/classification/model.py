@@ -113,11 +113,11 @@ def note_padding(net: VisionTransformer, input_size: Size) -> None:
     every image at the bottom and right (the official code refuses such sizes)."""
     (h, w), p = hw(input_size), net.patch_size
     if h % p or w % p:
+        up, down = (-(-h // p) * p, -(-w // p) * p), (h // p * p, w // p * p)
         logger.warning(
             "input_size %dx%d is not a multiple of the patch size %d: every image is zero-padded "
             "to %dx%d (bottom and right); %dx%d or %dx%d would not be",
-            h, w, p, -(-h // p) * p, -(-w // p) * p, h // p * p, w // p * p,
-            -(-h // p) * p, -(-w // p) * p,
+            h, w, p, *up, *down, *up,
         )  # fmt: skip
 
 
