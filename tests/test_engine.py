@@ -646,6 +646,28 @@ def test_a_resumed_run_logs_each_step_once_and_the_whole_epoch_s_loss(tmp_path, 
     assert [r["train_loss"] for r in ends_b] == pytest.approx(losses_a, rel=1e-6)
 
 
+def _tensorboard_steps(folder, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_going_back_to_an_earlier_checkpoint_hides_every_later_curve_in_tensorboard(
+    tmp_path, image_dir
+):
+    """Per-epoch curves count by epoch, per-iteration ones by step: one purge_step could not
+    hide both, and the epochs trained again were drawn twice."""
+    kw = dict(epochs=3, batch_size=3, log_every_iters=1, save_every_epochs=1)
+    train(tiny_cfg(tmp_path, image_dir, **kw))  # 4 iterations per epoch
+    back = str(tmp_path / "checkpoint-0.pth")  # after the first epoch
+    train(tiny_cfg(tmp_path, image_dir, resume=back, auto_resume=False, **kw))
+    assert _tensorboard_steps(tmp_path / "epoch", "epoch/train_loss") == [0, 1, 2]
+    assert _tensorboard_steps(tmp_path, "train/loss") == list(range(1, 13))
+    assert [r["epoch"] for r in _records(tmp_path) if "train_loss" in r] == [0, 1, 2]
+
+
 def test_a_run_killed_before_its_first_checkpoint_is_logged_once_after_a_restart(
     tmp_path, image_dir
 ):

@@ -220,7 +220,7 @@ def test_the_monitor_logs_a_curve_and_leaves_pretraining_unchanged(tmp_path, ima
     # the same curve in TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "b")).Reload()
+    events = EventAccumulator(str(tmp_path / "b" / "epoch")).Reload()  # per-epoch curves
     points = [(e.step, e.value) for e in events.Scalars("epoch/knn_k20_top1")]
     assert [(s, round(v, 4)) for s, v in points] == [(e, round(a, 4)) for e, a in curve]
 

@@ -36,23 +36,36 @@ class RunLogger:
         point (it is trained again) is dropped from ``log.jsonl`` and hidden in TensorBoard
         (``purge_step``), so that no curve holds it twice. A run that starts from scratch
         where one was killed before its first checkpoint moves that run's ``log.jsonl`` aside
-        (``log.jsonl.old``) and hides its events."""
+        (``log.jsonl.old``) and hides its events.
+
+        TensorBoard hides by step, and the two kinds of curves count differently: the
+        per-iteration ones (``train/``) by global step, the per-epoch ones (``epoch/``) by
+        epoch. Each kind has its own event files (the epoch curves in the ``epoch`` folder of
+        the log directory), so each is cut where the resumed run starts."""
         self.output_dir, self.enabled = output_dir, enabled
-        self.writer = None
+        self.writers: Dict[str, object] = {}
         self.bar: Optional[tqdm] = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(output_dir, exist_ok=True)
-            purge = None
+            purge_step = purge_epoch = None
             if resumed_at is not None:
                 self._drop_records_after(resumed_at[0])
-                purge = None if resumed_at[1] is None else resumed_at[1] + 1
+                purge_step = None if resumed_at[1] is None else resumed_at[1] + 1
+                # the epoch the run resumes in is logged again, and those after it
+                purge_epoch = int(resumed_at[0] + 1e-9)
             elif os.path.isfile(self.path):  # from scratch: nothing logged before is this run's
                 aside = move_aside(self.path)
                 logger.info("%s moved to %s: this run starts from scratch", self.path, aside)
-                purge = -1  # (the initial evaluation is logged at step -1)
-            self.writer = SummaryWriter(log_dir=log_dir or output_dir, purge_step=purge)
+                purge_step = purge_epoch = -1  # (the initial evaluation is logged at epoch -1)
+            log_dir = log_dir or output_dir
+            self.writers = {
+                "train": SummaryWriter(log_dir=log_dir, purge_step=purge_step),
+                "epoch": SummaryWriter(
+                    log_dir=os.path.join(log_dir, "epoch"), purge_step=purge_epoch
+                ),
+            }
 
     @property
     def path(self) -> str:
@@ -107,10 +120,13 @@ class RunLogger:
         return self.bar
 
     def scalars(self, values: Mapping[str, float], step: float, prefix: str) -> None:
-        if self.writer is not None:
+        """TensorBoard scalars ``prefix/key``: ``prefix`` "train" by global step, "epoch" by
+        epoch."""
+        writer = self.writers.get(prefix)
+        if writer is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+                    writer.add_scalar(f"{prefix}/{k}", v, step)
 
     def record(self, record: Dict) -> None:
         """Appends one JSON line to ``log.jsonl``."""
@@ -130,5 +146,5 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        for writer in self.writers.values():
+            writer.close()
