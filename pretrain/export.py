@@ -7,8 +7,7 @@ import os
 import sys
 
 from mae_transfer.engine.launch import exit_code, setup_logging
-
-from .engine import export_encoder
+from pretrain.engine import export_encoder
 
 
 def main(argv=None) -> int:

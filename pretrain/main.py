@@ -16,10 +16,9 @@ from typing import Dict, Optional, Sequence
 
 from mae_transfer.engine.launch import exit_code, run_training, setup_logging
 from mae_transfer.registry import list_models
-
-from .config import PretrainConfig, load_config, validate
-from .engine import LAST, Trainer, export_encoder
-from .plots import plot_loss_curve
+from pretrain.config import PretrainConfig, load_config, validate
+from pretrain.engine import LAST, Trainer, export_encoder
+from pretrain.plots import plot_loss_curve
 
 logger = logging.getLogger("pretrain")
 

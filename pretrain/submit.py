@@ -21,9 +21,8 @@ from typing import Optional, Sequence
 
 from mae_transfer.engine.launch import exit_code, setup_logging
 from mae_transfer.engine.slurm import checks_paths_here, parse_launcher, submit
-
-from .config import load_config, validate
-from .main import run
+from pretrain.config import load_config, validate
+from pretrain.main import run
 
 logger = logging.getLogger("pretrain.submit")
 

@@ -375,6 +375,19 @@ def test_two_process_gloo_ddp_equals_one_process(tmp_path, image_dir):
         assert torch.allclose(v, ddp["model"][k], rtol=1e-4, atol=1e-6), k
 
 
+def test_the_entry_points_also_run_as_files(tmp_path):
+    """``python pretrain/main.py``, as the official ``python main_pretrain.py``: the relative
+    imports failed when the module was not run with -m."""
+    for script, args, says in (
+        ("main.py", ["--list-models"], "mae_vit_base_patch16"),
+        ("submit.py", ["--help"], "--nodes"),
+        ("export.py", ["--help"], "CHECKPOINT"),
+    ):
+        cmd = [sys.executable, os.path.join(ROOT, "pretrain", script), *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0 and says in r.stdout, (script, r.stderr[-2000:])
+
+
 def test_cli_end_to_end_and_reconstruction_picture(tmp_path, image_dir):
     out = tmp_path / "out"
     write_yaml(
