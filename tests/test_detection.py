@@ -534,6 +534,38 @@ def test_a_trained_detector_must_fill_the_whole_model(toy_coco, tmp_path):
         MAECheckpointer(build_model(cfg), whole_model=True).load(str(detector))
 
 
+class _RunsCode:
+    """What a hostile .pkl holds: unpickling it calls a function of the file's choosing."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pkl_is_read_as_arrays_only(toy_coco, tmp_path):
+    """detectron2 unpickles a .pkl (its model zoo's format) with pickle.load: any code runs."""
+    import pickle
+
+    cfg = _cfg(toy_coco, tmp_path / "out")
+    state = build_model(cfg).state_dict()
+    zoo = tmp_path / "model_zoo.pkl"  # detectron2's model-zoo form: numpy arrays
+    arrays = {k: v.numpy() for k, v in state.items()}
+    with open(zoo, "wb") as f:
+        pickle.dump({"model": arrays, "__author__": "zoo", "matching_heuristics": False}, f)
+    model = build_model(cfg)
+    MAECheckpointer(model, whole_model=True).load(str(zoo))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    hostile, ran = tmp_path / "hostile.pkl", tmp_path / "ran"
+    with open(hostile, "wb") as f:
+        pickle.dump({"model": {}, "__author__": _RunsCode(str(ran))}, f)
+    with pytest.raises(CheckpointError, match="is not part of a weights file"):
+        MAECheckpointer(build_model(cfg)).load(str(hostile))
+    assert not ran.exists()
+
+
 def test_eval_only_checks_the_weights_before_launching_workers(toy_coco, tmp_path, caplog):
     """With --num-gpus > 1 the check inside the spawned workers was a traceback: the launching
     process checks the file first, on a model built on the meta device."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 from typing import Any, Dict, Tuple
 
 import torch.nn as nn
@@ -21,6 +23,53 @@ from mae_transfer.checkpoint import (
 from mae_transfer.pyramid import ViTPyramid
 
 logger = logging.getLogger(__name__)
+
+# what a detectron2 / Detectron model-zoo .pkl is made of: numpy arrays in dicts (Python 3
+# pickles of bytes go through _codecs.encode)
+_PKL_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays, numbers, strings and containers; anything else (a function to
+    call, e.g. ``os.system``) is refused before it runs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PKL_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a weights file")
+
+
+def load_pkl(path: str) -> Dict[str, Any]:
+    """A detectron2 / Detectron (Caffe2) model-zoo ``.pkl`` in detectron2's checkpoint form,
+    read as detectron2 reads it but with only arrays allowed in the pickle (detectron2's own
+    ``pickle.load`` runs whatever the file asks for)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = _ArraysOnly(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"{path} is not a weights .pkl that can be read safely ({e}); a .pkl here is a "
+            "pickle of numpy arrays (detectron2's model zoo); PyTorch checkpoints end in .pth"
+        ) from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a dict of weights")
+    if "model" in data and "__author__" in data:  # detectron2's model zoo
+        return data
+    data = data.get("blobs", data)  # Caffe2 / Detectron: detection models keep them in blobs
+    data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+    return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
 
 D2_VIT_PREFIX = "backbone.bottom_up.vit."  # with build_mae_vit_fpn_backbone
 
@@ -69,9 +118,15 @@ class MAECheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         self._source = filename
-        if filename.endswith((".pkl", ".pyth")):
-            return super()._load_file(filename)
+        if filename.endswith(".pkl"):
+            return load_pkl(filename)
         loaded = load_file(filename)  # weights_only=True
+        if filename.endswith(".pyth"):  # pycls, as detectron2 reads it
+            state = loaded.get("model_state") if isinstance(loaded, dict) else None
+            if state is None:
+                raise CheckpointError(f"{filename}: a pycls .pyth checkpoint has 'model_state'")
+            state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+            return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         state = find_state_dict(loaded)
         if is_vit_source(state):
             if self.whole_model:
