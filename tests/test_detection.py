@@ -513,6 +513,46 @@ def test_train_det_with_an_empty_test_set_trains_without_evaluating(toy_coco, tm
     assert (out / "model_final.pth").is_file()
 
 
+def _val_with_categories(toy_coco, path, keep_ids, extra=()):
+    """The toy val set with only the categories ``keep_ids`` (and their annotations), plus
+    ``extra`` categories."""
+    with open(toy_coco["val"][0]) as f:
+        data = json.load(f)
+    data["categories"] = [c for c in data["categories"] if c["id"] in keep_ids] + list(extra)
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] in keep_ids]
+    path.write_text(json.dumps(data))
+    return [str(path), toy_coco["val"][1]]
+
+
+def test_a_test_set_with_some_of_the_training_categories_is_numbered_as_training(
+    toy_coco, tmp_path, caplog
+):
+    """detectron2 numbered the test set's classes from its own list: the detector's class 1
+    was another class there, and the evaluation failed after the whole training."""
+    from detectron2.data import MetadataCatalog
+
+    val = _val_with_categories(toy_coco, tmp_path / "val_part.json", keep_ids={2, 3})
+    opts = [*TINY_OPTS, "SOLVER.MAX_ITER", "1", "SOLVER.STEPS", "()", "SOLVER.IMS_PER_BATCH", "2"]
+    opts += ["INPUT.LSJ.IMAGE_SIZE", "96", "MODEL.VIT.IMG_SIZE", "96"]
+    opts += ["OUTPUT_DIR", str(tmp_path / "out")]
+
+    def run(val):
+        argv = ["--config-file", TINY_CONFIG, "--coco-train", *toy_coco["train"]]
+        return load_tool("train_det").cli(argv + ["--coco-val", *val, *opts])
+
+    assert run(val) == 0
+    train, test = (MetadataCatalog.get(f"custom_coco_{s}") for s in ("train", "val"))
+    assert test.thing_dataset_id_to_contiguous_id == train.thing_dataset_id_to_contiguous_id
+    assert list(test.thing_classes) == list(train.thing_classes)
+    assert "the extra outputs are never trained" not in caplog.text  # (the wrong advice)
+    # a category the detector was never trained on is named before anything is trained
+    foreign = _val_with_categories(
+        toy_coco, tmp_path / "val_foreign.json", {2}, [{"id": 99, "name": "kite"}]
+    )
+    caplog.clear()
+    _refused(caplog, run(foreign), "DATASETS.TEST 'custom_coco_val' has categories", "99: 'kite'")
+
+
 def test_a_trained_detector_must_fill_the_whole_model(toy_coco, tmp_path):
     """--eval-only and tools/visualize_det.py: a backbone-only (MAE) file or another model's
     checkpoint would leave heads random, silently; they are refused with what did not fit."""

@@ -30,6 +30,7 @@ from detectron2.utils import comm  # noqa: E402
 from mae_transfer.detection import MAECheckpointer  # noqa: E402
 from mae_transfer.detection.train import (  # noqa: E402
     Trainer,
+    align_test_categories,
     attach_logs,
     build_cfg,
     check_datasets,
@@ -64,12 +65,18 @@ def setup(args):
     return cfg
 
 
-def main(args):
-    cfg = setup(args)
-    for name in cfg.DATASETS.TEST:  # before training: reads each set once (names, masks)
+def check_test_sets(cfg) -> None:
+    """Before training: each test set read once (names, masks), numbered as the training's."""
+    align_test_categories(cfg)
+    for name in cfg.DATASETS.TEST:
         eval_tasks(cfg, name)
     check_num_classes(cfg, cfg.DATASETS.TEST)
+
+
+def main(args):
+    cfg = setup(args)
     if args.eval_only:
+        check_test_sets(cfg)
         model = Trainer.build_model(cfg)
         # a trained detector, all of it: an MAE file or another model's would evaluate heads
         # left at random
@@ -80,6 +87,7 @@ def main(args):
     else:
         trainer = Trainer(cfg)  # its data loader has read the training sets
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
+        check_test_sets(cfg)
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
     if comm.is_main_process() and results:

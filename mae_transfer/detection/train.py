@@ -8,6 +8,7 @@ detectron2 has no compiled ops.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -255,6 +256,64 @@ def check_num_classes(cfg, names: Sequence[str]) -> None:
             len(classes),
             want,
             len(classes),
+        )
+
+
+def categories(name: str) -> Optional[Dict[int, str]]:
+    """Data set ``name``'s categories as {id in its file: name}; None if unknown."""
+    classes = thing_classes(name)
+    ids = MetadataCatalog.get(name).get("thing_dataset_id_to_contiguous_id", None)
+    if classes is None or ids is None:
+        return None
+    return {int(dataset_id): classes[i] for dataset_id, i in ids.items()}
+
+
+def align_test_categories(cfg) -> None:
+    """A test set of ``DATASETS.COCO`` whose file lists only some of the training set's
+    categories is evaluated with the training set's: detectron2 numbers a set's classes from
+    its own list, so the detector's class 1 was another class there (wrong AP, or a crash in
+    the evaluation after the whole training). Its file is written again with the training
+    set's category list (annotations unchanged) in OUTPUT_DIR and registered under the same
+    name. A category the training set lacks is a :class:`ConfigError`."""
+    ours = {name: (json_file, root) for name, json_file, root in cfg.DATASETS.COCO}
+    tests = [name for name in cfg.DATASETS.TEST if name in ours]
+    if not tests or not cfg.DATASETS.TRAIN or cfg.DATASETS.TRAIN[0] not in DatasetCatalog.list():
+        return
+    train_name = cfg.DATASETS.TRAIN[0]
+    train = categories(train_name)
+    for name in tests:
+        test = categories(name) if train else None
+        if test is None or test == train:
+            continue
+        foreign = {i: c for i, c in test.items() if train.get(i) != c}
+        if foreign:
+            raise ConfigError(
+                f"DATASETS.TEST {name!r} has categories (id: name) that the training set "
+                f"{train_name!r} does not: {foreign}; its categories are {train}. A detector "
+                "predicts only the classes it is trained on: give both files the same list"
+            )
+        json_file, image_root = ours[name]
+        with open(json_file) as f:
+            data = json.load(f)
+        own = {c["id"]: c for c in data["categories"]}
+        data["categories"] = [own.get(i, {"id": i, "name": c}) for i, c in sorted(train.items())]
+        path = os.path.join(cfg.OUTPUT_DIR, f"{name}.categories_of_{train_name}.json")
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"  # every process writes the same file: atomically
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+        register_coco_instances(name, {}, path, image_root)
+        logger.info(
+            "DATASETS.TEST %r lists %d of the %d categories of %r: evaluated with all of them, "
+            "numbered as in training (the classes it lacks get no AP); %s",
+            name,
+            len(test),
+            len(train),
+            train_name,
+            path,
         )
 
 
