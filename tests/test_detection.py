@@ -777,6 +777,17 @@ def test_lazy_config_schedule_matches_the_yaml_recipe():
     assert tuple(lr.scheduler.milestones) == tuple(yaml.SOLVER.STEPS)
     assert lazy.optimizer.params.base_lr == yaml.SOLVER.BASE_LR
     assert lazy.optimizer.params.weight_decay == yaml.SOLVER.WEIGHT_DECAY
+    # evaluated at the size it trains at (the R-50 recipe's 800 / 1333 left test images
+    # larger than the square the model pads them to)
+    from mae_transfer.detection.train import build_augmentations
+
+    (resize,) = instantiate(lazy.dataloader.test.mapper.augmentations)
+    (expected,) = build_augmentations(yaml, is_train=False)
+    assert (resize.short_edge_length, resize.max_size) == (
+        expected.short_edge_length,
+        expected.max_size,
+    )
+    assert lazy.model.backbone.bottom_up.square_pad == resize.max_size == 1024
 
 
 def test_a_resumed_adamw_keeps_its_step_count_where_its_implementation_reads_it():

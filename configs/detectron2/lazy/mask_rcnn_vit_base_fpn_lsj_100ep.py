@@ -31,6 +31,11 @@ dataloader.test.mapper.image_format = "RGB"
 for _aug in dataloader.train.mapper.augmentations:
     if _aug._target_ is T.FixedSizeCrop:
         _aug.pad = False
+# tested at the training crop's size, as ViTDet (the R-50 recipe tests at 800 / 1333: images
+# wider than the 1024 square the backbone pads to)
+dataloader.test.mapper.augmentations = [
+    L(T.ResizeShortestEdge)(short_edge_length=1024, max_size=1024)
+]
 model.backbone.bottom_up = L(MAEViTBackbone)(
     model="vit_base_patch16",
     img_size=1024,
