@@ -426,6 +426,24 @@ def test_command_line_tools_train_evaluate_and_draw(toy_coco, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_several_test_sets_are_summarized_and_written_apart(toy_coco, tmp_path):
+    """The summary kept the last set's AP under unnamed keys, and every set wrote the same
+    coco_instances_results.json."""
+    from mae_transfer.detection.train import summarize
+
+    one = {"bbox": {"AP": 30.0, "AP50": 50.0, "AP75": 20.0}}
+    two = {"bbox": {"AP": 10.0, "AP50": 20.0, "AP75": 5.0}}
+    assert summarize(one) == {"bbox_AP": 30.0, "bbox_AP50": 50.0, "bbox_AP75": 20.0}
+    both = summarize({"setA": one, "setB": two})
+    assert both["setA/bbox_AP"] == 30.0 and both["setB/bbox_AP"] == 10.0 and len(both) == 6
+    cfg = _cfg(toy_coco, tmp_path / "out")
+    cfg.DATASETS.TEST = ("toy_coco_val", "toy_coco_train")
+    folders = {Trainer.build_evaluator(cfg, name)._output_dir for name in cfg.DATASETS.TEST}
+    assert folders == {str(tmp_path / "out" / "inference" / n) for n in cfg.DATASETS.TEST}
+    cfg.DATASETS.TEST = ("toy_coco_val",)  # one set: in OUTPUT_DIR, as detectron2's tools
+    assert Trainer.build_evaluator(cfg, "toy_coco_val")._output_dir == str(tmp_path / "out")
+
+
 def load_tool(name: str):
     """tools/<name>.py as a module (in-process: cheaper than a fresh interpreter)."""
     import importlib.util

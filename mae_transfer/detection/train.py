@@ -551,20 +551,31 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:  # several test sets: a folder each (the same file name)
+            several = len(cfg.DATASETS.TEST) > 1
+            output_folder = (
+                os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+                if several
+                else cfg.OUTPUT_DIR
+            )
         return COCOEvaluator(
             dataset_name,
             tasks=eval_tasks(cfg, dataset_name),  # given: even with no detections
-            output_dir=output_folder or cfg.OUTPUT_DIR,
+            output_dir=output_folder,
             use_fast_impl=HAS_COMPILED_OPS,
         )
 
 
 def summarize(results: Dict) -> Dict[str, float]:
-    """{'bbox_AP': .., 'bbox_AP50': .., 'segm_AP': .., ...} from COCOEvaluator results."""
+    """{'bbox_AP': .., 'bbox_AP50': .., 'segm_AP': .., ...} from COCOEvaluator results; with
+    several test sets (detectron2 then returns {name: results}) each key is prefixed by the
+    set's name: {'setA/bbox_AP': .., 'setB/bbox_AP': .., ...}."""
+    several = "bbox" not in results
     out = {}
-    for dataset_results in [results] if "bbox" in results else results.values():
+    for name, dataset_results in results.items() if several else [("", results)]:
         for task in ("bbox", "segm"):
             for k in ("AP", "AP50", "AP75"):
                 if task in dataset_results and k in dataset_results[task]:
-                    out[f"{task}_{k}"] = float(dataset_results[task][k])
+                    key = f"{name}/{task}_{k}" if several else f"{task}_{k}"
+                    out[key] = float(dataset_results[task][k])
     return out
