@@ -426,6 +426,29 @@ def test_command_line_tools_train_evaluate_and_draw(toy_coco, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_trained_detector_no_longer_needs_the_encoder_it_started_from(toy_coco, tmp_path):
+    """--eval-only and --resume load the whole detector: MODEL.VIT.PRETRAINED, moved or
+    deleted since the training, stopped them with 'checkpoint not found'."""
+    import shutil
+
+    official, _ = _official_encoder_file(tmp_path)
+    encoder = tmp_path / "encoder_moved_later.pth"
+    shutil.copy(official, encoder)
+    out = tmp_path / "out"
+    data = ["--config-file", TINY_CONFIG, "--coco-train", *toy_coco["train"]]
+    opts = [*TINY_OPTS, "MODEL.VIT.PATCH_SIZE", "8", "MODEL.VIT.PRETRAINED", str(encoder)]
+    opts += ["SOLVER.STEPS", "()", "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(out)]
+    opts += ["MODEL.VIT.IMG_SIZE", "96", "INPUT.LSJ.IMAGE_SIZE", "96", "DATASETS.TEST", "()"]
+    train_det = load_tool("train_det")
+    assert train_det.cli([*data, *opts, "SOLVER.MAX_ITER", "1"]) == 0
+    encoder.unlink()
+    final = str(out / "model_final.pth")
+    val = ["--coco-val", *toy_coco["val"]]
+    argv = [*data, *val, "--eval-only", *opts, "SOLVER.MAX_ITER", "1", "MODEL.WEIGHTS", final]
+    assert train_det.cli(argv) == 0
+    assert train_det.cli([*data, "--resume", *opts, "SOLVER.MAX_ITER", "2"]) == 0
+
+
 def test_several_test_sets_are_summarized_and_written_apart(toy_coco, tmp_path):
     """The summary kept the last set's AP under unnamed keys, and every set wrote the same
     coco_instances_results.json."""

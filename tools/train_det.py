@@ -50,6 +50,14 @@ def load_cfg(args):
     """The run's config with its weights file and data sets checked (ConfigError otherwise)."""
     cfg = build_cfg(args.config_file, args.opts, args.coco_train, args.coco_val)
     check_weights(cfg, args.resume, args.eval_only)
+    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if cfg.MODEL.VIT.PRETRAINED and (args.eval_only or resuming):
+        # the trained detector's weights replace the encoder's that began its training
+        # (that file may be gone since)
+        logger.info(
+            "MODEL.VIT.PRETRAINED %s not loaded: a trained detector is", cfg.MODEL.VIT.PRETRAINED
+        )
+        cfg.MODEL.VIT.PRETRAINED = ""
     register_coco_datasets(cfg)
     check_datasets(cfg, args.eval_only)
     return cfg
