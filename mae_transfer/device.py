@@ -183,11 +183,13 @@ def _warn_if_bf16_emulated(device: torch.device) -> None:
             logging.WARNING,
             "bf16 autocast on a CPU without native bf16 (no AMX/AVX512-BF16): matrix "
             "multiplies are emulated and run hundreds of times slower than fp32. "
-            "Use --amp fp32 (or auto) on this CPU.",
+            "Use fp32 or auto on this CPU (--amp fp32 / auto; detection: SOLVER.AMP.PRECISION "
+            "auto).",
         )
     elif device.type == "cuda" and not cuda_bf16_native(device):
         _log_once(
             logging.WARNING,
             "bf16 autocast on a GPU of compute capability < 8.0 (V100, T4): bf16 is emulated, "
-            "slower than fp16 and without fused attention. Use --amp fp16 (or auto: fp32).",
+            "slower than fp16 and without fused attention. Use fp16 (--amp fp16; detection: "
+            "SOLVER.AMP.PRECISION float16) or auto (fp32).",
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -201,6 +202,34 @@ def test_bad_config_values_get_clear_errors():
         build_cfg(TINY_CONFIG, ["INPUT.LSJ.ENABLED", "True", "INPUT.LSJ.IMAGE_SIZE", "100"])
     with pytest.raises(ValueError, match="square_pad must be 0 or a multiple of 32, got 100"):
         tiny_backbone(square_pad=100)
+
+
+@pytest.mark.parametrize(
+    "opts, expected",
+    [  # each trained silently or failed later with a message that named no key
+        (["SOLVER.WEIGHT_DECAY", "-1.0"], "SOLVER.WEIGHT_DECAY must be >= 0, got -1.0"),
+        (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER must be > 0, got 0"),
+        (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH must be > 0, got 0"),
+        (["MODEL.BACKBONE.FREEZE_AT", "2"], "MODEL.BACKBONE.FREEZE_AT 2 is not read by the ViT"),
+        (["MODEL.VIT.NAME", "mae_vit_base_patch16"], "name its encoder, 'vit_base_patch16'"),
+        (
+            ["MODEL.VIT.SIZE_OVERRIDES", "[['embed_dim', '64']]"],
+            "entries are [key, number], numbers unquoted",
+        ),
+    ],
+)
+def test_values_detectron2_would_take_or_fail_on_late_are_named(opts, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        build_cfg(TINY_CONFIG, opts)
+
+
+def test_several_processes_without_a_gpu_are_refused_before_launching(toy_coco, tmp_path, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("the machine has a GPU")
+    argv = ["--config-file", TINY_CONFIG, "--num-gpus", "2", "--coco-train", *toy_coco["train"]]
+    argv += ["--coco-val", *toy_coco["val"], *TINY_OPTS]
+    code = load_tool("train_det").cli(argv + ["OUTPUT_DIR", str(tmp_path / "out")])
+    _refused(caplog, code, "--num-gpus 2", "no CUDA GPU")
 
 
 def test_global_blocks_default_to_the_stage_ends_and_none_means_all_windowed():

@@ -41,6 +41,7 @@ from mae_transfer.detection.train import (  # noqa: E402
     register_coco_datasets,
     summarize,
 )
+from mae_transfer.engine.config import ConfigError  # noqa: E402
 from mae_transfer.engine.launch import exit_code  # noqa: E402
 
 logger = logging.getLogger("train_det")
@@ -117,6 +118,11 @@ def cli(argv=None) -> int:
 
     def body():
         cfg = load_cfg(args)
+        if args.num_gpus > 1 and cfg.MODEL.DEVICE == "cpu":  # a spawned worker's traceback
+            raise ConfigError(
+                f"--num-gpus {args.num_gpus}: detectron2 starts one process per GPU and there "
+                "is no CUDA GPU here (MODEL.DEVICE cpu): use --num-gpus 1"
+            )
         if args.eval_only and not args.resume and args.num_gpus * args.num_machines > 1:
             check_detector_weights(cfg)  # in one process, main's own load says it
         launch(

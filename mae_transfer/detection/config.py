@@ -84,6 +84,23 @@ def validate_config(cfg: CN) -> None:
         resolve_name(v.NAME)
     except KeyError as e:
         errors.append(f"MODEL.VIT.NAME: {e}")
+    if v.NAME.startswith("mae_"):  # registered, but the pretraining model has no windows
+        errors.append(
+            f"MODEL.VIT.NAME {v.NAME!r} is the pretraining model (encoder and decoder): name its "
+            f"encoder, {v.NAME[len('mae_') :]!r} (an mae_* checkpoint loads into it)"
+        )
+    for entry in v.SIZE_OVERRIDES:
+        if not (len(entry) == 2 and isinstance(entry[0], str) and not isinstance(entry[1], str)):
+            errors.append(
+                "MODEL.VIT.SIZE_OVERRIDES entries are [key, number], numbers unquoted "
+                f"(e.g. [['embed_dim', 64]]), got {list(entry)}"
+            )
+    if cfg.MODEL.BACKBONE.FREEZE_AT:  # read by detectron2's ResNets only
+        errors.append(
+            f"MODEL.BACKBONE.FREEZE_AT {cfg.MODEL.BACKBONE.FREEZE_AT} is not read by the ViT "
+            "backbone (it trains every block, as ViTDet; a lower SOLVER.LAYER_DECAY slows "
+            "the early blocks): set it to 0"
+        )
     if v.NORM not in NORMS:
         errors.append(f"MODEL.VIT.NORM must be one of {NORMS}, got {v.NORM!r}")
     if (v.REL_POS or None) not in REL_POS_TYPES:
@@ -110,6 +127,11 @@ def validate_config(cfg: CN) -> None:
         errors.append(f"SOLVER.AMP.PRECISION must be one of {AMP_PRECISIONS}, got {precision!r}")
     if cfg.SOLVER.BASE_LR <= 0:
         errors.append(f"SOLVER.BASE_LR must be > 0, got {cfg.SOLVER.BASE_LR}")
+    if cfg.SOLVER.WEIGHT_DECAY < 0:
+        errors.append(f"SOLVER.WEIGHT_DECAY must be >= 0, got {cfg.SOLVER.WEIGHT_DECAY}")
+    for key in ("MAX_ITER", "IMS_PER_BATCH"):
+        if cfg.SOLVER[key] <= 0:
+            errors.append(f"SOLVER.{key} must be > 0, got {cfg.SOLVER[key]}")
     if any(s >= cfg.SOLVER.MAX_ITER for s in cfg.SOLVER.STEPS):
         errors.append(
             f"SOLVER.STEPS {tuple(cfg.SOLVER.STEPS)} must be < MAX_ITER {cfg.SOLVER.MAX_ITER}"
