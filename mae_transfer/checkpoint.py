@@ -295,6 +295,16 @@ def _fix_shape(name, value, target, model) -> Optional[torch.Tensor]:
     if name.endswith("pos_embed"):
         return _adapt_pos_embed(value, getattr_path(model, name), model)
     if name.endswith(ANCHOR_KEY) and value.shape[:2] == target.shape[:2]:
+        have, want = tuple(value.shape[-2:]), tuple(target.shape[-2:])
+        if (have, want) != ((14, 14), (16, 16)):  # (ViT-H/14 run as /16, as ViTDet: expected)
+            logger.warning(
+                "the checkpoint's patch size is %s, the model's %s: its patch kernel is resized "
+                "to fit, so the encoder no longer computes what it was pretrained to; to use it "
+                "as trained, give the model patch size %d",
+                "x".join(map(str, have)),
+                "x".join(map(str, want)),
+                have[0],
+            )
         return resize_patch_embed_kernel(value, target.shape[-2:])
     return None
 

@@ -93,10 +93,12 @@ def test_a_non_square_pretraining_table_is_read_in_its_own_layout(pretrained):
     assert torch.allclose(model.pos_embed, expected, atol=1e-6)
 
 
-def test_patch14_kernel_resized_to_16():
+def test_patch14_kernel_resized_to_16(caplog):
     src = create_model("mae_vit_huge_patch14", img_size=28, **TINY_MAE)
     model = vit(img_size=32, patch_size=16)
-    report = load_pretrained(model, src.state_dict())
+    with caplog.at_level("WARNING"):
+        report = load_pretrained(model, src.state_dict())
+    assert "patch size" not in caplog.text  # the expected ViT-H/14 case: no warning
     assert any(
         "patch_embed.proj.weight (32, 3, 14, 14)->(32, 3, 16, 16)" in r for r in report.resized
     )
@@ -105,6 +107,18 @@ def test_patch14_kernel_resized_to_16():
     y14 = torch.nn.functional.conv2d(x, src.patch_embed.proj.weight)
     y16 = torch.nn.functional.conv2d(torch.ones(1, 3, 16, 16), model.patch_embed.proj.weight)
     assert torch.allclose(y14, y16, atol=1e-5)
+
+
+def test_another_patch_size_is_resized_with_a_warning(caplog):
+    """A /8 encoder loaded at /16 (a config's default patch size) was resized at INFO: the
+    user learnt only from a line of the report that the weights no longer compute what they
+    were pretrained to."""
+    src = create_model("mae_vit_base_patch16", img_size=32, patch_size=8, **TINY_MAE)
+    with caplog.at_level("WARNING"):
+        report = load_pretrained(vit(img_size=32, patch_size=16), src.state_dict(), log=False)
+    assert any(r.startswith("patch_embed.proj.weight") for r in report.resized)
+    assert "the checkpoint's patch size is 8x8, the model's 16x16" in caplog.text
+    assert "give the model patch size 8" in caplog.text
 
 
 def test_wrong_model_size_is_an_error_naming_the_cause(mae):
