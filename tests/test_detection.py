@@ -229,7 +229,7 @@ def test_several_processes_without_a_gpu_are_refused_before_launching(toy_coco, 
     argv = ["--config-file", TINY_CONFIG, "--num-gpus", "2", "--coco-train", *toy_coco["train"]]
     argv += ["--coco-val", *toy_coco["val"], *TINY_OPTS]
     code = load_tool("train_det").cli(argv + ["OUTPUT_DIR", str(tmp_path / "out")])
-    _refused(caplog, code, "--num-gpus 2", "no CUDA GPU")
+    _refused(caplog, code, "--num-gpus 2: detectron2 starts one process per GPU", "no CUDA GPU")
 
 
 def test_global_blocks_default_to_the_stage_ends_and_none_means_all_windowed():
@@ -572,6 +572,32 @@ def test_train_det_refuses_bad_input_before_training_with_exit_2(toy_coco, tmp_p
     assert not (tmp_path / "out").exists()  # refused before detectron2's set-up
 
 
+@pytest.mark.parametrize("case", ["missing_image", "not_json", "no_categories", "no_annotation"])
+def test_train_det_names_bad_data_files_before_training(toy_coco, tmp_path, caplog, case):
+    """Each was a traceback with exit 1; a missing image only when training drew it."""
+    with open(toy_coco["train"][0]) as f:
+        data = json.load(f)
+    bad = tmp_path / "train.json"
+    if case == "missing_image":
+        data["images"][3]["file_name"] = "not_there.png"
+        expected = ("1 of the 24 images", "not_there.png")
+    elif case == "no_categories":
+        del data["categories"]
+        expected = ("has no 'categories'",)
+    elif case == "no_annotation":
+        data["annotations"] = []
+        expected = ("has no image with an annotation",)
+    text = json.dumps(data)
+    if case == "not_json":
+        text, expected = text[: len(text) // 2], ("is not valid JSON",)
+    bad.write_text(text)
+    argv = ["--config-file", TINY_CONFIG, "--coco-train", str(bad), toy_coco["train"][1]]
+    argv += [*TINY_OPTS, "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2"]
+    argv += ["OUTPUT_DIR", str(tmp_path / "out")]
+    _refused(caplog, load_tool("train_det").cli(argv), *expected)
+    assert not (tmp_path / "out" / "model_final.pth").exists()
+
+
 def test_train_det_with_an_empty_test_set_trains_without_evaluating(toy_coco, tmp_path):
     """DATASETS.TEST '()' is detectron2's way to skip the evaluation, which the refusal of a
     missing test set names."""
@@ -676,12 +702,15 @@ def test_a_pkl_is_read_as_arrays_only(toy_coco, tmp_path):
     assert not ran.exists()
 
 
-def test_eval_only_checks_the_weights_before_launching_workers(toy_coco, tmp_path, caplog):
+def test_eval_only_checks_the_weights_before_launching_workers(
+    toy_coco, tmp_path, caplog, monkeypatch
+):
     """With --num-gpus > 1 the check inside the spawned workers was a traceback: the launching
     process checks the file first, on a model built on the meta device."""
     tool = load_tool("train_det")
     launched = []
     tool.launch = lambda *a, **k: launched.append(a)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # (the workers are not started)
     mae, _ = _official_encoder_file(tmp_path)
     data = ["--coco-val", *toy_coco["val"]]
     argv = ["--config-file", TINY_CONFIG, "--eval-only", "--num-gpus", "2", *data, *TINY_OPTS]

@@ -19,6 +19,8 @@ import logging
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mae_transfer.detection  # noqa: E402,F401  (compat fixes + backbone registration)
@@ -118,10 +120,11 @@ def cli(argv=None) -> int:
 
     def body():
         cfg = load_cfg(args)
-        if args.num_gpus > 1 and cfg.MODEL.DEVICE == "cpu":  # a spawned worker's traceback
+        gpus = torch.cuda.device_count()
+        if args.num_gpus > 1 and gpus < args.num_gpus:  # else a spawned worker's traceback
             raise ConfigError(
-                f"--num-gpus {args.num_gpus}: detectron2 starts one process per GPU and there "
-                "is no CUDA GPU here (MODEL.DEVICE cpu): use --num-gpus 1"
+                f"--num-gpus {args.num_gpus}: detectron2 starts one process per GPU and this "
+                f"machine has {gpus or 'no CUDA GPU'}"
             )
         if args.eval_only and not args.resume and args.num_gpus * args.num_machines > 1:
             check_detector_weights(cfg)  # in one process, main's own load says it

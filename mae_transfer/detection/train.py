@@ -28,7 +28,7 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.data import transforms as T
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets import load_coco_json
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
@@ -127,10 +127,42 @@ def register_coco_datasets(cfg) -> List[str]:
                 )
             DatasetCatalog.remove(name)  # ours, for other files (an earlier run in this process)
             MetadataCatalog.remove(name)
-        register_coco_instances(name, {}, json_file, image_root)
+        register_coco(name, json_file, image_root)
         _REGISTERED_HERE.add(name)
         names.append(name)
     return names
+
+
+def register_coco(name: str, json_file: str, image_root: str) -> None:
+    """detectron2's ``register_coco_instances``, its loading checked (:func:`load_coco`)."""
+    DatasetCatalog.register(name, lambda: load_coco(json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
+
+
+def load_coco(json_file: str, image_root: str, name: str) -> List[Dict]:
+    """detectron2's ``load_coco_json``, with what it fails on (a file that is not JSON, one
+    without a COCO key, an image file listed but absent, which training met only when it drew
+    that image) named as a :class:`ConfigError`."""
+    try:
+        dicts = load_coco_json(json_file, image_root, name)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"data set {name!r}: {json_file} is not valid JSON ({e})") from e
+    except KeyError as e:
+        key = e.args[0] if e.args else e
+        what = (
+            f"has no {key!r} (a COCO file has 'images', 'annotations' and 'categories')"
+            if key in ("images", "annotations", "categories")
+            else f"refers to {key!r}, which it does not define (a category_id absent from "
+            "'categories', an annotation's image_id absent from 'images', or a field missing)"
+        )
+        raise ConfigError(f"data set {name!r}: {json_file} {what}") from e
+    absent = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
+    if absent:
+        raise ConfigError(
+            f"data set {name!r}: {len(absent)} of the {len(dicts)} images {json_file} lists are "
+            f"not in {image_root}, e.g. {', '.join(absent[:3])}"
+        )
+    return dicts
 
 
 def check_weights(cfg, resume: bool, eval_only: bool = False) -> None:
@@ -305,7 +337,7 @@ def align_test_categories(cfg) -> None:
         os.replace(tmp, path)
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-        register_coco_instances(name, {}, path, image_root)
+        register_coco(name, path, image_root)
         logger.info(
             "DATASETS.TEST %r lists %d of the %d categories of %r: evaluated with all of them, "
             "numbered as in training (the classes it lacks get no AP); %s",
@@ -375,6 +407,8 @@ def eval_tasks(cfg, name: str) -> tuple:
     key = (name, meta.get("json_file", None), meta.get("image_root", None))
     if key not in _SEGM_EVALUABLE:
         c = count_masks(DatasetCatalog.get(name))
+        if not sum(c.values()):
+            logger.warning("data set %r has no annotations: its AP will be nan", name)
         _SEGM_EVALUABLE[key] = not (c["none"] or c["crowd_none"])
         if not _SEGM_EVALUABLE[key]:
             logger.warning(
@@ -534,14 +568,24 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         # the arguments detectron2's own loader reads them with; checked before training
-        dicts = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
-            if cfg.MODEL.KEYPOINT_ON
-            else 0,
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-        )
+        try:
+            dicts = get_detection_dataset_dicts(
+                cfg.DATASETS.TRAIN,
+                filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+                min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+                if cfg.MODEL.KEYPOINT_ON
+                else 0,
+                proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN
+                if cfg.MODEL.LOAD_PROPOSALS
+                else None,
+            )
+        except AssertionError as e:  # detectron2's "No valid data found in ..."
+            if "No valid data" not in str(e):
+                raise
+            raise ConfigError(
+                f"DATASETS.TRAIN ({', '.join(cfg.DATASETS.TRAIN)}) has no image with an "
+                "annotation (DATALOADER.FILTER_EMPTY_ANNOTATIONS leaves out those without)"
+            ) from e
         check_train_masks(cfg, dicts)
         return build_detection_train_loader(cfg, mapper=build_mapper(cfg, True), dataset=dicts)
 
