@@ -2,7 +2,7 @@
 
 One rule for ``auto`` precision, used by pretraining, detection, segmentation and the benchmark
 (:func:`auto_dtype`): bf16 autocast where the device multiplies bf16 natively, fp32 elsewhere;
-fp16 (with loss scaling on CUDA) only when asked for.
+fp16 (with dynamic loss scaling, on CUDA and CPU) only when asked for.
 
 - CUDA: bf16 from compute capability 8.0 (A100, H100, L4/L40, RTX 30xx and later). V100 (sm70)
   and T4 (sm75) emulate bf16: slower than fp16, and no fused attention kernel takes it.
@@ -157,7 +157,8 @@ def resolve_amp(mode: str, device: torch.device) -> Tuple[Optional[torch.dtype],
     """Autocast dtype (None = fp32) and whether a GradScaler is needed.
 
     'auto' is bf16 where ``device`` has native bf16, else fp32 (:func:`auto_dtype`; the choice
-    and its reason are logged once). 'fp16' gets loss scaling on CUDA. An explicit 'bf16'
+    and its reason are logged once). 'fp16' gets loss scaling wherever GradScaler runs (CUDA
+    and CPU): without it one overflowing fp16 gradient would stop the run. An explicit 'bf16'
     where it is emulated runs, with a warning that says why it is slow.
     """
     if mode == "fp32":
@@ -173,7 +174,7 @@ def resolve_amp(mode: str, device: torch.device) -> Tuple[Optional[torch.dtype],
     if mode == "fp16":
         if device.type == "cpu":
             _log_once(logging.WARNING, "fp16 autocast on CPU is slow and gains nothing; use fp32")
-        return torch.float16, device.type == "cuda"
+        return torch.float16, device.type in ("cuda", "cpu")
     raise ValueError(f"unknown amp mode {mode!r}; expected auto, fp32, bf16 or fp16")
 
 

@@ -413,16 +413,29 @@ def test_a_nan_between_log_steps_is_never_applied(tmp_path, image_dir):
     assert len(calls) == 3 and not (tmp_path / "out" / LAST).exists()
 
 
-def test_a_non_finite_gradient_stops_fp16_on_cpu_which_has_no_dynamic_scaling(tmp_path, image_dir):
-    """On CPU fp16 runs behind the scale-1 guard, not a dynamic scaler: a skipped update is no
-    routine event there, and must stop the run as in bf16 / fp32."""
-    cfg = tiny_cfg(tmp_path / "out", image_dir, epochs=1, log_every_iters=100, amp="fp16")
+def test_an_fp16_overflow_on_cpu_is_skipped_and_the_scale_lowered(tmp_path, image_dir):
+    """fp16 on CPU gets dynamic loss scaling as on CUDA: one overflowing gradient skips its
+    update and halves the scale, and the run goes on (behind the scale-1 guard it stopped)."""
+    cfg = tiny_cfg(tmp_path / "out", image_dir, epochs=1, log_every_iters=1, amp="fp16")
     t = Trainer(cfg, torch.device("cpu"), DistInfo())
-    assert t.amp_dtype == torch.float16 and t.scaler.get_scale() == 1.0
-    w = t.model.blocks[0].mlp.fc1.weight
-    w.register_hook(lambda g: torch.full_like(g, float("inf")))  # the loss itself stays finite
-    with pytest.raises(NonFiniteLossError, match="a gradient was not finite"):
-        t.train()
+    assert t.amp_dtype == torch.float16
+    compute, calls, before = t.compute_loss, [], {}
+    start_scale = t.scaler.get_scale()
+
+    def overflowing(*a):
+        calls.append(1)
+        if len(calls) == 2:  # a finite loss whose scaled fp16 gradients overflow
+            before.update({n: p.detach().clone() for n, p in t.model.named_parameters()})
+            return compute(*a) * 1e9
+        if len(calls) == 3:  # the overflowing update (iteration 1) was skipped
+            assert all(torch.equal(p, before[n]) for n, p in t.model.named_parameters())
+        return compute(*a)
+
+    t.compute_loss = overflowing
+    t.train()
+    t.close()
+    assert len(calls) == 3 and (tmp_path / "out" / LAST).exists()
+    assert t.scaler.get_scale() == start_scale / 2
 
 
 # -- CUDA placement, RNG and TF32 without a GPU -----------------------------------------------

@@ -124,7 +124,7 @@ def test_auto_on_cpu_follows_native_bf16(monkeypatch, flags, ratio, native, time
     assert dev.resolve_amp("auto", cpu) == ((torch.bfloat16 if native else None), False)
     assert dev.cpu_has_native_bf16() is native
     assert bool(calls) is timed and len(calls) <= 1  # timed at most once (cached)
-    assert dev.resolve_amp("fp16", cpu) == (torch.float16, False)  # on request only
+    assert dev.resolve_amp("fp16", cpu) == (torch.float16, True)  # on request; loss scaling
 
 
 def test_the_choice_and_its_reason_are_logged_once(monkeypatch, caplog):
