@@ -38,6 +38,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def pin_memory_for(device: torch.device, pin_mem: bool = True) -> bool:
+    """Whether a loader feeding ``device`` pins its batches (``pin_mem``: the config's switch).
+
+    Only for a CUDA device, where it lets the copies overlap: pinning opens a CUDA context on
+    the current GPU, so a CPU run on a GPU node pinning because a GPU exists would take GPU 0.
+    """
+    return pin_mem and device.type == "cuda"
+
+
 def cuda_device_index(device: Union[torch.device, str, int, None] = None) -> int:
     """The CUDA device index of ``device`` (None or a bare 'cuda': the current device)."""
     if isinstance(device, int):

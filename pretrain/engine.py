@@ -22,6 +22,7 @@ from mae_transfer.classification.knn import KNNEvaluator
 from mae_transfer.data import find_images
 from mae_transfer.data.device_decode import PendingBatch, decode_on_device
 from mae_transfer.data.transforms import hw, normalize
+from mae_transfer.device import pin_memory_for
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.distributed import DistInfo, on_rank0
 from mae_transfer.engine.trainer import LAST, EpochTrainer, NonFiniteLossError
@@ -60,6 +61,7 @@ class Trainer(EpochTrainer):
                     batch_size=cfg.batch_size,
                     num_workers=cfg.num_workers,  # a full ImageNet set is 1.28M decodes
                     seed=cfg.seed,
+                    pin_memory=pin_memory_for(device, cfg.pin_mem),
                 )
             except ConfigError as e:  # no class folders, other classes: named as this setting
                 raise ConfigError(f"k-NN monitor (knn_train / knn_val): {e}") from e

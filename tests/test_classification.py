@@ -22,6 +22,7 @@ from conftest import (
     train_until_killed,
     write_colour_classes,
 )
+from torch.utils.data import DataLoader
 
 from mae_transfer.checkpoint import CheckpointError
 from mae_transfer.classification.config import (
@@ -492,6 +493,27 @@ def test_an_unreadable_validation_image_is_left_out_not_counted_twice(data, tmp_
     )
     assert metrics["val_skipped_images"] == 1
     assert metrics["acc1"] == pytest.approx(expected)
+
+
+def test_a_cpu_run_on_a_gpu_node_pins_no_batches(data, tmp_path, monkeypatch):
+    """The validation loaders pinned whenever a GPU existed, not when the run used one: pinning
+    opens a CUDA context, so a --device cpu run on a GPU node took memory on GPU 0."""
+    pins, init = [], DataLoader.__init__
+
+    def recording(self, *args, **kwargs):
+        pins.append(kwargs.get("pin_memory", False))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(DataLoader, "__init__", recording)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = cfg_of(LinprobeConfig, data, tmp_path / "probe", cache_features=True)
+    LinprobeTrainer(cfg, CPU, DistInfo()).close()  # extraction, training, validation
+    path = str(tmp_path / "classifier.pth")
+    model = build_classifier("vit_base_patch16", 3, 32, "avg", **TINY)
+    torch.save({"model": model.state_dict()}, path)
+    cfg = cfg_of(FinetuneConfig, data, tmp_path / "ev", eval=True, resume=path, finetune="")
+    evaluate_checkpoint(cfg, CPU, DistInfo())  # --eval's own validation loader
+    assert len(pins) >= 5 and not any(pins), pins
 
 
 def test_cached_probe_features_leave_an_unreadable_image_out_as_images_do(data, tmp_path):

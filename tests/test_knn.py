@@ -225,6 +225,18 @@ def test_the_monitor_logs_a_curve_and_leaves_pretraining_unchanged(tmp_path, ima
     assert [(s, round(v, 4)) for s, v in points] == [(e, round(a, 4)) for e, a in curve]
 
 
+def test_the_monitor_of_a_cpu_run_on_a_gpu_node_pins_no_batches(tmp_path, image_dir, monkeypatch):
+    """Its loaders pinned whenever a GPU existed, not when the run used one: pinning opens a
+    CUDA context, so a --device cpu run on a GPU node took memory on GPU 0."""
+    train = write_colour_classes(tmp_path / "knn_train", 2, seed=0)
+    val = write_colour_classes(tmp_path / "knn_val", 1, seed=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = _pretrain_cfg(tmp_path / "out", image_dir, knn_train=train, knn_val=val)
+    t = Trainer(cfg, torch.device("cpu"), DistInfo())
+    t.close()
+    assert len(t.knn.loaders) == 2 and not any(loader.pin_memory for loader in t.knn.loaders)
+
+
 def test_monitor_config_is_checked(tmp_path, image_dir):
     with pytest.raises(Exception, match="needs both knn_train and knn_val"):
         _pretrain_cfg(tmp_path, image_dir, knn_train=image_dir)

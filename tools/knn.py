@@ -29,7 +29,7 @@ from mae_transfer.classification.knn import (  # noqa: E402
     default_pool,
     encoder_for_checkpoint,
 )
-from mae_transfer.device import resolve_amp, resolve_device  # noqa: E402
+from mae_transfer.device import pin_memory_for, resolve_amp, resolve_device  # noqa: E402
 from mae_transfer.engine.distributed import cleanup, init_distributed, own_device  # noqa: E402
 from mae_transfer.engine.launch import exit_code, setup_logging  # noqa: E402
 from mae_transfer.engine.trainer import tf32_enabled  # noqa: E402
@@ -119,6 +119,7 @@ def run(args) -> None:
             args.batch_size,
             args.num_workers,
             args.seed,
+            pin_memory_for(device),
         )
         amp_dtype, _ = resolve_amp(args.amp, device)
         with tf32_enabled(device):

@@ -243,6 +243,8 @@ class KNNEvaluator:
         input_size: int or (H, W) of the encoder's input (resize by 1/0.875, centre crop).
         max_images: a fixed random subset of this many images per set (0 = all).
         batch_size, num_workers: of the feature-extraction loaders.
+        pin_memory: pin their batches, for a run on a GPU (see
+            :func:`mae_transfer.device.pin_memory_for`).
     """
 
     def __init__(
@@ -255,6 +257,7 @@ class KNNEvaluator:
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        pin_memory: bool = False,
     ):
         dist = dist or DistInfo()
         from mae_transfer.classification.data import class_folder
@@ -279,7 +282,7 @@ class KNNEvaluator:
                 sampler=ShardSampler(len(ds), dist.rank, dist.world_size),
                 num_workers=num_workers,
                 collate_fn=collate_flags,  # (which images stood in for unreadable ones)
-                pin_memory=torch.cuda.is_available(),  # (the copies to the GPU overlap)
+                pin_memory=pin_memory,
             )
             for ds in self.sets
         ]

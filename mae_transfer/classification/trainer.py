@@ -36,7 +36,7 @@ from mae_transfer.data import (
 )
 from mae_transfer.data.sampler import sample_seed
 from mae_transfer.data.transforms import eval_transform
-from mae_transfer.device import resolve_amp
+from mae_transfer.device import pin_memory_for, resolve_amp
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.distributed import DistInfo, all_reduce_sum, on_every_rank
 from mae_transfer.engine.trainer import EpochTrainer, tf32_enabled
@@ -75,9 +75,19 @@ class ValEvaluator:
     """Top-1 / top-5 accuracy and the cross-entropy of a classifier on a labelled set, each
     process taking a shard and the counts summed over all of them. An unreadable image is
     left out (the data set hands another readable one in its place, which would count that
-    one twice) and counted in ``skipped_images``."""
+    one twice) and counted in ``skipped_images``.
 
-    def __init__(self, dataset: Dataset, dist: DistInfo, batch_size: int, num_workers: int):
+    ``pin_memory``: pin the batches, for a run on a GPU (see :func:`pin_memory_for`).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        dist: DistInfo,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool = False,
+    ):
         self.dataset, self.dist = dataset, dist
         self.loader = DataLoader(
             dataset,
@@ -85,7 +95,7 @@ class ValEvaluator:
             sampler=ShardSampler(len(dataset), dist.rank, dist.world_size),
             num_workers=num_workers,
             collate_fn=collate_flags,
-            pin_memory=torch.cuda.is_available(),  # (the copies to the GPU overlap)
+            pin_memory=pin_memory,
         )
 
     @torch.no_grad()
@@ -150,7 +160,11 @@ class _ClassifierTrainer(EpochTrainer):
         self.best_acc1 = -1.0
         super().__init__(cfg, device, dist_info)
         self.val = ValEvaluator(
-            self.build_val_dataset(), dist_info, cfg.batch_size, cfg.num_workers
+            self.build_val_dataset(),
+            dist_info,
+            cfg.batch_size,
+            cfg.num_workers,
+            pin_memory_for(self.device, cfg.pin_mem),
         )
         logger.info(
             "%d classes; %d training / %d validation images",
@@ -389,7 +403,7 @@ class LinprobeTrainer(_ClassifierTrainer):
             sampler=ShardSampler(len(images), d.rank, d.world_size),
             num_workers=cfg.num_workers,
             collate_fn=collate_flags,  # (which images stood in for unreadable ones)
-            pin_memory=self.device.type == "cuda",
+            pin_memory=pin_memory_for(self.device, cfg.pin_mem),
         )
         amp_dtype, _ = resolve_amp(cfg.amp, self.device)
         logger.info("extracting the frozen features of %d %s images", len(images), what)
@@ -490,7 +504,8 @@ def evaluate_checkpoint(
     model.to(device)
     transform = eval_transform(cfg.input_size, eval_crop_pct(cfg))
     images = ClassFolderDataset(val_folder, transform, cfg.seed, cfg.max_val_images)
-    evaluator = ValEvaluator(images, dist, cfg.batch_size, cfg.num_workers)
+    pin = pin_memory_for(device, cfg.pin_mem)
+    evaluator = ValEvaluator(images, dist, cfg.batch_size, cfg.num_workers, pin)
     amp_dtype, _ = resolve_amp(cfg.amp, device)
     with tf32_enabled(device):
         metrics = evaluator(model, device, amp_dtype)

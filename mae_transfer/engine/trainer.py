@@ -40,7 +40,7 @@ from mae_transfer.checkpoint import (
     save_atomic,
 )
 from mae_transfer.data import ResumableDistributedSampler, collate
-from mae_transfer.device import fused_adamw_supported, resolve_amp
+from mae_transfer.device import fused_adamw_supported, pin_memory_for, resolve_amp
 from mae_transfer.optim import keep_optimizer_impl, param_groups
 
 from . import preemption
@@ -373,7 +373,7 @@ class EpochTrainer:
             batch_size=cfg.batch_size,
             sampler=sampler,
             num_workers=cfg.num_workers,
-            pin_memory=cfg.pin_mem and self.device.type == "cuda",
+            pin_memory=pin_memory_for(self.device, cfg.pin_mem),
             persistent_workers=persistent and cfg.num_workers > 0,
             collate_fn=collate,
             drop_last=drop_last,
