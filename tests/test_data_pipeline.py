@@ -11,6 +11,7 @@ import torch
 from conftest import write_images
 from PIL import Image
 from torch.utils.data import DataLoader
+from torch.utils.data._utils.pin_memory import pin_memory
 from torchvision import transforms
 
 from mae_transfer.data import ResumableDistributedSampler, collate, read_good, sample_seed
@@ -175,6 +176,30 @@ def test_device_decoding_equals_the_loader_pipeline(tmp_path):
     assert sum(p.data is not None for p in pending) == 5  # 3 JPEGs + grey + l
     x_dev, failed = decode_on_device(pending, (32, 32), torch.device("cpu"))
     assert failed == 0 and torch.equal(x_dev, x_cpu) and torch.equal(noise_dev, noise_cpu)
+
+
+def test_the_loader_pins_the_crops_the_workers_decoded(tmp_path, monkeypatch):
+    """PNGs (CMYK JPEGs, truncated files) reach the device as uint8 crops, each copied on its
+    own: from pageable memory every copy blocked the host. The JPEG bytes stay as they are."""
+    d = tmp_path / "imgs"
+    write_images(str(d), 6)  # 3 JPEGs, 3 PNGs
+    ds = PretrainDataset(str(d), 32, num_patches=4, seed=5, pipeline="device")
+    batch = collate([ds[(1, i)] for i in range(len(ds))])
+    pinned = []
+
+    def fake_pin(self, *args, **kwargs):  # (pinning needs a GPU) a copy, remembered
+        pinned.append(self.clone())
+        return pinned[-1]
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    pending, _, _ = pin_memory(batch)  # as the loader's pin-memory thread calls it
+    assert isinstance(pending, PendingBatch)
+    crops = [p.image for p in pending if p.image is not None]
+    assert len(crops) == 3 and all(any(c is x for x in pinned) for c in crops)
+    assert not any(p.data is x for p in pending for x in pinned)
+    cpu = torch.device("cpu")
+    assert torch.equal(decode_on_device(pending, (32, 32), cpu)[0],
+                       decode_on_device(batch[0], (32, 32), cpu)[0])  # fmt: skip
 
 
 def test_float_resize_path_of_gpus_is_within_one_level():

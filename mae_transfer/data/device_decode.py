@@ -44,13 +44,27 @@ class PendingCrop:
 
 class PendingBatch(list):
     """A batch of :class:`PendingCrop`: stays on the host (nvJPEG reads host memory), so the
-    trainer's ``.to(device)`` and the loader's pinning leave it as it is."""
+    trainer's ``.to(device)`` leaves it as it is.
+
+    The loader's pinning (``pin_memory=True``) pins the crops the workers decoded: each is
+    copied to the device on its own (:func:`decode_on_device`), without blocking the host only
+    from pinned memory. The JPEG bytes stay pageable: nvJPEG parses them on the host and stages
+    what the GPU needs through pinned buffers of its own, so pinning them too would be one more
+    copy of every file for nothing.
+    """
 
     def to(self, *args, **kwargs) -> PendingBatch:
         return self
 
     def pin_memory(self, *args, **kwargs) -> PendingBatch:
-        return self
+        """The batch with its decoded crops in pinned memory (called by the loader's
+        pin-memory thread)."""
+        return PendingBatch(
+            item
+            if item.image is None
+            else PendingCrop(item.data, item.crop, item.flip, item.image.pin_memory(), item.path)
+            for item in self
+        )
 
 
 def pending_crop(
@@ -98,7 +112,7 @@ def decode_on_device(
             out[i] = x.flip(-1) if batch[i].flip else x
     for i, item in enumerate(batch):
         if item.data is None:
-            out[i] = item.image.to(device, non_blocking=True)
+            out[i] = item.image.to(device, non_blocking=True)  # (pinned: the host goes on)
     good = sorted(set(range(len(batch))) - set(bad))
     for k, i in enumerate(bad):  # as the dataset replaces an unreadable file: another image
         if good:
