@@ -34,8 +34,9 @@ class PretrainDataset(Dataset):
             ``device``: JPEGs travel encoded with their crop and are decoded on the device
             (nvJPEG; :mod:`mae_transfer.data.device_decode`); ``official``: PIL + the
             official float32 transform (a reference: same crops, normalised float32).
-        reduced_decode: ``uint8``: JPEGs whose crop is >= 2x the output are decoded at 1/2,
-            1/4 or 1/8 size (:class:`RandomResizedCropFlip`).
+        reduced_decode: ``uint8``: JPEGs whose crop is >= 4x / 8x the output are decoded at
+            1/4 / 1/8 size; not at 1/2, where it saved no time (:class:`RandomResizedCropFlip`,
+            ``decode.DCT_SCALES``).
     """
 
     def __init__(
