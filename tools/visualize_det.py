@@ -4,7 +4,10 @@
     python tools/visualize_det.py --config-file CONFIG --weights output/model_final.pth \\
         --images img1.jpg dir/ --output predictions.png [KEY VALUE ...]
 
-Without --images, the first images of the config's test data set are used.
+Without --images, the first images of the config's test data set are used. The KEY VALUE
+overrides may come before, between or after the options (not right after --images, which
+would take them as files). --output without a suffix gets .png, a folder gets
+predictions.png in it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,12 +35,14 @@ from mae_transfer.detection.train import (  # noqa: E402
 )
 from mae_transfer.detection.visualize import draw_predictions  # noqa: E402
 from mae_transfer.engine.config import ConfigError  # noqa: E402
-from mae_transfer.engine.launch import exit_code  # noqa: E402
+from mae_transfer.engine.launch import exit_code, picture_path  # noqa: E402
 
 logger = logging.getLogger("visualize_det")
+CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+")  # MODEL.VIT.PRETRAINED
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The options, and the KEY VALUE overrides before, between or after them."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True)
     p.add_argument("--weights", required=True, help="detectron2 checkpoint (model_final.pth)")
@@ -48,11 +54,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="your COCO-format test set (as train_det): its images, and its class names",
     )
-    p.add_argument("--num", type=int, default=8)
+    p.add_argument("--num", type=int, default=8, help="number of images drawn")
     p.add_argument("--score-thresh", type=float, default=0.5)
-    p.add_argument("--output", default="predictions.png")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    return p.parse_args(argv)
+    p.add_argument("--output", default="predictions.png", help="PNG file, or folder")
+    # not REMAINDER: that would swallow the options given after the first KEY
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
+    args = p.parse_intermixed_args(argv)
+    if args.num < 1:
+        p.error(f"--num must be >= 1, got {args.num}")
+    return args
 
 
 def image_paths(cfg, images) -> list:
@@ -66,13 +76,21 @@ def image_paths(cfg, images) -> list:
                 f"\"[['{name or 'val'}', 'JSON', 'IMAGE_ROOT']]\""
             )
         try:
-            return [d["file_name"] for d in DatasetCatalog.get(name)]
+            paths = [d["file_name"] for d in DatasetCatalog.get(name)]
         except OSError as e:
             raise ConfigError(f"DATASETS.TEST {name!r}: {e}") from e
+        if not paths:
+            raise ConfigError(
+                f"DATASETS.TEST {name!r} holds no images: give --images FILE_OR_FOLDER ..."
+            )
+        return paths
     try:
         return image_files(images)
     except FileNotFoundError as e:
-        raise ConfigError(f"--images: {e}") from e
+        # --images takes every word up to the next option, overrides after it too
+        keys = [i for i in images if CONFIG_KEY.fullmatch(i) and not os.path.exists(i)]
+        hint = f" ({keys[0]} is a config KEY? put the overrides before --images)" if keys else ""
+        raise ConfigError(f"--images: {e}{hint}") from e
 
 
 def main(argv=None) -> int:
@@ -80,13 +98,17 @@ def main(argv=None) -> int:
 
     def body():
         cfg = build_cfg(args.config_file, args.opts, coco_val=args.coco_val)
+        # --weights holds the whole trained detector: the MAE encoder that initialised its
+        # training is not read (it may have been moved or deleted since)
+        cfg.MODEL.VIT.PRETRAINED = ""
         if "://" not in args.weights and not os.path.isfile(args.weights):
             raise CheckpointError(f"--weights {args.weights!r} does not exist")
         register_coco_datasets(cfg)
         paths = image_paths(cfg, args.images)
+        output = picture_path(args.output, "predictions.png")
         model = build_model(cfg)
         MAECheckpointer(model, whole_model=True).load(args.weights)
-        out = draw_predictions(cfg, model, paths[: args.num], args.output, args.score_thresh)
+        out = draw_predictions(cfg, model, paths[: args.num], output, args.score_thresh)
         print(f"wrote {out}")
 
     return exit_code(body, logger)

@@ -23,6 +23,8 @@ import numpy as np  # noqa: E402
 from mae_transfer.checkpoint import CheckpointError  # noqa: E402
 from mae_transfer.data import image_files, load_rgb  # noqa: E402
 from mae_transfer.data.folder import UNREADABLE  # noqa: E402
+from mae_transfer.engine.config import ConfigError  # noqa: E402
+from mae_transfer.engine.launch import picture_path  # noqa: E402
 from mae_transfer.mae import kept_patches  # noqa: E402
 from pretrain.samples import sample_images  # noqa: E402
 from pretrain.visualize import load_mae_for_visualization, visualize  # noqa: E402
@@ -62,15 +64,10 @@ def main(argv=None) -> int:
     for item in args.images or []:
         if not os.path.exists(item):
             p.error(f"--images {item}: no such file or folder")
-    output = args.output
-    if os.path.isdir(output):  # a folder: the picture goes into it
-        output = os.path.join(output, "reconstruction.png")
-    elif not os.path.splitext(output)[1]:  # (matplotlib would add it, unsaid)
-        output += ".png"
-    try:  # made now, not found missing once the model has run
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    except OSError as e:
-        p.error(f"--output {args.output}: cannot make its folder: {e}")
+    try:
+        output = picture_path(args.output, "reconstruction.png")
+    except ConfigError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     size = args.input_size[0] if args.input_size and len(args.input_size) == 1 else args.input_size
     try:

@@ -2,12 +2,14 @@
 
 The entry points (``python -m pretrain``, ``tools/finetune.py``, ``tools/linprobe.py``) are a
 config class, a ``validate`` function and an :class:`EpochTrainer` subclass handed to
-:func:`run_training`, and :func:`exit_code` around it.
+:func:`run_training`, and :func:`exit_code` around it. The drawing tools share
+:func:`picture_path`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Dict, Optional, Type
 
 from mae_transfer.checkpoint import CheckpointError
@@ -64,3 +66,23 @@ def exit_code(fn: Callable[[], object], log: logging.Logger = logger) -> int:
         log.error("%s", e)
         return 1
     return 0
+
+
+def picture_path(output: str, name: str) -> str:
+    """The PNG a drawing tool writes for ``--output``: ``name`` inside it when it is a folder,
+    ``.png`` added when it has no suffix (PIL refuses the name, matplotlib adds it unsaid). Its
+    folder is made now, not found missing once the model has run.
+
+    Raises:
+        ConfigError: the folder cannot be made.
+    """
+    path = output
+    if os.path.isdir(path):  # a folder: the picture goes into it
+        path = os.path.join(path, name)
+    elif not os.path.splitext(path)[1]:
+        path += ".png"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output {output}: cannot make its folder: {e}") from e
+    return path
