@@ -1,5 +1,5 @@
-"""tools/visualize_det.py: its arguments, output names and refusals, driven in-process with the
-tiny detector of test_detection.py."""
+"""tools/visualize_det.py and tools/convert_to_detectron2.py: their arguments, output names
+and refusals, driven in-process with the tiny detector of test_detection.py."""
 
 from __future__ import annotations
 
@@ -133,3 +133,28 @@ def test_visualize_det_does_not_read_the_encoder_that_initialised_training(
     argv[1] = str(config)
     assert load_tool("visualize_det").main([*argv, "--output", out, *TINY_OPTS]) == 0
     assert os.path.isfile(out)
+
+
+@pytest.mark.parametrize("case", ["folder", "new_folder", "pkl", "pyth", "missing_folder"])
+def test_convert_tool_refuses_an_output_it_cannot_write_before_the_work(tmp_path, caplog, case):
+    """A folder failed after the conversion (IsADirectoryError); a .pkl file was written as a
+    torch file, which detectron2 then unpickled (UnpicklingError) in train_det's MODEL.WEIGHTS."""
+    src, _ = _official_encoder_file(tmp_path)
+    (tmp_path / "folder").mkdir()
+    output, expected = {
+        "folder": ("folder", "names a folder: name the file (e.g. vit_d2.pth)"),
+        "new_folder": ("new/", "names a folder"),
+        "pkl": ("d2.pkl", "detectron2 reads a .pkl file as a plain pickle"),
+        "pyth": ("d2.pyth", "detectron2 reads a .pyth file as a pycls checkpoint"),
+        "missing_folder": ("nothere/d2.pth", f"its folder {tmp_path / 'nothere'} does not exist"),
+    }[case]
+    tool = load_tool("convert_to_detectron2")
+    converted = []
+    tool.convert_to_detectron2 = lambda *a: converted.append(a)
+    output = os.path.join(str(tmp_path), output)  # (a Path would drop the trailing /)
+    argv = [src, output, "--config-file", TINY_CONFIG, *TINY_OPTS]
+    _refused(caplog, tool.main(argv), output, expected)
+    if case in ("pkl", "pyth"):
+        assert "name it .pth" in caplog.text
+    assert not converted and not os.listdir(tmp_path / "folder")
+    assert case == "folder" or not os.path.exists(output)

@@ -41,17 +41,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+# detectron2 reads these by their suffix, as other formats than the torch file written here
+OTHER_FORMATS = {".pkl": "a plain pickle", ".pyth": "a pycls checkpoint"}
+
+
+def check_output(output: str) -> None:
+    """The file to write is checked before the conversion: a folder failed at its end, and a
+    .pkl name wrote a file that detectron2 could not read (the same for .pyth)."""
+    if os.path.isdir(output) or output.endswith(("/", os.sep)):  # (as pretrain.export)
+        raise ConfigError(f"output {output} names a folder: name the file (e.g. vit_d2.pth)")
+    suffix = os.path.splitext(output)[1]
+    if suffix in OTHER_FORMATS:
+        raise ConfigError(
+            f"output {output}: detectron2 reads a {suffix} file as {OTHER_FORMATS[suffix]}, "
+            "not as the torch file written here: name it .pth"
+        )
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"output {output}: its folder {out_dir} does not exist")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def body():
+        check_output(args.output)
         cfg = build_cfg(args.config_file, args.opts)
         if not os.path.isfile(args.source):
             raise CheckpointError(f"source checkpoint {args.source!r} does not exist")
-        out_dir = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(out_dir):
-            raise ConfigError(f"output folder {out_dir} does not exist")
         counts = convert_to_detectron2(args.source, args.output, cfg)
         print(f"wrote {args.output}: {counts}")
 
