@@ -24,7 +24,13 @@ from mae_transfer.engine import distributed as distributed_module
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.distributed import DistInfo, init_distributed, local_cuda_index
 from mae_transfer.engine.state import get_rng_state, set_rng_state
-from mae_transfer.engine.trainer import LAST, NonFiniteLossError, set_tf32, tf32_enabled
+from mae_transfer.engine.trainer import (
+    LAST,
+    NonFiniteLossError,
+    make_scaler,
+    set_tf32,
+    tf32_enabled,
+)
 from pretrain.config import make_config, validate
 from pretrain.engine import Trainer
 
@@ -436,6 +442,16 @@ def test_an_fp16_overflow_on_cpu_is_skipped_and_the_scale_lowered(tmp_path, imag
     t.close()
     assert len(calls) == 3 and (tmp_path / "out" / LAST).exists()
     assert t.scaler.get_scale() == start_scale / 2
+    # a CPU fp16 checkpoint of the scale-1 guard (before CPU fp16 had loss scaling) leaves the
+    # resumed dynamic scaler at its own start, not pinned at scale 1
+    ckpt = torch.load(tmp_path / "out" / LAST, weights_only=False)
+    ckpt["scaler"] = make_scaler(torch.device("cpu"), fp16=False).state_dict()
+    torch.save(ckpt, tmp_path / "guard.pth")
+    cfg = tiny_cfg(tmp_path / "again", image_dir, epochs=2, amp="fp16")
+    cfg.resume = str(tmp_path / "guard.pth")
+    resumed = Trainer(cfg, torch.device("cpu"), DistInfo())
+    assert resumed.epoch == 1 and resumed.scaler.get_scale() == start_scale
+    resumed.close()
 
 
 # -- CUDA placement, RNG and TF32 without a GPU -----------------------------------------------

@@ -91,7 +91,10 @@ def make_scaler(device: torch.device, fp16: bool) -> torch.amp.GradScaler:
     """
     if fp16:
         return torch.amp.GradScaler(device.type)
-    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=GUARD_GROWTH_INTERVAL)
+
+
+GUARD_GROWTH_INTERVAL = 2**30  # the scale-1 guard never grows: how its saved state is told
 
 
 def adamw_impl(device: torch.device) -> dict:
@@ -566,12 +569,18 @@ class EpochTrainer:
         return str(self.amp_dtype or torch.float32).replace("torch.", "")
 
     def _load_scaler(self, ckpt: Dict) -> None:
-        saved = ckpt.get("precision", self._precision())
-        if ckpt.get("scaler") and saved == self._precision():
-            self.scaler.load_state_dict(ckpt["scaler"])
-        elif saved != self._precision():
+        saved, state = ckpt.get("precision", self._precision()), ckpt.get("scaler")
+        # fp16 on CPU ran behind the scale-1 guard before it had loss scaling: a guard's state
+        # would pin a dynamic scaler at scale 1 (and one never to grow)
+        guard = bool(state) and state.get("growth_interval") == GUARD_GROWTH_INTERVAL
+        if state and saved == self._precision() and guard != self._dynamic_scale:
+            self.scaler.load_state_dict(state)
+        elif saved != self._precision() or state:
             logger.info(
-                "precision %s -> %s: gradient scaler starts afresh", saved, self._precision()
+                "precision %s -> %s%s: gradient scaler starts afresh",
+                saved,
+                self._precision(),
+                " (the checkpoint's had no loss scaling)" if saved == self._precision() else "",
             )
 
     def _resume_iteration(self, ckpt: Dict) -> int:
