@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 pytest.importorskip("mmseg")
 
-from conftest import ROOT, save_mae_checkpoints, write_images  # noqa: E402
+from conftest import ROOT, _free_port, save_mae_checkpoints, write_images  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
@@ -513,6 +514,26 @@ def test_cpu_runs_use_plain_batchnorm_with_any_launcher(launcher):
     assert "SyncBN" in str(Config.fromfile(RECIPE)._cfg_dict)  # the recipe asks for it
     assert "SyncBN" not in str(cfg._cfg_dict)
     assert cfg.env_cfg.dist_cfg.backend == "gloo"
+
+
+def test_two_cpu_processes_train_under_torchrun_with_gloo(tmp_path):
+    """torchrun --launcher pytorch without CUDA: mmengine's init_dist called
+    torch.cuda.set_device on every rank ('Found no NVIDIA driver'), gloo or not."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path: with CUDA mmengine sets the device itself")
+    root = str(tmp_path / "toy_ade")
+    write_toy_ade(root, num_train=4, num_val=2, size=64)
+    opts = demo_options(root, str(tmp_path / "work"), None, iters=2)
+    opts.update({**TINY_OPTS, "train_dataloader.batch_size": 2})
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    run += ["--master_port", str(_free_port()), os.path.join(ROOT, "tools", "train_seg.py")]
+    cmd = [*run, TINY_CONFIG, "--launcher", "pytorch", "--cfg-options", *_cli_options(opts)]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "work" / "iter_2.pth").is_file()
+    logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*/*.log"))
+    assert "Distributed training: True" in logs
 
 
 def test_the_comparison_grid_takes_images_of_different_sizes(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ the Runner builds anything; the tools turn it into exit code 2.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -86,8 +87,22 @@ def build_cfg(
     if not cuda:  # torch's SyncBatchNorm trains only on GPUs, even with gloo peers
         _replace_sync_bn(cfg._cfg_dict)
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
+        if launcher != "none":
+            _cpu_model_wrapper(cfg)
     validate(cfg)
     return cfg
+
+
+def _cpu_model_wrapper(cfg: Config) -> None:
+    """mmengine's DDP wrapper as it builds it by default, but with no ``device_ids``: mmengine
+    passes ``[LOCAL_RANK]``, which torch refuses for a model on the CPU."""
+    wrapper = cfg.get("model_wrapper_cfg") or dict(
+        type="MMDistributedDataParallel",
+        broadcast_buffers=False,
+        find_unused_parameters=cfg.get("find_unused_parameters", False),
+    )
+    wrapper.setdefault("device_ids", None)
+    cfg.model_wrapper_cfg = wrapper
 
 
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
@@ -330,5 +345,22 @@ def model_state_shapes(cfg: Config) -> Dict[str, torch.Tensor]:
         return MODELS.build(cfg.model).state_dict()
 
 
+def init_cpu_dist(cfg: Config) -> None:
+    """Under torchrun (``--launcher pytorch``) on a machine without CUDA: the process group on
+    the config's backend (gloo, :func:`build_cfg`) from torchrun's environment. mmengine's
+    ``init_dist`` calls ``torch.cuda.set_device`` whatever the backend ('Found no NVIDIA
+    driver'); its ``Runner.setup_env`` skips ``init_dist`` when a process group exists."""
+    from mmengine.device import get_device
+
+    if cfg.launcher != "pytorch" or get_device() != "cpu" or torch.distributed.is_initialized():
+        return
+    kwargs = dict(cfg.get("env_cfg", {}).get("dist_cfg", {}))
+    backend = kwargs.pop("backend", "gloo")
+    if kwargs.get("timeout") is not None:  # seconds, as mmengine's init_dist takes it
+        kwargs["timeout"] = datetime.timedelta(seconds=kwargs["timeout"])
+    torch.distributed.init_process_group(backend=backend, **kwargs)
+
+
 def make_runner(cfg: Config) -> Runner:
+    init_cpu_dist(cfg)
     return Runner.from_cfg(cfg)
