@@ -581,6 +581,69 @@ def test_data_folders_are_checked_for_pairs_before_training(tmp_path):
         check_data(Config(dict(train_dataloader=dict(dataset=ds))))
 
 
+def _write_turned_jpeg(path, h: int, w: int) -> None:
+    """An (h, w) JPEG (left half dark, right half light) tagged EXIF orientation 6: cv2 and
+    PIL's exif_transpose turn it 90 degrees clockwise, to (w, h)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.full((h, w, 3), 40, np.uint8)
+    pixels[:, w // 2 :] = 220
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+
+
+def test_the_size_check_sees_images_turned_by_their_exif_orientation(tmp_path):
+    """mmcv's loading (color_type 'color') applies the EXIF orientation, PIL's header does not:
+    a turned image whose label has the stored size passed the check, and training died with
+    'stack expects each tensor to be equal size' naming no file."""
+    import numpy as np
+    from PIL import Image
+
+    from mae_transfer.engine.config import ConfigError
+    from mae_transfer.segmentation.runner import check_data
+
+    root = tmp_path / "data"
+    for d in ("img", "ann"):
+        (root / d).mkdir(parents=True)
+    for i in range(2):
+        _write_turned_jpeg(root / "img" / f"{i}.jpg", 32, 48)
+        Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "ann" / f"{i}.png")
+    ds = dict(type="BaseSegDataset", data_root=str(root))
+    ds["data_prefix"] = dict(img_path="img", seg_map_path="ann")
+    ds["pipeline"] = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations")]
+    with pytest.raises(ConfigError, match=r"2 of 2 sampled images \(e.g. 0.jpg, 1.jpg\) carry an"):
+        check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    with pytest.raises(ConfigError, match="color_type='color_ignore_orientation' in Load"):
+        check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    ds["pipeline"][0]["color_type"] = "color_ignore_orientation"  # mmcv loads them as stored
+    check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    ds["pipeline"][0]["color_type"] = "color"  # labels drawn on the turned images fit
+    for i in range(2):
+        Image.fromarray(np.zeros((48, 32), np.uint8)).save(root / "ann" / f"{i}.png")
+    check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+
+
+@pytest.mark.parametrize("hw", [(32, 48), (40, 40)])
+def test_the_overlay_shows_the_image_turned_as_the_prediction_is(tiny_segmentor, tmp_path, hw):
+    """visualize read images with PIL, which ignores the EXIF orientation that mmcv applies for
+    the prediction: a turned non-square photo crashed ('boolean index did not match'), a
+    square one was drawn under a prediction made on the turned image."""
+    import mmcv
+
+    from mae_transfer.segmentation.visualize import comparison_grid, init_segmentor
+
+    path, opts, _ = tiny_segmentor
+    model = init_segmentor(build_cfg(TINY_CONFIG, opts, for_training=False), path)
+    photo = str(tmp_path / "photo.jpg")
+    _write_turned_jpeg(photo, *hw)
+    grid = comparison_grid([photo], [("model", model)], model.dataset_meta["palette"], scale=1)
+    turned = mmcv.imread(photo)[:, :, ::-1]  # as the test pipeline loads it, in RGB
+    assert turned.shape[:2] == hw[::-1]
+    assert (grid[22 : 22 + hw[1], 2 : 2 + hw[0]] == turned).all()  # under the titles, padded
+
+
 def test_visualization_colours_come_from_the_config_s_own_classes():
     from types import SimpleNamespace
 

@@ -19,6 +19,8 @@ from mmengine.runner import Runner
 from mae_transfer.device import resolve_amp
 from mae_transfer.engine.config import ConfigError
 
+from .loading import image_loader, loaded_size
+
 
 def _replace_sync_bn(node: Any) -> Any:
     """SyncBN -> BN everywhere in a config (CPU runs: torch's SyncBatchNorm raises in training
@@ -312,21 +314,44 @@ def _unpaired_data(ds: Dict, key: str, paths: Dict[str, str]) -> List[str]:
             f"'<name>{seg_suffix}' in {seg_dir} (e.g. {unpaired[0]}); set "
             f"{key}.seg_map_suffix if the labels end otherwise"
         ]
+    step = max(1, len(images) // PAIR_SAMPLE)
+    pairs = [(images[i], labels[i]) for i in range(0, len(images), step)]
+    return _misfit_pairs(pairs, img_dir, image_loader(ds.get("pipeline")), key)
+
+
+def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> List[str]:
+    """Images whose label has another size than the image as ``loader`` (the pipeline's
+    LoadImageFromFile) loads it: EXIF orientation applied, as mmcv applies it."""
     from PIL import Image
 
-    step = max(1, len(images) // PAIR_SAMPLE)
-    for i in range(0, len(images), step):
+    turned = []
+    for image, label in pairs:
         try:
-            with Image.open(os.path.join(img_dir, images[i])) as a, Image.open(labels[i]) as b:
-                sizes = a.size, b.size
+            with Image.open(os.path.join(img_dir, image)) as a, Image.open(label) as b:
+                (size, was_turned), raw, label_size = loaded_size(a, loader), a.size, b.size
         except OSError:
             continue  # unreadable: mmseg's own loading says so
-        if sizes[0] != sizes[1]:
-            return [
-                f"{key}: image {images[i]} is {sizes[0][0]}x{sizes[0][1]} but its label "
-                f"{labels[i]} is {sizes[1][0]}x{sizes[1][1]}: labels must have their image's "
-                "size (checked on a sample)"
-            ]
+        if size == label_size:
+            continue
+        if was_turned and raw == label_size:
+            turned.append(image)
+            continue
+        return [
+            f"{key}: image {image} is {size[0]}x{size[1]}"
+            + (f" (turned by its EXIF orientation from {raw[0]}x{raw[1]})" if was_turned else "")
+            + f" but its label {label} is {label_size[0]}x{label_size[1]}: labels must have "
+            "their image's size (checked on a sample)"
+        ]
+    if turned:
+        return [
+            f"{key}: {len(turned)} of {len(pairs)} sampled images (e.g. "
+            f"{', '.join(turned[:3])}) carry an EXIF orientation tag that LoadImageFromFile "
+            f"(color_type {loader.get('color_type', 'color')!r}) applies, turning them against "
+            "their labels, which have the stored size: strip the tag from the images (e.g. "
+            "exiftool -Orientation= FILE), or load ignoring it with "
+            "color_type='color_ignore_orientation' in LoadImageFromFile of the train and test "
+            "pipelines"
+        ]
     return []
 
 

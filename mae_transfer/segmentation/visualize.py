@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .loading import read_rgb
+
 
 def init_segmentor(cfg, checkpoint: str, device: str = "cpu"):
     """The segmentor of ``cfg`` (an mmengine Config, from :func:`runner.build_cfg`) in eval
@@ -79,9 +81,12 @@ def comparison_grid(
 ) -> np.ndarray:
     """Rows of image | ground truth | each (title, model) prediction, with titles on top."""
     titles = ["image"] + (["ground truth"] if gt_paths else []) + [t for t, _ in columns]
+    # read as the models' test pipeline reads it (EXIF orientation applied or not, as
+    # mmcv applies it), so that each prediction lies over the image it was made on
+    pipeline = _test_pipeline([model for _, model in columns])
     rows: List[List[np.ndarray]] = []
     for i, path in enumerate(image_paths):
-        img = np.asarray(Image.open(path).convert("RGB"))
+        img = read_rgb(path, pipeline)
         cells = [img]
         if gt_paths:
             cells.append(overlay(img, load_labels(gt_paths[i]), palette))
@@ -103,6 +108,16 @@ def comparison_grid(
     for k, t in enumerate(titles):
         ImageDraw.Draw(head).text((k * cell_w + 4, 4), t, fill=(0, 0, 0))
     return np.concatenate([np.asarray(head), grid], axis=0)
+
+
+def _test_pipeline(models) -> Optional[list]:
+    """The test pipeline of the first model built from a config (``model.cfg``, which mmseg's
+    inference_model reads), else None (mmcv's default loading)."""
+    for model in models:
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None and cfg.get("test_pipeline"):
+            return cfg.test_pipeline
+    return None
 
 
 def _fit(img: np.ndarray, h: int, w: int) -> np.ndarray:

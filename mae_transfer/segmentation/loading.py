@@ -1,0 +1,51 @@
+"""Images as the pipelines' ``LoadImageFromFile`` (mmcv) reads them: EXIF orientation included.
+
+mmcv's cv2 and pillow decoders turn an image by its EXIF orientation tag for ``color_type``
+'color' and 'grayscale' (the default), not for 'unchanged' nor the '*_ignore_orientation'
+types; turbojpeg and tifffile never turn it. PIL's ``Image.open`` does not turn it either, so
+what PIL reads of a phone photo can be rotated against what training and inference see.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+ORIENTATION = 0x0112  # the EXIF orientation tag
+SWAPS_SIDES = (5, 6, 7, 8)  # transposed, 90 degrees clockwise, transversed, 90 anticlockwise
+
+
+def image_loader(pipeline: Optional[Sequence[Any]]) -> Dict:
+    """The pipeline's ``LoadImageFromFile`` entry; ``{"type": "LoadImageFromFile"}`` (mmcv's
+    defaults) when it has none."""
+    for t in pipeline or []:
+        kind = t.get("type") if isinstance(t, dict) else None
+        if str(getattr(kind, "__name__", kind)).split(".")[-1] == "LoadImageFromFile":
+            return dict(t)
+    return {"type": "LoadImageFromFile"}
+
+
+def turns_by_orientation(loader: Dict) -> bool:
+    """Whether ``loader`` (a LoadImageFromFile config) applies the EXIF orientation."""
+    applies = loader.get("color_type", "color") in ("color", "grayscale")
+    return applies and loader.get("imdecode_backend", "cv2") in ("cv2", "pillow")
+
+
+def loaded_size(image, loader: Dict) -> Tuple[Tuple[int, int], bool]:
+    """``((width, height), turned)`` of an open PIL image as ``loader`` will load it, from the
+    header only; ``turned``: its orientation tag swaps its sides and ``loader`` applies it."""
+    turned = turns_by_orientation(loader) and image.getexif().get(ORIENTATION) in SWAPS_SIDES
+    return (image.size[::-1] if turned else image.size), turned
+
+
+def read_rgb(path: str, pipeline: Optional[Sequence[Any]] = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of ``path``, read by the pipeline's LoadImageFromFile (built from
+    mmseg's registry): the orientation, size and colours the segmentor sees."""
+    import mmcv
+    from mmseg.registry import TRANSFORMS
+
+    img = TRANSFORMS.build(image_loader(pipeline))(dict(img_path=path))["img"]
+    if img.ndim == 2:  # color_type 'grayscale'
+        return np.repeat(img[:, :, None], 3, axis=2)
+    return mmcv.bgr2rgb(img[:, :, :3])
