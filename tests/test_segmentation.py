@@ -581,6 +581,99 @@ def test_data_folders_are_checked_for_pairs_before_training(tmp_path):
         check_data(Config(dict(train_dataloader=dict(dataset=ds))))
 
 
+def test_labels_of_several_channels_are_refused_before_training(tmp_path):
+    """An RGB(A) rendering of a label passed the check; training died on a shape error
+    naming no file."""
+    import numpy as np
+    from PIL import Image
+
+    from mae_transfer.engine.config import ConfigError
+    from mae_transfer.segmentation.runner import check_data
+
+    root = tmp_path / "data"
+    for d in ("img", "ann"):
+        (root / d).mkdir(parents=True)
+    for i, mode in enumerate(("L", "P", "RGB", "RGBA")):
+        Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(root / "img" / f"{i}.jpg")
+        Image.new(mode, (48, 32)).save(root / "ann" / f"{i}.png")
+    ds = dict(type="BaseSegDataset", data_root=str(root))
+    ds["data_prefix"] = dict(img_path="img", seg_map_path="ann")
+    with pytest.raises(ConfigError, match=r"2 of 4 sampled labels have several channels") as e:
+        check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    assert "2.png (RGB), " in str(e.value) and "3.png (RGBA)" in str(e.value)
+    assert "single-channel PNG (mode L or P)" in str(e.value)
+
+
+def _toy_dataset(tmp_path, split: str, label, **opts):
+    """The tiny config's train or val data set (as build_cfg leaves it) on 2 toy scenes, the
+    first one's label replaced by ``label`` (a PIL image)."""
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATASETS
+
+    root = str(tmp_path / "toy_ade")
+    write_toy_ade(root, num_train=2, num_val=2, size=32)
+    name = "training" if split == "train" else "validation"
+    label.save(os.path.join(root, "annotations", name, f"{name}_00000.png"))
+    opts.update({f"{split}_dataloader.dataset.data_root": root})
+    cfg = build_cfg(TINY_CONFIG, opts)
+    init_default_scope("mmseg")
+    return DATASETS.build(cfg[f"{split}_dataloader"].dataset)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_label_values_beyond_the_classes_name_the_file(tmp_path, split):
+    """A label value >= num_classes (not 255) crashed training ('index 39 is out of bounds
+    for dimension 1 with size 8', no file named), and evaluation dropped those pixels from
+    the mIoU without a word."""
+    import numpy as np
+    from PIL import Image
+
+    from mae_transfer.engine.config import ConfigError
+
+    values = np.full((32, 32), 3, np.uint8)
+    values[:4, :4], values[4:8, :4], values[8:, :4] = 40, 0, 255  # 0 and 255 are ignored
+    ds = _toy_dataset(tmp_path, split, Image.fromarray(values))
+    assert ds[1]["data_samples"].gt_sem_seg.data.max() == 255  # the good scene loads
+    with pytest.raises(ConfigError) as e:
+        ds[0]
+    name = "training" if split == "train" else "validation"
+    message = str(e.value)
+    assert f"{name}_00000.png holds class values 39 (40 in the file, reduce_zero_label" in message
+    assert "outside [0, 8) and not the ignore index 255: set num_classes" in message
+
+
+def test_label_checks_follow_the_config_and_are_added_once(tmp_path):
+    """Labels counted from 0 without reduce_zero_label: the value num_classes is refused with
+    the other way out; an RGB label beyond the checked sample is refused as it loads; a config
+    mmengine saved (the check already in it) gets no second one."""
+    import numpy as np
+    from PIL import Image
+
+    from mae_transfer.engine.config import ConfigError
+
+    values = np.full((32, 32), 8, np.uint8)
+    no_reduce = {
+        "train_dataloader.dataset.reduce_zero_label": False,
+        "train_dataloader.dataset.pipeline.1.reduce_zero_label": False,
+    }
+    ds = _toy_dataset(tmp_path / "a", "train", Image.fromarray(values), **no_reduce)
+    with pytest.raises(ConfigError, match=r"values 8, outside \[0, 8\) .* or reduce_zero_label=Tr"):
+        ds[0]
+    ds = _toy_dataset(tmp_path / "b", "val", Image.fromarray(np.zeros((32, 32, 3), np.uint8)))
+    with pytest.raises(ConfigError, match="validation_00000.png has 3 channels"):
+        ds[0]
+    cfg = build_cfg(TINY_CONFIG)
+    types = [t["type"] for t in cfg.train_dataloader.dataset.pipeline]
+    assert types[:3] == ["LoadImageFromFile", "LoadAnnotations", "CheckSegLabels"]
+    check = cfg.train_dataloader.dataset.pipeline[2]
+    assert (check["num_classes"], check["ignore_index"]) == (8, 255)
+    cfg.dump(str(tmp_path / "saved.py"))
+    again = build_cfg(str(tmp_path / "saved.py"))
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        types = [t["type"] for t in again[loader].dataset.pipeline]
+        assert types.count("CheckSegLabels") == 1, (loader, types)
+
+
 def _write_turned_jpeg(path, h: int, w: int) -> None:
     """An (h, w) JPEG (left half dark, right half light) tagged EXIF orientation 6: cv2 and
     PIL's exif_transpose turn it 90 degrees clockwise, to (w, h)."""

@@ -20,10 +20,16 @@ def image_loader(pipeline: Optional[Sequence[Any]]) -> Dict:
     """The pipeline's ``LoadImageFromFile`` entry; ``{"type": "LoadImageFromFile"}`` (mmcv's
     defaults) when it has none."""
     for t in pipeline or []:
-        kind = t.get("type") if isinstance(t, dict) else None
-        if str(getattr(kind, "__name__", kind)).split(".")[-1] == "LoadImageFromFile":
+        if type_name(t) == "LoadImageFromFile":
             return dict(t)
     return {"type": "LoadImageFromFile"}
+
+
+def type_name(transform) -> Optional[str]:
+    """A pipeline entry's type without its scope ('mmseg.LoadAnnotations' -> 'LoadAnnotations'),
+    also for a class (new-style configs); None for what is not a config dict."""
+    kind = transform.get("type") if isinstance(transform, dict) else None
+    return None if kind is None else str(getattr(kind, "__name__", kind)).split(".")[-1]
 
 
 def turns_by_orientation(loader: Dict) -> bool:

@@ -19,7 +19,7 @@ from mmengine.runner import Runner
 from mae_transfer.device import resolve_amp
 from mae_transfer.engine.config import ConfigError
 
-from .loading import image_loader, loaded_size
+from .loading import image_loader, loaded_size, type_name
 
 
 def _replace_sync_bn(node: Any) -> Any:
@@ -91,8 +91,39 @@ def build_cfg(
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
         if launcher != "none":
             _cpu_model_wrapper(cfg)
+    add_label_checks(cfg)
     validate(cfg)
     return cfg
+
+
+def add_label_checks(cfg: Config) -> None:
+    """:class:`CheckSegLabels` after each ``LoadAnnotations`` of the data sets' pipelines
+    (once: a config mmengine saved has them), for the decode head's classes: added here, so
+    that configs on mmseg's own pipelines (the ADE20K recipe) and users' configs get it."""
+    head = cfg.model.get("decode_head")
+    if not isinstance(head, dict) or not head.get("num_classes"):
+        return
+    check = dict(
+        type="CheckSegLabels",
+        num_classes=head["num_classes"],
+        ignore_index=head.get("ignore_index", 255),
+    )
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        if cfg.get(loader):
+            _insert_after_loading(cfg[loader].get("dataset") or {}, check)
+
+
+def _insert_after_loading(ds: Dict, check: Dict) -> None:
+    """Through ConcatDataset's ``datasets`` and wrappers' ``dataset``."""
+    for inner in ds.get("datasets") or []:
+        _insert_after_loading(inner, check)
+    if ds.get("dataset"):
+        _insert_after_loading(ds["dataset"], check)
+    pipeline = ds.get("pipeline") or []
+    names = [type_name(t) for t in pipeline] + [None]
+    for i in reversed(range(len(pipeline))):
+        if names[i] == "LoadAnnotations" and names[i + 1] != "CheckSegLabels":
+            pipeline.insert(i + 1, dict(check))
 
 
 def _cpu_model_wrapper(cfg: Config) -> None:
@@ -222,9 +253,10 @@ def parse_cfg_options(pairs: Sequence[str]) -> Dict:
 
 
 def check_data(cfg: Config, for_training: bool = True) -> None:
-    """The folders and files the run's data sets read exist: training reads the train (and,
-    with a val loop, the val) data set, testing the test one. mmengine would find out only
-    after building the model, with a traceback."""
+    """The folders and files the run's data sets read exist, and pair up (on a sample, from
+    the headers: sizes, single-channel labels): training reads the train (and, with a val
+    loop, the val) data set, testing the test one. mmengine would find out only after building
+    the model, with a traceback. Label values are checked as they load (CheckSegLabels)."""
     loaders = ["test_dataloader"]
     if for_training:
         loaders = ["train_dataloader"]
@@ -237,7 +269,7 @@ def check_data(cfg: Config, for_training: bool = True) -> None:
         else:
             errors += _missing_data(cfg[loader].get("dataset", {}), f"{loader}.dataset")
     if errors:
-        raise ConfigError("missing data:\n  - " + "\n  - ".join(errors))
+        raise ConfigError("bad data:\n  - " + "\n  - ".join(errors))
 
 
 def _missing_data(ds: Dict, key: str) -> List[str]:
@@ -320,15 +352,19 @@ def _unpaired_data(ds: Dict, key: str, paths: Dict[str, str]) -> List[str]:
 
 
 def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> List[str]:
-    """Images whose label has another size than the image as ``loader`` (the pipeline's
-    LoadImageFromFile) loads it: EXIF orientation applied, as mmcv applies it."""
+    """Labels of several channels (an RGB rendering: mmseg trains on it until a shape error
+    naming no file), and images whose label has another size than the image as ``loader``
+    (the pipeline's LoadImageFromFile) loads it: EXIF orientation applied, as mmcv applies it."""
     from PIL import Image
 
-    turned = []
+    turned, coloured = [], []
     for image, label in pairs:
         try:
             with Image.open(os.path.join(img_dir, image)) as a, Image.open(label) as b:
                 (size, was_turned), raw, label_size = loaded_size(a, loader), a.size, b.size
+                if len(b.getbands()) > 1:
+                    coloured.append(f"{label} ({b.mode})")
+                    continue
         except OSError:
             continue  # unreadable: mmseg's own loading says so
         if size == label_size:
@@ -341,6 +377,12 @@ def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> L
             + (f" (turned by its EXIF orientation from {raw[0]}x{raw[1]})" if was_turned else "")
             + f" but its label {label} is {label_size[0]}x{label_size[1]}: labels must have "
             "their image's size (checked on a sample)"
+        ]
+    if coloured:
+        return [
+            f"{key}: {len(coloured)} of {len(pairs)} sampled labels have several channels (e.g. "
+            f"{', '.join(coloured[:3])}): a label is one class index per pixel, a "
+            "single-channel PNG (mode L or P); convert colour-coded labels to indices"
         ]
     if turned:
         return [

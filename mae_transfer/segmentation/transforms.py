@@ -1,0 +1,65 @@
+"""A label check for mmseg pipelines, right after ``LoadAnnotations``.
+
+Values a label should not hold fail far from their file: in training the loss indexes past
+its classes ('index 39 is out of bounds for dimension 1 with size 8'), in evaluation
+IoUMetric drops those pixels without a word (the mIoU is then of the other pixels).
+:func:`runner.build_cfg` inserts the check after every ``LoadAnnotations`` of the data sets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mmcv.transforms import BaseTransform
+from mmseg.registry import TRANSFORMS
+
+from mae_transfer.engine.config import ConfigError
+
+
+@TRANSFORMS.register_module()
+class CheckSegLabels(BaseTransform):
+    """Refuses a loaded label (``gt_seg_map``, after ``reduce_zero_label`` and ``label_map``,
+    as mmseg applies them) that is not one class index per pixel in [0, num_classes) or the
+    ignore index. One comparison per pixel; the file and its bad values named.
+
+    Args:
+        num_classes: the decode head's ``num_classes``.
+        ignore_index: the decode head's ``ignore_index`` (mmseg's default 255).
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+
+    def transform(self, results: dict) -> dict:
+        seg = results.get("gt_seg_map")
+        if seg is None:  # inference: no label loaded
+            return results
+        path = results.get("seg_map_path", "<unknown>")
+        if seg.ndim != 2:
+            raise ConfigError(
+                f"label {path} has {seg.shape[-1]} channels: labels are one class index per "
+                "pixel (a single-channel PNG, mode L or P); convert colour-coded labels"
+            )
+        bad = np.unique(seg[(seg >= self.num_classes) & (seg != self.ignore_index)])
+        if bad.size:
+            raise ConfigError(self._message(path, bad, results.get("reduce_zero_label", False)))
+        return results
+
+    def _message(self, path: str, bad: np.ndarray, reduce_zero_label: bool) -> str:
+        def listed(values) -> str:
+            return ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+
+        bad = bad.astype(np.int64)
+        fix = "set num_classes (model.decode_head and auxiliary_head) to the number of classes"
+        if reduce_zero_label:
+            stored = f" ({listed(bad + 1)} in the file, reduce_zero_label=True taking 1 from each)"
+        else:
+            stored = ""
+            fix += ", or reduce_zero_label=True in the data set if 0 means unlabeled (ADE20K)"
+        return (
+            f"label {path} holds class values {listed(bad)}{stored}, outside [0, "
+            f"{self.num_classes}) and not the ignore index {self.ignore_index}: {fix}"
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_classes={self.num_classes}, ignore={self.ignore_index})"
