@@ -221,6 +221,24 @@ def _check_test_and_visualize_tools(tmp_path, root, opts):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_resume_in_a_work_dir_without_checkpoints_warns_and_starts_afresh(tmp_path):
+    """--resume into an empty or mistyped work dir trained from scratch with exit 0 and
+    mmengine's 'Auto resumed from the latest checkpoint None.'; it still starts afresh (a
+    requeued job's first run passes --resume too), saying so."""
+    root = str(tmp_path / "toy_ade")
+    write_toy_ade(root, num_train=2, num_val=2, size=32)
+    work = tmp_path / "typo"
+    opts = demo_options(root, str(work), None, iters=1)
+    opts.update({**TINY_OPTS, "train_dataloader.batch_size": 2})
+    argv = [TINY_CONFIG, "--resume", "--work-dir", str(work)]
+    assert _tool("train_seg").main(argv + ["--cfg-options", *_cli_options(opts)]) == 0
+    assert (work / "iter_1.pth").is_file()
+    logs = "".join(p.read_text() for p in work.glob("*/*.log"))
+    assert f"WARNING - --resume: no checkpoint to resume in the work dir {work} (no" in logs
+    assert "training starts from scratch" in logs
+    assert "latest checkpoint None" not in logs
+
+
 TINY_OPTS = {  # the tiny config at width 32, as the tests' checkpoints
     "model.backbone.embed_dim": 32,
     "model.backbone.num_heads": 2,

@@ -37,7 +37,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a segmentor (mmseg conventions)")
     p.add_argument("config", help="mmseg config file")
     p.add_argument("--work-dir", help="where logs and checkpoints go")
-    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume from the latest checkpoint of the work dir (none there: from scratch, with "
+        "a warning, so that a requeued job can pass it from its first run)",
+    )
     p.add_argument(
         "--amp",
         nargs="?",

@@ -428,6 +428,25 @@ def init_cpu_dist(cfg: Config) -> None:
     torch.distributed.init_process_group(backend=backend, **kwargs)
 
 
+class SegRunner(Runner):
+    """mmengine's Runner, saying so when ``resume`` finds nothing to resume."""
+
+    def load_or_resume(self) -> None:
+        """``resume`` without ``load_from`` in a work dir without mmengine's ``last_checkpoint``
+        file: training starts from scratch, as in mmengine (a requeued job's first run also
+        passes --resume), but with a warning naming the work dir; mmengine logged 'Auto resumed
+        from the latest checkpoint None.' and a mistyped --work-dir went unnoticed."""
+        marker = os.path.join(self.work_dir, "last_checkpoint")  # where mmengine looks
+        if self._resume and self._load_from is None and not os.path.isfile(marker):
+            self.logger.warning(
+                f"--resume: no checkpoint to resume in the work dir {self.work_dir} (no "
+                "last_checkpoint file): training starts from scratch. Give the --work-dir of "
+                "the run to continue if this is not the first run of this job"
+            )
+            self._resume = False
+        super().load_or_resume()
+
+
 def make_runner(cfg: Config) -> Runner:
     init_cpu_dist(cfg)
-    return Runner.from_cfg(cfg)
+    return SegRunner.from_cfg(cfg)
