@@ -660,6 +660,22 @@ def test_label_values_beyond_the_classes_name_the_file(tmp_path, split):
     assert "outside [0, 8) and not the ignore index 255: set num_classes" in message
 
 
+def test_a_label_of_another_size_than_its_image_as_loaded_names_both(tmp_path):
+    """The check before training reads a sample of the pairs: a pair outside it whose sizes
+    differ (e.g. a photo turned by its EXIF tag) failed when batched ('stack expects each
+    tensor to be equal size')."""
+    import numpy as np
+    from PIL import Image
+
+    from mae_transfer.engine.config import ConfigError
+
+    ds = _toy_dataset(tmp_path, "train", Image.fromarray(np.ones((24, 32), np.uint8)))
+    with pytest.raises(ConfigError) as e:
+        ds[0]
+    assert "training_00000.jpg loads as 32x32 (height x width)" in str(e.value)
+    assert "training_00000.png is 24x32" in str(e.value) and "EXIF" in str(e.value)
+
+
 def test_label_checks_follow_the_config_and_are_added_once(tmp_path):
     """Labels counted from 0 without reduce_zero_label: the value num_classes is refused with
     the other way out; an RGB label beyond the checked sample is refused as it loads; a config

@@ -19,7 +19,8 @@ from mae_transfer.engine.config import ConfigError
 class CheckSegLabels(BaseTransform):
     """Refuses a loaded label (``gt_seg_map``, after ``reduce_zero_label`` and ``label_map``,
     as mmseg applies them) that is not one class index per pixel in [0, num_classes) or the
-    ignore index. One comparison per pixel; the file and its bad values named.
+    ignore index, or not of its image's size (as loaded). One comparison per pixel; the file
+    and its bad values named.
 
     Args:
         num_classes: the decode head's ``num_classes``.
@@ -39,6 +40,16 @@ class CheckSegLabels(BaseTransform):
             raise ConfigError(
                 f"label {path} has {seg.shape[-1]} channels: labels are one class index per "
                 "pixel (a single-channel PNG, mode L or P); convert colour-coded labels"
+            )
+        img = results.get("img")
+        if img is not None and tuple(img.shape[:2]) != tuple(seg.shape[:2]):
+            # (the check before training looks at a sample of the pairs only)
+            raise ConfigError(
+                f"image {results.get('img_path', '<unknown>')} loads as {img.shape[0]}x"
+                f"{img.shape[1]} (height x width), its label {path} is {seg.shape[0]}x"
+                f"{seg.shape[1]}: they must match; a photo whose EXIF orientation tag turns it "
+                "on loading needs the tag stripped, or LoadImageFromFile(color_type="
+                "'color_ignore_orientation')"
             )
         bad = np.unique(seg[(seg >= self.num_classes) & (seg != self.ignore_index)])
         if bad.size:
