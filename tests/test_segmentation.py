@@ -339,6 +339,73 @@ def test_visualize_seg_takes_cfg_options(tiny_segmentor, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_visualize_seg_output_a_folder_a_name_without_suffix_a_folder_to_make(
+    tiny_segmentor, tmp_path, capsys, monkeypatch
+):
+    """A missing folder failed once the model had run (FileNotFoundError), a folder or a name
+    without a suffix in PIL: as visualize_det, through engine.launch.picture_path."""
+    path, opts, images = tiny_segmentor
+    tool = _tool("visualize_seg")
+    made_first, init = [], tool.init_segmentor
+
+    def init_segmentor(*args):
+        made_first.append((tmp_path / "new" / "sub").is_dir())
+        return init(*args)
+
+    monkeypatch.setattr(tool, "init_segmentor", init_segmentor)
+    (tmp_path / "folder").mkdir()
+    for given, written in (
+        ("named", "named.png"),
+        ("folder", "folder/segmentation.png"),
+        ("new/sub/s.png", "new/sub/s.png"),
+    ):
+        argv = [TINY_CONFIG, path, "--images", images, "--num", "1"]
+        argv += ["--output", str(tmp_path / given), "--cfg-options", *_cli_options(opts)]
+        assert tool.main(argv) == 0, given
+        png = tmp_path / written
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", given
+        assert f"wrote {png}" in capsys.readouterr().out, given  # said as written
+    assert made_first[-1]  # the folder was made before the model was built
+
+
+def test_visualize_seg_refuses_num_0_before_the_model_is_built(
+    tiny_segmentor, tmp_path, capsys, monkeypatch
+):
+    """--num 0 ended in ``max() arg is an empty sequence`` after the model had run."""
+    path, opts, images = tiny_segmentor
+    tool = _tool("visualize_seg")
+    monkeypatch.setattr(tool, "init_segmentor", lambda *a: pytest.fail("the model was built"))
+    argv = [TINY_CONFIG, path, "--images", images, "--num", "0"]
+    with pytest.raises(SystemExit) as e:
+        tool.main([*argv, "--output", str(tmp_path / "s.png")])
+    assert e.value.code == 2 and "--num must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_test_seg_out_a_folder_is_refused_a_missing_folder_made_before_the_evaluation(
+    tiny_segmentor, tmp_path, caplog, monkeypatch
+):
+    """Both failed once the whole evaluation was over (IsADirectoryError, FileNotFoundError)."""
+    path, opts, _ = tiny_segmentor
+    root = str(tmp_path / "toy_ade")
+    write_toy_ade(root, num_train=0, num_val=1, size=32)
+    tool = _tool("test_seg")
+    made_first, make = [], tool.make_runner
+
+    def make_runner(cfg):
+        made_first.append((tmp_path / "new" / "sub").is_dir())
+        return make(cfg)
+
+    monkeypatch.setattr(tool, "make_runner", make_runner)
+    argv = [TINY_CONFIG, path, "--work-dir", str(tmp_path / "w"), "--cfg-options"]
+    argv += _cli_options({**opts, "test_dataloader.dataset.data_root": root})
+    out = tmp_path / "new" / "sub" / "metrics.json"
+    assert tool.main([*argv, "--out", str(out)]) == 0
+    assert made_first == [True] and "mIoU" in json.loads(out.read_text())
+    code = tool.main([*argv, "--out", str(tmp_path)])
+    _refused(caplog, code, f"--out {tmp_path} names a folder: name the file")
+    assert made_first == [True]  # refused before the evaluation
+
+
 def _bad_inputs(tmp_path, checkpoint: str, images: str) -> dict:
     """case: (tool, argv, expected pieces of the message)."""
     nothere = str(tmp_path / "nothere")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evaluate a segmentor checkpoint (mIoU with mmseg's IoUMetric), mmseg's tools/test.py style.
 
-python tools/test_seg.py CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options k=v ...]
+python tools/test_seg.py CONFIG CHECKPOINT [--work-dir DIR] [--out metrics.json] \\
+    [--cfg-options k=v ...]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmengine.model import is_model_wrapper  # noqa: E402
 
+from mae_transfer.engine.config import ConfigError  # noqa: E402
 from mae_transfer.engine.launch import exit_code  # noqa: E402
 from mae_transfer.segmentation.checkpoint import check_fits, read_segmentor  # noqa: E402
 from mae_transfer.segmentation.runner import (  # noqa: E402
@@ -31,20 +33,38 @@ from mae_transfer.segmentation.runner import (  # noqa: E402
 logger = logging.getLogger("test_seg")
 
 
+def prepare_out(out: str) -> None:
+    """Prepares ``--out`` before the evaluation (a bad one failed only once it was over): a
+    folder is refused (as pretrain.export and convert_to_detectron2 refuse one), a missing
+    folder is made.
+
+    Raises:
+        ConfigError: a folder, or a folder that cannot be made.
+    """
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):
+        raise ConfigError(f"--out {out} names a folder: name the file (e.g. metrics.json)")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot make its folder: {e}") from e
+
+
 def main(argv=None) -> int:
-    """Exit code 0; 2 for a bad config value, missing data, or a checkpoint that does not fill
-    the model of CONFIG (as trained: give the same --cfg-options)."""
+    """Exit code 0; 2 for a bad config value, missing data, a folder as --out, or a checkpoint
+    that does not fill the model of CONFIG (as trained: give the same --cfg-options)."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("config")
     p.add_argument("checkpoint", help="a trained segmentor (iter_N.pth), every weight of it")
     p.add_argument("--work-dir")
     p.add_argument("--cfg-options", nargs="+", default=[], help="key=value overrides")
-    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--out", help="write the metrics as JSON to this file (its folder is made)")
     add_launcher_args(p)
     args = p.parse_args(argv)
     export_local_rank(args)
 
     def body():
+        if args.out:
+            prepare_out(args.out)
         options = parse_cfg_options(args.cfg_options)
         # evaluated in fp32: the numbers do not depend on the GPU generation
         cfg = build_cfg(
