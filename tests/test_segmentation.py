@@ -418,6 +418,23 @@ def _bad_inputs(tmp_path, checkpoint: str, images: str) -> dict:
             ("model.backbone.pretrained: file not found", "nothere.pth"),
         ),
         "fp16_on_cpu": ("train_seg", [*train, "--amp", "fp16"], ("amp fp16 needs CUDA",)),
+        # mmengine's DictAction: 'not enough values to unpack (expected 2, got 1)'
+        "option_without_equals": (
+            "train_seg",
+            [*train, "--cfg-options", "train_cfg.max_iters", "5"],
+            ("--cfg-options takes key=value pairs", "'train_cfg.max_iters', '5'"),
+        ),
+        # 'invalid literal for int()' once the Runner was built, naming no key
+        "option_not_a_number": (
+            "train_seg",
+            [*train, "--cfg-options", "train_cfg.max_iters=abc"],
+            ("train_cfg.max_iters takes a number (the config has 200), got 'abc'",),
+        ),
+        "option_not_a_flag": (
+            "train_seg",
+            [*train, "--cfg-options", "model.backbone.class_token=yes"],
+            ("model.backbone.class_token takes True or False, got 'yes'",),
+        ),
         "data_root": (
             "train_seg",
             [*train, "--cfg-options", f"train_dataloader.dataset.data_root={nothere}", *data],
@@ -445,7 +462,8 @@ def _bad_inputs(tmp_path, checkpoint: str, images: str) -> dict:
 
 @pytest.mark.parametrize(
     "case",
-    ["pretrained", "fp16_on_cpu", "data_root", "test_config", "test_checkpoint", "vis_config",
+    ["pretrained", "fp16_on_cpu", "option_without_equals", "option_not_a_number",
+     "option_not_a_flag", "data_root", "test_config", "test_checkpoint", "vis_config",
      "vis_checkpoint", "vis_images"],
 )  # fmt: skip
 def test_seg_tools_refuse_bad_input_with_exit_2(tiny_segmentor, tmp_path, caplog, case):

@@ -28,6 +28,7 @@ from mae_transfer.segmentation.runner import (  # noqa: E402
     check_data,
     export_local_rank,
     make_runner,
+    parse_cfg_options,
 )
 
 logger = logging.getLogger("train_seg")
@@ -65,21 +66,13 @@ def parse_args(argv=None):
     p.add_argument(
         "--cfg-options",
         nargs="+",
-        action=_DictAction,
-        default={},
+        default=[],
         help="override config values: key=value (e.g. train_cfg.max_iters=100)",
     )
     add_launcher_args(p)
     args = p.parse_args(argv)
     export_local_rank(args)
     return args
-
-
-class _DictAction(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        from mmengine.config import DictAction
-
-        DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
 
 
 def main(argv=None) -> int:
@@ -90,7 +83,7 @@ def main(argv=None) -> int:
     def body():
         cfg = build_cfg(
             args.config,
-            args.cfg_options,
+            parse_cfg_options(args.cfg_options),
             args.work_dir,
             args.launcher,
             amp=args.amp,

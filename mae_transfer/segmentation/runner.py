@@ -64,6 +64,7 @@ def build_cfg(
         raise ConfigError(f"config file {config!r} does not exist")
     cfg = Config.fromfile(config)
     if options:
+        check_option_types(cfg, options)
         cfg.merge_from_dict(options)
     backbone = cfg.model.get("backbone", {})
     if not for_training and backbone.get("type") == "MAEViT":
@@ -94,6 +95,43 @@ def build_cfg(
     add_label_checks(cfg)
     validate(cfg)
     return cfg
+
+
+# keys whose number may also be given as a word (AmpOptimWrapper's loss_scale='dynamic')
+NUMBER_OR_WORD = ("loss_scale",)
+
+
+def check_option_types(cfg: Config, options: Dict) -> None:
+    """Refuses text given for a number or a flag of the config (``train_cfg.max_iters=abc``):
+    mmengine keeps it as a string, which failed once the Runner was built ('invalid literal for
+    int()'), naming no key."""
+    errors = []
+    for key, value in options.items():
+        old = _config_value(cfg, key)
+        if not isinstance(value, str) or old is None or isinstance(old, str):
+            continue
+        if key.split(".")[-1] in NUMBER_OR_WORD:
+            continue
+        if isinstance(old, bool):
+            errors.append(f"{key} takes True or False, got {value!r}")
+        elif isinstance(old, (int, float)):
+            errors.append(f"{key} takes a number (the config has {old}), got {value!r}")
+    if errors:
+        raise ConfigError("invalid --cfg-options:\n  - " + "\n  - ".join(errors))
+
+
+def _config_value(cfg: Config, key: str) -> Any:
+    """The config's value at a dotted ``key`` (list items by index, as merge_from_dict takes
+    them), None where there is none."""
+    node: Any = cfg._cfg_dict
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
 def add_label_checks(cfg: Config) -> None:
