@@ -10,8 +10,10 @@ Forms recognised (all read with ``torch.load(..., weights_only=True)``):
 - plain state dicts, ``module.``-prefixed (DDP) ones included.
 
 The ViT is found inside any of them by locating ``patch_embed.proj.weight``; the key prefix in
-front of it is stripped. Shapes that differ only by input size (position table) or patch size
-(patch-embedding kernel, e.g. ViT-H/14 used as /16) are resized; any other mismatch is reported.
+front of it is stripped, and what lies outside that prefix (a segmentor's rescaling and heads, a
+detector's FPN) is reported as dropped. Shapes that differ only by input size (position table)
+or patch size (patch-embedding kernel, e.g. ViT-H/14 used as /16) are resized; any other
+mismatch is reported.
 """
 
 from __future__ import annotations
@@ -352,12 +354,15 @@ def load_pretrained(
     """
     if isinstance(path_or_state, (str, os.PathLike)):
         source = str(path_or_state)
-        state, prefix = load_vit_state_dict(source)
+        whole = find_state_dict(load_file(source))
     else:
         source = source or "state dict"
-        state, prefix = strip_to_vit(find_state_dict(path_or_state))
+        whole = find_state_dict(path_or_state)
+    state, prefix = strip_to_vit(whole)
     report = LoadReport(source=source + (f" (prefix '{prefix}' stripped)" if prefix else ""))
     to_load = adapt_state_dict(state, model, report)
+    # the rest of a bigger model (a segmentor's rescaling and heads), outside the prefix: listed
+    report.dropped += [k for k in whole if not k.startswith(prefix)]
     n_model = len(model.state_dict())
     if len(to_load) < min_loaded_fraction * n_model:
         raise CheckpointError(

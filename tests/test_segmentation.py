@@ -312,6 +312,31 @@ def test_seg_tools_refuse_a_checkpoint_that_does_not_fill_the_model(
     assert not os.path.exists(png)
 
 
+def test_a_segmentor_as_pretrained_file_reports_what_it_left_out_as_dropped(tiny_segmentor):
+    """A trained segmentor's iter_N.pth as model.backbone.pretrained: the report said 'loaded 55
+    tensors ... (prefix 'backbone.vit.' stripped)' and nothing of backbone.rescale and the
+    heads, which were left out with the prefix. As a path (MAEViT) and as a read state dict
+    (detection's MAECheckpointer passes one), every key of the file is in one list."""
+    from mae_transfer.checkpoint import load_pretrained
+
+    path, opts, _ = tiny_segmentor
+    whole = torch.load(path, weights_only=True)["state_dict"]
+    cfg = build_cfg(TINY_CONFIG, {**opts, "model.backbone.pretrained": path})
+    backbone = MODELS.build(cfg.model).backbone
+    backbone.init_weights()
+    state_report = load_pretrained(backbone.vit, {"state_dict": whole}, log=False, source=path)
+    for r in (backbone.load_report, state_report):
+        assert r.ok and len(r.loaded) == sum(k.startswith("backbone.vit.") for k in whole)
+        left_out = [k for k in whole if not k.startswith("backbone.vit.")]
+        assert left_out and set(left_out) <= set(r.dropped)
+        assert len(r.loaded) + len(r.dropped) == len(whole)
+        assert {"backbone.rescale.0.0.weight", "auxiliary_head.conv_seg.weight"} <= set(r.dropped)
+        summary = r.summary()
+        assert "(prefix 'backbone.vit.' stripped)" in summary
+        title = "dropped from checkpoint (not used by this model)"
+        assert f"{title} ({len(r.dropped)}): backbone.rescale.*.*.weight" in summary
+
+
 def test_a_url_checkpoint_is_read_the_way_mmengine_reads_it(tmp_path, monkeypatch):
     from mmengine.runner import CheckpointLoader
 
