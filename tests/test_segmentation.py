@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -219,6 +220,67 @@ def _check_test_and_visualize_tools(tmp_path, root, opts):
         == 0
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _lr_after(cfg, iters: int) -> float:
+    """The lr the config's schedulers give after ``iters`` iterations, from 1."""
+    from mmengine.registry import PARAM_SCHEDULERS
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedulers = [PARAM_SCHEDULERS.build({**s, "optimizer": opt}) for s in cfg.param_scheduler]
+    for _ in range(iters):
+        opt.step()
+        for s in schedulers:
+            s.step()
+    return opt.param_groups[0]["lr"]
+
+
+@pytest.fixture
+def mmengine_log():
+    """What print_log(logger='current') says meanwhile, as 'LEVEL - message' lines, read from
+    the current MMLogger (its own handlers may write to a stream another test captured)."""
+    from mmengine.logging import MMLogger
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(f"{record.levelname} - {record.getMessage()}")
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
+
+
+def test_a_shortened_run_s_lr_decay_follows_train_cfg_max_iters(mmengine_log):
+    """train_cfg.max_iters=30 kept PolyLR's end at the file's 200: the lr was still 0.91x its
+    peak when the run stopped."""
+
+    def said() -> str:
+        out = "\n".join(mmengine_log)
+        mmengine_log.clear()
+        return out
+
+    cfg = build_cfg(TINY_CONFIG, {"train_cfg.max_iters": 30})
+    assert [s.end for s in cfg.param_scheduler] == [13, 30]
+    assert _lr_after(cfg, 30) == 0.0
+    out = said()
+    assert "INFO - param_scheduler.1 PolyLR: end 200 -> 30, following train_cfg.max_iters" in out
+    # a run shorter than the warmup: said, and the decay that never acts is left as it is
+    cfg = build_cfg(TINY_CONFIG, {"train_cfg.max_iters": 10})
+    assert [s.end for s in cfg.param_scheduler] == [13, 200]
+    out = said()
+    assert "WARNING - param_scheduler.0 LinearLR runs over iterations 0-13, beyond " in out
+    assert "it is cut short, its lr change left unfinished" in out
+    assert "param_scheduler.1 PolyLR runs over iterations 13-200" in out and "never acts" in out
+    # the schedule as given: an end of one's own, a schedule of one's own, the file's length
+    cfg = build_cfg(TINY_CONFIG, {"train_cfg.max_iters": 30, "param_scheduler.1.end": 50})
+    assert [s.end for s in cfg.param_scheduler] == [13, 50]
+    assert "param_scheduler.1 PolyLR runs over iterations 13-50" in said()
+    own = [dict(type="PolyLR", begin=0, end=200, by_epoch=False)]
+    cfg = build_cfg(TINY_CONFIG, {"train_cfg.max_iters": 30, "param_scheduler": own})
+    assert cfg.param_scheduler[0].end == 200
+    for options in ({}, {"train_cfg.max_iters": 200}):
+        assert [s.end for s in build_cfg(TINY_CONFIG, options).param_scheduler] == [13, 200]
+    assert "param_scheduler" not in said()
 
 
 def test_resume_in_a_work_dir_without_checkpoints_warns_and_starts_afresh(tmp_path):

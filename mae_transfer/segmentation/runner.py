@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -63,9 +64,12 @@ def build_cfg(
     if not os.path.isfile(config):
         raise ConfigError(f"config file {config!r} does not exist")
     cfg = Config.fromfile(config)
+    file_iters = _config_value(cfg, "train_cfg.max_iters")
     if options:
         check_option_types(cfg, options)
         cfg.merge_from_dict(options)
+        if for_training and "param_scheduler" not in options:  # (not a schedule of one's own)
+            fit_schedule(cfg, file_iters, options)
     backbone = cfg.model.get("backbone", {})
     if not for_training and backbone.get("type") == "MAEViT":
         backbone["pretrained"] = None
@@ -132,6 +136,43 @@ def _config_value(cfg: Config, key: str) -> Any:
         else:
             return None
     return node
+
+
+def fit_schedule(cfg: Config, file_iters: Any, options: Dict) -> None:
+    """Fits the iteration-based schedulers of ``cfg.param_scheduler`` to a ``train_cfg.max_iters``
+    changed from the file's ``file_iters`` (``--cfg-options train_cfg.max_iters=100``): one that
+    ended there (PolyLR) ends at the new value, logged, unless ``options`` set its end; one that
+    ends beyond the new value (a warmup longer than the run) is warned about. The decay kept the
+    full run's end, so a shortened run stopped before its lr had come down."""
+    iters = _config_value(cfg, "train_cfg.max_iters")
+    if not all(type(n) is int for n in (iters, file_iters)) or iters == file_iters:
+        return
+    schedulers = cfg.get("param_scheduler") or []
+    single = isinstance(schedulers, dict)
+    for i, sched in enumerate([schedulers] if single else schedulers):
+        if not isinstance(sched, dict) or sched.get("by_epoch", True):  # mmengine's default
+            continue
+        key = "param_scheduler" if single else f"param_scheduler.{i}"
+        name = f"{key} {sched.get('type')}"
+        begin, end = sched.get("begin", 0), sched.get("end")
+        if end == file_iters and begin < iters and f"{key}.end" not in options:
+            sched["end"] = iters
+            print_log(
+                f"{name}: end {end} -> {iters}, following train_cfg.max_iters (the config's "
+                f"{file_iters} -> {iters})",
+                logger="current",
+            )
+        elif isinstance(end, int) and end > iters:
+            if begin >= iters:
+                what, fix = "never acts", f"{key}.begin=N {key}.end=M"
+            else:
+                what, fix = "is cut short, its lr change left unfinished", f"{key}.end=N"
+            print_log(
+                f"{name} runs over iterations {begin}-{end}, beyond train_cfg.max_iters {iters}: "
+                f"it {what}; fit it, e.g. --cfg-options {fix}",
+                logger="current",
+                level=logging.WARNING,
+            )
 
 
 def add_label_checks(cfg: Config) -> None:
