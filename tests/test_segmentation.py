@@ -183,6 +183,41 @@ def test_training_lowers_loss_testing_returns_miou_and_resume_works(tmp_path):
     _check_test_and_visualize_tools(tmp_path, root, opts)
 
 
+def test_a_resumed_run_ends_with_the_weights_of_the_uninterrupted_one(tmp_path):
+    """The model's draws (drop path) restarted from the seed on resume: loss and weights
+    drifted from the uninterrupted run's (mmengine replays only the data)."""
+    root = str(tmp_path / "toy_ade")
+    write_toy_ade(root, num_train=8, num_val=2, size=64)
+    opts = demo_options(root, "", None, iters=4)
+    opts.update({"model.backbone.drop_path_rate": 0.5, "default_hooks.checkpoint.interval": 2})
+    opts.update({"train_dataloader.batch_size": 2})
+    from mmengine.hooks import Hook
+
+    class Kill(Hook):  # after the checkpoint of iteration 2 (CheckpointHook is VERY_LOW)
+        priority = "LOWEST"
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if runner.iter + 1 == 2:
+                raise KeyboardInterrupt
+
+    for run, killed in (("whole", False), ("cut", True), ("cut", False)):
+        cfg = build_cfg(TINY_CONFIG, {**opts, "work_dir": str(tmp_path / run)})
+        cfg.resume = run == "cut" and not killed
+        runner = make_runner(cfg)
+        if killed:
+            runner.register_hook(Kill())
+            with pytest.raises(KeyboardInterrupt):
+                runner.train()
+        else:
+            runner.train()
+    whole, resumed = (
+        torch.load(tmp_path / run / "iter_4.pth", map_location="cpu", weights_only=False)
+        for run in ("whole", "cut")
+    )
+    for k, v in whole["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+
+
 def _check_test_and_visualize_tools(tmp_path, root, opts):
     """tools/test_seg.py and tools/visualize_seg.py on the checkpoint the runner wrote."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))

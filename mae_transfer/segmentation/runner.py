@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from mmengine.config import Config
+from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
@@ -526,6 +527,35 @@ class SegRunner(Runner):
         super().load_or_resume()
 
 
+class TorchRNGStateHook(Hook):
+    """Keeps torch's random state in each checkpoint and restores it on resume, so that the
+    model's random draws (drop path) after a resume are those of the uninterrupted run.
+
+    mmengine replays the data (its loop advances the loader past the iterations done, the
+    workers seeded as before) but the model's generator restarted from the seed: a resumed run
+    drifted from the uninterrupted one. Only torch's generators: numpy's and Python's drive the
+    data, which the replay already reproduces. Skipped with ``diff_rank_seed`` (each rank's
+    state would be needed; the checkpoint holds rank 0's)."""
+
+    priority = "VERY_LOW"
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()
+        checkpoint.setdefault("meta", {})["torch_rng_state"] = state
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        state = checkpoint.get("meta", {}).get("torch_rng_state")
+        if state is None or not runner._resume or runner._randomness_cfg.get("diff_rank_seed"):
+            return
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+
 def make_runner(cfg: Config) -> Runner:
     init_cpu_dist(cfg)
-    return SegRunner.from_cfg(cfg)
+    runner = SegRunner.from_cfg(cfg)
+    runner.register_hook(TorchRNGStateHook())
+    return runner
