@@ -44,7 +44,8 @@ def launcher_parser(prog: str, protocol_help: str = "") -> argparse.ArgumentPars
         "--cluster",
         choices=["slurm", "local", "debug"],
         default=None,
-        help="default: slurm when available, else local",
+        help="default: slurm; without Slurm (no sbatch) the launcher refuses unless local "
+        "(tasks as processes here) or debug (in this process) is given",
     )
     return p
 
