@@ -1018,3 +1018,15 @@ def test_a_finished_run_asked_for_fewer_epochs_says_so_and_keeps_its_config(
     train(tiny_cfg(tmp_path, image_dir, epochs=1))
     assert "has finished 2 epochs (--epochs 1)" in caplog.text
     assert (tmp_path / "config.yaml").read_text() == config  # (it trained with epochs 2)
+
+
+def test_a_picture_s_output_path(tmp_path):
+    """A missing folder given with its slash was taken for a name without suffix
+    ('folder/.png': PIL's 'unknown file extension' once the model had run)."""
+    from mae_transfer.engine.launch import picture_path
+
+    assert picture_path(str(tmp_path / "new") + "/", "p.png") == str(tmp_path / "new" / "p.png")
+    assert (tmp_path / "new").is_dir()
+    assert picture_path(str(tmp_path / "new"), "p.png") == str(tmp_path / "new" / "p.png")
+    assert picture_path(str(tmp_path / "a" / "b"), "p.png") == str(tmp_path / "a" / "b.png")
+    assert picture_path(str(tmp_path / "c.jpg"), "p.png") == str(tmp_path / "c.jpg")

@@ -69,15 +69,16 @@ def exit_code(fn: Callable[[], object], log: logging.Logger = logger) -> int:
 
 
 def picture_path(output: str, name: str) -> str:
-    """The PNG a drawing tool writes for ``--output``: ``name`` inside it when it is a folder,
-    ``.png`` added when it has no suffix (PIL refuses the name, matplotlib adds it unsaid). Its
-    folder is made now, not found missing once the model has run.
+    """The PNG a drawing tool writes for ``--output``: ``name`` inside it when it is a folder
+    (or ends with a slash: one to make), ``.png`` added when it has no suffix (PIL refuses the
+    name, matplotlib adds it unsaid). Its folder is made now, not found missing once the model
+    has run.
 
     Raises:
         ConfigError: the folder cannot be made.
     """
     path = output
-    if os.path.isdir(path):  # a folder: the picture goes into it
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):  # a folder (perhaps still to make)
         path = os.path.join(path, name)
     elif not os.path.splitext(path)[1]:
         path += ".png"
