@@ -598,6 +598,23 @@ def test_train_det_names_bad_data_files_before_training(toy_coco, tmp_path, capl
     assert not (tmp_path / "out" / "model_final.pth").exists()
 
 
+def test_training_sets_of_different_categories_are_named_before_training(
+    toy_coco, tmp_path, caplog
+):
+    """detectron2's 'Datasets have different metadata' was a traceback once the model was built."""
+    with open(toy_coco["train"][0]) as f:
+        data = json.load(f)
+    data["categories"] = data["categories"][:-1]
+    last = data["categories"][-1]["id"]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] <= last]
+    (tmp_path / "part.json").write_text(json.dumps(data))
+    sets = [["tA", *toy_coco["train"]], ["tB", str(tmp_path / "part.json"), toy_coco["train"][1]]]
+    argv = ["--config-file", TINY_CONFIG, *TINY_OPTS, "DATASETS.COCO", repr(sets)]
+    argv += ["DATASETS.TRAIN", "('tA', 'tB')", "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2"]
+    code = load_tool("train_det").cli(argv + ["OUTPUT_DIR", str(tmp_path / "out")])
+    _refused(caplog, code, "the training sets list different categories", "tB: {1: ")
+
+
 def test_train_det_with_an_empty_test_set_trains_without_evaluating(toy_coco, tmp_path):
     """DATASETS.TEST '()' is detectron2's way to skip the evaluation, which the refusal of a
     missing test set names."""

@@ -586,6 +586,15 @@ class Trainer(DefaultTrainer):
                 f"DATASETS.TRAIN ({', '.join(cfg.DATASETS.TRAIN)}) has no image with an "
                 "annotation (DATALOADER.FILTER_EMPTY_ANNOTATIONS leaves out those without)"
             ) from e
+        except ValueError as e:  # detectron2's "Datasets have different metadata ..."
+            if "different metadata" not in str(e):
+                raise
+            lists = "; ".join(f"{n}: {categories(n)}" for n in cfg.DATASETS.TRAIN)
+            raise ConfigError(
+                f"the training sets list different categories (id: name), which detectron2 "
+                f"cannot train together: {lists}. Give their files one category list (the "
+                "same ids and names, in the same order)"
+            ) from e
         check_train_masks(cfg, dicts)
         return build_detection_train_loader(cfg, mapper=build_mapper(cfg, True), dataset=dicts)
 
