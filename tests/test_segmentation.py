@@ -218,6 +218,25 @@ def test_a_resumed_run_ends_with_the_weights_of_the_uninterrupted_one(tmp_path):
         assert torch.equal(v, resumed["state_dict"][k]), k
 
 
+def test_a_resume_with_more_iterations_says_the_schedule_keeps_its_end(tmp_path):
+    """mmengine restores the schedulers' end: the added iterations trained at lr 0 while the
+    log said 'PolyLR: end 200 -> 24, following train_cfg.max_iters'."""
+    root = str(tmp_path / "toy_ade")
+    write_toy_ade(root, num_train=4, num_val=2, size=64)
+    from mae_transfer.segmentation.demo import schedule
+
+    opts = demo_options(root, str(tmp_path / "work"), None, iters=2)
+    opts.update({"train_dataloader.batch_size": 2, "param_scheduler": schedule(2)})
+    make_runner(build_cfg(TINY_CONFIG, opts)).train()
+    opts.update({"train_cfg.max_iters": 3, "train_cfg.val_begin": 4})
+    opts["param_scheduler"] = schedule(3)
+    cfg = build_cfg(TINY_CONFIG, opts)
+    cfg.resume = True
+    make_runner(cfg).train()
+    logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*/*.log"))
+    assert "PolyLR: resumed with the checkpoint's end 2, not the config's 3" in logs
+
+
 def _check_test_and_visualize_tools(tmp_path, root, opts):
     """tools/test_seg.py and tools/visualize_seg.py on the checkpoint the runner wrote."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))

@@ -526,6 +526,27 @@ class SegRunner(Runner):
             self._resume = False
         super().load_or_resume()
 
+    def resume(self, filename: str, *args, **kwargs) -> None:
+        """mmengine's resume, which restores each scheduler from the checkpoint, its ``end``
+        included: a config's other end (``train_cfg.max_iters`` raised to train longer) does
+        not apply, and a finished schedule trains the added iterations at its last lr (0 for
+        PolyLR). Said, naming the scheduler."""
+        super().resume(filename, *args, **kwargs)
+        wanted = self.cfg.get("param_scheduler") or []
+        wanted = [wanted] if isinstance(wanted, dict) else wanted
+        restored = self.param_schedulers if isinstance(self.param_schedulers, list) else []
+        for i, (sched, cfg) in enumerate(zip(restored, wanted)):
+            end = cfg.get("end") if isinstance(cfg, dict) else None
+            if end is None or getattr(sched, "end", end) == end:
+                continue
+            self.logger.warning(
+                f"param_scheduler.{i} {type(sched).__name__}: resumed with the checkpoint's end "
+                f"{sched.end}, not the config's {end} (mmengine restores schedulers): "
+                f"iterations past {sched.end} train at the lr it ended at. To train longer "
+                "with a schedule of its own, start a new run from the weights (load_from=CKPT, "
+                "without --resume)"
+            )
+
 
 class TorchRNGStateHook(Hook):
     """Keeps torch's random state in each checkpoint and restores it on resume, so that the
