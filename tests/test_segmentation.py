@@ -576,6 +576,17 @@ def _bad_inputs(tmp_path, checkpoint: str, images: str) -> dict:
             [*train, "--cfg-options", "model.backbone.class_token=yes"],
             ("model.backbone.class_token takes True or False, got 'yes'",),
         ),
+        # a traceback once the Runner had built the data (the model is built on meta first)
+        "misspelt_key": (
+            "train_seg",
+            [*train, "--cfg-options", "model.backbone.embeddim=64"],
+            ("unexpected keyword argument 'embeddim'", "(did you mean 'embed_dim'?)"),
+        ),
+        "out_indices": (
+            "train_seg",
+            [*train, "--cfg-options", "model.backbone.out_indices=(0,1,2,9)"],
+            ("model (EncoderDecoder):", "(0, 1, 2, 9)"),
+        ),
         "data_root": (
             "train_seg",
             [*train, "--cfg-options", f"train_dataloader.dataset.data_root={nothere}", *data],
@@ -601,11 +612,20 @@ def _bad_inputs(tmp_path, checkpoint: str, images: str) -> dict:
     }
 
 
+def test_a_key_the_config_lacks_is_said_with_the_closest_one(capfd):
+    """optim_wrapper.paramwise_cfg.layer_decay=0.9 was silently ignored (the constructor reads
+    layer_decay_rate): the run said 'layer decay 0.75'."""
+    build_cfg(TINY_CONFIG, {"optim_wrapper.paramwise_cfg.layer_decay": 0.9})
+    said = capfd.readouterr()
+    assert "optim_wrapper.paramwise_cfg has no 'layer_decay' in the config" in said.out + said.err
+    assert "(did you mean optim_wrapper.paramwise_cfg.layer_decay_rate?)" in said.out + said.err
+
+
 @pytest.mark.parametrize(
     "case",
     ["pretrained", "fp16_on_cpu", "option_without_equals", "option_not_a_number",
-     "option_not_a_flag", "data_root", "test_config", "test_checkpoint", "vis_config",
-     "vis_checkpoint", "vis_images"],
+     "option_not_a_flag", "misspelt_key", "out_indices", "data_root", "test_config",
+     "test_checkpoint", "vis_config", "vis_checkpoint", "vis_images"],
 )  # fmt: skip
 def test_seg_tools_refuse_bad_input_with_exit_2(tiny_segmentor, tmp_path, caplog, case):
     """Each of these ended in a traceback (exit 1)."""

@@ -110,8 +110,21 @@ def check_option_types(cfg: Config, options: Dict) -> None:
     """Refuses text given for a number or a flag of the config (``train_cfg.max_iters=abc``):
     mmengine keeps it as a string, which failed once the Runner was built ('invalid literal for
     int()'), naming no key."""
+    import difflib
+
     errors = []
     for key, value in options.items():
+        parent, _, leaf = key.rpartition(".")
+        section = _config_value(cfg, parent) if parent else None
+        if isinstance(section, dict) and leaf not in section and not leaf.isdigit():
+            close = difflib.get_close_matches(leaf, [str(k) for k in section])
+            print_log(  # (a new key may be meant: said, not refused)
+                f"--cfg-options {key}: {parent} has no {leaf!r} in the config"
+                + (f" (did you mean {parent}.{close[0]}?)" if close else "")
+                + "; it is added, and read only if the code asks for it",
+                logger="current",
+                level=logging.WARNING,
+            )
         old = _config_value(cfg, key)
         if not isinstance(value, str) or old is None or isinstance(old, str):
             continue
@@ -318,6 +331,36 @@ def validate(cfg: Config) -> None:
         )
     if errors:
         raise ConfigError("invalid mmseg config:\n  - " + "\n  - ".join(errors))
+    check_model_builds(cfg)
+
+
+def check_model_builds(cfg: Config) -> None:
+    """Builds ``cfg.model`` on the meta device (no memory, no weights read): what only the
+    model knows (a misspelt keyword such as ``model.backbone.embeddim``, out_indices beyond
+    the depth) is named now, with the key's section; it was a traceback once the Runner had
+    built the data."""
+    import difflib
+    import re
+
+    try:
+        model_state_shapes(cfg)
+    except (TypeError, ValueError, KeyError, AssertionError) as e:
+        reason = str(e) or type(e).__name__
+        hint = ""
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", reason)
+        if unknown:
+            names = set()
+            for part in ("backbone", "decode_head", "auxiliary_head", "neck"):
+                section = cfg.model.get(part)
+                names |= set(section) if isinstance(section, dict) else set()
+            names.discard(unknown.group(1))  # (the misspelt key is in the config now)
+            close = difflib.get_close_matches(unknown.group(1), sorted(names) + KNOWN_KWARGS)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"model ({cfg.model.get('type')}): {reason}{hint}") from e
+
+
+# keyword arguments the backbone takes besides those in the configs (for the did-you-mean hint)
+KNOWN_KWARGS = ["embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "qkv_bias"]
 
 
 def parse_cfg_options(pairs: Sequence[str]) -> Dict:
