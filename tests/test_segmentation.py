@@ -612,6 +612,23 @@ def _bad_inputs(tmp_path, checkpoint: str, images: str) -> dict:
     }
 
 
+def test_a_data_set_and_its_pipeline_must_agree_on_reduce_zero_label():
+    """Setting the data set's alone (labels counted from 0) failed on mmseg's assertion when
+    the first sample loaded, after the Runner was built."""
+    from mae_transfer.engine.config import ConfigError
+
+    with pytest.raises(
+        ConfigError,
+        match=r"train_dataloader.dataset.reduce_zero_label is False "
+        r"but train_dataloader.dataset.pipeline.1 \(LoadAnnotations\) has "
+        r"reduce_zero_label=True",
+    ):
+        build_cfg(TINY_CONFIG, {"train_dataloader.dataset.reduce_zero_label": False})
+    both = {"train_dataloader.dataset.reduce_zero_label": False}
+    both["train_dataloader.dataset.pipeline.1.reduce_zero_label"] = False
+    build_cfg(TINY_CONFIG, both)
+
+
 def test_a_key_the_config_lacks_is_said_with_the_closest_one(capfd):
     """optim_wrapper.paramwise_cfg.layer_decay=0.9 was silently ignored (the constructor reads
     layer_decay_rate): the run said 'layer decay 0.75'."""

@@ -329,9 +329,32 @@ def validate(cfg: Config) -> None:
             "auto_scale_lr.base_batch_size (the total batch the lr is set for, e.g. 16) is "
             f"needed with auto_scale_lr.enable, got {scale.get('base_batch_size')!r}"
         )
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        dataset = (cfg.get(loader) or {}).get("dataset") or {}
+        errors += _reduce_zero_label_mismatch(dataset, f"{loader}.dataset")
     if errors:
         raise ConfigError("invalid mmseg config:\n  - " + "\n  - ".join(errors))
     check_model_builds(cfg)
+
+
+def _reduce_zero_label_mismatch(ds: Dict, key: str) -> List[str]:
+    """A data set's reduce_zero_label against its pipeline's LoadAnnotations (mmseg asserts
+    they agree when the first sample loads, after the Runner is built): setting the data set's
+    alone, as for labels counted from 0, left the pipeline's True from the base config."""
+    out = []
+    for i, inner in enumerate(ds.get("datasets") or []):
+        out += _reduce_zero_label_mismatch(inner, f"{key}.datasets.{i}")
+    if ds.get("dataset"):
+        out += _reduce_zero_label_mismatch(ds["dataset"], f"{key}.dataset")
+    want = ds.get("reduce_zero_label")
+    for j, step in enumerate(ds.get("pipeline") or []):
+        got = step.get("reduce_zero_label") if isinstance(step, dict) else None
+        if type_name(step) == "LoadAnnotations" and None not in (want, got) and got != want:
+            out.append(
+                f"{key}.reduce_zero_label is {want} but {key}.pipeline.{j} (LoadAnnotations) "
+                f"has reduce_zero_label={got}: set both (or leave the pipeline's unset)"
+            )
+    return out
 
 
 def check_model_builds(cfg: Config) -> None:
