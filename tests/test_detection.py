@@ -210,6 +210,8 @@ def test_bad_config_values_get_clear_errors():
         (["SOLVER.WEIGHT_DECAY", "-1.0"], "SOLVER.WEIGHT_DECAY must be >= 0, got -1.0"),
         (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER must be > 0, got 0"),
         (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH must be > 0, got 0"),
+        (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD must be > 0, got 0"),
+        (["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS must be >= 0, got -1"),
         (["MODEL.BACKBONE.FREEZE_AT", "2"], "MODEL.BACKBONE.FREEZE_AT 2 is not read by the ViT"),
         (["MODEL.VIT.NAME", "mae_vit_base_patch16"], "name its encoder, 'vit_base_patch16'"),
         (

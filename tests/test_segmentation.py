@@ -612,7 +612,7 @@ def _bad_inputs(tmp_path, checkpoint: str, images: str) -> dict:
     }
 
 
-def test_a_data_set_and_its_pipeline_must_agree_on_reduce_zero_label():
+def test_a_data_set_and_its_pipeline_must_agree_on_reduce_zero_label_and_counts_are_positive():
     """Setting the data set's alone (labels counted from 0) failed on mmseg's assertion when
     the first sample loaded, after the Runner was built."""
     from mae_transfer.engine.config import ConfigError
@@ -624,6 +624,9 @@ def test_a_data_set_and_its_pipeline_must_agree_on_reduce_zero_label():
         r"reduce_zero_label=True",
     ):
         build_cfg(TINY_CONFIG, {"train_dataloader.dataset.reduce_zero_label": False})
+    for key in ("train_cfg.val_interval", "train_dataloader.batch_size"):  # (tracebacks)
+        with pytest.raises(ConfigError, match=f"{key} must be > 0, got 0"):
+            build_cfg(TINY_CONFIG, {key: 0})
     both = {"train_dataloader.dataset.reduce_zero_label": False}
     both["train_dataloader.dataset.pipeline.1.reduce_zero_label"] = False
     build_cfg(TINY_CONFIG, both)

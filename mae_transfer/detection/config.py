@@ -129,9 +129,11 @@ def validate_config(cfg: CN) -> None:
         errors.append(f"SOLVER.BASE_LR must be > 0, got {cfg.SOLVER.BASE_LR}")
     if cfg.SOLVER.WEIGHT_DECAY < 0:
         errors.append(f"SOLVER.WEIGHT_DECAY must be >= 0, got {cfg.SOLVER.WEIGHT_DECAY}")
-    for key in ("MAX_ITER", "IMS_PER_BATCH"):
+    for key in ("MAX_ITER", "IMS_PER_BATCH", "CHECKPOINT_PERIOD"):
         if cfg.SOLVER[key] <= 0:
             errors.append(f"SOLVER.{key} must be > 0, got {cfg.SOLVER[key]}")
+    if cfg.DATALOADER.NUM_WORKERS < 0:
+        errors.append(f"DATALOADER.NUM_WORKERS must be >= 0, got {cfg.DATALOADER.NUM_WORKERS}")
     if any(s >= cfg.SOLVER.MAX_ITER for s in cfg.SOLVER.STEPS):
         errors.append(
             f"SOLVER.STEPS {tuple(cfg.SOLVER.STEPS)} must be < MAX_ITER {cfg.SOLVER.MAX_ITER}"

@@ -329,6 +329,10 @@ def validate(cfg: Config) -> None:
             "auto_scale_lr.base_batch_size (the total batch the lr is set for, e.g. 16) is "
             f"needed with auto_scale_lr.enable, got {scale.get('base_batch_size')!r}"
         )
+    for key in ("train_cfg.val_interval", "train_cfg.max_iters", "train_dataloader.batch_size"):
+        value = _config_value(cfg, key)
+        if isinstance(value, int) and value <= 0:
+            errors.append(f"{key} must be > 0, got {value}")
     for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
         dataset = (cfg.get(loader) or {}).get("dataset") or {}
         errors += _reduce_zero_label_mismatch(dataset, f"{loader}.dataset")
