@@ -206,17 +206,27 @@ def add_label_checks(cfg: Config) -> None:
             _insert_after_loading(cfg[loader].get("dataset") or {}, check)
 
 
-def _insert_after_loading(ds: Dict, check: Dict) -> None:
-    """Through ConcatDataset's ``datasets`` and wrappers' ``dataset``."""
-    for inner in ds.get("datasets") or []:
-        _insert_after_loading(inner, check)
+def dataset_configs(ds: Dict, key: str):
+    """(config, key) of each data set in ``ds``, through ConcatDataset's ``datasets`` and
+    wrappers' ``dataset``: the inner ones first, then ``ds`` itself."""
+    for i, inner in enumerate(ds.get("datasets") or []):
+        yield from dataset_configs(inner, f"{key}.datasets.{i}")
     if ds.get("dataset"):
-        _insert_after_loading(ds["dataset"], check)
-    pipeline = ds.get("pipeline") or []
-    names = [type_name(t) for t in pipeline] + [None]
-    for i in reversed(range(len(pipeline))):
-        if names[i] == "LoadAnnotations" and names[i + 1] != "CheckSegLabels":
-            pipeline.insert(i + 1, dict(check))
+        yield from dataset_configs(ds["dataset"], f"{key}.dataset")
+    yield ds, key
+
+
+def _is_wrapper(ds: Dict) -> bool:
+    return "datasets" in ds or "dataset" in ds
+
+
+def _insert_after_loading(ds: Dict, check: Dict) -> None:
+    for node, _ in dataset_configs(ds, ""):
+        pipeline = node.get("pipeline") or []
+        names = [type_name(t) for t in pipeline] + [None]
+        for i in reversed(range(len(pipeline))):
+            if names[i] == "LoadAnnotations" and names[i + 1] != "CheckSegLabels":
+                pipeline.insert(i + 1, dict(check))
 
 
 def _cpu_model_wrapper(cfg: Config) -> None:
@@ -346,18 +356,16 @@ def _reduce_zero_label_mismatch(ds: Dict, key: str) -> List[str]:
     they agree when the first sample loads, after the Runner is built): setting the data set's
     alone, as for labels counted from 0, left the pipeline's True from the base config."""
     out = []
-    for i, inner in enumerate(ds.get("datasets") or []):
-        out += _reduce_zero_label_mismatch(inner, f"{key}.datasets.{i}")
-    if ds.get("dataset"):
-        out += _reduce_zero_label_mismatch(ds["dataset"], f"{key}.dataset")
-    want = ds.get("reduce_zero_label")
-    for j, step in enumerate(ds.get("pipeline") or []):
-        got = step.get("reduce_zero_label") if isinstance(step, dict) else None
-        if type_name(step) == "LoadAnnotations" and None not in (want, got) and got != want:
-            out.append(
-                f"{key}.reduce_zero_label is {want} but {key}.pipeline.{j} (LoadAnnotations) "
-                f"has reduce_zero_label={got}: set both (or leave the pipeline's unset)"
-            )
+    for node, where in dataset_configs(ds, key):
+        want = node.get("reduce_zero_label")
+        for j, step in enumerate(node.get("pipeline") or []):
+            got = step.get("reduce_zero_label") if isinstance(step, dict) else None
+            if type_name(step) == "LoadAnnotations" and None not in (want, got) and got != want:
+                out.append(
+                    f"{where}.reduce_zero_label is {want} but {where}.pipeline.{j} "
+                    f"(LoadAnnotations) has reduce_zero_label={got}: set both (or leave the "
+                    "pipeline's unset)"
+                )
     return out
 
 
@@ -425,11 +433,9 @@ def check_data(cfg: Config, for_training: bool = True) -> None:
 def _missing_data(ds: Dict, key: str) -> List[str]:
     """What of a dataset config's root, image / label folders and annotation file does not
     exist, through ConcatDataset's ``datasets`` and wrappers' ``dataset``."""
-    if "datasets" in ds:
-        parts = enumerate(ds["datasets"])
-        return [e for i, d in parts for e in _missing_data(d, f"{key}.datasets.{i}")]
-    if "dataset" in ds:
-        return _missing_data(ds["dataset"], f"{key}.dataset")
+    if _is_wrapper(ds):  # the data sets it holds, at any depth
+        parts = dataset_configs(ds, key)
+        return [e for d, k in parts if not _is_wrapper(d) for e in _missing_data(d, k)]
     root = ds.get("data_root") or ""
     if root and not _exists(root):
         return [f"{key}.data_root: {root} does not exist"]
