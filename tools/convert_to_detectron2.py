@@ -25,7 +25,7 @@ from mae_transfer.checkpoint import CheckpointError  # noqa: E402
 from mae_transfer.detection import convert_to_detectron2  # noqa: E402
 from mae_transfer.detection.train import build_cfg  # noqa: E402
 from mae_transfer.engine.config import ConfigError  # noqa: E402
-from mae_transfer.engine.launch import exit_code  # noqa: E402
+from mae_transfer.engine.launch import exit_code, refuse_folder  # noqa: E402
 
 logger = logging.getLogger("convert_to_detectron2")
 
@@ -48,8 +48,7 @@ OTHER_FORMATS = {".pkl": "a plain pickle", ".pyth": "a pycls checkpoint"}
 def check_output(output: str) -> None:
     """The file to write is checked before the conversion: a folder failed at its end, and a
     .pkl name wrote a file that detectron2 could not read (the same for .pyth)."""
-    if os.path.isdir(output) or output.endswith(("/", os.sep)):  # (as pretrain.export)
-        raise ConfigError(f"output {output} names a folder: name the file (e.g. vit_d2.pth)")
+    refuse_folder(output, "output", "vit_d2.pth")  # (as pretrain.export)
     suffix = os.path.splitext(output)[1]
     if suffix in OTHER_FORMATS:
         raise ConfigError(

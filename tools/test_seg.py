@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmengine.model import is_model_wrapper  # noqa: E402
 
 from mae_transfer.engine.config import ConfigError  # noqa: E402
-from mae_transfer.engine.launch import exit_code  # noqa: E402
+from mae_transfer.engine.launch import exit_code, refuse_folder  # noqa: E402
 from mae_transfer.segmentation.checkpoint import check_fits, read_segmentor  # noqa: E402
 from mae_transfer.segmentation.runner import (  # noqa: E402
     add_launcher_args,
@@ -41,8 +41,7 @@ def prepare_out(out: str) -> None:
     Raises:
         ConfigError: a folder, or a folder that cannot be made.
     """
-    if os.path.isdir(out) or out.endswith(("/", os.sep)):
-        raise ConfigError(f"--out {out} names a folder: name the file (e.g. metrics.json)")
+    refuse_folder(out, "--out", "metrics.json")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     except OSError as e:

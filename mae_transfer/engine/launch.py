@@ -87,3 +87,14 @@ def picture_path(output: str, name: str) -> str:
     except OSError as e:
         raise ConfigError(f"--output {output}: cannot make its folder: {e}") from e
     return path
+
+
+def refuse_folder(output: str, what: str, example: str) -> None:
+    """A file to write named by ``output`` (the flag ``what``) must not be a folder, existing
+    or still to make (a trailing slash): checked before the work, which failed at its end.
+
+    Raises:
+        ConfigError: naming the flag and an ``example`` file name.
+    """
+    if os.path.isdir(output) or output.endswith(("/", os.sep)):
+        raise ConfigError(f"{what} {output} names a folder: name the file (e.g. {example})")
