@@ -197,10 +197,11 @@ def test_encoder_equals_timm_vit_with_copied_weights():
     x = torch.randn(2, 3, 32, 48)
     keep_order = torch.arange(6.0).expand(2, 6)
     latent, _, _ = model.forward_encoder(x, 0.0, noise=keep_order)
-    assert torch.allclose(latent, ref.forward_features(x), atol=1e-6)
+    # fp32 rounding differs with the kernels' blocking (AVX512 vs AVX2): 2e-6 on values ~3
+    torch.testing.assert_close(latent, ref.forward_features(x), rtol=1e-5, atol=1e-5)
     # the unmasked encoder (k-NN / probes) is the same computation, and draws no random numbers
     state = torch.get_rng_state()
-    assert torch.allclose(model.forward_features(x), latent, atol=1e-6)
+    torch.testing.assert_close(model.forward_features(x), latent, rtol=1e-5, atol=1e-5)
     assert torch.equal(torch.get_rng_state(), state)
 
 
