@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from . import attention
 from .pos_embed import Size2, sincos_pos_embed, to_2tuple
 from .weight_init import init_linear_and_norm, init_patch_embed
 
@@ -113,6 +114,16 @@ def gather_patches(imgs: torch.Tensor, patch_size: int, ids: torch.Tensor) -> to
     rows, cols = ids // gw, ids % gw  # (N, K)
     x = x[torch.arange(n, device=ids.device)[:, None], :, rows, :, cols, :]  # (N, K, C, p, p)
     return x.reshape(n, ids.shape[1], c * p * p)
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """timm ``Block``s in turn, each attention on the faster kernel for ``x``: fused, or
+    written out (bf16 on CPU; :mod:`mae_transfer.attention`), through timm's own switch."""
+    fused = not attention.explicit_attention_faster(x)
+    for blk in blocks:
+        blk.attn.fused_attn = fused
+        x = blk(x)
+    return x
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -242,9 +253,7 @@ class MaskedAutoencoderViT(nn.Module):
         )
         cls_token = self.cls_token + pos[:, :1, :]
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
+        x = self.norm(run_blocks(self.blocks, x))
         return x, mask, ids_restore
 
     def embed_patches(self, imgs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -261,9 +270,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.patch_embed(imgs) + pos[:, 1:, :]
         cls_token = (self.cls_token + pos[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat((cls_token, x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x))
 
     def forward_decoder(
         self, x: torch.Tensor, ids_restore: torch.Tensor, grid: Tuple[int, int] | None = None
@@ -276,9 +283,7 @@ class MaskedAutoencoderViT(nn.Module):
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1, :], x_], dim=1)
         x = x + self._pos_embed(self.decoder_pos_embed, grid or self.grid_size)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x)
+        x = self.decoder_norm(run_blocks(self.decoder_blocks, x))
         x = self.decoder_pred(x)
         return x[:, 1:, :]
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 
+from .attention import attention
 from .pos_embed import Size2, resize_pos_embed, sincos_pos_embed
 from .weight_init import init_linear_and_norm, init_patch_embed
 
@@ -333,13 +334,13 @@ class Attention(nn.Module):
                 q, k, self.rel_pos_h, self.rel_pos_w, hw, self.head_dim**-0.5
             )
             v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))  # fused kernels want equal widths
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
+            x = attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
             x = x[..., : self.head_dim]
         else:
             bias = self._bias(q, hw) if self.rel_pos else None
             if mask is not None:
                 bias = mask if bias is None else bias + mask
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+            x = attention(q, k, v, attn_mask=bias, dropout_p=drop)
         return x.transpose(1, 2).reshape(b, n, -1)
 
 

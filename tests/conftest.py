@@ -31,6 +31,15 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture
+def fused_attention(monkeypatch):
+    """Attention on torch's fused kernel whatever the device and precision, as on a GPU (on a
+    CPU under bf16 the blocks write it out: mae_transfer.attention)."""
+    import mae_transfer.attention
+
+    monkeypatch.setattr(mae_transfer.attention, "explicit_attention_faster", lambda x: False)
+
+
 def write_images(directory: str, n: int, size=(40, 56), seed: int = 0) -> list:
     """n random-texture RGB images (smooth blobs + noise) as PNG and JPEG files."""
     os.makedirs(directory, exist_ok=True)

@@ -45,6 +45,7 @@ def test_benchmark_all_tiny_writes_json(tmp_path):
     assert vs["precision"] == pre["precision"]
     assert vs["ours_img_s"] > 0 and vs["official_img_s"] > 0 and vs["speedup_vs_official"] > 0
     assert vs["official_model_img_s"] > 0 and vs["speedup_model_only"] > 0
+    assert vs["official_written_out_img_s"] > 0 and vs["speedup_vs_official_written_out"] > 0
     # input pipeline: per core, through the loader, workers for the asked step rates
     per_core = [r for r in data["data"] if "images" in r]
     assert [r["images"] for r in per_core] == ["500x375 q90 JPEG", "2048x1536 q90 JPEG"]
@@ -64,7 +65,7 @@ def test_benchmark_all_tiny_writes_json(tmp_path):
     assert window["time_vs_vitdet"] > 0 and window["mem_vs_vitdet"] >= 0  # tiny: memory ~0
     paths = [(r["where"], r["path"]) for r in data["attention"]]
     assert paths == [
-        (w, p) for w in ("encoder", "decoder") for p in ("sdpa", "sdpa_math", "explicit")
+        (w, p) for w in ("encoder", "decoder") for p in ("sdpa", "ours", "sdpa_math", "explicit")
     ]
     assert all(
         r["time_vs_sdpa"] > 0 and r["precision"] == pre["precision"] for r in data["attention"]
@@ -243,8 +244,9 @@ def test_the_data_rivals_time_the_same_crop_of_each_image(tmp_path, monkeypatch)
 
 
 def test_attention_section_at_the_models_shapes_in_bf16(tmp_path, monkeypatch):
+    from mae_transfer.attention import explicit_attention
     from mae_transfer.benchmark import cli, measure
-    from mae_transfer.benchmark.attention import attention_shapes, explicit_attention
+    from mae_transfer.benchmark.attention import attention_shapes
 
     monkeypatch.setattr(measure, "IN_PROCESS", measure.IN_PROCESS)  # --tiny sets them
     monkeypatch.setattr(measure, "PEAK_N", measure.PEAK_N)
@@ -259,8 +261,9 @@ def test_attention_section_at_the_models_shapes_in_bf16(tmp_path, monkeypatch):
     args = ["attention", "--tiny", "--amp", "bf16", "--warmup", "0", "--repeats", "1"]
     assert cli.main([*args, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["attention"]
-    assert {r["precision"] for r in rows} == {"bfloat16"} and len(rows) == 6
+    assert {r["precision"] for r in rows} == {"bfloat16"} and len(rows) == 8
     by = {(r["where"], r["path"]): r for r in rows}
+    assert by["encoder", "ours"]["kernel"] == "matmul + softmax"  # a CPU in bf16 writes it out
     assert by["encoder", "sdpa"]["time_vs_sdpa"] == 1.0 and by["decoder", "explicit"]["gflops"] > 0
     assert by["encoder", "sdpa_math"]["kernel"] == "attention_math"
     assert by["encoder", "explicit"]["kernel"] == "matmul + softmax"

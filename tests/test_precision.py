@@ -191,7 +191,8 @@ def test_every_matrix_multiply_of_a_bf16_step_runs_in_bf16():
             loss, _, _ = model(torch.randn(2, 3, 32, 32), mask_ratio=0.75)
         loss.backward()
     names = {name for name, _ in mode.seen}
-    assert {"addmm", "mm"} <= names and any("scaled_dot_product" in n for n in names)
+    # on a CPU in bf16 the attention is written out (two bmm), not torch's fused kernel
+    assert {"addmm", "mm", "bmm"} <= names and not any("scaled_dot_product" in n for n in names)
     fp32 = [(name, d) for name, d in mode.seen if d != {torch.bfloat16}]
     assert not fp32, fp32
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)

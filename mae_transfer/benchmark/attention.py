@@ -6,7 +6,9 @@ The encoder attends over 1 + L/4 tokens (50 for ViT-B/16 at 224), the decoder ov
 forward + backward, as training runs it (under the autocast of ``--amp``, the q, k, v a
 ``qkv`` projection makes under it), interleaved with the others:
 
-- ``sdpa``: ``F.scaled_dot_product_attention`` as torch dispatches it (what our blocks run);
+- ``ours``: what our blocks run (:func:`mae_transfer.attention.attention`: written out on a
+  CPU in bf16, torch's dispatch otherwise; the rule this section's numbers gave);
+- ``sdpa``: ``F.scaled_dot_product_attention`` as torch dispatches it (what timm's blocks run);
 - ``sdpa_<backend>``: the same, forced to one backend (math everywhere; flash, efficient and
   cuDNN on CUDA where they take the shape and dtype);
 - ``explicit``: ``softmax(q k^T / sqrt(d)) v`` written out, timm's non-fused path and what the
@@ -21,9 +23,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from mae_transfer.attention import attention, explicit_attention
+
 from .measure import TINY, side_by_side
 
-__all__ = ["attention_shapes", "bench_attention", "explicit_attention"]
+__all__ = ["attention_shapes", "bench_attention"]
 
 INNER = 8  # fwd + bwd calls per timed sample: one call is well under a millisecond on GPUs
 
@@ -50,12 +54,6 @@ def attention_shapes(model: torch.nn.Module, mask_ratio: float = 0.75) -> List[D
     return out
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v, written out (timm's ``fused_attn=False`` path)."""
-    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    return attn.softmax(dim=-1) @ v
-
-
 def _backends(device: torch.device) -> List[str]:
     names = ["MATH"]
     if device.type == "cuda":
@@ -73,7 +71,7 @@ def _paths(device: torch.device) -> Dict[str, Callable]:
 
         return run
 
-    paths = {"sdpa": F.scaled_dot_product_attention}
+    paths = {"sdpa": F.scaled_dot_product_attention, "ours": attention}  # sdpa first: the reference
     for name in _backends(device):
         backend = getattr(SDPBackend, name, None)
         if backend is not None:
