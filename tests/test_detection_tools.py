@@ -158,3 +158,29 @@ def test_convert_tool_refuses_an_output_it_cannot_write_before_the_work(tmp_path
         assert "name it .pth" in caplog.text
     assert not converted and not os.listdir(tmp_path / "folder")
     assert case == "folder" or not os.path.exists(output)
+
+
+def test_visualize_det_skips_files_it_cannot_read_and_says_what_num_left_out(
+    toy_coco, detector, tmp_path, caplog
+):
+    """A text file among --images was a traceback once the model had run; images beyond
+    --num were dropped without a word."""
+    tool = load_tool("visualize_det")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    folder = toy_coco["val"][1]
+    images = [os.path.join(folder, f) for f in sorted(os.listdir(folder))][:2]
+    base = ["--config-file", TINY_CONFIG, "--weights", detector, "--output", str(tmp_path / "p")]
+    argv = [*base, *TINY_OPTS, "--num", "1", "--images", str(notes), *images]
+    assert tool.main(argv) == 0 and (tmp_path / "p.png").is_file()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"skipped 1 unreadable file(s), e.g. {notes}" in w for w in warnings), warnings
+    assert any("--images gives 3 images: drawing the first 1" in w for w in warnings), warnings
+
+    def build_model(cfg):
+        raise AssertionError("the model was built")
+
+    tool.build_model = build_model
+    caplog.clear()
+    code = tool.main([*base, *TINY_OPTS, "--images", str(notes)])
+    _refused(caplog, code, "none of the 1 images can be read")

@@ -33,7 +33,7 @@ from mae_transfer.detection.train import (  # noqa: E402
     build_cfg,
     register_coco_datasets,
 )
-from mae_transfer.detection.visualize import draw_predictions  # noqa: E402
+from mae_transfer.detection.visualize import draw_predictions, readable_images  # noqa: E402
 from mae_transfer.engine.config import ConfigError  # noqa: E402
 from mae_transfer.engine.launch import exit_code, picture_path  # noqa: E402
 
@@ -104,11 +104,24 @@ def main(argv=None) -> int:
         if "://" not in args.weights and not os.path.isfile(args.weights):
             raise CheckpointError(f"--weights {args.weights!r} does not exist")
         register_coco_datasets(cfg)
-        paths = image_paths(cfg, args.images)
+        listed = image_paths(cfg, args.images)
+        paths, skipped = readable_images(listed, args.num)
+        if skipped:
+            path, error = skipped[0]
+            logger.warning("skipped %d unreadable file(s), e.g. %s: %s", len(skipped), path, error)
+        if not paths:
+            raise ConfigError(f"none of the {len(skipped)} images can be read (above)")
+        if args.images and len(listed) > args.num:
+            logger.warning(
+                "--images gives %d images: drawing the first %d that can be read (--num %d)",
+                len(listed),
+                len(paths),
+                args.num,
+            )
         output = picture_path(args.output, "predictions.png")
         model = build_model(cfg)
         MAECheckpointer(model, whole_model=True).load(args.weights)
-        out = draw_predictions(cfg, model, paths[: args.num], output, args.score_thresh)
+        out = draw_predictions(cfg, model, paths, output, args.score_thresh)
         print(f"wrote {out}")
 
     return exit_code(body, logger)

@@ -31,6 +31,23 @@ def predict(cfg, model, image_path: str):
     return img, out["instances"].to("cpu")
 
 
+def readable_images(paths: Sequence[str], num: int):
+    """The first ``num`` of ``paths`` that open and decode as images, and the (path, error) of
+    those skipped on the way (a text file or a truncated image among --images)."""
+    chosen, skipped = [], []
+    for path in paths:
+        if len(chosen) == num:
+            break
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            skipped.append((path, e))
+            continue
+        chosen.append(path)
+    return chosen, skipped
+
+
 def class_names(cfg, name: str):
     """The metadata whose ``thing_classes`` label the drawing: data set ``name``'s, read from
     its annotation file if not yet known (a COCO-format set learns its names when loaded), or
