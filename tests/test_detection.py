@@ -1057,3 +1057,12 @@ def test_a_segmentor_checkpoint_initialises_the_detector_s_vit(toy_coco, tmp_pat
     assert "prefix 'backbone.vit.' stripped" in caplog.text
     with pytest.raises(CheckpointError, match="holds a ViT but not a detector"):
         MAECheckpointer(build_model(cfg), whole_model=True).load(path)
+
+
+def test_train_det_takes_options_after_the_overrides():
+    """An option after KEY VALUE pairs was one more override (yacs: 'odd length')."""
+    argv = ["--config-file", TINY_CONFIG, "SOLVER.MAX_ITER", "1", "--coco-train", "a.json", "im"]
+    argv += ["SOLVER.WEIGHT_DECAY", "-0.1", "OUTPUT_DIR", "out", "--resume"]
+    args = load_tool("train_det").parser().parse_intermixed_args(argv)
+    assert args.opts == ["SOLVER.MAX_ITER", "1", "SOLVER.WEIGHT_DECAY", "-0.1", "OUTPUT_DIR", "out"]
+    assert args.coco_train == ["a.json", "im"] and args.resume and args.config_file == TINY_CONFIG

@@ -110,13 +110,16 @@ def parser():
     p = default_argument_parser()
     p.add_argument("--coco-train", nargs=2, metavar=("JSON", "IMAGE_ROOT"), default=None)
     p.add_argument("--coco-val", nargs=2, metavar=("JSON", "IMAGE_ROOT"), default=None)
+    # detectron2's KEY VALUE overrides are argparse.REMAINDER: an option after them was taken
+    # as one more override (yacs: "odd length"). As words between options they may go anywhere.
+    next(a for a in p._actions if a.dest == "opts").nargs = "*"
     return p
 
 
 def cli(argv=None) -> int:
     """Exit code 0; 2 for a bad config value, a missing file or data set, or weights that do
     not fit the model (checked before any process starts, and again on every rank)."""
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
 
     def body():
         cfg = load_cfg(args)
