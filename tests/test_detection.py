@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import subprocess
@@ -457,7 +458,7 @@ def test_command_line_tools_train_evaluate_and_draw(toy_coco, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_trained_detector_no_longer_needs_the_encoder_it_started_from(toy_coco, tmp_path):
+def test_a_trained_detector_no_longer_needs_the_encoder_it_started_from(toy_coco, tmp_path, caplog):
     """--eval-only and --resume load the whole detector: MODEL.VIT.PRETRAINED, moved or
     deleted since the training, stopped them with 'checkpoint not found'."""
     import shutil
@@ -478,6 +479,14 @@ def test_a_trained_detector_no_longer_needs_the_encoder_it_started_from(toy_coco
     argv = [*data, *val, "--eval-only", *opts, "SOLVER.MAX_ITER", "1", "MODEL.WEIGHTS", final]
     assert train_det.cli(argv) == 0
     assert train_det.cli([*data, "--resume", *opts, "SOLVER.MAX_ITER", "2"]) == 0
+    # resuming past the run's new end, or from a folder without a checkpoint, is said
+    with caplog.at_level(logging.WARNING):
+        assert train_det.cli([*data, "--resume", *opts, "SOLVER.MAX_ITER", "1"]) == 0
+        assert "ends at iteration 2, SOLVER.MAX_ITER is 1: nothing left to train" in caplog.text
+        fresh = [*opts, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(tmp_path / "fresh")]
+        fresh += ["MODEL.VIT.PRETRAINED", ""]  # (the encoder is gone)
+        assert train_det.cli([*data, "--resume", *fresh]) == 0
+        assert "no checkpoint in OUTPUT_DIR" in caplog.text
 
 
 def test_several_test_sets_are_summarized_and_written_apart(toy_coco, tmp_path):

@@ -84,6 +84,27 @@ def check_test_sets(cfg) -> None:
     check_num_classes(cfg, cfg.DATASETS.TEST)
 
 
+def warn_about_resume(cfg, resume: bool, start_iter: int) -> None:
+    """--resume that finds nothing to resume, or a checkpoint at or past SOLVER.MAX_ITER, said
+    once (detectron2 starts from MODEL.WEIGHTS, or trains nothing, without a word)."""
+    if not (resume and comm.is_main_process()):
+        return
+    if not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        logger.warning(
+            "--resume: no checkpoint in OUTPUT_DIR %s (no last_checkpoint file): training "
+            "starts at iteration 0 from MODEL.WEIGHTS / MODEL.VIT.PRETRAINED",
+            cfg.OUTPUT_DIR,
+        )
+    elif start_iter >= cfg.SOLVER.MAX_ITER:
+        logger.warning(
+            "--resume: the checkpoint in %s ends at iteration %d, SOLVER.MAX_ITER is %d: "
+            "nothing left to train (raise SOLVER.MAX_ITER to train on)",
+            cfg.OUTPUT_DIR,
+            start_iter,
+            cfg.SOLVER.MAX_ITER,
+        )
+
+
 def main(args):
     cfg = setup(args)
     if args.eval_only:
@@ -100,6 +121,7 @@ def main(args):
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
         check_test_sets(cfg)
         trainer.resume_or_load(resume=args.resume)
+        warn_about_resume(cfg, args.resume, trainer.start_iter)
         results = trainer.train()
     if comm.is_main_process() and results:
         logger.info("summary: %s", summarize(results))
