@@ -229,7 +229,8 @@ def test_a_resumed_run_ends_with_the_weights_of_the_uninterrupted_one(tmp_path, 
 
 def test_a_resume_with_more_iterations_says_the_schedule_keeps_its_end(tmp_path):
     """mmengine restores the schedulers' end: the added iterations trained at lr 0 while the
-    log said 'PolyLR: end 200 -> 24, following train_cfg.max_iters'."""
+    log said 'PolyLR: end 200 -> 24, following train_cfg.max_iters'; and fewer iterations than
+    the checkpoint's trained nothing, silently."""
     root = str(tmp_path / "toy_ade")
     write_toy_ade(root, num_train=4, num_val=2, size=64)
     from mae_transfer.segmentation.demo import schedule
@@ -244,6 +245,13 @@ def test_a_resume_with_more_iterations_says_the_schedule_keeps_its_end(tmp_path)
     make_runner(cfg).train()
     logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*/*.log"))
     assert "PolyLR: resumed with the checkpoint's end 2, not the config's 3" in logs
+    # resumed past the new end: mmengine trained nothing without a word
+    opts.update({"train_cfg.max_iters": 2, "param_scheduler": schedule(2)})
+    cfg = build_cfg(TINY_CONFIG, opts)
+    cfg.resume = True
+    make_runner(cfg).train()
+    logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*/*.log"))
+    assert "ends at iteration 3, train_cfg.max_iters is 2: nothing left to train" in logs
 
 
 def _check_test_and_visualize_tools(tmp_path, root, opts):

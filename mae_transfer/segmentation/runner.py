@@ -606,8 +606,16 @@ class SegRunner(Runner):
         """mmengine's resume, which restores each scheduler from the checkpoint, its ``end``
         included: a config's other end (``train_cfg.max_iters`` raised to train longer) does
         not apply, and a finished schedule trains the added iterations at its last lr (0 for
-        PolyLR). Said, naming the scheduler."""
+        PolyLR). Said, naming the scheduler; and so is a checkpoint at or past the config's
+        ``train_cfg.max_iters`` (mmengine then trains nothing without a word)."""
         super().resume(filename, *args, **kwargs)
+        max_iters = (self.cfg.get("train_cfg") or {}).get("max_iters")
+        if max_iters is not None and self.iter >= max_iters:
+            self.logger.warning(
+                f"--resume: the checkpoint {filename} ends at iteration {self.iter}, "
+                f"train_cfg.max_iters is {max_iters}: nothing left to train (raise "
+                "train_cfg.max_iters to train on)"
+            )
         wanted = self.cfg.get("param_scheduler") or []
         wanted = [wanted] if isinstance(wanted, dict) else wanted
         restored = self.param_schedulers if isinstance(self.param_schedulers, list) else []
