@@ -888,7 +888,7 @@ def test_data_folders_are_checked_for_pairs_before_training(tmp_path):
 
 def test_labels_of_several_channels_are_refused_before_training(tmp_path):
     """An RGB(A) rendering of a label passed the check; training died on a shape error
-    naming no file."""
+    naming no file. 16-bit labels with values above 255 trained on their low byte."""
     import numpy as np
     from PIL import Image
 
@@ -907,6 +907,17 @@ def test_labels_of_several_channels_are_refused_before_training(tmp_path):
         check_data(Config(dict(train_dataloader=dict(dataset=ds))))
     assert "2.png (RGB), " in str(e.value) and "3.png (RGBA)" in str(e.value)
     assert "single-channel PNG (mode L or P)" in str(e.value)
+    # 16-bit labels: below 256 they load as they are; above, mmseg kept each value's low byte
+    for i in (2, 3):
+        Image.new("L", (48, 32)).save(root / "ann" / f"{i}.png")
+    label = np.zeros((32, 48), np.uint16)
+    Image.fromarray(label + 7).save(root / "ann" / "0.png")
+    check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    label[0, 0] = 300
+    Image.fromarray(label).save(root / "ann" / "1.png")
+    with pytest.raises(ConfigError, match=r"1 of 4 sampled labels hold values above 255") as e:
+        check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    assert "1.png (I;16, values up to 300)" in str(e.value) and "class 44" in str(e.value)
 
 
 def _toy_dataset(tmp_path, split: str, label, **opts):

@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
@@ -513,7 +514,7 @@ def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> L
     (the pipeline's LoadImageFromFile) loads it: EXIF orientation applied, as mmcv applies it."""
     from PIL import Image
 
-    turned, coloured = [], []
+    turned, coloured, wide = [], [], []
     for image, label in pairs:
         try:
             with Image.open(os.path.join(img_dir, image)) as a, Image.open(label) as b:
@@ -521,6 +522,8 @@ def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> L
                 if len(b.getbands()) > 1:
                     coloured.append(f"{label} ({b.mode})")
                     continue
+                if b.mode.startswith("I") and int(np.asarray(b).max()) > 255:
+                    wide.append(f"{label} ({b.mode}, values up to {int(np.asarray(b).max())})")
         except OSError:
             continue  # unreadable: mmseg's own loading says so
         if size == label_size:
@@ -533,6 +536,13 @@ def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> L
             + (f" (turned by its EXIF orientation from {raw[0]}x{raw[1]})" if was_turned else "")
             + f" but its label {label} is {label_size[0]}x{label_size[1]}: labels must have "
             "their image's size (checked on a sample)"
+        ]
+    if wide:
+        return [
+            f"{key}: {len(wide)} of {len(pairs)} sampled labels hold values above 255 (e.g. "
+            f"{', '.join(wide[:3])}): mmseg's LoadAnnotations keeps the low byte of each "
+            "value (class 300 would train as class 44); labels are class indices below 256 "
+            "(255 the ignore index), in 8-bit PNGs (mode L or P)"
         ]
     if coloured:
         return [
