@@ -522,8 +522,9 @@ def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> L
                 if len(b.getbands()) > 1:
                     coloured.append(f"{label} ({b.mode})")
                     continue
-                if b.mode.startswith("I") and int(np.asarray(b).max()) > 255:
-                    wide.append(f"{label} ({b.mode}, values up to {int(np.asarray(b).max())})")
+                top = int(np.asarray(b).max()) if b.mode.startswith("I") else 0  # 16/32-bit
+                if top > 255:
+                    wide.append(f"{label} ({b.mode}, values up to {top})")
         except OSError:
             continue  # unreadable: mmseg's own loading says so
         if size == label_size:
