@@ -277,6 +277,25 @@ def test_a_resume_after_an_evaluated_epoch_keeps_its_best_accuracy(data, tmp_pat
     resumed.close()
 
 
+def test_a_resume_on_other_class_folders_is_refused(data, tmp_path):
+    """A class folder renamed (blue -> zblue) reorders the sorted classes: the resumed run
+    trained the head on permuted labels without a word (top-1 0 after 82)."""
+    from mae_transfer.engine.config import ConfigError
+
+    cfg = cfg_of(FinetuneConfig, data, tmp_path / "run", epochs=2)
+    train_until_killed(FinetuneTrainer(cfg, CPU, DistInfo()), 1, 0)
+    moved = tmp_path / "moved"
+    shutil.copytree(data["root"], moved)
+    first = sorted(os.listdir(moved / "train"))[0]
+    for split in ("train", "val"):
+        os.rename(moved / split / first, moved / split / ("z" + first))
+    with pytest.raises(ConfigError, match="would be permuted") as e:
+        FinetuneTrainer(
+            cfg_of(FinetuneConfig, {**data, "root": str(moved)}, tmp_path / "run"), CPU, DistInfo()
+        )
+    assert f"{first} -> " in str(e.value)
+
+
 def test_top1_is_ranked_on_fp32_logits_under_bf16_autocast():
     """Logits 12.005 and 12.025 are both 12.0 in bf16: the head's output under autocast left
     top-1 to the tie order of topk (the official evaluation runs in fp16, which keeps them)."""

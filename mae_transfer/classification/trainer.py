@@ -236,6 +236,17 @@ class _ClassifierTrainer(EpochTrainer):
         return {"best_acc1": self.best_acc1, "classes": list(self.folders[0].classes)}
 
     def load_extra_state(self, ckpt: Dict) -> None:
+        trained, classes = ckpt.get("classes"), list(self.folders[0].classes)
+        if isinstance(trained, list) and trained != classes:
+            # the head's output i is the checkpoint's class i: other folder names (or another
+            # order) would train on permuted labels
+            changed = [f"{a} -> {b}" for a, b in zip(trained, classes) if a != b]
+            raise ConfigError(
+                f"the checkpoint's {len(trained)} classes are not the {len(classes)} class "
+                f"folders of {self.folders[0].root} (in sorted order: "
+                f"{', '.join(changed[:3]) or 'one list longer than the other'}): the labels "
+                "would be permuted; give the data set it was trained on, or start a new run"
+            )
         self.best_acc1 = float(ckpt.get("best_acc1", -1.0))
 
     def describe(self) -> str:
