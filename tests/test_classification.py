@@ -799,6 +799,11 @@ def test_the_probe_refuses_weights_that_leave_part_of_its_frozen_encoder_random(
     LinprobeTrainer(cfg, CPU, DistInfo()).close()
     with pytest.raises(ConfigError, match="batch_size must be >= 2 for linear probing"):
         cfg_of(LinprobeConfig, data, tmp_path / "p3", batch_size=1)
+    # fine-tuning too: a depth-2 checkpoint left blocks 2 and 3 of a depth-4 model random,
+    # with a warning only (the official main_finetune.py asserts)
+    cfg = cfg_of(FinetuneConfig, data, tmp_path / "f", model_kwargs={**TINY, "depth": 4})
+    with pytest.raises(CheckpointError, match=r"does not fill the encoder \(24 tensors.*blocks.2"):
+        FinetuneTrainer(cfg, CPU, DistInfo())
 
 
 def test_evaluation_edge_cases_are_named(data, tmp_path, caplog):

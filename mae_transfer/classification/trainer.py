@@ -197,12 +197,40 @@ class _ClassifierTrainer(EpochTrainer):
             # may not even have the right classes)
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
             self.load_report = load_classifier_checkpoint(model, state, source=cfg.finetune)
+            self._check_encoder_loaded()
         elif not cfg.resume and not cfg.eval:
             logger.warning(
                 "no --finetune weights: the encoder starts from random initialisation (a "
                 "baseline; give --finetune a pretraining checkpoint to evaluate one)"
             )
         return model
+
+    def _check_encoder_loaded(self) -> None:
+        """The encoder must come whole from --finetune, as the official scripts assert: only
+        the head (and, with avg pooling, a fresh fc_norm) may be new. A missing part would
+        stay at its random initialisation: the probe would measure it, fine-tuning would
+        start from it (a checkpoint of another depth filled two blocks of four)."""
+        report, cfg = self.load_report, self.cfg
+        if report is None:
+            return
+        fresh = ("head.",) + (("fc_norm.",) if cfg.global_pool == "avg" else ())
+        absent = [
+            k for k in report.missing + report.new + report.mismatched if not k.startswith(fresh)
+        ]
+        if absent:
+            hint = (
+                "; a checkpoint fine-tuned with avg pooling has no 'norm' (nor a trained class "
+                "token): use --global_pool avg"
+                if cfg.global_pool != "avg" and any(k.startswith("norm.") for k in absent)
+                else ""
+            )
+            what = "frozen encoder" if self.probe else "encoder"
+            use = "the probe would read them" if self.probe else "fine-tuning would start them"
+            raise CheckpointError(
+                f"{cfg.finetune} does not fill the {what} ({len(absent)} tensors missing or of "
+                f"another shape, so {use} untrained; another depth or model_kwargs?): "
+                f"{', '.join(sorted(absent)[:6])}{hint}"
+            )
 
     def val_images(self) -> Dataset:
         cfg = self.cfg
@@ -328,34 +356,9 @@ class LinprobeTrainer(_ClassifierTrainer):
 
     def build_model(self) -> ViTClassifier:
         model = super().build_model()
-        self._check_frozen_loaded(model)
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")
         return model
-
-    def _check_frozen_loaded(self, model: ViTClassifier) -> None:
-        """The frozen encoder must come whole from --finetune, as the official script asserts:
-        only the head (and, with avg pooling, a fresh fc_norm) may be new. A missing part
-        would stay at its random initialisation, and the probe would measure it."""
-        report, cfg = self.load_report, self.cfg
-        if report is None:
-            return
-        fresh = ("head.",) + (("fc_norm.",) if cfg.global_pool == "avg" else ())
-        absent = [
-            k for k in report.missing + report.new + report.mismatched if not k.startswith(fresh)
-        ]
-        if absent:
-            hint = (
-                "; a checkpoint fine-tuned with avg pooling has no 'norm' (nor a trained class "
-                "token): probe it with --global_pool avg"
-                if cfg.global_pool != "avg" and any(k.startswith("norm.") for k in absent)
-                else ""
-            )
-            raise CheckpointError(
-                f"{cfg.finetune} does not fill the frozen encoder (missing or of another shape, "
-                "so the probe would read them untrained): "
-                f"{', '.join(sorted(absent)[:6])}{hint}"
-            )
 
     def set_train_mode(self) -> None:
         self.ddp.eval()  # the frozen encoder (and fc_norm) in eval mode
