@@ -147,17 +147,9 @@ def _write_json(path: str, results: Dict) -> None:
     """Strict JSON (NaN, which some sections report for what was not measured, as null),
     replaced atomically: a section that fails later leaves the earlier ones on disk."""
     from mae_transfer.checkpoint import write_text_atomic
+    from mae_transfer.engine.logger import json_safe
 
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    write_text_atomic(json.dumps(clean(results), indent=1, allow_nan=False), path)
+    write_text_atomic(json.dumps(json_safe(results), indent=1, allow_nan=False), path)
 
 
 def main(argv=None, description: str = "") -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -11,6 +12,20 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from tqdm import tqdm
 
 from .state import move_aside
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (NaN: what was not measured, e.g. top-5 of 5
+    classes) as None, so that ``json.dumps`` writes strict JSON (``null``, not ``NaN``, which
+    JSON parsers other than Python's refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +119,7 @@ class RunLogger:
         if len(kept) < len(records) or unreadable:
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+                f.writelines(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in kept)
             os.replace(tmp, self.path)
 
     def progress(self, total: int, initial: int) -> tqdm:
@@ -133,7 +148,7 @@ class RunLogger:
         if not self.enabled:
             return
         with open(os.path.join(self.output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
     def last_record(self, key: str) -> Dict:
         """The last ``log.jsonl`` record holding ``key`` (empty when there is none)."""
