@@ -729,11 +729,18 @@ def test_classifiers_are_checked_as_the_trainers_build_them(data):
 
 
 def test_bad_values_are_all_named_before_anything_starts(data, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
     values = dict(data_path=data["root"], layer_decay=1.5, mixup=-1, batch_size=3, aa="bogus-m9")
+    values.update(color_jitter=-1, output_dir=str(afile / "sub"), log_dir=str(afile))
     with pytest.raises(ConfigError) as e:
         validate(make_config(FinetuneConfig, values))
     for text in ("layer_decay must be in (0, 1]", "mixup must be >= 0", "batch_size must be even"):
         assert text in str(e.value)
+    # each found late before (a traceback after the model was built or the evaluation ran)
+    assert "color_jitter must be >= 0 (0 = off), got -1" in str(e.value)
+    assert f"output_dir '{afile}/sub' cannot be made: {afile} is a file" in str(e.value)
+    assert f"log_dir '{afile}' is a file, not a directory" in str(e.value)
     assert "aa 'bogus-m9' is not a timm augmentation policy" in str(e.value)
     for policy in ("rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "v0", "original"):
         validate(make_config(FinetuneConfig, dict(data_path=data["root"], aa=policy)))

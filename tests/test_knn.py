@@ -356,6 +356,8 @@ def test_standalone_command_rejects_meaningless_values_before_loading(tmp_path, 
         (["--checkpoint", "missing.pth"], "--checkpoint missing.pth: no such file"),
         (["--val", str(tmp_path / "nothere")], "not a directory of class folders"),
         (["--model", "vit_foo"], "--model:"),
+        (["--json", str(tmp_path / "t")], "names a folder: name the file (e.g. knn.json)"),
+        (["--json", str(ckpt / "k.json")], f"its folder cannot be made, {ckpt} is a file"),
     ):
         with pytest.raises(SystemExit) as e:  # argparse's error: exit code 2
             tool.parse_args(base + bad)
@@ -377,6 +379,9 @@ def test_standalone_command_names_what_does_not_fit_with_exit_code_2(tmp_path, c
     assert "tensors match" in capfd.readouterr().err
     assert tool.main(ck + ["--train", str(flat), "--val", train] + common + tiny) == 2
     assert str(flat) in capfd.readouterr().err
+    odd = ["--embed_dim", "32", "--depth", "2", "--num_heads", "3"]  # was a traceback, exit 1
+    assert tool.main(ck + ["--train", train, "--val", train] + common + odd) == 2
+    assert "--num_heads 3: embed dim 32 is not divisible by num_heads 3" in capfd.readouterr().err
 
 
 def test_an_avg_pool_fine_tuned_checkpoint_gives_the_feature_its_head_saw(tmp_path, caplog):

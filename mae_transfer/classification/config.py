@@ -213,6 +213,10 @@ def _check_finetune(cfg: FinetuneConfig, checks: Checks) -> None:
     for name in ("mixup", "cutmix"):
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(cfg, name)}")
     need(
+        cfg.color_jitter is None or cfg.color_jitter >= 0,
+        f"color_jitter must be >= 0 (0 = off), got {cfg.color_jitter}",
+    )
+    need(
         cfg.remode in ("const", "rand", "pixel"),
         f"remode must be const, rand or pixel, got {cfg.remode!r}",
     )

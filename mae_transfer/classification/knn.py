@@ -372,15 +372,18 @@ def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> to
         if kernel.shape[-2] == patch and named and int(named.group(1)) != patch:
             logger.info("%s: patch size %d, read from its patch embedding", path, patch)
             overrides = {**overrides, "patch_size": patch}
-    if "fc_norm.weight" in state and "norm.weight" not in state:
-        classes = head_dim_of(state) or 1
-        net = build_classifier(name, classes, input_size, global_pool="avg", **overrides)
-    else:  # weights without a class token (a detection backbone's): an encoder without one
-        no_cls = "cls_token" not in state and "class_token" not in overrides
-        net = create_model(
-            name, img_size=hw(input_size), **({"class_token": False} if no_cls else {}), **overrides
-        )
-        note_padding(net, input_size)
+    try:
+        if "fc_norm.weight" in state and "norm.weight" not in state:
+            classes = head_dim_of(state) or 1
+            net = build_classifier(name, classes, input_size, global_pool="avg", **overrides)
+        else:  # weights without a class token (a detection backbone's): an encoder without one
+            no_cls = "cls_token" not in state and "class_token" not in overrides
+            cls = {"class_token": False} if no_cls else {}
+            net = create_model(name, img_size=hw(input_size), **cls, **overrides)
+            note_padding(net, input_size)
+    except (TypeError, ValueError) as e:  # e.g. an embed_dim that num_heads does not divide
+        sizes = ", ".join(f"--{k} {v}" for k, v in overrides.items())
+        raise ConfigError(f"cannot build {model}{' with ' + sizes if sizes else ''}: {e}") from e
     report = load_pretrained(net, state, source=path)
     if "norm.weight" in report.missing:  # e.g. a detection / segmentation backbone's weights
         logger.warning(

@@ -270,10 +270,15 @@ def check_train_config(cfg: TrainConfig, checks: Checks, check_paths: bool = Tru
         bool(cfg.output_dir) and isinstance(cfg.output_dir, str),
         f"output_dir must name a folder, got {cfg.output_dir!r}",
     )
-    need(
-        not cfg.output_dir or not os.path.exists(cfg.output_dir) or os.path.isdir(cfg.output_dir),
-        f"output_dir {cfg.output_dir!r} is a file, not a directory",
-    )
+    for key in ("output_dir", "log_dir"):
+        folder = getattr(cfg, key)
+        blocked = file_in_the_way(folder) if isinstance(folder, str) and folder else None
+        need(
+            blocked is None,
+            f"{key} {folder!r} is a file, not a directory"
+            if blocked == os.path.abspath(folder or ".")
+            else f"{key} {folder!r} cannot be made: {blocked} is a file",
+        )
     if check_paths and isinstance(cfg.device, str) and cfg.device.startswith("cuda"):
         import torch  # on the host that trains (a Slurm submission host may have no GPU)
 
@@ -281,6 +286,18 @@ def check_train_config(cfg: TrainConfig, checks: Checks, check_paths: bool = Tru
             torch.cuda.is_available(),
             f"device {cfg.device!r}: CUDA is not available here (use --device cpu or auto)",
         )
+
+
+def file_in_the_way(folder: str) -> Optional[str]:
+    """The file that keeps ``folder`` from being a folder (``folder`` itself, or the first
+    existing part of its path when that is a file); None when it is or can be made one."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return None if os.path.isdir(path) else path
 
 
 def check_model_fields(
