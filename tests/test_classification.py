@@ -461,6 +461,31 @@ def test_cached_features_of_a_resumed_probe_come_from_the_loaded_encoder(data, t
     again.close()
 
 
+def test_a_probe_extracts_no_features_for_an_output_dir_in_use(data, tmp_path, monkeypatch):
+    """The folder of a live run was found in use only after the whole training set's features
+    were extracted (hours on ImageNet), and their shard written into that run's folder."""
+    import socket
+
+    from mae_transfer.engine import state
+    from mae_transfer.engine.config import ConfigError
+
+    out = tmp_path / "in_use"
+    os.makedirs(out)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    extracted = []
+    monkeypatch.setattr(LinprobeTrainer, "_extract", lambda self, *a: extracted.append(a))
+    try:
+        record = {"host": socket.gethostname(), "pid": alive.pid, "id": "x"}
+        record.update(pidns=state._pid_namespace(), start=state._process_start(alive.pid))
+        (out / state.OWNER_FILE).write_text(json.dumps(record))
+        with pytest.raises(ConfigError, match="in use by another run"):
+            LinprobeTrainer(cfg_of(LinprobeConfig, data, out, cache_features=True), CPU, DistInfo())
+    finally:
+        alive.kill()
+        alive.wait()
+    assert not extracted and os.listdir(out) == [state.OWNER_FILE]
+
+
 def test_clip_grad_bounds_the_gradient_the_optimizer_steps_with(data, tmp_path):
     norms = {}
     for clip in (None, 1e-3):

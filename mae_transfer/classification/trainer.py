@@ -392,11 +392,14 @@ class LinprobeTrainer(_ClassifierTrainer):
             self.folders[0], linprobe_transform(cfg.input_size), cfg.seed, cfg.max_train_images
         )
 
-    def _resume(self) -> None:
-        super()._resume()
-        if self.cfg.cache_features:  # features of the encoder as loaded (resumed or not)
+    def _init_rest(self, cfg: LinprobeConfig, device: torch.device, dist_info: DistInfo) -> None:
+        # after the resume (the features of the encoder as loaded) and after output_dir was
+        # claimed (a folder in use by another run was found only after the whole extraction,
+        # whose shards were written into that run's folder)
+        if cfg.cache_features:
             self.train_dataset = self._extract(self.train_dataset, "training")
             self.loader = self.make_loader(self.train_dataset, self.sampler, drop_last=True)
+        super()._init_rest(cfg, device, dist_info)
 
     def build_val_dataset(self) -> Dataset:
         images = self.val_images()
@@ -454,11 +457,12 @@ class LinprobeTrainer(_ClassifierTrainer):
         return FeatureDataset(*([s[k] for s in shards] for k in ("features", "labels", "replaced")))
 
     def train(self) -> Dict[str, float]:
-        stats = super().train()  # ends with a barrier: no process reads the features any more
-        for path in self._feature_files:  # each process its own shards (NFS keeps no unlinked
-            if os.path.isfile(path):  # file alive for other clients: only now)
-                os.remove(path)
-        return stats
+        try:
+            return super().train()  # ends with a barrier: no process reads the features now
+        finally:  # (also after an error or an interruption: no shards left in output_dir)
+            for path in self._feature_files:  # each process its own shards (NFS keeps no
+                if os.path.isfile(path):  # unlinked file alive for other clients: only now)
+                    os.remove(path)
 
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.ddp(x).float(), y)
