@@ -797,7 +797,12 @@ def test_command_lines_train_evaluate_and_reject_bad_values(data, tmp_path):
     assert ev.returncode == 0 and "top-1" in ev.stdout, ev.stderr[-2000:]
     last_acc = [r["acc1"] for r in read_log(tmp_path / "ft") if "acc1" in r][-1]
     with open(tmp_path / "ev" / "eval.json") as f:
-        assert json.load(f)["acc1"] == pytest.approx(last_acc)
+        record = json.load(f)
+    assert record["acc1"] == pytest.approx(last_acc) and record["input_size"] == [32, 32]
+    ev = cli("finetune.py", "--eval", "--resume", str(tmp_path / "ft" / BEST), "--input_size",
+             "48", "--output_dir", str(tmp_path / "ev48"))  # fmt: skip
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert "was trained at input_size 32x32, evaluated here at 48x48" in ev.stdout + ev.stderr
     lp = cli("linprobe.py", "--cache_features", "--output_dir", str(tmp_path / "lp"))
     assert lp.returncode == 0, lp.stderr[-2000:]
     assert os.path.isfile(tmp_path / "lp" / BEST)

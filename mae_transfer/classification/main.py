@@ -46,11 +46,15 @@ def _evaluate(cfg: ClassifyConfig) -> Dict[str, float]:
         return {}  # rank 0 reports (and prints) for all
     if cfg.output_dir:
         from mae_transfer.checkpoint import write_text_atomic
+        from mae_transfer.data.transforms import hw
         from mae_transfer.engine.logger import json_safe
 
         path = os.path.join(cfg.output_dir, "eval.json")
         os.makedirs(cfg.output_dir, exist_ok=True)
-        record = json_safe({"checkpoint": cfg.resume or cfg.finetune, **metrics})
+        size = list(hw(cfg.input_size))
+        record = json_safe(
+            {"checkpoint": cfg.resume or cfg.finetune, "input_size": size, **metrics}
+        )
         write_text_atomic(json.dumps(record, indent=1, allow_nan=False), path)
         logger.info("wrote %s", path)
     return metrics

@@ -35,7 +35,7 @@ from mae_transfer.data import (
     seeded,
 )
 from mae_transfer.data.sampler import sample_seed
-from mae_transfer.data.transforms import eval_transform
+from mae_transfer.data.transforms import eval_transform, hw
 from mae_transfer.device import pin_memory_for, resolve_amp
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.distributed import DistInfo, all_reduce_sum, on_every_rank
@@ -494,6 +494,17 @@ def _as_trained(
     return folder
 
 
+def _trained_input_size(ckpt) -> Optional[tuple]:
+    """(H, W) a classifier checkpoint was trained at, from its ``args`` (ours: a dict; the
+    official ones: an argparse Namespace); None when it does not say."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    size = args.get("input_size") if isinstance(args, dict) else getattr(args, "input_size", None)
+    try:
+        return hw(size) if size is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def evaluate_checkpoint(
     cfg: ClassifyConfig, device: torch.device, dist: DistInfo
 ) -> Dict[str, float]:
@@ -511,6 +522,16 @@ def evaluate_checkpoint(
     num_classes = cfg.nb_classes or head_dim_of(state) or len(val_folder.classes)
     names = ckpt.get("classes") if isinstance(ckpt, dict) else None
     val_folder = _as_trained(val_folder, names, num_classes, path)
+    trained = _trained_input_size(ckpt)
+    if trained is not None and trained != hw(cfg.input_size):
+        logger.warning(
+            "%s was trained at input_size %s, evaluated here at %s (its position table "
+            "resized): give --input_size %s to evaluate it as trained",
+            path,
+            "x".join(map(str, trained)),
+            "x".join(map(str, hw(cfg.input_size))),
+            " ".join(map(str, trained)),
+        )
     probe = "head.0.running_mean" in state
     pool = "avg" if "fc_norm.weight" in state else "cls"  # as the checkpoint was trained
     if pool != cfg.global_pool:
