@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Dict, Optional, Sequence
 
-from mae_transfer.engine.launch import exit_code, run_training, setup_logging
+from mae_transfer.engine.launch import RESUME_HINT, exit_code, run_training, setup_logging
 from mae_transfer.registry import list_models
 from pretrain.config import PretrainConfig, load_config, validate
 from pretrain.engine import LAST, Trainer, export_encoder
@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return
         run(cfg)
 
-    return exit_code(body, logger)
+    return exit_code(body, logger, resume=RESUME_HINT)
 
 
 if __name__ == "__main__":

@@ -1030,3 +1030,15 @@ def test_a_picture_s_output_path(tmp_path):
     assert picture_path(str(tmp_path / "new"), "p.png") == str(tmp_path / "new" / "p.png")
     assert picture_path(str(tmp_path / "a" / "b"), "p.png") == str(tmp_path / "a" / "b.png")
     assert picture_path(str(tmp_path / "c.jpg"), "p.png") == str(tmp_path / "c.jpg")
+
+
+def test_ctrl_c_ends_a_tool_in_one_line_saying_how_to_continue(caplog):
+    """Ctrl-C during training was a KeyboardInterrupt traceback, exit code 1."""
+    from mae_transfer.engine.launch import RESUME_HINT, exit_code
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert exit_code(interrupted, resume=RESUME_HINT) == 130
+    assert f"interrupted: {RESUME_HINT}" in caplog.text
+    assert exit_code(lambda: None) == 0

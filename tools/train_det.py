@@ -162,7 +162,11 @@ def cli(argv=None) -> int:
             args=(args,),
         )
 
-    return exit_code(body, logger)
+    return exit_code(
+        body,
+        logger,
+        resume="add --resume to the same command to continue from OUTPUT_DIR's last checkpoint",
+    )
 
 
 if __name__ == "__main__":

@@ -93,7 +93,11 @@ def main(argv=None) -> int:
         cfg.resume = args.resume
         make_runner(cfg).train()
 
-    return exit_code(body, logger)
+    return exit_code(
+        body,
+        logger,
+        resume="add --resume to the same command to continue from the work dir's last checkpoint",
+    )
 
 
 if __name__ == "__main__":

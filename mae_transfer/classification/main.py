@@ -11,7 +11,7 @@ from typing import Dict, Optional, Sequence, Type
 
 from mae_transfer.device import resolve_device
 from mae_transfer.engine.distributed import cleanup, init_distributed, own_device
-from mae_transfer.engine.launch import exit_code, run_training, setup_logging
+from mae_transfer.engine.launch import RESUME_HINT, exit_code, run_training, setup_logging
 
 from .config import ClassifyConfig, FinetuneConfig, LinprobeConfig, load_config, validate
 from .trainer import BEST, FinetuneTrainer, LinprobeTrainer, evaluate_checkpoint
@@ -86,7 +86,7 @@ def main(protocol: str, argv: Optional[Sequence[str]] = None, prog: str = "") ->
             top5 = f"{top5:.3f}" if top5 == top5 else "n/a (5 classes or fewer)"
             print(f"top-1 {metrics['acc1']:.3f}  top-5 {top5}")
 
-    return exit_code(body, logger)
+    return exit_code(body, logger, resume=RESUME_HINT)
 
 
 def submit_main(argv: Sequence[str]) -> int:

@@ -54,9 +54,14 @@ def run_training(
         cleanup(info)
 
 
-def exit_code(fn: Callable[[], object], log: logging.Logger = logger) -> int:
+# what an interrupted run of the engine's trainers does next (auto_resume is on by default)
+RESUME_HINT = "the same command continues from the last checkpoint in its output_dir"
+
+
+def exit_code(fn: Callable[[], object], log: logging.Logger = logger, resume: str = "") -> int:
     """Runs a CLI body: 0 when it returns, 2 for a bad config or a checkpoint that does not fit
-    the model, 1 for a non-finite stop."""
+    the model, 1 for a non-finite stop, 130 for Ctrl-C (said in one line, with ``resume``: how
+    a training tool continues, instead of a traceback)."""
     try:
         fn()
     except (ConfigError, CheckpointError) as e:
@@ -65,6 +70,9 @@ def exit_code(fn: Callable[[], object], log: logging.Logger = logger) -> int:
     except NonFiniteLossError as e:
         log.error("%s", e)
         return 1
+    except KeyboardInterrupt:
+        log.warning("interrupted%s", f": {resume}" if resume else "")
+        return 130
     return 0
 
 
