@@ -876,6 +876,14 @@ def test_evaluation_edge_cases_are_named(data, tmp_path, caplog):
     with pytest.raises(CheckpointError, match="no classification head: --eval needs"):
         evaluate_checkpoint(cfg, CPU, DistInfo())
     assert "evaluating it so" not in caplog.text
+    # --nb_classes other than its head's: named (it said the file had no trained head)
+    tuned = str(tmp_path / "tuned.pth")
+    torch.save({"model": build_classifier("vit_base_patch16", 3, 32, "avg", **TINY).state_dict()},
+               tuned)  # fmt: skip
+    cfg = make_config(FinetuneConfig, {**values, "resume": tuned, "model_kwargs": TINY})
+    cfg.nb_classes = 5
+    with pytest.raises(ConfigError, match="nb_classes 5, but the head of .* has 3 outputs"):
+        evaluate_checkpoint(cfg, CPU, DistInfo())
     # resumed into another output_dir: the best copy stayed beside the resumed file
     cfg = SimpleNamespace(output_dir=str(tmp_path / "b"), resume="/runs/a/checkpoint-last.pth")
     with caplog.at_level("INFO", logger="classification"):
@@ -903,7 +911,11 @@ def test_the_official_scripts_flags_are_understood():
 def test_an_input_size_the_patches_do_not_tile_is_padded_with_a_warning(caplog):
     model = build_classifier("vit_base_patch16", 3, 36, "avg", **TINY)  # patch 8
     assert "input_size 36x36 is not a multiple of the patch size 8" in caplog.text
+    assert "to 40x40 (bottom and right); 32x32 or 40x40 would not be" in caplog.text
     assert model(torch.rand(1, 3, 36, 36)).shape == (1, 3)  # (padded to 40, as said)
+    caplog.clear()
+    build_classifier("vit_base_patch16", 3, 6, "avg", **TINY)  # below one patch: no 0x0
+    assert "; 8x8 would not be" in caplog.text
     caplog.clear()
     build_classifier("vit_base_patch16", 3, (32, 40), "avg", **TINY)
     assert "not a multiple" not in caplog.text

@@ -114,10 +114,11 @@ def note_padding(net: VisionTransformer, input_size: Size) -> None:
     (h, w), p = hw(input_size), net.patch_size
     if h % p or w % p:
         up, down = (-(-h // p) * p, -(-w // p) * p), (h // p * p, w // p * p)
+        sizes = [down, up] if min(down) > 0 else [up]  # (below one patch: no smaller size)
         logger.warning(
             "input_size %dx%d is not a multiple of the patch size %d: every image is zero-padded "
-            "to %dx%d (bottom and right); %dx%d or %dx%d would not be",
-            h, w, p, *up, *down, *up,
+            "to %dx%d (bottom and right); %s would not be",
+            h, w, p, *up, " or ".join(f"{a}x{b}" for a, b in sizes),
         )  # fmt: skip
 
 

@@ -519,6 +519,11 @@ def evaluate_checkpoint(
             f"{path} has no classification head: --eval needs a fine-tuned (or linear-probe) "
             "checkpoint; a pretraining checkpoint is for --finetune (or tools/knn.py)"
         )
+    if cfg.nb_classes and cfg.nb_classes != head_dim_of(state):
+        raise ConfigError(
+            f"nb_classes {cfg.nb_classes}, but the head of {path} has {head_dim_of(state)} "
+            "outputs: leave nb_classes at 0 to evaluate it with its own"
+        )
     num_classes = cfg.nb_classes or head_dim_of(state) or len(val_folder.classes)
     names = ckpt.get("classes") if isinstance(ckpt, dict) else None
     val_folder = _as_trained(val_folder, names, num_classes, path)
