@@ -556,7 +556,7 @@ def evaluate_checkpoint(
     logger.info(
         "%s on %d images of %s: top-1 %.3f, top-5 %.3f",
         os.path.basename(path),
-        len(images),
+        len(images) - metrics["val_skipped_images"],  # (the unreadable ones said above)
         val_folder.root,
         metrics["acc1"],
         metrics["acc5"],
