@@ -908,12 +908,17 @@ def test_the_official_scripts_flags_are_understood():
         validate(cfg)
 
 
-def test_an_input_size_the_patches_do_not_tile_is_padded_with_a_warning(caplog):
+def test_an_input_size_the_patches_do_not_tile_is_padded_with_a_warning(caplog, monkeypatch):
+    from mae_transfer.classification import model as model_module
+
+    monkeypatch.setattr(model_module, "_PADDING_NOTED", set())  # (other tests' sizes noted)
     model = build_classifier("vit_base_patch16", 3, 36, "avg", **TINY)  # patch 8
     assert "input_size 36x36 is not a multiple of the patch size 8" in caplog.text
     assert "to 40x40 (bottom and right); 32x32 or 40x40 would not be" in caplog.text
     assert model(torch.rand(1, 3, 36, 36)).shape == (1, 3)  # (padded to 40, as said)
     caplog.clear()
+    build_classifier("vit_base_patch16", 3, 36, "avg", **TINY)  # (the config check's build,
+    assert "not a multiple" not in caplog.text  # then the run's: said once)
     build_classifier("vit_base_patch16", 3, 6, "avg", **TINY)  # below one patch: no 0x0
     assert "; 8x8 would not be" in caplog.text
     caplog.clear()

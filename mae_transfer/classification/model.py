@@ -108,11 +108,16 @@ def build_classifier(
     return net
 
 
+_PADDING_NOTED: set = set()
+
+
 def note_padding(net: VisionTransformer, input_size: Size) -> None:
     """Warns when ``input_size`` is not a multiple of the patch size: the ViT then zero-pads
-    every image at the bottom and right (the official code refuses such sizes)."""
+    every image at the bottom and right (the official code refuses such sizes). Once per size
+    and patch in a process (the config check builds the model too)."""
     (h, w), p = hw(input_size), net.patch_size
-    if h % p or w % p:
+    if (h % p or w % p) and (h, w, p) not in _PADDING_NOTED:
+        _PADDING_NOTED.add((h, w, p))
         up, down = (-(-h // p) * p, -(-w // p) * p), (h // p * p, w // p * p)
         sizes = [down, up] if min(down) > 0 else [up]  # (below one patch: no smaller size)
         logger.warning(
