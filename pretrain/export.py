@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from mae_transfer.engine.launch import exit_code, setup_logging
+from mae_transfer.engine.config import ConfigError, file_in_the_way
+from mae_transfer.engine.launch import exit_code, refuse_folder, setup_logging
 from pretrain.engine import export_encoder
 
 
@@ -15,8 +16,15 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="pretraining checkpoint (ours or official full)")
     p.add_argument("output", help="where to write {'model': encoder state dict}")
     args = p.parse_args(argv)
-    if os.path.isdir(args.output):
-        p.error(f"output {args.output} is a folder: name the file to write (e.g. encoder.pth)")
+    try:  # before anything is read: a folder (or a name ending in a slash), a folder unmakeable
+        refuse_folder(args.output, "output", "encoder.pth")
+        blocked = file_in_the_way(os.path.dirname(os.path.abspath(args.output)))
+        if blocked:
+            raise ConfigError(
+                f"output {args.output}: its folder cannot be made, {blocked} is a file"
+            )
+    except ConfigError as e:
+        p.error(str(e))
     setup_logging()
 
     def body():

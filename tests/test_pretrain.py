@@ -516,9 +516,14 @@ def test_export_takes_pretraining_checkpoints_only(tmp_path, capfd):
     enc, paths = save_mae_checkpoints(tmp_path, img_size=32, depth=2)
     out = str(tmp_path / "enc.pth")
     assert export_main([paths["ours"], out]) == 0
-    with pytest.raises(SystemExit) as e:  # a folder: said before anything is read
-        export_main([paths["ours"], str(tmp_path)])
-    assert e.value.code == 2 and "is a folder: name the file" in capfd.readouterr().err
+    for folder, text in (
+        (str(tmp_path), "names a folder: name the file (e.g. encoder.pth)"),
+        (str(tmp_path / "new") + "/", "names a folder: name the file"),  # one to make
+        (out + "/x.pth", f"its folder cannot be made, {out} is a file"),
+    ):
+        with pytest.raises(SystemExit) as e:  # said before anything is read
+            export_main([paths["ours"], folder])
+        assert e.value.code == 2 and text in capfd.readouterr().err, folder
     assert set(torch.load(out, weights_only=True)["model"]) == set(enc)
     detector = {f"backbone.bottom_up.vit.{k}": v for k, v in enc.items()}
     torch.save({"model": detector}, tmp_path / "det.pth")
