@@ -583,9 +583,12 @@ def test_train_det_refuses_bad_input_before_training_with_exit_2(toy_coco, tmp_p
     assert not (tmp_path / "out").exists()  # refused before detectron2's set-up
 
 
-@pytest.mark.parametrize("case", ["missing_image", "not_json", "no_categories", "no_annotation"])
+@pytest.mark.parametrize(
+    "case", ["missing_image", "not_json", "no_categories", "no_annotation", "wrong_size"]
+)
 def test_train_det_names_bad_data_files_before_training(toy_coco, tmp_path, caplog, case):
-    """Each was a traceback with exit 1; a missing image only when training drew it."""
+    """Each was a traceback with exit 1; a missing image, or one of another size than the
+    file gives it (detectron2's SizeMismatchError), only when training drew it."""
     with open(toy_coco["train"][0]) as f:
         data = json.load(f)
     bad = tmp_path / "train.json"
@@ -598,6 +601,11 @@ def test_train_det_names_bad_data_files_before_training(toy_coco, tmp_path, capl
     elif case == "no_annotation":
         data["annotations"] = []
         expected = ("has no image with an annotation",)
+    elif case == "wrong_size":
+        image = data["images"][5]
+        size = f"{image['width']}x{image['height']} vs {image['width'] * 2}x{image['height']}"
+        image["width"] *= 2
+        expected = ("1 of 24 sampled images are not of the size", f"{image['file_name']} ({size})")
     text = json.dumps(data)
     if case == "not_json":
         text, expected = text[: len(text) // 2], ("is not valid JSON",)

@@ -162,7 +162,39 @@ def load_coco(json_file: str, image_root: str, name: str) -> List[Dict]:
             f"data set {name!r}: {len(absent)} of the {len(dicts)} images {json_file} lists are "
             f"not in {image_root}, e.g. {', '.join(absent[:3])}"
         )
+    misfit = _misfit_sizes(dicts)
+    if misfit:
+        raise ConfigError(
+            f"data set {name!r}: {len(misfit[0])} of {misfit[1]} sampled images are not of the "
+            f"size {json_file} gives them (e.g. {', '.join(misfit[0][:3])}): the annotations "
+            "were made for other images (resized since?); detectron2 stops when it draws one"
+        )
     return dicts
+
+
+SIZE_SAMPLE = 32  # images whose size (file header) is compared with the annotation file's
+
+
+def _misfit_sizes(dicts: Sequence[Dict]):
+    """([file (its width x height vs the file's)], sampled) for a sample of ``dicts`` whose
+    image, as detectron2 reads it (EXIF orientation applied), is not the listed width x height
+    (detectron2's SizeMismatchError came when training drew it, hours in); None if all fit."""
+    from PIL import Image
+
+    step = max(1, len(dicts) // SIZE_SAMPLE)
+    sample = [d for d in dicts[::step] if "width" in d and "height" in d]
+    bad = []
+    for d in sample:
+        try:
+            with Image.open(d["file_name"]) as img:
+                w, h = img.size
+                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # turned a quarter on loading
+                    w, h = h, w
+        except OSError:
+            continue  # unreadable: the loader skips or names it
+        if (w, h) != (d["width"], d["height"]):
+            bad.append(f"{d['file_name']} ({w}x{h} vs {d['width']}x{d['height']})")
+    return (bad, len(sample)) if bad else None
 
 
 def check_weights(cfg, resume: bool, eval_only: bool = False) -> None:
