@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from mae_transfer.engine.config import ConfigError, file_in_the_way
+from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.launch import exit_code, refuse_folder, setup_logging
 from pretrain.engine import export_encoder
 
@@ -18,11 +17,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:  # before anything is read: a folder (or a name ending in a slash), a folder unmakeable
         refuse_folder(args.output, "output", "encoder.pth")
-        blocked = file_in_the_way(os.path.dirname(os.path.abspath(args.output)))
-        if blocked:
-            raise ConfigError(
-                f"output {args.output}: its folder cannot be made, {blocked} is a file"
-            )
     except ConfigError as e:
         p.error(str(e))
     setup_logging()

@@ -30,7 +30,7 @@ from mae_transfer.classification.knn import (  # noqa: E402
     encoder_for_checkpoint,
 )
 from mae_transfer.device import pin_memory_for, resolve_amp, resolve_device  # noqa: E402
-from mae_transfer.engine.config import ConfigError, file_in_the_way  # noqa: E402
+from mae_transfer.engine.config import ConfigError  # noqa: E402
 from mae_transfer.engine.distributed import cleanup, init_distributed, own_device  # noqa: E402
 from mae_transfer.engine.launch import exit_code, refuse_folder, setup_logging  # noqa: E402
 from mae_transfer.engine.trainer import tf32_enabled  # noqa: E402
@@ -87,13 +87,10 @@ def parse_args(argv=None):
     except KeyError as e:
         bad.append(f"--model: {e}")
     if args.json:
-        blocked = file_in_the_way(os.path.dirname(os.path.abspath(args.json)))
         try:
             refuse_folder(args.json, "--json", "knn.json")
         except ConfigError as e:
             bad.append(str(e))
-        if blocked:
-            bad.append(f"--json {args.json}: its folder cannot be made, {blocked} is a file")
     if bad:
         p.error("; ".join(bad))  # exit code 2, before anything is loaded
     return args

@@ -49,11 +49,16 @@ from mae_transfer.engine.launch import exit_code  # noqa: E402
 logger = logging.getLogger("train_det")
 
 
+def has_checkpoint(cfg) -> bool:
+    """Whether OUTPUT_DIR holds a checkpoint for --resume (detectron2's last_checkpoint file)."""
+    return os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+
+
 def load_cfg(args):
     """The run's config with its weights file and data sets checked (ConfigError otherwise)."""
     cfg = build_cfg(args.config_file, args.opts, args.coco_train, args.coco_val)
     check_weights(cfg, args.resume, args.eval_only)
-    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    resuming = args.resume and has_checkpoint(cfg)
     if cfg.MODEL.VIT.PRETRAINED and (args.eval_only or resuming):
         # the trained detector's weights replace the encoder's that began its training
         # (that file may be gone since)
@@ -89,7 +94,7 @@ def warn_about_resume(cfg, resume: bool, start_iter: int) -> None:
     once (detectron2 starts from MODEL.WEIGHTS, or trains nothing, without a word)."""
     if not (resume and comm.is_main_process()):
         return
-    if not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+    if not has_checkpoint(cfg):
         logger.warning(
             "--resume: no checkpoint in OUTPUT_DIR %s (no last_checkpoint file): training "
             "starts at iteration 0 from MODEL.WEIGHTS / MODEL.VIT.PRETRAINED",

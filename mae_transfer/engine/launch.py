@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional, Type
 from mae_transfer.checkpoint import CheckpointError
 from mae_transfer.device import resolve_device
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, file_in_the_way
 from .distributed import cleanup, init_distributed, own_device
 from .trainer import EpochTrainer, NonFiniteLossError
 
@@ -99,10 +99,14 @@ def picture_path(output: str, name: str) -> str:
 
 def refuse_folder(output: str, what: str, example: str) -> None:
     """A file to write named by ``output`` (the flag ``what``) must not be a folder, existing
-    or still to make (a trailing slash): checked before the work, which failed at its end.
+    or still to make (a trailing slash), nor lie where a file keeps its folder from being
+    made: checked before the work, which failed at its end.
 
     Raises:
-        ConfigError: naming the flag and an ``example`` file name.
+        ConfigError: naming the flag (and an ``example`` file name, or the file in the way).
     """
     if os.path.isdir(output) or output.endswith(("/", os.sep)):
         raise ConfigError(f"{what} {output} names a folder: name the file (e.g. {example})")
+    blocked = file_in_the_way(os.path.dirname(os.path.abspath(output)))
+    if blocked:
+        raise ConfigError(f"{what} {output}: its folder cannot be made, {blocked} is a file")
