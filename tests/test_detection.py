@@ -276,6 +276,78 @@ def test_lsj_training_crops_are_padded_like_test_images_not_with_grey():
     assert len(crops) == 1 and crops[0].pad is False
 
 
+def test_images_are_read_as_detectron2_reads_them_but_deep_ones_stretched(tmp_path):
+    """8-bit images (EXIF orientation included) come out exactly as detectron2 reads them; a
+    12-bit scan in a 16-bit PNG, which detectron2 clips to almost all white, is stretched."""
+    import numpy as np
+    from detectron2.data.detection_utils import read_image as detectron2_read_image
+    from PIL import Image
+
+    from mae_transfer.detection.data import read_image
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    photo.save(tmp_path / "turned.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8)).save(tmp_path / "grey.png")
+    for name in ("turned.jpg", "grey.png"):
+        for fmt in ("BGR", "RGB", "L"):
+            ours = read_image(str(tmp_path / name), format=fmt)
+            np.testing.assert_array_equal(ours, detectron2_read_image(str(tmp_path / name), fmt))
+    assert read_image(str(tmp_path / "turned.jpg"), "BGR").shape == (30, 20, 3)
+
+    scan = np.linspace(0, 4095, 20 * 30).reshape(20, 30).astype(np.uint16)
+    Image.fromarray(scan).save(tmp_path / "scan.png")  # mode I;16
+    assert (detectron2_read_image(str(tmp_path / "scan.png"), "BGR") == 255).mean() > 0.9
+    ours = read_image(str(tmp_path / "scan.png"), "BGR")
+    assert ours.shape == (20, 30, 3) and ours.min() == 0 and ours.max() == 255
+    np.testing.assert_allclose(ours[..., 0], scan / 4095 * 255, atol=0.51)
+
+
+def test_the_mapper_skips_unreadable_training_images_blanks_test_ones(toy_coco, tmp_path, caplog):
+    """A truncated image stopped detectron2's training (and evaluation) when drawn; now it is
+    named: skipped in training, scored as a blank image in evaluation. Readable images map
+    as detectron2's DatasetMapper maps them."""
+    import shutil
+
+    from detectron2.data import DatasetCatalog, DatasetMapper
+
+    from mae_transfer.detection.data import ImageMapper
+    from mae_transfer.detection.train import build_augmentations, build_mapper
+
+    cfg = _cfg(toy_coco, tmp_path / "out")
+    record = dict(DatasetCatalog.get("toy_coco_train")[0])
+    augs = build_augmentations(cfg, is_train=False)  # deterministic (training's flips are not)
+    for is_train in (True, False):
+        theirs = DatasetMapper(cfg, is_train=is_train, augmentations=augs)(record)
+        ours = ImageMapper(cfg, is_train=is_train, augmentations=augs)(record)
+        assert torch.equal(ours["image"], theirs["image"]) and ours.keys() == theirs.keys()
+        if is_train:
+            for field in ("gt_boxes", "gt_classes", "gt_masks"):
+                a, b = ours["instances"].get(field), theirs["instances"].get(field)
+                assert torch.equal(getattr(a, "tensor", a), getattr(b, "tensor", b))
+
+    broken = tmp_path / "broken.jpg"
+    shutil.copy(record["file_name"], broken)
+    broken.write_bytes(broken.read_bytes()[:200])
+    record["file_name"] = str(broken)
+    with caplog.at_level(logging.WARNING):
+        assert build_mapper(cfg, True)(record) is None
+        blank = build_mapper(cfg, False)(record)
+    assert "broken.jpg" in caplog.text and "skipped" in caplog.text and "blank" in caplog.text
+    assert blank["image"].shape[0] == 3 and "annotations" not in blank
+
+
+def test_a_skipped_training_image_is_replaced_by_another():
+    """detectron2's map-style MapDataset draws the replacement with random.sample from a set,
+    a TypeError since Python 3.11 (the compat fix)."""
+    from detectron2.data.common import MapDataset
+
+    data = MapDataset(list(range(5)), lambda i: None if i == 0 else i)
+    assert all(data[0] in range(1, 5) for _ in range(5))
+
+
 def test_a_missing_weights_file_is_named_before_anything_is_built(tmp_path):
     from mae_transfer.detection.train import check_weights
 

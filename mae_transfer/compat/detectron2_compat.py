@@ -1,6 +1,6 @@
 """Makes the pure-Python detectron2 0.6 release importable on current torch / numpy / Pillow.
 
-Importing this module applies four fixes, each a no-op where the real thing exists (2 and 3
+Importing this module applies five fixes, each a no-op where the real thing exists (2 and 3
 only with the pure-Python build, i.e. when ``detectron2._C`` is missing):
 
 1. ``detectron2._C`` (detectron2's compiled ops) is absent from the registry's source release. A
@@ -11,6 +11,10 @@ only with the pure-Python build, i.e. when ``detectron2._C`` is missing):
 3. ``PIL.Image.LINEAR`` was removed in Pillow 10; detectron2 0.6 uses it as a default argument.
 4. ``get_norm("LN", C)`` (channel LayerNorm for FPN and heads, the ViTDet recipe) came after
    0.6; it is added, with timm's ``LayerNorm2d``, when missing.
+5. When a mapper returns None (an image it cannot use), detectron2's map-style ``MapDataset``
+   draws another image with ``random.sample`` from a set, which Python 3.11 refuses
+   (TypeError, training stops): its random generator is given one that samples from a set
+   in sorted order, as older Pythons did (their set of small integers iterates sorted).
 
 It must run before the first import of a detectron2 submodule: ``mae_transfer.detection``
 imports it first, and ``tools/setup_env.sh`` installs an import hook
@@ -20,6 +24,7 @@ imports it first, and ``tools/setup_env.sh`` installs an import hook
 from __future__ import annotations
 
 import importlib.util
+import random
 import sys
 import types
 
@@ -108,6 +113,35 @@ def _add_layer_norm() -> None:
             module.get_norm = get_norm
 
 
+class _SetSamplingRandom(random.Random):
+    """``random.Random`` whose ``sample`` also takes a set (sorted first)."""
+
+    def sample(self, population, k, **kw):
+        if isinstance(population, (set, frozenset)):
+            population = sorted(population)
+        return super().sample(population, k, **kw)
+
+
+def _sample_from_sets() -> None:
+    try:
+        random.Random().sample({0}, 1)
+        return
+    except TypeError:
+        pass
+    from detectron2.data import common
+
+    original = common.MapDataset.__init__
+    if getattr(original, "_samples_sets", False):
+        return
+
+    def __init__(self, dataset, map_func):
+        original(self, dataset, map_func)
+        self._rng = _SetSamplingRandom(42)
+
+    __init__._samples_sets = True
+    common.MapDataset.__init__ = __init__
+
+
 _applied = False
 
 
@@ -128,6 +162,7 @@ def apply() -> None:
         _patch_numpy()
         _patch_pillow()
     _add_layer_norm()
+    _sample_from_sets()
 
 
 apply()

@@ -21,7 +21,6 @@ import yaml
 from detectron2.config import get_cfg
 from detectron2.data import (
     DatasetCatalog,
-    DatasetMapper,
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
@@ -42,6 +41,7 @@ from mae_transfer.optim import keep_optimizer_impl, param_groups
 from .backbone import MAEViTBackbone, backbone_kwargs
 from .checkpoint import MAECheckpointer, find_vit
 from .config import add_mae_vit_config, amp_dtype, validate_config
+from .data import ImageMapper
 
 logger = logging.getLogger(__name__)
 
@@ -472,8 +472,8 @@ def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     ]
 
 
-def build_mapper(cfg, is_train: bool) -> DatasetMapper:
-    return DatasetMapper(
+def build_mapper(cfg, is_train: bool) -> ImageMapper:
+    return ImageMapper(
         cfg,
         is_train=is_train,
         augmentations=build_augmentations(cfg, is_train),

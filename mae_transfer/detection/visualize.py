@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
+from .data import UNREADABLE, read_image
 from .train import build_augmentations, thing_classes
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def readable_images(paths: Sequence[str], num: int):
         try:
             with Image.open(path) as img:
                 img.load()
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+        except UNREADABLE as e:
             skipped.append((path, e))
             continue
         chosen.append(path)

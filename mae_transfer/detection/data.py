@@ -1,0 +1,95 @@
+"""Images for the detectors, read as pretraining reads them.
+
+detectron2's ``read_image`` converts with PIL alone: a 16-bit grey PNG or TIFF is clipped to
+0..255 (a 12-bit scan comes out almost white) and a 16-bit colour PNG keeps each value's high
+byte. Here every image is decoded by :func:`mae_transfer.data.decode.decode_pil`, which
+stretches images of more than 8 bits from their own min..max to 0..255, as the pretraining
+data loader does; 8-bit images come out exactly as detectron2 reads them (EXIF orientation
+applied, then converted to the model's ``INPUT.FORMAT``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.utils.file_io import PathManager
+from PIL import Image
+
+from mae_transfer.data.decode import EncodedImage, decode_pil
+
+logger = logging.getLogger(__name__)
+
+# EXIF orientation -> the PIL transpose that shows the image upright (as PIL's exif_transpose)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+ORIENTATION = 0x0112  # the EXIF orientation tag
+
+# what a file that is not a readable image raises on decoding
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:
+    """(H, W, C) array of ``file_name`` in ``format`` (detectron2's: "BGR", "RGB", "L" ...),
+    upright by its EXIF orientation, as ``detectron2.data.detection_utils.read_image`` returns
+    it, except that images of more than 8 bits per value are stretched to 8 bits rather than
+    clipped (see the module's docstring).
+
+    Raises:
+        OSError, ValueError, SyntaxError: the file is not a readable image (:data:`UNREADABLE`).
+    """
+    with PathManager.open(file_name, "rb") as f:
+        enc = EncodedImage(bytearray(f.read()), file_name)
+    turn = _UPRIGHT.get(enc.pil.getexif().get(ORIENTATION, 1))
+    img = decode_pil(enc.pil, enc.data)
+    return utils.convert_PIL_to_numpy(img.transpose(turn) if turn is not None else img, format)
+
+
+class ImageMapper(DatasetMapper):
+    """detectron2's ``DatasetMapper`` (augmentations, then boxes and masks moved with the
+    image) for detection data sets, with images read by :func:`read_image`.
+
+    An image that cannot be read (or is not of its listed size) is named in a warning instead
+    of stopping the run: in training it is skipped (``None``: detectron2's loader draws the
+    next one); in evaluation it is scored as a blank image of its listed size, so its objects
+    count as missed.
+    """
+
+    def __call__(self, dataset_dict: Dict) -> Optional[Dict]:
+        record = copy.deepcopy(dataset_dict)
+        try:
+            image = read_image(record["file_name"], format=self.image_format)
+            utils.check_image_size(record, image)
+        except UNREADABLE as e:
+            if self.is_train:
+                logger.warning("cannot use %s (%s): skipped", record["file_name"], e)
+                return None
+            logger.warning(
+                "cannot use %s (%s): scored as a blank image (its objects count as missed)",
+                record["file_name"],
+                e,
+            )
+            channels = 1 if self.image_format == "L" else 3
+            image = np.zeros((record["height"], record["width"], channels), np.uint8)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if not self.is_train:
+            record.pop("annotations", None)
+        elif "annotations" in record:
+            self._transform_annotations(record, transforms, image.shape[:2])
+        return record
