@@ -975,6 +975,36 @@ def test_resume_across_precisions_keeps_optimizer_state_and_implementation(
     _fake_update(c)  # a fused step takes the scaler's grad_scale; an unfused one would assert
 
 
+@pytest.mark.parametrize("grouping", [True, False])
+def test_a_resumed_run_continues_the_data_order(toy_coco, tmp_path, grouping):
+    """The images after a resumed checkpoint are those the uninterrupted run drew next
+    (detectron2 began its stream again: the first images twice), also when the resumed run
+    has a new random seed, and with or without aspect-ratio grouping."""
+
+    def trainer(seed):
+        cfg = _cfg(toy_coco, tmp_path / "out", iters=8)
+        cfg.merge_from_list(["SEED", str(seed), "DATALOADER.ASPECT_RATIO_GROUPING", str(grouping)])
+        cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", "2", "INPUT.LSJ.ENABLED", "False"])
+        cfg.freeze()
+        from detectron2.utils.env import seed_all_rng
+
+        seed_all_rng(seed)  # what train_det's default_setup does with SEED
+        return Trainer(cfg)
+
+    def files(t, n):
+        return [[d["file_name"] for d in next(t._trainer._data_loader_iter)] for _ in range(n)]
+
+    a = trainer(seed=1)
+    drawn = files(a, 5)
+    a.iter = 2  # three iterations done: six images
+    a.checkpointer.save("model_0000002")
+    b = trainer(seed=2)  # another seed: another order, unless resumed
+    assert files(b, 2) != drawn[:2]
+    b = trainer(seed=2)
+    b.resume_or_load(resume=True)
+    assert b.start_iter == 3 and files(b, 2) == drawn[3:5]
+
+
 def test_lazy_config_schedule_matches_the_yaml_recipe():
     """The LazyConfig trains on the ViTDet schedule, as the YAML: warmup 250 iterations from
     lr x 0.001 (not the R-50 recipe's 0.067), steps at 88.9% / 96.3% of 184,375 iterations."""

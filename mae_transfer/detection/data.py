@@ -11,6 +11,7 @@ applied, then converted to the model's ``INPUT.FORMAT``).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from typing import Dict, Optional
 
@@ -19,6 +20,8 @@ import torch
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.data.common import ToIterableDataset
+from detectron2.data.samplers import TrainingSampler
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
@@ -93,3 +96,28 @@ class ImageMapper(DatasetMapper):
         elif "annotations" in record:
             self._transform_annotations(record, transforms, image.shape[:2])
         return record
+
+
+class ResumableSampler(TrainingSampler):
+    """detectron2's ``TrainingSampler`` (one endless stream of shuffled indices, each process
+    taking every world-size-th), which can start ``skip`` indices into the stream: a resumed
+    run continues the order where its checkpoint left it (detectron2 began the stream again,
+    training once more on the images just trained on, with the same ``SEED``)."""
+
+    skip = 0
+
+    def __iter__(self):
+        stream = self._infinite_indices()
+        return itertools.islice(stream, self.skip + self._rank, None, self._world_size)
+
+
+def train_sampler(loader) -> Optional[ResumableSampler]:
+    """The :class:`ResumableSampler` inside a loader built by detectron2's
+    ``build_detection_train_loader`` (a DataLoader, perhaps under an aspect-ratio grouping),
+    or None (another sampler, e.g. ``RepeatFactorTrainingSampler``)."""
+    for _ in range(4):
+        if isinstance(loader, ToIterableDataset):
+            sampler = loader.sampler
+            return sampler if isinstance(sampler, ResumableSampler) else None
+        loader = getattr(loader, "dataset", None)
+    return None

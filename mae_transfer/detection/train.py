@@ -41,7 +41,7 @@ from mae_transfer.optim import keep_optimizer_impl, param_groups
 from .backbone import MAEViTBackbone, backbone_kwargs
 from .checkpoint import MAECheckpointer, find_vit
 from .config import add_mae_vit_config, amp_dtype, validate_config
-from .data import ImageMapper
+from .data import ImageMapper, ResumableSampler, train_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -574,19 +574,49 @@ class Trainer(DefaultTrainer):
         return PrecisionAMPTrainer(t.model, t.data_loader, t.optimizer, dtype, device_type)
 
     def state_dict(self):
-        """Iteration, hooks (lr scheduler) and the inner trainer's optimizer and loss scaler (the
-        registry's detectron2 0.6 saves no optimizer state; newer releases save it this way)."""
+        """Iteration, hooks (lr scheduler), the inner trainer's optimizer and loss scaler (the
+        registry's detectron2 0.6 saves no optimizer state; newer releases save it this way)
+        and the data order's seed."""
         ret = TrainerBase.state_dict(self)
         ret["_trainer"] = self._trainer.state_dict()
+        sampler = train_sampler(self._trainer.data_loader)
+        if sampler is not None:
+            ret["data_order"] = {"seed": sampler._seed}
         return ret
 
     def load_state_dict(self, state_dict):
         TrainerBase.load_state_dict(self, state_dict)
+        self._continue_data_order(state_dict)
         if "_trainer" not in state_dict:
             logger.warning("the checkpoint holds no optimizer state: AdamW moments start afresh")
             return
         with keep_optimizer_impl(self.optimizer):
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def _continue_data_order(self, state_dict) -> None:
+        """Resuming: the training images continue in the checkpointed run's order, after the
+        (iteration + 1) x SOLVER.IMS_PER_BATCH images its iterations drew, whatever the number
+        of processes now. Not exact to the image in two cases: images waiting in an aspect-
+        ratio group's unfinished batch are not drawn again, and without aspect-ratio grouping
+        several loader workers each make whole batches, so the batches around the resumed
+        iteration hold the same images in another order."""
+        sampler = train_sampler(self._trainer.data_loader)
+        order = state_dict.get("data_order")
+        if sampler is None:
+            return
+        if order is None:
+            logger.warning(
+                "the checkpoint does not record its data order (an older one): the training "
+                "images start a new order"
+            )
+            return
+        sampler._seed = int(order["seed"])
+        sampler.skip = (state_dict["iteration"] + 1) * self.cfg.SOLVER.IMS_PER_BATCH
+        t = self._trainer  # its iterator, made from the old start, is made again
+        if isinstance(getattr(type(t), "_data_loader_iter", None), property):
+            t._data_loader_iter_obj = None  # newer detectron2: made at the first step
+        else:
+            t._data_loader_iter = iter(t.data_loader)
 
     def train(self):
         """Trains, then returns the final evaluation results (detectron2 0.6 returns None)."""
@@ -628,7 +658,11 @@ class Trainer(DefaultTrainer):
                 "same ids and names, in the same order)"
             ) from e
         check_train_masks(cfg, dicts)
-        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, True), dataset=dicts)
+        sampler = None  # detectron2 builds the others (RepeatFactorTrainingSampler)
+        if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
+            sampler = ResumableSampler(len(dicts))
+        mapper = build_mapper(cfg, True)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts, sampler=sampler)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
