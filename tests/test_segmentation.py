@@ -729,9 +729,17 @@ def test_fp16_without_cuda_and_unknown_modes_are_refused(fresh_precision):
         build_cfg(RECIPE, {"model.backbone.pretrained": None, "amp": "fp8"})
 
 
+SLURM_TASK_3 = {
+    "SLURM_PROCID": "3",
+    "SLURM_NTASKS": "8",
+    "SLURM_NODELIST": "n1",
+    "SLURM_LOCALID": "3",
+}
+
+
 @pytest.mark.parametrize(
     "launcher,env,gpu",
-    [("pytorch", {"LOCAL_RANK": "5"}, 5), ("slurm", {"LOCAL_RANK": "0", "SLURM_LOCALID": "3"}, 3)],
+    [("pytorch", {"LOCAL_RANK": "5"}, 5), ("slurm", {"LOCAL_RANK": "0", **SLURM_TASK_3}, 3)],
 )
 def test_the_precision_check_reads_this_ranks_gpu(fresh_precision, launcher, env, gpu):
     """Each rank looks at its own GPU (as mmengine will set it), not at GPU 0, and allocates
@@ -839,6 +847,61 @@ def test_two_cpu_processes_train_under_torchrun_with_gloo(tmp_path):
     assert (tmp_path / "work" / "iter_2.pth").is_file()
     logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*/*.log"))
     assert "Distributed training: True" in logs
+
+
+def test_two_cpu_processes_train_under_a_slurm_job_step(tmp_path):
+    """--launcher slurm without CUDA (srun faked: two processes with its variables): mmengine's
+    set-up called torch.cuda.set_device too."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path: with CUDA mmengine sets the device itself")
+    root = str(tmp_path / "toy_ade")
+    write_toy_ade(root, num_train=4, num_val=2, size=64)
+    opts = demo_options(root, str(tmp_path / "work"), None, iters=2)
+    opts.update({**TINY_OPTS, "train_dataloader.batch_size": 2})
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_seg.py"), TINY_CONFIG]
+    cmd += ["--launcher", "slurm", "--cfg-options", *_cli_options(opts)]
+    job = {"SLURM_NTASKS": "2", "SLURM_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1"}
+    job.update(MASTER_PORT=str(_free_port()), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env={**os.environ, **job, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert (tmp_path / "work" / "iter_2.pth").is_file()
+    logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*/*.log"))
+    assert "Distributed launcher: slurm" in logs and "Distributed training: True" in logs
+
+
+def test_slurm_and_mpi_variables_become_torch_distributed_ones():
+    from mae_transfer.engine.config import ConfigError
+    from mae_transfer.segmentation.runner import launcher_env
+
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    env = launcher_env("slurm", {**slurm, "SLURM_NODELIST": "node7"})  # no scontrol here
+    assert env == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_PORT": "29500",
+                   "MASTER_ADDR": "node7"}  # fmt: skip
+    given = {**slurm, "SLURM_NODELIST": "gpu[03-05]", "MASTER_ADDR": "10.0.0.3"}
+    assert launcher_env("slurm", given)["MASTER_ADDR"] == "10.0.0.3"
+    mpi = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        launcher_env("mpi", mpi)
+    env = launcher_env("mpi", {**mpi, "MASTER_ADDR": "h0", "MASTER_PORT": "1234"})
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_PORT"]) == (
+        "1",
+        "2",
+        "0",
+        "1234",
+    )
+    with pytest.raises(ConfigError, match="SLURM_PROCID.*srun"):
+        launcher_env("slurm", {"SLURM_NTASKS": "2", "SLURM_NODELIST": "a"})
+    assert launcher_env("pytorch", {}) == {}
 
 
 def test_the_comparison_grid_takes_images_of_different_sizes(tmp_path, monkeypatch):

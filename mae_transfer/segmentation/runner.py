@@ -77,6 +77,7 @@ def build_cfg(
         backbone["pretrained"] = None
         backbone["init_cfg"] = None
     cfg.launcher = launcher
+    launcher_env(launcher)  # run under srun / mpirun (named now, not after the data checks)
     cfg.work_dir = (
         work_dir
         or cfg.get("work_dir")
@@ -580,19 +581,77 @@ def model_state_shapes(cfg: Config) -> Dict[str, torch.Tensor]:
 
 
 def init_cpu_dist(cfg: Config) -> None:
-    """Under torchrun (``--launcher pytorch``) on a machine without CUDA: the process group on
-    the config's backend (gloo, :func:`build_cfg`) from torchrun's environment. mmengine's
-    ``init_dist`` calls ``torch.cuda.set_device`` whatever the backend ('Found no NVIDIA
-    driver'); its ``Runner.setup_env`` skips ``init_dist`` when a process group exists."""
+    """Under a launcher on a machine without CUDA: the process group on the config's backend
+    (gloo, :func:`build_cfg`) from the launcher's environment (:func:`launcher_env`).
+    mmengine's ``init_dist`` calls ``torch.cuda.set_device`` whatever the backend ('Found no
+    NVIDIA driver'); its ``Runner.setup_env`` skips ``init_dist`` when a process group exists."""
     from mmengine.device import get_device
 
-    if cfg.launcher != "pytorch" or get_device() != "cpu" or torch.distributed.is_initialized():
+    if cfg.launcher == "none" or get_device() != "cpu" or torch.distributed.is_initialized():
         return
+    os.environ.update(launcher_env(cfg.launcher))
     kwargs = dict(cfg.get("env_cfg", {}).get("dist_cfg", {}))
     backend = kwargs.pop("backend", "gloo")
     if kwargs.get("timeout") is not None:  # seconds, as mmengine's init_dist takes it
         kwargs["timeout"] = datetime.timedelta(seconds=kwargs["timeout"])
     torch.distributed.init_process_group(backend=backend, **kwargs)
+
+
+# torch.distributed's variables <- those srun / mpirun set (torchrun sets them itself)
+LAUNCHER_VARIABLES = {
+    "slurm": {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS", "NODES": "SLURM_NODELIST"},
+    "mpi": {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE"},
+}
+
+
+def launcher_env(launcher: str, env=os.environ) -> Dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for ``--launcher slurm`` or
+    ``mpi`` from the job's environment, as mmengine's ``init_dist`` sets them: MASTER_PORT
+    29500 unless set; the Slurm job's first node as MASTER_ADDR unless set (``scontrol``); an
+    Open MPI job must set MASTER_ADDR. Empty for ``pytorch`` (torchrun sets them).
+
+    Raises:
+        ConfigError: a variable the launcher sets is missing (not run under srun / mpirun).
+    """
+    names = LAUNCHER_VARIABLES.get(launcher)
+    if names is None:
+        return {}
+    runner = {"slurm": "srun", "mpi": "mpirun"}[launcher]
+    missing = [v for v in names.values() if v not in env]
+    if missing:
+        raise ConfigError(
+            f"--launcher {launcher} needs {', '.join(missing)} in the environment, which "
+            f"{runner} sets: run the tool under {runner}, or use torchrun with --launcher pytorch"
+        )
+    if launcher == "mpi" and "MASTER_ADDR" not in env:
+        raise ConfigError(
+            "--launcher mpi needs MASTER_ADDR (the address of rank 0's host; mpirun does not "
+            "set it): e.g. mpirun -x MASTER_ADDR=$(hostname) ..."
+        )
+    out = {k: env[v] for k, v in names.items() if k != "NODES"}
+    local = {"slurm": "SLURM_LOCALID", "mpi": "OMPI_COMM_WORLD_LOCAL_RANK"}[launcher]
+    out["LOCAL_RANK"] = env.get(local, "0")
+    out["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
+    out["MASTER_ADDR"] = env.get("MASTER_ADDR") or _first_host(env.get("SLURM_NODELIST", ""))
+    return out
+
+
+def _first_host(nodes: str) -> str:
+    """The first host of a Slurm node list ('gpu[03-05],cpu1' -> 'gpu03'), by ``scontrol``."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as e:
+        if not any(c in nodes for c in "[],"):
+            return nodes  # one node: its name
+        raise ConfigError(
+            f"cannot expand the Slurm node list {nodes!r} with scontrol ({e}): set MASTER_ADDR "
+            "to the first node's address"
+        ) from e
+    return out[0]
 
 
 class SegRunner(Runner):
