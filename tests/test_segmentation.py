@@ -949,6 +949,29 @@ def test_data_folders_are_checked_for_pairs_before_training(tmp_path):
         check_data(Config(dict(train_dataloader=dict(dataset=ds))))
 
 
+def test_images_of_more_than_8_bits_are_warned_about(tmp_path, mmengine_log):
+    """mmcv's cv2 loading keeps a 16-bit value's high byte (a 12-bit scan: 0..15)."""
+    import numpy as np
+    from PIL import Image
+
+    from mae_transfer.segmentation.runner import check_data
+
+    root = tmp_path / "data"
+    for d in ("img", "ann"):
+        (root / d).mkdir(parents=True)
+    scan = np.linspace(0, 4095, 32 * 48).reshape(32, 48).astype(np.uint16)
+    Image.fromarray(scan).save(root / "img" / "0.png")
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(root / "img" / "1.png")
+    for i in range(2):
+        Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "ann" / f"{i}.png")
+    ds = dict(type="BaseSegDataset", data_root=str(root), img_suffix=".png")
+    ds["data_prefix"] = dict(img_path="img", seg_map_path="ann")
+    check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    said = "\n".join(mmengine_log)
+    assert "WARNING - train_dataloader.dataset: 1 of 2 sampled images have more than 8" in said
+    assert "(e.g. 0.png (I;16))" in said
+
+
 def test_labels_of_several_channels_are_refused_before_training(tmp_path):
     """An RGB(A) rendering of a label passed the check; training died on a shape error
     naming no file. 16-bit labels with values above 255 trained on their low byte."""

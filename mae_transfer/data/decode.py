@@ -28,6 +28,7 @@ __all__ = [
     "decode_pil",
     "decode_reduced",
     "decode_uint8",
+    "more_than_8_bits",
     "open_encoded",
     "pil_to_uint8",
     "to_rgb",
@@ -161,6 +162,12 @@ def _deep_colour(img: Image.Image) -> bool:
         bits = img.tag_v2.get(258, 8)  # BitsPerSample
         return max(bits if isinstance(bits, tuple) else (bits,)) > 8
     return img.format == "PNG" and any(";16" in str(t.args) for t in img.tile or ())
+
+
+def more_than_8_bits(img: Image.Image) -> bool:
+    """Whether an opened, not yet loaded image has more than 8 bits per value (16-bit PNG /
+    TIFF, grey or colour; 32-bit int or float), which :func:`decode_pil` stretches."""
+    return _is_high_depth(img.mode) or _deep_colour(img)
 
 
 def _read_deep(img: Image.Image, data) -> np.ndarray:

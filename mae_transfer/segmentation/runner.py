@@ -19,6 +19,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
+from mae_transfer.data.decode import more_than_8_bits
 from mae_transfer.device import resolve_amp
 from mae_transfer.engine.config import ConfigError
 
@@ -515,11 +516,13 @@ def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> L
     (the pipeline's LoadImageFromFile) loads it: EXIF orientation applied, as mmcv applies it."""
     from PIL import Image
 
-    turned, coloured, wide = [], [], []
+    turned, coloured, wide, deep = [], [], [], []
     for image, label in pairs:
         try:
             with Image.open(os.path.join(img_dir, image)) as a, Image.open(label) as b:
                 (size, was_turned), raw, label_size = loaded_size(a, loader), a.size, b.size
+                if more_than_8_bits(a):
+                    deep.append(f"{image} ({a.mode}{', 16 bits' if a.mode[0] == 'R' else ''})")
                 if len(b.getbands()) > 1:
                     coloured.append(f"{label} ({b.mode})")
                     continue
@@ -539,6 +542,16 @@ def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> L
             + f" but its label {label} is {label_size[0]}x{label_size[1]}: labels must have "
             "their image's size (checked on a sample)"
         ]
+    if deep:
+        print_log(
+            f"{key}: {len(deep)} of {len(pairs)} sampled images have more than 8 bits per "
+            f"value (e.g. {', '.join(deep[:3])}): LoadImageFromFile keeps each value's high "
+            "byte (cv2: a 12-bit scan comes out almost black) or clips them (pillow: almost "
+            "white), where pretraining stretched each image from its min..max to 0..255. "
+            "Convert them to 8 bits that way first to train on what pretraining saw",
+            logger="current",
+            level=logging.WARNING,
+        )
     if wide:
         return [
             f"{key}: {len(wide)} of {len(pairs)} sampled labels hold values above 255 (e.g. "
