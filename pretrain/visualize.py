@@ -30,16 +30,26 @@ def load_mae_for_visualization(path: str, model_name: Optional[str] = None, inpu
     state = find_state_dict(ckpt)
     if "decoder_pred.weight" not in state:
         raise CheckpointError(
-            f"{path} has no decoder (it is an encoder-only checkpoint such as "
-            "mae_pretrain_vit_*.pth or encoder.pth), so it cannot reconstruct images. Use a full "
-            "checkpoint: our checkpoint-last.pth, or the official mae_visualize_vit_*.pth."
+            f"{path} has no MAE decoder (an encoder-only checkpoint such as "
+            "mae_pretrain_vit_*.pth or encoder.pth, or a fine-tuned, detection or segmentation "
+            "model), so it cannot reconstruct images. Use a full pretraining checkpoint: our "
+            "checkpoint-last.pth, or the official mae_visualize_vit_*.pth."
         )
     args = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
     if isinstance(args, argparse.Namespace):  # the official training loop's checkpoints
         args = vars(args)
     if not isinstance(args, dict):
         args = {}
-    name = model_name or args.get("model") or infer_mae_name(state)
+    recorded = args.get("model")
+    if model_name and recorded and (model_name != recorded or args.get("model_kwargs")):
+        logger.warning(
+            "--model %s ignored: the checkpoint records the model it trained (%s%s)",
+            model_name,
+            recorded,
+            f" with {args['model_kwargs']}" if args.get("model_kwargs") else "",
+        )
+        model_name = None
+    name = model_name or recorded or infer_mae_name(state)
     kwargs = dict(args.get("model_kwargs") or {})
     if input_size is None:
         input_size = args.get("input_size", 224)
@@ -134,6 +144,13 @@ def _to_display(x: torch.Tensor, keep_black: bool = False) -> np.ndarray:
     return out.permute(0, 2, 3, 1).numpy()
 
 
+def picture_suffixes() -> set:
+    """The file suffixes matplotlib's ``savefig`` writes ('.png', '.pdf', '.svg', ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return {"." + k for k in FigureCanvasBase.get_supported_filetypes()}
+
+
 def save_grid(
     originals: np.ndarray, columns: Sequence[np.ndarray], path: str, title: str = ""
 ) -> str:
@@ -145,7 +162,10 @@ def save_grid(
 
     names = ["original", "masked", "reconstruction", "reconstruction + visible"]
     rows = len(originals)
-    fig, axes = plt.subplots(rows, 4, figsize=(10, 2.6 * rows), dpi=110, squeeze=False)
+    aspect = originals.shape[1] / originals.shape[2]  # a row as high as its images (H / W)
+    fig, axes = plt.subplots(
+        rows, 4, figsize=(10, (2.3 * aspect + 0.3) * rows + 0.3), dpi=110, squeeze=False
+    )
     for r in range(rows):
         for c, img in enumerate([originals[r]] + [col[r] for col in columns]):
             ax = axes[r][c]

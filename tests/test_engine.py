@@ -1030,6 +1030,10 @@ def test_a_picture_s_output_path(tmp_path):
     assert picture_path(str(tmp_path / "new"), "p.png") == str(tmp_path / "new" / "p.png")
     assert picture_path(str(tmp_path / "a" / "b"), "p.png") == str(tmp_path / "a" / "b.png")
     assert picture_path(str(tmp_path / "c.jpg"), "p.png") == str(tmp_path / "c.jpg")
+    # a dot that is no suffix the writer knows: PIL / matplotlib refused it after the model ran
+    assert picture_path(str(tmp_path / "x.v1"), "p.png") == str(tmp_path / "x.v1.png")
+    assert picture_path(str(tmp_path / "m0.9"), "p", {".svg"}) == str(tmp_path / "m0.9.png")
+    assert picture_path(str(tmp_path / "m.svg"), "p", {".svg"}) == str(tmp_path / "m.svg")
 
 
 def test_ctrl_c_ends_a_tool_in_one_line_saying_how_to_continue(caplog):

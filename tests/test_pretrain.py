@@ -437,9 +437,15 @@ def test_cli_end_to_end_and_reconstruction_picture(tmp_path, image_dir):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a dot in the name (matplotlib refused it once the model ran); --model of another size
+    named = [*cmd[:-1], str(tmp_path / "recon_mask0.9"), "--model", "mae_vit_base_patch16"]
+    r = subprocess.run(named, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "recon_mask0.9.png").is_file()
+    assert "--model mae_vit_base_patch16 ignored: the checkpoint records" in r.stderr
     cmd[3] = str(out / "encoder.pth")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "has no decoder" in r.stderr
+    assert r.returncode == 2 and "has no MAE decoder" in r.stderr
 
 
 def test_slurm_launcher_runs_a_job_in_debug_mode(tmp_path, image_dir):

@@ -27,7 +27,11 @@ from mae_transfer.engine.config import ConfigError  # noqa: E402
 from mae_transfer.engine.launch import picture_path  # noqa: E402
 from mae_transfer.mae import kept_patches  # noqa: E402
 from pretrain.samples import sample_images  # noqa: E402
-from pretrain.visualize import load_mae_for_visualization, visualize  # noqa: E402
+from pretrain.visualize import (  # noqa: E402
+    load_mae_for_visualization,
+    picture_suffixes,
+    visualize,
+)
 
 
 def collect_images(items, limit: int):
@@ -61,11 +65,13 @@ def main(argv=None) -> int:
         p.error(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.num < 1:
         p.error(f"--num must be >= 1, got {args.num}")
+    if args.input_size and (len(args.input_size) > 2 or min(args.input_size) < 1):
+        p.error(f"--input_size takes H or H W, each >= 1 pixel: got {args.input_size}")
     for item in args.images or []:
         if not os.path.exists(item):
             p.error(f"--images {item}: no such file or folder")
     try:
-        output = picture_path(args.output, "reconstruction.png")
+        output = picture_path(args.output, "reconstruction.png", picture_suffixes())
     except ConfigError as e:
         p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s")

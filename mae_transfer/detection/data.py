@@ -26,6 +26,7 @@ from detectron2.utils.file_io import PathManager
 from PIL import Image
 
 from mae_transfer.data.decode import EncodedImage, decode_pil
+from mae_transfer.data.folder import UNREADABLE
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ _UPRIGHT = {
 }
 ORIENTATION = 0x0112  # the EXIF orientation tag
 
-# what a file that is not a readable image raises on decoding
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:
@@ -52,7 +51,7 @@ def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:
     clipped (see the module's docstring).
 
     Raises:
-        OSError, ValueError, SyntaxError: the file is not a readable image (:data:`UNREADABLE`).
+        one of ``mae_transfer.data.folder.UNREADABLE``: the file is not a readable image.
     """
     with PathManager.open(file_name, "rb") as f:
         enc = EncodedImage(bytearray(f.read()), file_name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Iterable, Optional, Type
 
 from mae_transfer.checkpoint import CheckpointError
 from mae_transfer.device import resolve_device
@@ -76,19 +76,27 @@ def exit_code(fn: Callable[[], object], log: logging.Logger = logger, resume: st
     return 0
 
 
-def picture_path(output: str, name: str) -> str:
+def picture_path(output: str, name: str, suffixes: Optional[Iterable[str]] = None) -> str:
     """The PNG a drawing tool writes for ``--output``: ``name`` inside it when it is a folder
-    (or ends with a slash: one to make), ``.png`` added when it has no suffix (PIL refuses the
-    name, matplotlib adds it unsaid). Its folder is made now, not found missing once the model
-    has run.
+    (or ends with a slash: one to make), ``.png`` added when it has no suffix its writer knows
+    (PIL refused 'x.v1' and matplotlib 'recon_mask0.9' once the model had run; without a
+    suffix PIL refused the name and matplotlib added one unsaid). Its folder is made now, not
+    found missing once the model has run.
+
+    Args:
+        suffixes: those the writer takes ('.pdf', ...; lower case); None: PIL's.
 
     Raises:
         ConfigError: the folder cannot be made.
     """
+    if suffixes is None:
+        from PIL import Image
+
+        suffixes = {e for e, f in Image.registered_extensions().items() if f in Image.SAVE}
     path = output
     if os.path.isdir(path) or path.endswith(("/", os.sep)):  # a folder (perhaps still to make)
         path = os.path.join(path, name)
-    elif not os.path.splitext(path)[1]:
+    elif os.path.splitext(path)[1].lower() not in set(suffixes):
         path += ".png"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
