@@ -43,7 +43,6 @@ _UPRIGHT = {
 ORIENTATION = 0x0112  # the EXIF orientation tag
 
 
-
 def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:
     """(H, W, C) array of ``file_name`` in ``format`` (detectron2's: "BGR", "RGB", "L" ...),
     upright by its EXIF orientation, as ``detectron2.data.detection_utils.read_image`` returns
