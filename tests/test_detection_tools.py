@@ -175,7 +175,7 @@ def test_visualize_det_skips_files_it_cannot_read_and_says_what_num_left_out(
     assert tool.main(argv) == 0 and (tmp_path / "p.png").is_file()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(f"skipped 1 unreadable file(s), e.g. {notes}" in w for w in warnings), warnings
-    assert any("--images gives 3 images: drawing the first 1" in w for w in warnings), warnings
+    assert any("3 images given: drawing the first 1" in w for w in warnings), warnings
 
     def build_model(cfg):
         raise AssertionError("the model was built")

@@ -526,6 +526,26 @@ def test_visualize_seg_output_a_folder_a_name_without_suffix_a_folder_to_make(
     assert made_first[-1]  # the folder was made before the model was built
 
 
+def test_visualize_seg_skips_unreadable_images(tiny_segmentor, tmp_path, caplog):
+    """One unreadable file among --images was a traceback from mmcv (after the model was
+    built); now skipped with a warning, and none readable is refused (exit 2)."""
+    import shutil
+
+    path, opts, images = tiny_segmentor
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a_bad.jpg").write_text("not an image")
+    shutil.copy(sorted(glob.glob(os.path.join(images, "*")))[0], folder / "b_good.jpg")
+    png = tmp_path / "s.png"
+    argv = [TINY_CONFIG, path, "--images", str(folder), "--output", str(png)]
+    argv += ["--cfg-options", *_cli_options(opts)]
+    with caplog.at_level(logging.WARNING):
+        assert _tool("visualize_seg").main(argv) == 0
+    assert png.is_file() and "skipped 1 unreadable file(s), e.g. " in caplog.text
+    (folder / "b_good.jpg").unlink()
+    assert _tool("visualize_seg").main(argv) == 2
+
+
 def test_visualize_seg_refuses_num_0_before_the_model_is_built(
     tiny_segmentor, tmp_path, capsys, monkeypatch
 ):

@@ -33,9 +33,9 @@ from mae_transfer.detection.train import (  # noqa: E402
     build_cfg,
     register_coco_datasets,
 )
-from mae_transfer.detection.visualize import draw_predictions, readable_images  # noqa: E402
+from mae_transfer.detection.visualize import draw_predictions  # noqa: E402
 from mae_transfer.engine.config import ConfigError  # noqa: E402
-from mae_transfer.engine.launch import exit_code, picture_path  # noqa: E402
+from mae_transfer.engine.launch import exit_code, pick_images, picture_path  # noqa: E402
 
 logger = logging.getLogger("visualize_det")
 CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+")  # MODEL.VIT.PRETRAINED
@@ -105,19 +105,7 @@ def main(argv=None) -> int:
             raise CheckpointError(f"--weights {args.weights!r} does not exist")
         register_coco_datasets(cfg)
         listed = image_paths(cfg, args.images)
-        paths, skipped = readable_images(listed, args.num)
-        if skipped:
-            path, error = skipped[0]
-            logger.warning("skipped %d unreadable file(s), e.g. %s: %s", len(skipped), path, error)
-        if not paths:
-            raise ConfigError(f"none of the {len(skipped)} images can be read (above)")
-        if args.images and len(listed) > args.num:
-            logger.warning(
-                "--images gives %d images: drawing the first %d that can be read (--num %d)",
-                len(listed),
-                len(paths),
-                args.num,
-            )
+        paths = pick_images(listed, args.num, logger, say_beyond=bool(args.images))
         output = picture_path(args.output, "predictions.png")
         model = build_model(cfg)
         MAECheckpointer(model, whole_model=True).load(args.weights)

@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 import mae_transfer.segmentation  # noqa: E402,F401
 from mae_transfer.data import image_files  # noqa: E402
 from mae_transfer.engine.config import ConfigError  # noqa: E402
-from mae_transfer.engine.launch import exit_code, picture_path  # noqa: E402
+from mae_transfer.engine.launch import exit_code, pick_images, picture_path  # noqa: E402
 from mae_transfer.segmentation.runner import build_cfg, parse_cfg_options  # noqa: E402
 from mae_transfer.segmentation.visualize import comparison_grid, init_segmentor  # noqa: E402
 
@@ -52,10 +52,11 @@ def main(argv=None) -> int:
             paths = image_files(args.images)
         except FileNotFoundError as e:
             raise ConfigError(f"--images: {e}") from e
+        paths = pick_images(paths, args.num, logger)
         output = picture_path(args.output, "segmentation.png")
         model = init_segmentor(cfg, args.checkpoint, args.device)
         palette = model.dataset_meta["palette"]
-        grid = comparison_grid(paths[: args.num], [("prediction", model)], palette)
+        grid = comparison_grid(paths, [("prediction", model)], palette)
         Image.fromarray(grid).save(output)
         print(f"wrote {output}")
 

@@ -346,3 +346,20 @@ class ClassFolderDataset(torch.utils.data.Dataset):
         with seeded(seed):
             x = self.transform(img)
         return x, int(self.labels[used]), skipped
+
+
+def readable_images(paths: Sequence[str], num: int):
+    """The first ``num`` of ``paths`` that open and decode as images, and the (path, error) of
+    those skipped on the way (a text file or a truncated image among --images)."""
+    chosen, skipped = [], []
+    for path in paths:
+        if len(chosen) == num:
+            break
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except UNREADABLE as e:
+            skipped.append((path, e))
+            continue
+        chosen.append(path)
+    return chosen, skipped

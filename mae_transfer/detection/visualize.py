@@ -12,7 +12,7 @@ from detectron2.data import transforms as T
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from .data import UNREADABLE, read_image
+from .data import read_image
 from .train import build_augmentations, thing_classes
 
 logger = logging.getLogger(__name__)
@@ -29,23 +29,6 @@ def predict(cfg, model, image_path: str):
     model.eval()
     out = model([{"image": tensor, "height": img.shape[0], "width": img.shape[1]}])[0]
     return img, out["instances"].to("cpu")
-
-
-def readable_images(paths: Sequence[str], num: int):
-    """The first ``num`` of ``paths`` that open and decode as images, and the (path, error) of
-    those skipped on the way (a text file or a truncated image among --images)."""
-    chosen, skipped = [], []
-    for path in paths:
-        if len(chosen) == num:
-            break
-        try:
-            with Image.open(path) as img:
-                img.load()
-        except UNREADABLE as e:
-            skipped.append((path, e))
-            continue
-        chosen.append(path)
-    return chosen, skipped
 
 
 def class_names(cfg, name: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, Iterable, Optional, Type
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Type
 
 from mae_transfer.checkpoint import CheckpointError
 from mae_transfer.device import resolve_device
@@ -103,6 +103,35 @@ def picture_path(output: str, name: str, suffixes: Optional[Iterable[str]] = Non
     except OSError as e:
         raise ConfigError(f"--output {output}: cannot make its folder: {e}") from e
     return path
+
+
+def pick_images(
+    listed: Sequence[str], num: int, log: logging.Logger, say_beyond: bool = True
+) -> List[str]:
+    """The first ``num`` of ``listed`` that can be read, for a drawing tool: those skipped on
+    the way (a text file, a truncated image) said in one warning, and (``say_beyond``: the
+    user listed them) the images beyond ``num`` said too, before the model is built (a bad
+    file was a traceback after it ran).
+
+    Raises:
+        ConfigError: none of them can be read.
+    """
+    from mae_transfer.data.folder import readable_images
+
+    paths, skipped = readable_images(listed, num)
+    if skipped:
+        path, error = skipped[0]
+        log.warning("skipped %d unreadable file(s), e.g. %s: %s", len(skipped), path, error)
+    if not paths:
+        raise ConfigError(f"none of the {len(skipped)} images can be read (above)")
+    if say_beyond and len(listed) > num:
+        log.warning(
+            "%d images given: drawing the first %d that can be read (--num %d)",
+            len(listed),
+            len(paths),
+            num,
+        )
+    return paths
 
 
 def refuse_folder(output: str, what: str, example: str) -> None:
