@@ -24,7 +24,8 @@ def test_quick_demo_runs_every_stage_and_writes_its_pictures(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--quick", "--output", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
-    summary = json.loads((out / "summary.json").read_text())
+    strict = dict(parse_constant=lambda c: pytest.fail(f"summary.json holds {c}: not JSON"))
+    summary = json.loads((out / "summary.json").read_text(), **strict)
     seeds = summary["settings"]["seeds"]
     assert len(seeds) >= 2
     for stage, keys in (("detection", {"bbox_AP", "segm_AP"}), ("segmentation", {"mIoU"})):
@@ -51,6 +52,14 @@ def test_quick_demo_runs_every_stage_and_writes_its_pictures(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
     assert "mae-transfer demo finished" in r.stdout
     assert "mae init" in r.stdout and "random init" in r.stdout
+
+
+def test_a_demo_output_that_is_a_file_is_refused_before_the_work(tmp_path):
+    (tmp_path / "f").write_text("")
+    for given in ("f", "f/sub"):
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--output", given]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert r.returncode == 2 and f"--output {given} must be a folder" in r.stderr, r.stderr
 
 
 @pytest.fixture(scope="module")

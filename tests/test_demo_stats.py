@@ -30,11 +30,15 @@ def test_spread_is_mean_min_max_of_finite_values():
 def test_verdict_needs_the_ranges_apart():
     mae = spread([30.0, 32.0, 34.0])
     assert separated(mae, spread([20.0, 26.0, 29.0]))
-    assert verdict(mae, spread([20.0, 26.0, 29.0])) == "MAE ahead by +7.0"
+    assert verdict(mae, spread([20.0, 26.0, 29.0])) == "MAE ahead by 7.0"
     # overlapping ranges: the gap of the means (+2.0) is within the seed spread
     assert not separated(mae, spread([29.0, 31.0, 36.0]))
     assert verdict(mae, spread([29.0, 31.0, 36.0])).startswith("within the seed spread (+0.0")
-    assert verdict(spread([1.0, 2.0]), spread([3.0, 4.0])) == "MAE behind by -2.0"
+    assert verdict(spread([1.0, 2.0]), spread([3.0, 4.0])) == "MAE behind by 2.0"
+    # one seed on a side: any gap would have been "ahead" or "behind"
+    assert verdict(spread([0.0]), spread([0.0, 0.0])) == (
+        "MAE +0.0 (one seed on a side: no spread to judge it by)"
+    )
     assert not separated(spread([]), mae)
     assert verdict(spread([math.nan]), mae) == "no result on one side"  # AP of a run without boxes
 
@@ -57,9 +61,13 @@ def test_table_rows_per_stage_and_metric():
     assert box["mae"] == Spread(21.0, 20.0, 22.0, 2) and box["random"] == Spread(
         12.0, 10.0, 14.0, 2
     )
-    assert rows[0][3] == "MAE ahead by +9.0; MAE higher in 2 of 2 seeds"
+    assert rows[0][3] == "MAE ahead by 9.0; MAE higher in 2 of 2 seeds"
     assert rows[1][3] == "within the seed spread (-1.0); MAE higher in 0 of 2 seeds"
     assert metric_spreads(runs["segmentation"], "mIoU")["mae"].mean == 50.0
+    assert rows[2][3].startswith("MAE +10.0 (one seed")
+    # a seed without a result (NaN AP: no detections) is said, not dropped silently
+    runs = {"det": {"mae": [{"a": 3.0}, {"a": 4.0}], "random": [{"a": math.nan}, {"a": 1.0}]}}
+    assert "; random: 1 of 2 seeds gave a result" in table_rows(runs, {"a": "A"})[0][3]
 
 
 def test_paired_wins_compare_the_same_seed_and_skip_missing_results():

@@ -938,7 +938,29 @@ def test_the_comparison_grid_takes_images_of_different_sizes(tmp_path, monkeypat
         visualize, "predict", lambda model, p: np.zeros(Image.open(p).size[::-1], int)
     )
     grid = visualize.comparison_grid(paths, [("model", None)], [(255, 0, 0)], scale=1)
-    assert grid.shape == (20 + 2 * (64 + 4), 2 * (60 + 4), 3)  # cells padded to 64 x 60
+    bar = grid.shape[0] - 2 * (64 + 4)  # the titles
+    assert 12 < bar < 40 and grid.shape[1:] == (2 * (60 + 4), 3)  # cells padded to 64 x 60
+    named = visualize.comparison_grid(paths, [("m", None)], [(255, 0, 0)], scale=1, classes=["x"])
+    swatches = named[grid.shape[0] :]  # the legend of the classes drawn: a red swatch
+    assert len(swatches) > 12 and ((swatches == (255, 0, 0)).all(-1)).sum() > 50
+
+
+def test_the_overlay_shows_each_class_in_its_colour_and_its_borders():
+    """At alpha 0.5 the objects' own colours showed through (a red square and a yellow ring
+    both came out orange); regions now carry their class colour mostly, and fully at borders."""
+    import numpy as np
+
+    from mae_transfer.segmentation.visualize import overlay
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:, :4] = (230, 40, 40)  # a red object
+    labels = np.full((8, 8), 255, np.uint8)
+    labels[2:6, 2:6] = 1
+    out = overlay(image, labels, [(0, 0, 0), (250, 220, 30)])
+    assert (out[0, 0] == image[0, 0]).all()  # ignore: the image as it is
+    assert tuple(out[2, 2]) == (250, 220, 30)  # a border: the class colour
+    inside = out[3, 3].astype(int)  # 0.7 of the class colour over the red object
+    assert abs(inside - (0.3 * np.array([230, 40, 40]) + 0.7 * np.array([250, 220, 30]))).max() <= 1
 
 
 def test_data_folders_are_checked_for_pairs_before_training(tmp_path):
@@ -1172,7 +1194,8 @@ def test_the_overlay_shows_the_image_turned_as_the_prediction_is(tiny_segmentor,
     grid = comparison_grid([photo], [("model", model)], model.dataset_meta["palette"], scale=1)
     turned = mmcv.imread(photo)[:, :, ::-1]  # as the test pipeline loads it, in RGB
     assert turned.shape[:2] == hw[::-1]
-    assert (grid[22 : 22 + hw[1], 2 : 2 + hw[0]] == turned).all()  # under the titles, padded
+    top = grid.shape[0] - hw[1] - 2  # under the titles, padded by 2
+    assert (grid[top : top + hw[1], 2 : 2 + hw[0]] == turned).all()
 
 
 def test_visualization_colours_come_from_the_config_s_own_classes():

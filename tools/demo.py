@@ -2,7 +2,7 @@
 """The one-command demo: does MAE pretraining on unlabeled in-domain images pay off downstream?
 
     python tools/demo.py                 # everything: ~12 min on 2 idle cores (22 CPU-minutes)
-    python tools/demo.py --quick         # a ~4 CPU-minute smoke version (what the tests run)
+    python tools/demo.py --quick         # a smoke version of about a minute (what the tests run)
     python tools/demo.py --skip-det --skip-seg
 
 On generated scenes (sky, ground, six shape classes told apart by outline only, occlusion):
@@ -31,6 +31,8 @@ sys.path.insert(0, ROOT)
 
 from mae_transfer.demo import pipeline  # noqa: E402
 from mae_transfer.demo.stats import Spread  # noqa: E402
+from mae_transfer.engine.config import file_in_the_way  # noqa: E402
+from mae_transfer.engine.logger import json_safe  # noqa: E402
 
 logger = logging.getLogger("demo")
 
@@ -48,6 +50,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.lanes is not None and args.lanes < 0:
         p.error(f"--lanes must be >= 0, got {args.lanes}")  # not after 4 minutes of pretraining
+    blocked = file_in_the_way(args.output)
+    if blocked:
+        p.error(f"--output {args.output} must be a folder (or one to make): {blocked} is a file")
     return args
 
 
@@ -71,7 +76,7 @@ def main(argv=None) -> int:
     rows = pipeline.finish(out, summary, settings)
     summary["minutes"] = round((time.time() - t0) / 60, 1)
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(json_safe(summary), f, indent=1, allow_nan=False)  # NaN AP: null
     print_summary(summary, rows, out)
     return 0
 

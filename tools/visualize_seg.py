@@ -55,8 +55,10 @@ def main(argv=None) -> int:
         paths = pick_images(paths, args.num, logger)
         output = picture_path(args.output, "segmentation.png")
         model = init_segmentor(cfg, args.checkpoint, args.device)
-        palette = model.dataset_meta["palette"]
-        grid = comparison_grid(paths, [("prediction", model)], palette)
+        meta = model.dataset_meta
+        grid = comparison_grid(
+            paths, [("prediction", model)], meta["palette"], classes=meta.get("classes")
+        )
         Image.fromarray(grid).save(output)
         print(f"wrote {output}")
 

@@ -43,10 +43,11 @@ def plot_comparison(rows: Sequence[tuple], path: str, title: str = "") -> str:
     ax.set_xticklabels([f"{stage}\n{label}" for stage, label, _, _ in rows], fontsize=8)
     ax.set_ylabel("score (bars: mean, whiskers: min-max over seeds)", fontsize=8)
     ax.set_title(title or "MAE-initialised vs randomly initialised", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    # beside the axes: inside, it covered bars and their labels whatever the corner
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -61,13 +62,16 @@ def plot_knn_curve(records: Sequence[Dict], path: str, random: Dict[str, Spread]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     epochs = [r["epoch"] + 1 for r in records]
     for key, style in (("knn_k20_top1", "-o"), ("knn_k200_top1", "--s")):
-        ax.plot(epochs, [r[key] for r in records], style, ms=4, label=key.split("_")[1])
-        if random and key in random:
+        k = key.split("_")[1]
+        (line,) = ax.plot(epochs, [r[key] for r in records], style, ms=4, label=f"MAE, {k}")
+        if random and key in random:  # the random encoders' range, in the curve's colour
             s = random[key]
-            ax.axhspan(s.low, s.high, alpha=0.12, color="grey")
-    if random:
-        ax.plot([], [], color="grey", alpha=0.3, lw=6, label="random init (min-max)")
+            ax.axhspan(s.low, s.high, alpha=0.1, color=line.get_color())
+            ax.axhline(s.mean, ls=":", lw=1, color=line.get_color())
+            ax.plot([], [], color=line.get_color(), alpha=0.3, lw=6,
+                    label=f"random init, {k}: min-max (dotted: mean)")  # fmt: skip
     ax.set_xlabel("pretraining epochs")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs
     ax.set_ylabel("k-NN top-1 on object crops (%)")
     ax.set_title("What the encoder learned: weighted k-NN over pretraining", fontsize=10)
     ax.grid(alpha=0.3)

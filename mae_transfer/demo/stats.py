@@ -48,14 +48,18 @@ def separated(better: Spread, worse: Spread) -> bool:
 
 
 def verdict(mae: Spread, random: Spread) -> str:
-    """A word on the comparison: ahead (ranges apart), behind, or within the seed spread."""
+    """A word on the comparison: ahead (ranges apart), behind, or within the seed spread;
+    with one result on a side there is no spread to weigh the gap against, and it says so."""
     if mae.n == 0 or random.n == 0:
         return "no result on one side"
+    gap = round(mae.mean - random.mean, 1) + 0.0  # + 0.0: no "-0.0"
+    if min(mae.n, random.n) < 2:
+        return f"MAE {gap:+.1f} (one seed on a side: no spread to judge it by)"
     if separated(mae, random):
-        return f"MAE ahead by {mae.mean - random.mean:+.1f}"
+        return f"MAE ahead by {gap:.1f}"
     if separated(random, mae):
-        return f"MAE behind by {mae.mean - random.mean:+.1f}"
-    return f"within the seed spread ({mae.mean - random.mean:+.1f})"
+        return f"MAE behind by {-gap:.1f}"
+    return f"within the seed spread ({gap:+.1f})"
 
 
 def paired_wins(mae: Sequence[float], random: Sequence[float]) -> Tuple[int, int]:
@@ -86,7 +90,10 @@ def table_rows(
             text = verdict(s["mae"], s["random"])
             wins, n = paired_wins(*(_values(by_init[i], key) for i in ("mae", "random")))
             if n:
-                text += f"; MAE higher in {wins} of {n} seeds"
+                text += f"; MAE higher in {wins} of {n} seed{'s' * (n > 1)}"
+            for init in ("mae", "random"):
+                if 0 < s[init].n < len(by_init[init]):  # a run without detections: NaN AP
+                    text += f"; {init}: {s[init].n} of {len(by_init[init])} seeds gave a result"
             rows.append((stage, label, s, text))
     return rows
 

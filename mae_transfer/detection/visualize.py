@@ -12,6 +12,8 @@ from detectron2.data import transforms as T
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
+from mae_transfer.drawing import text_size, title_bar
+
 from .data import read_image
 from .train import build_augmentations, thing_classes
 
@@ -72,6 +74,19 @@ def draw_predictions(
     return output
 
 
+def draw_ground_truth(
+    cfg, records: Sequence[dict], columns: int = 4, scale: float = 2.0
+) -> np.ndarray:
+    """The annotated boxes, masks and class names of data set ``records`` (detectron2's
+    dicts), tiled as :func:`draw_predictions` tiles predictions: the reference to read them by."""
+    metadata = class_names(cfg, (cfg.DATASETS.TEST or cfg.DATASETS.TRAIN)[0])
+    tiles = []
+    for record in records:
+        vis = Visualizer(read_image(record["file_name"], "RGB"), metadata=metadata, scale=scale)
+        tiles.append(vis.draw_dataset_dict(record).get_image())
+    return tile(tiles, columns)
+
+
 def tile(images: Sequence[np.ndarray], columns: int, pad: int = 4) -> np.ndarray:
     """Tiles equally-sized-or-smaller HxWx3 images into a grid on a white canvas."""
     h = max(i.shape[0] for i in images)
@@ -86,16 +101,12 @@ def tile(images: Sequence[np.ndarray], columns: int, pad: int = 4) -> np.ndarray
     return canvas
 
 
-def labelled_rows(rows: Sequence[tuple], bar: int = 22) -> np.ndarray:
+def labelled_rows(rows: Sequence[tuple]) -> np.ndarray:
     """Stacks (label, HxWx3 image) rows vertically, each under a bar with its label."""
-    from PIL import ImageDraw
-
     width = max(img.shape[1] for _, img in rows)
     parts = []
     for label, img in rows:
-        head = Image.new("RGB", (width, bar), (255, 255, 255))
-        ImageDraw.Draw(head).text((6, 5), label, fill=(0, 0, 0))
-        parts.append(np.asarray(head))
+        parts.append(title_bar(width, [(6, label)], text_size(width)))
         body = np.full((img.shape[0], width, 3), 255, np.uint8)
         body[:, : img.shape[1]] = img[..., :3]
         parts.append(body)

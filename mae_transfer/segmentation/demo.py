@@ -125,7 +125,8 @@ def draw(out: str, data_root: str, seed: int, opts=None) -> str:
     names = sorted(n for n in os.listdir(val_dir) if n.endswith(".jpg"))[:4]
     images = [os.path.join(val_dir, n) for n in names]
     gts = [os.path.join(data_root, "annotations", "validation", n[:-4] + ".png") for n in names]
-    grid = comparison_grid(images, models, ToyADEDataset.METAINFO["palette"], gts)
+    meta = ToyADEDataset.METAINFO
+    grid = comparison_grid(images, models, meta["palette"], gts, classes=meta["classes"])
     path = os.path.join(out, "segmentation", "overlay.png")
     Image.fromarray(grid).save(path)
     return path

@@ -6,7 +6,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from mae_transfer.drawing import legend, text_size, title_bar
 
 from .loading import read_rgb
 
@@ -54,13 +56,20 @@ def predict(model, image_path: str) -> np.ndarray:
     return result.pred_sem_seg.data[0].cpu().numpy()
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
-    """Blends a colour per class over an RGB image; label 255 (ignore) is left uncoloured."""
+def overlay(image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.7) -> np.ndarray:
+    """A colour per class over an RGB image, mostly opaque, and each region's border in its
+    class colour (at 0.5 the objects' own colours showed through: a red square and a yellow
+    ring both came out orange); label 255 (ignore) is left uncoloured."""
     colors = np.zeros((256, 3), np.float64)
     colors[: len(palette)] = np.asarray(palette, np.float64)
     out = image.astype(np.float64)
     valid = labels != 255
     out[valid] = (1 - alpha) * out[valid] + alpha * colors[labels[valid]]
+    border = np.zeros_like(valid)
+    border[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    border[1:, :] |= labels[1:] != labels[:-1]
+    border &= valid
+    out[border] = colors[labels[border]]
     return out.clip(0, 255).astype(np.uint8)
 
 
@@ -78,20 +87,22 @@ def comparison_grid(
     palette,
     gt_paths: Optional[Sequence[str]] = None,
     scale: int = 2,
+    classes: Optional[Sequence[str]] = None,
 ) -> np.ndarray:
-    """Rows of image | ground truth | each (title, model) prediction, with titles on top."""
+    """Rows of image | ground truth | each (title, model) prediction, with titles on top and,
+    given the ``classes``' names, a legend of the classes drawn below."""
     titles = ["image"] + (["ground truth"] if gt_paths else []) + [t for t, _ in columns]
     # read as the models' test pipeline reads it (EXIF orientation applied or not, as
     # mmcv applies it), so that each prediction lies over the image it was made on
     pipeline = _test_pipeline([model for _, model in columns])
     rows: List[List[np.ndarray]] = []
+    drawn = set()  # classes in any label map
     for i, path in enumerate(image_paths):
         img = read_rgb(path, pipeline)
-        cells = [img]
-        if gt_paths:
-            cells.append(overlay(img, load_labels(gt_paths[i]), palette))
-        cells += [overlay(img, predict(model, path), palette) for _, model in columns]
-        rows.append(cells)
+        maps = [load_labels(gt_paths[i])] if gt_paths else []
+        maps += [predict(model, path) for _, model in columns]
+        drawn.update(int(c) for m in maps for c in np.unique(m) if c != 255)
+        rows.append([img] + [overlay(img, m, palette) for m in maps])
     # images of different sizes: every cell padded (white, right and bottom) to the largest
     h = max(c.shape[0] for cells in rows for c in cells)
     w = max(c.shape[1] for cells in rows for c in cells)
@@ -104,10 +115,13 @@ def comparison_grid(
         )
     )
     cell_w = grid.shape[1] // len(titles)
-    head = Image.new("RGB", (grid.shape[1], 20), (255, 255, 255))
-    for k, t in enumerate(titles):
-        ImageDraw.Draw(head).text((k * cell_w + 4, 4), t, fill=(0, 0, 0))
-    return np.concatenate([np.asarray(head), grid], axis=0)
+    size = text_size(grid.shape[1] / len(titles) * 4)  # as if four columns wide
+    parts = [title_bar(grid.shape[1], [(k * cell_w + 4, t) for k, t in enumerate(titles)], size)]
+    parts.append(grid)
+    if classes is not None and drawn:
+        named = [(classes[c] if c < len(classes) else str(c), palette[c]) for c in sorted(drawn)]
+        parts.append(legend(grid.shape[1], named, size))
+    return np.concatenate(parts, axis=0)
 
 
 def _test_pipeline(models) -> Optional[list]:
