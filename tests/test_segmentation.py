@@ -945,6 +945,22 @@ def test_the_comparison_grid_takes_images_of_different_sizes(tmp_path, monkeypat
     assert len(swatches) > 12 and ((swatches == (255, 0, 0)).all(-1)).sum() > 50
 
 
+def test_the_demo_config_tests_a_photo_at_its_training_scale(tmp_path):
+    """Its whole-image test ran a 2048 x 1536 photo at full size (38 GB asked for); the toy
+    scenes (96 x 96) pass unchanged, so the demo's numbers are those of before."""
+    import numpy as np
+    from mmengine.dataset import Compose
+    from mmengine.registry import init_default_scope
+    from PIL import Image
+
+    init_default_scope("mmseg")
+    pipeline = Compose(Config.fromfile(TINY_CONFIG).test_pipeline[:2])  # load, resize
+    for (w, h), expected in (((2048, 1536), (96, 128)), ((96, 96), (96, 96))):
+        Image.fromarray(np.full((h, w, 3), 50, np.uint8)).save(tmp_path / "p.jpg")
+        out = pipeline(dict(img_path=str(tmp_path / "p.jpg")))
+        assert out["img"].shape[:2] == expected and out["ori_shape"] == (h, w)
+
+
 def test_the_overlay_shows_each_class_in_its_colour_and_its_borders():
     """At alpha 0.5 the objects' own colours showed through (a red square and a yellow ring
     both came out orange); regions now carry their class colour mostly, and fully at borders."""
