@@ -316,3 +316,35 @@ def test_benchmark_refuses_what_would_fail_after_the_timing(capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and text in capsys.readouterr().err, argv
+
+
+def test_sections_that_pretrain_refuse_an_encoder_only_vit(capsys, monkeypatch):
+    """A vit_* name (registered, encoder-only) went through the name check and failed in the
+    first case (``norm_pix_loss`` / ``decoder_embed_dim`` unexpected) after the peak; an
+    unknown name was answered with the vit_* names too. classification takes either."""
+    from mae_transfer.benchmark import cli
+
+    monkeypatch.setattr(cli.measure, "IN_PROCESS", cli.measure.IN_PROCESS)  # --tiny sets them
+    monkeypatch.setattr(cli.measure, "PEAK_N", cli.measure.PEAK_N)
+    monkeypatch.setattr(cli.measure, "matmul_peak", lambda *a, **k: {"gflops": 1.0})
+    for argv, text in (
+        *(
+            ([what, "--model", "vit_base_patch16"], "use mae_vit_base_patch16")
+            for what in (*cli.MAE_SECTIONS, "all")
+        ),
+        (["table2", "--table2_model", "vit_large_patch16"], "use mae_vit_large_patch16"),
+        (["pretrain", "--model", "vit_base"], "pretrain builds an MAE model: one of mae_vit_"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*argv, "--tiny"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and text in err, (argv, err)
+        assert "vit_tiny_patch16," not in err.replace("mae_vit_tiny_patch16,", ""), err
+    # what does take a vit_* name runs (the sections stubbed: no timing here)
+    for what in ("classification", "data", "transfer"):
+        monkeypatch.setitem(cli.SECTIONS, what, lambda args: [{"model": args.model}])
+        assert cli.main([what, "--tiny", "--model", "vit_base_patch16"]) == 0
+    from mae_transfer.benchmark.classification import _encoder_name
+
+    assert _encoder_name("mae_vit_base_patch16_dec512d8b") == "vit_base_patch16"  # an alias
+    assert _encoder_name("vit_large_patch16") == "vit_large_patch16"

@@ -12,7 +12,13 @@ from .measure import TINY_VIT, fvcore_gmacs, in_fresh_process, matmul_peak, time
 
 
 def _encoder_name(model_name: str) -> str:
-    return model_name[len("mae_") :] if model_name.startswith("mae_") else model_name
+    """The encoder-only ViT of a model name (``mae_vit_base_patch16``: ``vit_base_patch16``),
+    resolved first: an alias (``mae_vit_base_patch16_dec512d8b``) lost only its ``mae_`` and
+    was an unknown model in the case's process."""
+    from mae_transfer.registry import resolve_name
+
+    name = resolve_name(model_name)
+    return name[len("mae_") :] if name.startswith("mae_") else name
 
 
 def _classification_case(

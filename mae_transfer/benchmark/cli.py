@@ -28,6 +28,9 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Dict]]] = {
     "classification": bench_classification,
     "attention": bench_attention,
 }
+# the sections that build an MAE model (encoder + decoder) of --model; classification builds
+# its encoder (either name works), data, transfer and matmul none
+MAE_SECTIONS = ("pretrain", "official", "table2", "maskratio", "attention")
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -89,8 +92,6 @@ def _rates(text: str) -> List[float]:
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuses what would fail after minutes of timing (argparse's exit code 2)."""
-    from mae_transfer.registry import resolve_name
-
     for flag in ("batch", "input_size", "repeats"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -104,11 +105,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     if args.amp == "fp16" and not args.device.startswith("cuda"):
         p.error("--amp fp16 runs on CUDA only (with loss scaling); on a CPU use fp32 or auto")
-    for flag in ("model", "table2_model"):
-        try:
-            resolve_name(getattr(args, flag))
-        except KeyError as e:
-            p.error(f"--{flag}: {e}")
+    _check_models(p, args)
     if not args.tiny:  # (--tiny picks a size its patches tile)
         from mae_transfer.registry import patch_size_of
 
@@ -129,6 +126,38 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--json {args.json}: cannot make {folder}: {e}")
         if not os.access(folder, os.W_OK):
             p.error(f"--json {args.json}: {folder} is not a writable directory")
+
+
+def _check_models(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--model must be an MAE model (``mae_vit_*``) for the sections that build one, and
+    --table2_model always (table2 is its only use): an encoder-only ViT (``vit_*``, registered
+    too) failed in the first case, after the peak measurement (``norm_pix_loss`` unexpected).
+    classification takes either name (the MAE name means its encoder); data, transfer and
+    matmul build no model of that name (``--tiny`` reads its patch size)."""
+    from mae_transfer.registry import list_models, resolve_name
+
+    mae = list_models("mae_*")
+    if args.what == "all":
+        builds = f"all runs {', '.join(MAE_SECTIONS)}, which build an MAE model"
+    else:
+        builds = f"{args.what} builds an MAE model"
+    for flag, needs_mae, why in (
+        ("model", args.what in (*MAE_SECTIONS, "all"), builds),
+        ("table2_model", True, "table2 builds an MAE model"),
+    ):
+        name = getattr(args, flag)
+        try:
+            canonical = resolve_name(name)
+        except KeyError as e:
+            if needs_mae:  # (not the encoder-only names, which would be refused next)
+                p.error(f"--{flag}: unknown model {name!r}; {why}: one of {', '.join(mae)}")
+            p.error(f"--{flag}: {e}")
+        if needs_mae and canonical not in mae:
+            use = f"mae_{canonical}" if f"mae_{canonical}" in mae else "one of " + ", ".join(mae)
+            p.error(
+                f"--{flag} {name} is an encoder-only ViT; {why} (encoder + decoder): use {use} "
+                f"(MAE models: {', '.join(mae)})"
+            )
 
 
 def _mark_tiny(rows) -> None:
