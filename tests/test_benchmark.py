@@ -155,15 +155,20 @@ def test_both_updates_train_alike_and_the_official_one_is_torch_s_default():
         raise AssertionError("the official update took a NaN loss")
 
 
-def test_bad_arguments_stop_before_any_timing(tmp_path, capsys):
+def test_bad_arguments_stop_before_any_timing(tmp_path, capsys, monkeypatch):
     """What would fail after minutes of timing is refused at once (argparse's exit code 2)."""
     import pytest
 
     from mae_transfer.benchmark import cli
 
+    monkeypatch.setattr(cli.measure, "IN_PROCESS", cli.measure.IN_PROCESS)  # --tiny sets them
+    monkeypatch.setattr(cli.measure, "PEAK_N", cli.measure.PEAK_N)
+
     (tmp_path / "afile").write_text("x")
     for bad, text in (
-        (["--json", str(tmp_path / "afile" / "x.json")], "cannot make"),  # (a missing one: made)
+        (["--json", str(tmp_path / "afile" / "x.json")], "afile is a file"),  # (missing: made)
+        (["--json", str(tmp_path)], "names a folder: name the file (e.g. bench.json)"),
+        (["--json", str(tmp_path / "new") + "/"], "names a folder"),  # (one still to make)
         (["--feed_rates", "abc"], "expected positive numbers"),
         (["--feed_rates", "1000,-5"], "expected positive numbers"),
         (["--device", "cuda"], "no CUDA device"),

@@ -119,6 +119,13 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.what in ("classification", "all") and args.batch % 2:
         p.error(f"--batch {args.batch}: fine-tuning's mixup (timm) needs an even batch")
     if args.json:
+        from mae_transfer.engine.config import ConfigError
+        from mae_transfer.engine.launch import refuse_folder
+
+        try:  # a folder (or a name ending in /) failed at the first write, after the timing
+            refuse_folder(args.json, "--json", "bench.json")
+        except ConfigError as e:
+            p.error(str(e))
         folder = os.path.dirname(os.path.abspath(args.json))
         try:  # (made now, as the other tools do; not found missing after the timing)
             os.makedirs(folder, exist_ok=True)
