@@ -13,8 +13,9 @@ reported. Rivals (ours vs official; pipelines) run in one process, interleaved, 
 is the median of back-to-back ratios. FLOPs come from fvcore (multiply-adds x 2; backward
 counted as twice the forward). "Peak" is the matrix-multiply rate in the run's precision,
 measured in the same run. Memory is the growth of the process's peak resident set (CPU) or
-CUDA's peak allocation during the measured step, each case in a fresh process. A markdown table
-goes to stdout; ``--json`` writes every number. The logic lives in ``mae_transfer.benchmark``.
+CUDA's peak allocation during the measured step, each case in a fresh process (``--tiny`` runs
+them in this one: CPU memory is then not measured, n/a). A markdown table goes to stdout;
+``--json`` writes every number (null: not measured). The logic lives in ``mae_transfer.benchmark``.
 """
 
 from __future__ import annotations

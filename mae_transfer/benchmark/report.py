@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from typing import Dict, List
@@ -68,6 +69,10 @@ def _tables(rows: List[Dict]) -> List[List[Dict]]:
 
 
 def _fmt(v) -> str:
+    """A cell: floats to 3 significant digits; what was not measured (NaN, None: null in the
+    JSON) as n/a, not as a number."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
