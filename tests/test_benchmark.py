@@ -397,3 +397,40 @@ def test_cpu_memory_is_not_measured_when_the_cases_share_the_process(monkeypatch
     rows = [{"backbone": "det", "peak_mem_mb": float("nan"), "mem_vs_global": None, "x": 0.0}]
     table = report.markdown({"machine": {}, "matmul": {"fp32": {"gflops": 1.0}}, "t": rows})
     assert "| det | n/a | n/a | 0 |" in table  # (a measured 0 stays 0)
+
+
+def test_transfer_rows_name_their_fixed_model_and_batch(monkeypatch):
+    """transfer times ViT-B on one image (and the demo configs) whatever --model / --batch /
+    --input_size, which its rows did not say; they name model, batch and size now (the
+    backbone marked with --tiny, as the other sections' models), and a note says so."""
+    import argparse
+
+    from mae_transfer.benchmark import cli, transfer
+
+    class Step(torch.nn.Module):  # the demo models (detectron2, mmseg): seconds to build
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+    def tiny_model(dev):
+        model = Step()
+        return model, lambda: {"loss": model.w.sum()}
+
+    monkeypatch.setattr(transfer, "_tiny_maskrcnn", tiny_model)
+    monkeypatch.setattr(transfer, "_tiny_upernet", tiny_model)
+    monkeypatch.setattr(transfer, "in_fresh_process", lambda fn, *a: fn(*a))
+    args = argparse.Namespace(
+        tiny=True, device="cpu", warmup=0, repeats=1, amp="fp32", model="mae_vit_large_patch16"
+    )
+    rows = transfer.bench_transfer(args)
+    cli._mark_tiny(rows)
+    backbones = [r for r in rows if "backbone" in r]
+    assert len(backbones) == 7
+    assert {(r["model"], r["batch"]) for r in backbones} == {("vit_base_patch16 (tiny)", 1)}
+    iterations = {r["iteration"]: r for r in rows if "iteration" in r}
+    assert iterations["maskrcnn"]["config"] == "configs/detectron2/demo_tiny.yaml"
+    assert [(r["batch"], r["input"]) for r in iterations.values()] == [(4, 128), (8, 128)]
+    results = {"machine": {}, "matmul": {"fp32": {"gflops": 1.0}}, "transfer": rows}
+    table = cli.markdown(results, cli.NOTES)
+    assert "### transfer\n\nFixed cases, whatever --model, --batch and --input_size" in table
+    assert "| backbone | model | batch | input |" in table

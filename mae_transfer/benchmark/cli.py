@@ -16,6 +16,7 @@ from .classification import bench_classification
 from .data import bench_data
 from .pretrain import bench_maskratio, bench_pretrain, bench_table2, bench_versus_official
 from .report import machine, markdown
+from .transfer import NOTE as TRANSFER_NOTE
 from .transfer import bench_transfer
 
 SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Dict]]] = {
@@ -31,6 +32,7 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Dict]]] = {
 # the sections that build an MAE model (encoder + decoder) of --model; classification builds
 # its encoder (either name works), data, transfer and matmul none
 MAE_SECTIONS = ("pretrain", "official", "table2", "maskratio", "attention")
+NOTES = {"transfer": TRANSFER_NOTE}  # printed under the section's heading
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -218,5 +220,5 @@ def main(argv=None, description: str = "") -> int:
             _mark_tiny(results[name])
         if args.json:
             _write_json(args.json, results)
-    print(markdown(results))
+    print(markdown(results, NOTES))
     return 0

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import platform
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -35,7 +35,9 @@ def machine(device: torch.device) -> Dict:
     return info
 
 
-def markdown(results: Dict) -> str:
+def markdown(results: Dict, notes: Optional[Dict[str, str]] = None) -> str:
+    """The results as markdown: the machine, the matmul peak, then a table per kind of row of
+    each section, under its ``notes`` (e.g. what a section times whatever the arguments)."""
     out = [f"machine: {json.dumps(results['machine'])}", ""]
     p = results["matmul"]
     out.append(
@@ -46,6 +48,8 @@ def markdown(results: Dict) -> str:
         if section in ("machine", "matmul") or not rows:
             continue
         out += ["", f"### {section}"]
+        if notes and section in notes:
+            out += ["", notes[section]]
         for table in _tables(rows):
             keys = [k for k in table[0] if not k.endswith(("min_s", "max_s"))]
             for r in table[1:]:

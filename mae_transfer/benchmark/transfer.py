@@ -13,6 +13,20 @@ import torch
 from .measure import TINY_VIT, in_fresh_process, peak_memory_mb, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the section's own fixed cases, not --model, --batch or --input_size (the rows name their
+# model, batch and size, and NOTE, printed above the tables, says so)
+BACKBONE = "vit_base_patch16"  # one image per step, as the README's table
+ITERATIONS = {  # kind: (config, images per iteration), 128 px each
+    "maskrcnn": ("configs/detectron2/demo_tiny.yaml", 4),
+    "upernet": ("configs/mmseg/demo_tiny_toy-96x96.py", 8),
+}
+ITERATION_SIZE = 128
+NOTE = (
+    "Fixed cases, whatever --model, --batch and --input_size: the ViT-B backbone, forward + "
+    "backward of one image (detection at 512 and 1024 px, segmentation at 512; --tiny: a "
+    "shrunk ViT at 64 / 128 and 64), and one training iteration of the demo configs' Mask R-CNN "
+    "and UperNet (128 px, with or without --tiny)."
+)
 
 
 def _autocast(dev: torch.device, amp: str):
@@ -48,7 +62,7 @@ def _det_backbone_case(
     kw = dict(TINY_VIT) if tiny else {}
     seg = kind == "seg"
     model = build_vit_pyramid(
-        model="vit_base_patch16",
+        model=BACKBONE,
         img_size=size,
         norm="BN" if seg else "LN",
         stage_split="seg" if seg else "equal",
@@ -59,7 +73,7 @@ def _det_backbone_case(
     for m in model.modules():
         if isinstance(m, Attention):  # ViTDet's way: the explicit (N x N) bias, not folded
             m.fold_rel_pos = attention != "vitdet"
-    x = torch.randn(1, 3, size, size, device=dev)
+    x = torch.randn(1, 3, size, size, device=dev)  # (one image: BACKBONE's comment)
 
     autocast, precision = _autocast(dev, amp)
 
@@ -73,6 +87,8 @@ def _det_backbone_case(
     t = timed(step, warmup, repeats, dev)
     return {
         "backbone": kind,
+        "model": BACKBONE,  # (--tiny: marked as such, as the other sections' models)
+        "batch": 1,
         "input": size,
         "attention": ATTENTION_CASES[attention],
         "rel_pos": rel_pos or "none",
@@ -102,7 +118,16 @@ def _framework_iteration(kind: str, device: str, warmup: int, repeats: int, amp=
 
     mem = peak_memory_mb(step, dev)
     t = timed(step, warmup, repeats, dev)
-    return {"iteration": kind, "precision": precision, **t, "peak_mem_mb": mem}
+    config, images = ITERATIONS[kind]
+    return {
+        "iteration": kind,
+        "config": config,
+        "batch": images,
+        "input": ITERATION_SIZE,
+        "precision": precision,
+        **t,
+        "peak_mem_mb": mem,
+    }
 
 
 def _tiny_maskrcnn(dev):
@@ -113,22 +138,22 @@ def _tiny_maskrcnn(dev):
     import mae_transfer.detection  # noqa: F401
     from mae_transfer.detection.train import build_cfg
 
-    cfg = build_cfg(
-        os.path.join(ROOT, "configs", "detectron2", "demo_tiny.yaml"), ["MODEL.DEVICE", str(dev)]
-    )
+    config, images = ITERATIONS["maskrcnn"]
+    cfg = build_cfg(os.path.join(ROOT, config), ["MODEL.DEVICE", str(dev)])
     model = build_model(cfg).train()
     storage = EventStorage(0)
 
-    def batch():
+    def batch():  # (boxes and masks drawn for ITERATION_SIZE = 128)
         items = []
-        for _ in range(4):
-            inst = Instances((128, 128))
+        for _ in range(images):
+            inst = Instances((ITERATION_SIZE, ITERATION_SIZE))
             inst.gt_boxes = Boxes(torch.tensor([[10.0, 20, 60, 70], [70, 30, 120, 90]]))
             inst.gt_classes = torch.tensor([0, 2])
-            masks = torch.zeros(2, 128, 128, dtype=torch.bool)
+            masks = torch.zeros(2, ITERATION_SIZE, ITERATION_SIZE, dtype=torch.bool)
             masks[0, 20:70, 10:60] = masks[1, 30:90, 70:120] = True
             inst.gt_masks = BitMasks(masks)
-            items.append({"image": torch.rand(3, 128, 128) * 255, "instances": inst})
+            image = torch.rand(3, ITERATION_SIZE, ITERATION_SIZE) * 255
+            items.append({"image": image, "instances": inst})
         with storage:
             return model(items)
 
@@ -145,17 +170,19 @@ def _tiny_upernet(dev):
     import mae_transfer.segmentation  # noqa: F401
 
     register_all_modules()
-    cfg = Config.fromfile(os.path.join(ROOT, "configs", "mmseg", "demo_tiny_toy-96x96.py"))
+    config, images = ITERATIONS["upernet"]
+    cfg = Config.fromfile(os.path.join(ROOT, config))
     model = MODELS.build(cfg.model).to(dev).train()
+    hw = (ITERATION_SIZE, ITERATION_SIZE)
 
     def batch():
         samples = []
-        for _ in range(8):
+        for _ in range(images):
             s = SegDataSample()
-            s.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, 128, 128), device=dev))
-            s.set_metainfo({"img_shape": (128, 128), "pad_shape": (128, 128)})
+            s.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, *hw), device=dev))
+            s.set_metainfo({"img_shape": hw, "pad_shape": hw})
             samples.append(s)
-        return model(torch.randn(8, 3, 128, 128, device=dev), samples, mode="loss")
+        return model(torch.randn(images, 3, *hw, device=dev), samples, mode="loss")
 
     def losses():
         return {k: v for k, v in batch().items() if "loss" in k}
