@@ -434,3 +434,25 @@ def test_transfer_rows_name_their_fixed_model_and_batch(monkeypatch):
     table = cli.markdown(results, cli.NOTES)
     assert "### transfer\n\nFixed cases, whatever --model, --batch and --input_size" in table
     assert "| backbone | model | batch | input |" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="kineto may have GPU news to tell")
+def test_cpu_profiles_print_nothing_from_kineto():
+    """Every CPU run printed ``ERROR: ... gpuGetDeviceCount failed with code 35`` (a CUDA
+    build of torch without a driver) and USDT lines from the profiler of the time shares and
+    the attention kernels."""
+    code = (
+        "import torch\n"
+        "from mae_transfer.benchmark.attention import _kernel\n"
+        "from mae_transfer.benchmark.measure import time_breakdown\n"
+        "x = torch.randn(16, 16)\n"
+        "time_breakdown(lambda: torch.mm(x, x))\n"
+        "print(_kernel(lambda: torch.softmax(x, -1)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "matmul + softmax", r.stderr[-2000:]
+    assert "gpuGetDeviceCount" not in r.stderr and "USDT" not in r.stderr, r.stderr[-2000:]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from mae_transfer.attention import attention, explicit_attention
 
-from .measure import TINY, side_by_side
+from .measure import TINY, quiet_profiler, side_by_side
 
 __all__ = ["attention_shapes", "bench_attention"]
 
@@ -84,6 +84,7 @@ def _kernel(fn: Callable[[], None]) -> str:
     """The attention kernel(s) one forward + backward ran, from the profiler's op names."""
     from torch.profiler import ProfilerActivity, profile
 
+    quiet_profiler()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     keys = [e.key for e in prof.key_averages()]

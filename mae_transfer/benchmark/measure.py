@@ -4,6 +4,7 @@ goes (profiler), FLOPs (fvcore), fresh processes, and side-by-side timing of riv
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -115,12 +116,25 @@ def _gemm_flops(key: str, shapes) -> int:
         return 0
 
 
+def quiet_profiler() -> None:
+    """Without CUDA, raises kineto's log threshold above everything it logs (unless
+    ``KINETO_LOG_LEVEL`` is set already): every CPU-only profile of a CUDA build of torch
+    printed ``ERROR: ... gpuGetDeviceCount failed with code 35`` (no driver) and two USDT
+    profiler_start / profiler_stop lines to stderr, on every CPU run. Kineto reads the level
+    when a process's first profile starts: call before each ``profile`` (cases run in fresh
+    processes). Its numbering of levels changed between versions (ERROR 3 or 4): 99 is above
+    all. With CUDA nothing is changed: kineto's messages may then be about the GPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("KINETO_LOG_LEVEL", "99")
+
+
 def time_breakdown(fn: Callable[[], None]) -> Dict[str, float]:
     """Where one call of ``fn`` spends its time (torch profiler, self time per op): matrix
     multiplies, attention kernels, the optimizer, and everything else (norms, GELU, copies...);
     and the FLOP rate inside the matrix multiplies alone (the ceiling for the whole step)."""
     from torch.profiler import ProfilerActivity, profile
 
+    quiet_profiler()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
     events = prof.key_averages()
