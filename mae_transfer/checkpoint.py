@@ -462,7 +462,8 @@ def _replace_atomically(path: str, write: Callable[[Any], None]) -> None:
     see a partial one, and a failed write leaves no temporary file behind."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pth", dir=directory)
+    suffix = os.path.splitext(path)[1] or ".tmp"  # its kind: a .pth (cleaned when stale), .json
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (mkstemp makes it 0600)
         with os.fdopen(fd, "wb") as f:
