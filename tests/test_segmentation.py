@@ -1118,6 +1118,22 @@ def test_a_label_of_another_size_than_its_image_as_loaded_names_both(tmp_path):
     assert "training_00000.png is 24x32" in str(e.value) and "EXIF" in str(e.value)
 
 
+def test_a_label_loaded_after_the_test_resize_is_compared_with_the_image_as_stored():
+    """mmseg's test pipelines resize the image before loading the label (ADE20K's: to a short
+    side of 512): the check compared the resized image with the label and refused every
+    ADE20K validation image of another size."""
+    import numpy as np
+
+    from mae_transfer.engine.config import ConfigError
+    from mae_transfer.segmentation.transforms import CheckSegLabels
+
+    check = CheckSegLabels(num_classes=150)
+    resized = dict(img=np.zeros((512, 683, 3), np.uint8), ori_shape=(384, 512))
+    check.transform({**resized, "gt_seg_map": np.zeros((384, 512), np.uint8)})
+    with pytest.raises(ConfigError, match=r"loads as 384x512 .* is 300x512"):
+        check.transform({**resized, "gt_seg_map": np.zeros((300, 512), np.uint8)})
+
+
 def test_label_checks_follow_the_config_and_are_added_once(tmp_path):
     """Labels counted from 0 without reduce_zero_label: the value num_classes is refused with
     the other way out; an RGB label beyond the checked sample is refused as it loads; a config

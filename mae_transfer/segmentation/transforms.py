@@ -41,12 +41,15 @@ class CheckSegLabels(BaseTransform):
                 f"label {path} has {seg.shape[-1]} channels: labels are one class index per "
                 "pixel (a single-channel PNG, mode L or P); convert colour-coded labels"
             )
+        # the image as loaded: a test pipeline resizes it before loading the label (mmseg's
+        # ADE20K one to a short side of 512), which then keeps the stored size
         img = results.get("img")
-        if img is not None and tuple(img.shape[:2]) != tuple(seg.shape[:2]):
+        loaded = results.get("ori_shape") or (None if img is None else img.shape[:2])
+        if loaded is not None and tuple(loaded[:2]) != tuple(seg.shape[:2]):
             # (the check before training looks at a sample of the pairs only)
             raise ConfigError(
-                f"image {results.get('img_path', '<unknown>')} loads as {img.shape[0]}x"
-                f"{img.shape[1]} (height x width), its label {path} is {seg.shape[0]}x"
+                f"image {results.get('img_path', '<unknown>')} loads as {loaded[0]}x"
+                f"{loaded[1]} (height x width), its label {path} is {seg.shape[0]}x"
                 f"{seg.shape[1]}: they must match; a photo whose EXIF orientation tag turns it "
                 "on loading needs the tag stripped, or LoadImageFromFile(color_type="
                 "'color_ignore_orientation')"
