@@ -162,6 +162,30 @@ def test_every_lazy_config_builds_a_model(path):
     assert max(g["lr"] for g in opt.param_groups) == pytest.approx(3e-4)
 
 
+def test_the_lazy_config_evaluates_with_the_pure_python_build(toy_coco, tmp_path):
+    """Its evaluator kept the R-50 recipe's fast C++ COCOeval: without compiled ops the run
+    died at its first evaluation (iteration 5,000)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.structures import Boxes, Instances
+
+    from mae_transfer.compat.detectron2_compat import HAS_COMPILED_OPS
+
+    _cfg(toy_coco, tmp_path / "out")  # registers toy_coco_val
+    cfg = LazyConfig.load(os.path.join(CONFIG_DIR, "lazy", "mask_rcnn_vit_base_fpn_lsj_100ep.py"))
+    assert cfg.dataloader.evaluator.use_fast_impl == HAS_COMPILED_OPS
+    cfg.dataloader.evaluator.update(dataset_name="toy_coco_val", output_dir=str(tmp_path))
+    cfg.dataloader.evaluator.tasks = ("bbox",)
+    evaluator = instantiate(cfg.dataloader.evaluator)
+    evaluator.reset()
+    record = DatasetCatalog.get("toy_coco_val")[0]
+    found = Instances((record["height"], record["width"]))
+    found.pred_boxes = Boxes(torch.tensor([record["annotations"][0]["bbox"]], dtype=torch.float))
+    found.pred_boxes.tensor[:, 2:] += found.pred_boxes.tensor[:, :2]  # XYWH -> XYXY
+    found.scores, found.pred_classes = torch.tensor([0.9]), torch.tensor([0])
+    evaluator.process([{"image_id": record["image_id"]}], [{"instances": found}])
+    assert "AP" in evaluator.evaluate()["bbox"]
+
+
 def test_amp_trainer_runs_the_chosen_precision():
     """SOLVER.AMP.PRECISION: bf16 steps without loss scaling (checked on CPU with a toy model)."""
     from detectron2.utils.events import EventStorage

@@ -11,6 +11,7 @@ from detectron2.data import transforms as T
 from detectron2.model_zoo import get_config
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
+from mae_transfer.compat.detectron2_compat import HAS_COMPILED_OPS
 from mae_transfer.detection import MAEViTBackbone
 from mae_transfer.detection.train import layer_decay_groups
 
@@ -67,4 +68,11 @@ lr_multiplier.warmup_factor = 0.001
 # Precision: detectron2's lazyconfig_train_net runs its fp16 AMPTrainer when train.amp.enabled
 # (on here, as in ViTDet); our `auto` rule (bf16 on GPUs of compute capability >= 8.0) applies
 # to tools/train_det.py with the YAML configs.
+# The MAE encoder goes in model.backbone.bottom_up.pretrained (above; its keys are mapped and
+# reported). train.init_checkpoint is for a whole detectron2 model: an MAE file there loads
+# nothing (detectron2 lists every key as missing and the backbone stays random), unless
+# converted first with tools/convert_to_detectron2.py.
 train.init_checkpoint = ""
+# COCO evaluation: the fast C++ evaluator where detectron2 was compiled, pycocotools' (the same
+# numbers) in the pure-Python build, whose missing op stopped the run at its first evaluation
+dataloader.evaluator.use_fast_impl = HAS_COMPILED_OPS
