@@ -1210,6 +1210,22 @@ def test_the_size_check_sees_images_turned_by_their_exif_orientation(tmp_path):
     check_data(Config(dict(train_dataloader=dict(dataset=ds))))
 
 
+def test_the_orientation_advice_reaches_every_pipeline():
+    """The refusal said 'in LoadImageFromFile of the train and test pipelines'; the keys a user
+    tried (train_pipeline.0...) changed nothing: mmengine had copied them into the loaders."""
+    from mae_transfer.segmentation.loading import IGNORE_ORIENTATION
+    from mae_transfer.segmentation.runner import parse_cfg_options
+
+    cfg = build_cfg(RECIPE, {"model.backbone.pretrained": None, **parse_cfg_options(
+        IGNORE_ORIENTATION.split())})  # fmt: skip
+    loaders = [cfg[k].dataset.pipeline for k in ("train_dataloader", "val_dataloader")]
+    loaders += [cfg.test_dataloader.dataset.pipeline, cfg.test_pipeline]
+    for pipeline in loaders:
+        first = pipeline[0]
+        assert first["type"] == "LoadImageFromFile"
+        assert first["color_type"] == "color_ignore_orientation"
+
+
 @pytest.mark.parametrize("hw", [(32, 48), (40, 40)])
 def test_the_overlay_shows_the_image_turned_as_the_prediction_is(tiny_segmentor, tmp_path, hw):
     """visualize read images with PIL, which ignores the EXIF orientation that mmcv applies for

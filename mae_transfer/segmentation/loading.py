@@ -16,6 +16,20 @@ ORIENTATION = 0x0112  # the EXIF orientation tag
 SWAPS_SIDES = (5, 6, 7, 8)  # transposed, 90 degrees clockwise, transversed, 90 anticlockwise
 
 
+# what loads images as stored in every pipeline that reads them, as --cfg-options (index 0:
+# LoadImageFromFile first, as in mmseg's pipelines); mmengine has copied train_pipeline and
+# test_pipeline into the data loaders by then, and inference (visualize_seg) reads test_pipeline
+IGNORE_ORIENTATION = " ".join(
+    f"{key}.0.color_type=color_ignore_orientation"
+    for key in (
+        "train_dataloader.dataset.pipeline",
+        "val_dataloader.dataset.pipeline",
+        "test_dataloader.dataset.pipeline",
+        "test_pipeline",
+    )
+)
+
+
 def image_loader(pipeline: Optional[Sequence[Any]]) -> Dict:
     """The pipeline's ``LoadImageFromFile`` entry; ``{"type": "LoadImageFromFile"}`` (mmcv's
     defaults) when it has none."""

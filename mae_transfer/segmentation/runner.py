@@ -23,7 +23,7 @@ from mae_transfer.data.decode import more_than_8_bits
 from mae_transfer.device import resolve_amp
 from mae_transfer.engine.config import ConfigError
 
-from .loading import image_loader, loaded_size, type_name
+from .loading import IGNORE_ORIENTATION, image_loader, loaded_size, type_name
 
 
 def _replace_sync_bn(node: Any) -> Any:
@@ -572,8 +572,8 @@ def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> L
             f"(color_type {loader.get('color_type', 'color')!r}) applies, turning them against "
             "their labels, which have the stored size: strip the tag from the images (e.g. "
             "exiftool -Orientation= FILE), or load ignoring it with "
-            "color_type='color_ignore_orientation' in LoadImageFromFile of the train and test "
-            "pipelines"
+            "color_type='color_ignore_orientation' in LoadImageFromFile of every pipeline: "
+            f"--cfg-options {IGNORE_ORIENTATION}"
         ]
     return []
 

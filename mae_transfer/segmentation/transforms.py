@@ -14,6 +14,8 @@ from mmseg.registry import TRANSFORMS
 
 from mae_transfer.engine.config import ConfigError
 
+from .loading import IGNORE_ORIENTATION
+
 
 @TRANSFORMS.register_module()
 class CheckSegLabels(BaseTransform):
@@ -52,7 +54,7 @@ class CheckSegLabels(BaseTransform):
                 f"{loaded[1]} (height x width), its label {path} is {seg.shape[0]}x"
                 f"{seg.shape[1]}: they must match; a photo whose EXIF orientation tag turns it "
                 "on loading needs the tag stripped, or LoadImageFromFile(color_type="
-                "'color_ignore_orientation')"
+                f"'color_ignore_orientation') in every pipeline: --cfg-options {IGNORE_ORIENTATION}"
             )
         bad = np.unique(seg[(seg >= self.num_classes) & (seg != self.ignore_index)])
         if bad.size:
