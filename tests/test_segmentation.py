@@ -672,6 +672,7 @@ def test_a_data_set_and_its_pipeline_must_agree_on_reduce_zero_label_and_counts_
 def test_a_key_the_config_lacks_is_said_with_the_closest_one(monkeypatch):
     """optim_wrapper.paramwise_cfg.layer_decay=0.9 was silently ignored (the constructor reads
     layer_decay_rate): the run said 'layer decay 0.75'."""
+    from mae_transfer.engine.config import ConfigError
     from mae_transfer.segmentation import runner
 
     said = []  # (mmengine's current logger may print to an earlier test's stream)
@@ -680,6 +681,13 @@ def test_a_key_the_config_lacks_is_said_with_the_closest_one(monkeypatch):
     text = " ".join(said)
     assert "optim_wrapper.paramwise_cfg has no 'layer_decay' in the config" in text
     assert "(did you mean optim_wrapper.paramwise_cfg.layer_decay_rate?)" in text
+    # arguments the backbone takes (its ViT's sizes) are not "added keys", a typo still is
+    said.clear()
+    build_cfg(TINY_CONFIG, {"model.backbone.mlp_ratio": 2.0, "model.backbone.qkv_bias": False})
+    assert not said
+    with pytest.raises(ConfigError, match="did you mean 'embed_dim'"):
+        build_cfg(TINY_CONFIG, {"model.backbone.embed_dims": 32})
+    assert "model.backbone has no 'embed_dims'" in " ".join(said)
 
 
 @pytest.mark.parametrize(

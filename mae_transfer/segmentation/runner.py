@@ -119,7 +119,8 @@ def check_option_types(cfg: Config, options: Dict) -> None:
     for key, value in options.items():
         parent, _, leaf = key.rpartition(".")
         section = _config_value(cfg, parent) if parent else None
-        if isinstance(section, dict) and leaf not in section and not leaf.isdigit():
+        known = isinstance(section, dict) and (leaf in section or leaf in _arguments_of(section))
+        if isinstance(section, dict) and not known and not leaf.isdigit():
             close = difflib.get_close_matches(leaf, [str(k) for k in section])
             print_log(  # (a new key may be meant: said, not refused)
                 f"--cfg-options {key}: {parent} has no {leaf!r} in the config"
@@ -139,6 +140,28 @@ def check_option_types(cfg: Config, options: Dict) -> None:
             errors.append(f"{key} takes a number (the config has {old}), got {value!r}")
     if errors:
         raise ConfigError("invalid --cfg-options:\n  - " + "\n  - ".join(errors))
+
+
+def _arguments_of(section: Dict) -> set:
+    """The argument names a config section's ``type`` takes (a class of mmseg's registries),
+    with, for our backbone, those of the ViT it builds (``embed_dim``, ``depth`` ...: overrides
+    that shrink it were warned about as unknown keys); empty when the type is not found."""
+    import inspect
+
+    from mmseg.registry import DATASETS, MODELS, TRANSFORMS
+
+    kind = section.get("type")
+    cls = kind if isinstance(kind, type) else None
+    for registry in (MODELS, DATASETS, TRANSFORMS) if isinstance(kind, str) else ():
+        cls = cls or registry.get(kind)
+    if cls is None:
+        return set()
+    names = set(inspect.signature(cls.__init__).parameters)
+    if cls.__name__ == "MAEViT":
+        from mae_transfer.vit import VisionTransformer
+
+        names |= set(inspect.signature(VisionTransformer.__init__).parameters)
+    return names - {"self", "args", "kwargs"}
 
 
 def _config_value(cfg: Config, key: str) -> Any:
