@@ -574,6 +574,9 @@ def test_a_trained_detector_no_longer_needs_the_encoder_it_started_from(toy_coco
     val = ["--coco-val", *toy_coco["val"]]
     argv = [*data, *val, "--eval-only", *opts, "SOLVER.MAX_ITER", "1", "MODEL.WEIGHTS", final]
     assert train_det.cli(argv) == 0
+    with caplog.at_level(logging.WARNING):  # no prediction at all: nan AP, said why
+        assert train_det.cli([*argv, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0"]) == 0
+    assert "nan AP: no prediction scored 1.0 or more on that test set" in caplog.text
     assert train_det.cli([*data, "--resume", *opts, "SOLVER.MAX_ITER", "2"]) == 0
     # resuming past the run's new end, or from a folder without a checkpoint, is said
     with caplog.at_level(logging.WARNING):

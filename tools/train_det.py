@@ -129,7 +129,15 @@ def main(args):
         warn_about_resume(cfg, args.resume, trainer.start_iter)
         results = trainer.train()
     if comm.is_main_process() and results:
-        logger.info("summary: %s", summarize(results))
+        summary = summarize(results)
+        logger.info("summary: %s", summary)
+        if any(v != v for v in summary.values()):  # NaN
+            logger.warning(
+                "nan AP: no prediction scored %s or more on that test set (MODEL.ROI_HEADS."
+                "SCORE_THRESH_TEST), so COCO evaluation had nothing to score: a model that has "
+                "not trained long enough yet",
+                cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+            )
     return results
 
 
