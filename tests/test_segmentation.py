@@ -969,6 +969,24 @@ def test_the_demo_config_tests_a_photo_at_its_training_scale(tmp_path):
         assert out["img"].shape[:2] == expected and out["ori_shape"] == (h, w)
 
 
+def test_the_grid_zooms_small_images_and_reduces_photos(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from mae_transfer.segmentation import visualize
+
+    monkeypatch.setattr(
+        visualize, "predict", lambda model, p: np.zeros(Image.open(p).size[::-1], int)
+    )
+    widths = {}
+    for w in (96, 1280):
+        Image.fromarray(np.full((w // 2, w, 3), 90, np.uint8)).save(tmp_path / f"{w}.png")
+        grid = visualize.comparison_grid([str(tmp_path / f"{w}.png")], [("m", None)], [(0, 0, 0)])
+        widths[w] = grid.shape[1] / 2  # per cell (padding included)
+    assert widths[96] == 2 * (96 + 4)  # the toy scenes drawn 2x
+    assert widths[1280] == (1280 + 4) * visualize.MAX_CELL_WIDTH / 1280  # (was 2x: 2568)
+
+
 def test_the_overlay_shows_each_class_in_its_colour_and_its_borders():
     """At alpha 0.5 the objects' own colours showed through (a red square and a yellow ring
     both came out orange); regions now carry their class colour mostly, and fully at borders."""

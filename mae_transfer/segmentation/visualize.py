@@ -81,16 +81,24 @@ def load_labels(path: str, reduce_zero_label: bool = True) -> np.ndarray:
     return labels.astype(np.uint8 if labels.max() <= 255 else np.int64)
 
 
+MAX_CELL_WIDTH = 640  # px: a drawn photo is reduced to this width (a cell of the grid)
+
+
 def comparison_grid(
     image_paths: Sequence[str],
     columns: Sequence[tuple],
     palette,
     gt_paths: Optional[Sequence[str]] = None,
-    scale: int = 2,
+    scale: Optional[float] = None,
     classes: Optional[Sequence[str]] = None,
 ) -> np.ndarray:
     """Rows of image | ground truth | each (title, model) prediction, with titles on top and,
-    given the ``classes``' names, a legend of the classes drawn below."""
+    given the ``classes``' names, a legend of the classes drawn below.
+
+    Args:
+        scale: the cells' zoom; None: 2 for cells up to 256 px wide (the toy scenes), down to
+            640 px wide for larger ones (at 2x, eight photos made a 4112 x 12958 PNG).
+    """
     titles = ["image"] + (["ground truth"] if gt_paths else []) + [t for t, _ in columns]
     # read as the models' test pipeline reads it (EXIF orientation applied or not, as
     # mmcv applies it), so that each prediction lies over the image it was made on
@@ -109,11 +117,12 @@ def comparison_grid(
     grid = np.concatenate(
         [np.concatenate([_pad(_fit(c, h, w)) for c in cells], axis=1) for cells in rows], axis=0
     )
-    grid = np.asarray(
-        Image.fromarray(grid).resize(
-            (grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST
-        )
-    )
+    if scale is None:
+        scale = 2.0 if w <= 256 else min(1.0, MAX_CELL_WIDTH / w)
+    if scale != 1:  # enlarged: pixels kept sharp; reduced: averaged
+        fast = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BOX
+        size = (round(grid.shape[1] * scale), round(grid.shape[0] * scale))
+        grid = np.asarray(Image.fromarray(grid).resize(size, fast))
     cell_w = grid.shape[1] // len(titles)
     size = text_size(grid.shape[1] / len(titles) * 4)  # as if four columns wide
     parts = [title_bar(grid.shape[1], [(k * cell_w + 4, t) for k, t in enumerate(titles)], size)]
