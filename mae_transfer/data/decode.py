@@ -36,6 +36,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+ORIENTATION = 0x0112  # the EXIF orientation tag
+SWAPS_SIDES = (5, 6, 7, 8)  # transposed, 90 degrees clockwise, transversed, 90 anticlockwise
+
 # libjpeg decodes at 1/8, 1/4, 1/2 (and 1/1) of the size. Not at 1/2: PIL's resize of the
 # exact crop (from the reduced image) is slower than torch's uint8 one (from the full-size
 # image), which ate the decoding saved. Per crop, one core, 2026-12-06, 224 output: 1/2 of

@@ -25,7 +25,7 @@ from detectron2.data.samplers import TrainingSampler
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-from mae_transfer.data.decode import EncodedImage, decode_pil
+from mae_transfer.data.decode import ORIENTATION, EncodedImage, decode_pil
 from mae_transfer.data.folder import UNREADABLE
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-ORIENTATION = 0x0112  # the EXIF orientation tag
 
 
 def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:

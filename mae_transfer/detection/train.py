@@ -34,6 +34,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import maybe_add_gradient_clipping
 
 from mae_transfer.compat.detectron2_compat import HAS_COMPILED_OPS
+from mae_transfer.data.decode import ORIENTATION, SWAPS_SIDES
 from mae_transfer.device import fused_adamw_supported
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.optim import keep_optimizer_impl, param_groups
@@ -188,7 +189,7 @@ def _misfit_sizes(dicts: Sequence[Dict]):
         try:
             with Image.open(d["file_name"]) as img:
                 w, h = img.size
-                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # turned a quarter on loading
+                if img.getexif().get(ORIENTATION) in SWAPS_SIDES:  # turned a quarter on loading
                     w, h = h, w
         except OSError:
             continue  # unreadable: the loader skips or names it

@@ -12,9 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-ORIENTATION = 0x0112  # the EXIF orientation tag
-SWAPS_SIDES = (5, 6, 7, 8)  # transposed, 90 degrees clockwise, transversed, 90 anticlockwise
-
+from mae_transfer.data.decode import ORIENTATION, SWAPS_SIDES
 
 # what loads images as stored in every pipeline that reads them, as --cfg-options (index 0:
 # LoadImageFromFile first, as in mmseg's pipelines); mmengine has copied train_pipeline and
