@@ -633,11 +633,14 @@ def init_cpu_dist(cfg: Config) -> None:
     torch.distributed.init_process_group(backend=backend, **kwargs)
 
 
-# torch.distributed's variables <- those srun / mpirun set (torchrun sets them itself)
+# launcher -> (what starts its processes, {torch.distributed's variable: the one it sets},
+# its local rank's variable, the other variables it must have set)
 LAUNCHER_VARIABLES = {
-    "slurm": {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS", "NODES": "SLURM_NODELIST"},
-    "mpi": {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE"},
-}
+    "slurm": ("srun", {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS"}, "SLURM_LOCALID",
+              ["SLURM_NODELIST"]),
+    "mpi": ("mpirun", {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE"},
+            "OMPI_COMM_WORLD_LOCAL_RANK", []),
+}  # fmt: skip
 
 
 def launcher_env(launcher: str, env=os.environ) -> Dict[str, str]:
@@ -649,11 +652,10 @@ def launcher_env(launcher: str, env=os.environ) -> Dict[str, str]:
     Raises:
         ConfigError: a variable the launcher sets is missing (not run under srun / mpirun).
     """
-    names = LAUNCHER_VARIABLES.get(launcher)
-    if names is None:
+    if launcher not in LAUNCHER_VARIABLES:
         return {}
-    runner = {"slurm": "srun", "mpi": "mpirun"}[launcher]
-    missing = [v for v in names.values() if v not in env]
+    runner, names, local, others = LAUNCHER_VARIABLES[launcher]
+    missing = [v for v in [*names.values(), *others] if v not in env]
     if missing:
         raise ConfigError(
             f"--launcher {launcher} needs {', '.join(missing)} in the environment, which "
@@ -664,8 +666,7 @@ def launcher_env(launcher: str, env=os.environ) -> Dict[str, str]:
             "--launcher mpi needs MASTER_ADDR (the address of rank 0's host; mpirun does not "
             "set it): e.g. mpirun -x MASTER_ADDR=$(hostname) ..."
         )
-    out = {k: env[v] for k, v in names.items() if k != "NODES"}
-    local = {"slurm": "SLURM_LOCALID", "mpi": "OMPI_COMM_WORLD_LOCAL_RANK"}[launcher]
+    out = {k: env[v] for k, v in names.items()}
     out["LOCAL_RANK"] = env.get(local, "0")
     out["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
     out["MASTER_ADDR"] = env.get("MASTER_ADDR") or _first_host(env.get("SLURM_NODELIST", ""))
