@@ -857,37 +857,44 @@ def test_cpu_runs_use_plain_batchnorm_with_any_launcher(launcher):
     assert cfg.env_cfg.dist_cfg.backend == "gloo"
 
 
-def test_two_cpu_processes_train_under_torchrun_with_gloo(tmp_path):
-    """torchrun --launcher pytorch without CUDA: mmengine's init_dist called
-    torch.cuda.set_device on every rank ('Found no NVIDIA driver'), gloo or not."""
+def _two_process_options(tmp_path) -> list:
+    """--cfg-options of a 2-iteration run on toy data in tmp_path/work, by two CPU processes
+    (skipped with CUDA: mmengine then sets the device itself)."""
     if torch.cuda.is_available():
         pytest.skip("the CPU path: with CUDA mmengine sets the device itself")
     root = str(tmp_path / "toy_ade")
     write_toy_ade(root, num_train=4, num_val=2, size=64)
     opts = demo_options(root, str(tmp_path / "work"), None, iters=2)
     opts.update({**TINY_OPTS, "train_dataloader.batch_size": 2})
+    return _cli_options(opts)
+
+
+def _two_process_logs(tmp_path) -> str:
+    """The run's logs, once its last checkpoint is there."""
+    assert (tmp_path / "work" / "iter_2.pth").is_file()
+    return "".join(p.read_text() for p in (tmp_path / "work").glob("*/*.log"))
+
+
+def test_two_cpu_processes_train_under_torchrun_with_gloo(tmp_path):
+    """torchrun --launcher pytorch without CUDA: mmengine's init_dist called
+    torch.cuda.set_device on every rank ('Found no NVIDIA driver'), gloo or not."""
+    options = _two_process_options(tmp_path)
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     run += ["--master_port", str(_free_port()), os.path.join(ROOT, "tools", "train_seg.py")]
-    cmd = [*run, TINY_CONFIG, "--launcher", "pytorch", "--cfg-options", *_cli_options(opts)]
+    cmd = [*run, TINY_CONFIG, "--launcher", "pytorch", "--cfg-options", *options]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "work" / "iter_2.pth").is_file()
-    logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*/*.log"))
+    logs = _two_process_logs(tmp_path)
     assert "Distributed training: True" in logs
 
 
 def test_two_cpu_processes_train_under_a_slurm_job_step(tmp_path):
     """--launcher slurm without CUDA (srun faked: two processes with its variables): mmengine's
     set-up called torch.cuda.set_device too."""
-    if torch.cuda.is_available():
-        pytest.skip("the CPU path: with CUDA mmengine sets the device itself")
-    root = str(tmp_path / "toy_ade")
-    write_toy_ade(root, num_train=4, num_val=2, size=64)
-    opts = demo_options(root, str(tmp_path / "work"), None, iters=2)
-    opts.update({**TINY_OPTS, "train_dataloader.batch_size": 2})
+    options = _two_process_options(tmp_path)
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_seg.py"), TINY_CONFIG]
-    cmd += ["--launcher", "slurm", "--cfg-options", *_cli_options(opts)]
+    cmd += ["--launcher", "slurm", "--cfg-options", *options]
     job = {"SLURM_NTASKS": "2", "SLURM_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1"}
     job.update(MASTER_PORT=str(_free_port()), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     procs = [
@@ -902,8 +909,7 @@ def test_two_cpu_processes_train_under_a_slurm_job_step(tmp_path):
     ]
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
-    assert (tmp_path / "work" / "iter_2.pth").is_file()
-    logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*/*.log"))
+    logs = _two_process_logs(tmp_path)
     assert "Distributed launcher: slurm" in logs and "Distributed training: True" in logs
 
 
