@@ -60,6 +60,28 @@ def write_images(directory: str, n: int, size=(40, 56), seed: int = 0) -> list:
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 
 
+def write_deep_colour_png(path, rgb: np.ndarray, orientation: int = 1) -> None:
+    """An (H, W, 3) uint16 RGB array as a 16-bit colour PNG (cv2; PIL writes 8 bits), with
+    an EXIF orientation tag in an eXIf chunk after the pixels (PIL's getexif then loads the
+    image to find it, as for files whose writer put the tag last)."""
+    import struct
+    import zlib
+
+    import cv2
+
+    png = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))[1].tobytes()
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = exif.tobytes().removeprefix(b"Exif\x00\x00")  # a PNG's eXIf has no header
+        chunk = b"eXIf" + data
+        chunk = struct.pack(">I", len(data)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+        end = png.rindex(b"IEND") - 4  # before the IEND chunk's length
+        png = png[:end] + chunk + png[end:]
+    with open(path, "wb") as f:
+        f.write(png)
+
+
 def write_colour_classes(root, per_class: int, seed: int) -> str:
     """Class folders whose images are noisy fields of the class's colour."""
     rng = np.random.default_rng(seed)

@@ -18,7 +18,7 @@ pytest.importorskip("detectron2")
 import mae_transfer.detection  # noqa: E402,F401  (compat fixes before detectron2's imports)
 
 # isort: split
-from conftest import ROOT, TINY_MAE, save_mae_checkpoints  # noqa: E402
+from conftest import ROOT, TINY_MAE, save_mae_checkpoints, write_deep_colour_png  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, build_model  # noqa: E402
@@ -307,6 +307,7 @@ def test_images_are_read_as_detectron2_reads_them_but_deep_ones_stretched(tmp_pa
     from detectron2.data.detection_utils import read_image as detectron2_read_image
     from PIL import Image
 
+    from mae_transfer.data.decode import stretch_to_uint8
     from mae_transfer.detection.data import read_image
 
     rng = np.random.default_rng(0)
@@ -327,6 +328,13 @@ def test_images_are_read_as_detectron2_reads_them_but_deep_ones_stretched(tmp_pa
     ours = read_image(str(tmp_path / "scan.png"), "BGR")
     assert ours.shape == (20, 30, 3) and ours.min() == 0 and ours.max() == 255
     np.testing.assert_allclose(ours[..., 0], scan / 4095 * 255, atol=0.51)
+    # a 16-bit colour PNG with an orientation tag: reading the tag first (PIL loads a PNG
+    # for it) hid the 16 bits, and the image came out as each value's high byte (0..15)
+    colour = np.stack([scan, scan // 2, 4095 - scan], axis=-1)
+    write_deep_colour_png(tmp_path / "turned.png", colour, orientation=6)
+    ours = read_image(str(tmp_path / "turned.png"), "RGB")
+    assert ours.shape == (30, 20, 3)
+    np.testing.assert_array_equal(ours, np.rot90(stretch_to_uint8(colour), -1))
 
 
 def test_the_mapper_skips_unreadable_training_images_blanks_test_ones(toy_coco, tmp_path, caplog):

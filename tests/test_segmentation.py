@@ -14,7 +14,13 @@ import torch
 
 pytest.importorskip("mmseg")
 
-from conftest import ROOT, _free_port, save_mae_checkpoints, write_images  # noqa: E402
+from conftest import (  # noqa: E402
+    ROOT,
+    _free_port,
+    save_mae_checkpoints,
+    write_deep_colour_png,
+    write_images,
+)
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
@@ -1040,7 +1046,8 @@ def test_data_folders_are_checked_for_pairs_before_training(tmp_path):
 
 
 def test_images_of_more_than_8_bits_are_warned_about(tmp_path, mmengine_log):
-    """mmcv's cv2 loading keeps a 16-bit value's high byte (a 12-bit scan: 0..15)."""
+    """mmcv's cv2 loading keeps a 16-bit value's high byte (a 12-bit scan: 0..15); our loader
+    (build_cfg's) stretches them, except with color_type 'unchanged'."""
     import numpy as np
     from PIL import Image
 
@@ -1051,15 +1058,92 @@ def test_images_of_more_than_8_bits_are_warned_about(tmp_path, mmengine_log):
         (root / d).mkdir(parents=True)
     scan = np.linspace(0, 4095, 32 * 48).reshape(32, 48).astype(np.uint16)
     Image.fromarray(scan).save(root / "img" / "0.png")
-    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(root / "img" / "1.png")
-    for i in range(2):
+    # 16-bit colour, its orientation tag (half a turn) last: the size check's getexif loaded it
+    write_deep_colour_png(root / "img" / "1.png", np.stack([scan] * 3, axis=-1), orientation=3)
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(root / "img" / "2.png")
+    for i in range(3):
         Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "ann" / f"{i}.png")
     ds = dict(type="BaseSegDataset", data_root=str(root), img_suffix=".png")
     ds["data_prefix"] = dict(img_path="img", seg_map_path="ann")
     check_data(Config(dict(train_dataloader=dict(dataset=ds))))
     said = "\n".join(mmengine_log)
-    assert "WARNING - train_dataloader.dataset: 1 of 2 sampled images have more than 8" in said
-    assert "(e.g. 0.png (I;16))" in said
+    assert "WARNING - train_dataloader.dataset: 2 of 3 sampled images have more than 8" in said
+    assert "1.png (RGB, 16 bits)" in said
+    assert "(e.g. 0.png (I;16), 1.png (RGB, 16 bits)), which LoadImageFromFile(color_type=" in said
+    mmengine_log.clear()
+    ds["pipeline"] = [dict(type="LoadImageAnyDepth")]  # what build_cfg puts in: stretched
+    check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    assert not any("more than 8 bits" in line for line in mmengine_log)
+    ds["pipeline"][0]["color_type"] = "unchanged"  # the raw values
+    check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    assert "which LoadImageAnyDepth(color_type='unchanged') does not" in "\n".join(mmengine_log)
+
+
+def test_images_of_more_than_8_bits_load_stretched_others_as_mmcv_loads_them(tmp_path):
+    """mmcv's LoadImageFromFile kept a 16-bit value's high byte (cv2: a 12-bit scan loaded as
+    0..15) or clipped it (pillow): LoadImageAnyDepth stretches such images to 0..255 as
+    pretraining does, EXIF orientation and grey as color_type says, and loads every other
+    image bit for bit as mmcv does."""
+    import numpy as np
+    from mmcv.transforms import LoadImageFromFile
+    from PIL import Image
+
+    from mae_transfer.data.decode import stretch_to_uint8
+    from mae_transfer.segmentation.loading import read_rgb
+    from mae_transfer.segmentation.transforms import LoadImageAnyDepth
+
+    def load(kind, path, **args):
+        return kind(**args).transform(dict(img_path=str(path)))
+
+    scan = np.linspace(0, 4095, 32 * 48).reshape(32, 48).astype(np.uint16)  # 12 bits
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter clockwise on loading (cv2, pillow)
+    Image.fromarray(scan).save(tmp_path / "scan.png", exif=exif)
+    colour = np.stack([scan, scan // 2, 4095 - scan], axis=-1)  # RGB, 16 bits per channel
+    write_deep_colour_png(tmp_path / "colour.png", colour, orientation=6)
+    Image.fromarray(scan.astype(np.float32) / 7).save(tmp_path / "float.tif")
+    _write_turned_jpeg(tmp_path / "photo.jpg", 32, 48)
+    Image.fromarray(scan.astype(np.uint8)).save(tmp_path / "grey.png")
+    for name in ("photo.jpg", "grey.png"):  # 8 bits: exactly as mmcv, for every color_type
+        for args in (
+            {},
+            dict(color_type="grayscale"),
+            dict(color_type="color_ignore_orientation"),
+            dict(color_type="unchanged"),
+            dict(imdecode_backend="pillow"),
+            dict(to_float32=True),
+        ):
+            ours, theirs = (
+                load(LoadImageAnyDepth, tmp_path / name, **args),
+                load(LoadImageFromFile, tmp_path / name, **args),
+            )
+            assert ours["img"].dtype == theirs["img"].dtype, (name, args)
+            assert np.array_equal(ours["img"], theirs["img"]), (name, args)
+            assert ours["ori_shape"] == theirs["ori_shape"] == ours["img_shape"]
+
+    assert load(LoadImageFromFile, tmp_path / "scan.png")["img"].max() <= 15  # the high byte
+    stretched = stretch_to_uint8(scan)
+    img = load(LoadImageAnyDepth, tmp_path / "scan.png")["img"]
+    assert img.shape == (48, 32, 3) and img.dtype == np.uint8  # turned, as mmcv turns it
+    assert np.array_equal(img, np.repeat(np.rot90(stretched, -1)[:, :, None], 3, axis=2))
+    img = load(LoadImageAnyDepth, tmp_path / "scan.png", color_type="grayscale_ignore_orientation")
+    assert np.array_equal(img["img"], stretched) and img["ori_shape"] == (32, 48)
+    img = load(LoadImageAnyDepth, tmp_path / "colour.png", color_type="color_ignore_orientation")
+    assert np.array_equal(img["img"], stretch_to_uint8(colour)[:, :, ::-1])  # BGR, as mmcv
+    img = load(LoadImageAnyDepth, tmp_path / "colour.png")["img"]  # its tag read last
+    assert np.array_equal(img, np.rot90(stretch_to_uint8(colour)[:, :, ::-1], -1))
+    assert load(LoadImageFromFile, tmp_path / "colour.png")["img"].shape == img.shape
+    img = load(LoadImageAnyDepth, tmp_path / "float.tif")["img"]
+    assert img.min() == 0 and img.max() == 255
+    raw = load(LoadImageAnyDepth, tmp_path / "scan.png", color_type="unchanged")["img"]
+    assert raw.dtype == np.uint16 and raw.max() == 4095  # raw values, as mmcv keeps them
+    # inference reads the image it draws through the test pipeline's loader
+    rgb = read_rgb(str(tmp_path / "scan.png"), [dict(type="LoadImageAnyDepth")])
+    assert np.array_equal(rgb[:, :, 0], np.rot90(stretched, -1))
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(OSError, match="failed to load image: .*junk.png"):  # mmcv: assert
+        load(LoadImageAnyDepth, tmp_path / "junk.png")
+    assert load(LoadImageAnyDepth, tmp_path / "junk.png", ignore_empty=True) is None
 
 
 def test_labels_of_several_channels_are_refused_before_training(tmp_path):
@@ -1188,7 +1272,7 @@ def test_label_checks_follow_the_config_and_are_added_once(tmp_path):
         ds[0]
     cfg = build_cfg(TINY_CONFIG)
     types = [t["type"] for t in cfg.train_dataloader.dataset.pipeline]
-    assert types[:3] == ["LoadImageFromFile", "LoadAnnotations", "CheckSegLabels"]
+    assert types[:3] == ["LoadImageAnyDepth", "LoadAnnotations", "CheckSegLabels"]
     check = cfg.train_dataloader.dataset.pipeline[2]
     assert (check["num_classes"], check["ignore_index"]) == (8, 255)
     cfg.dump(str(tmp_path / "saved.py"))
@@ -1254,7 +1338,7 @@ def test_the_orientation_advice_reaches_every_pipeline():
     loaders += [cfg.test_dataloader.dataset.pipeline, cfg.test_pipeline]
     for pipeline in loaders:
         first = pipeline[0]
-        assert first["type"] == "LoadImageFromFile"
+        assert first["type"] == "LoadImageAnyDepth"  # mmseg's LoadImageFromFile, replaced
         assert first["color_type"] == "color_ignore_orientation"
 
 

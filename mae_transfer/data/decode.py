@@ -30,7 +30,9 @@ __all__ = [
     "decode_uint8",
     "more_than_8_bits",
     "open_encoded",
+    "open_image",
     "pil_to_uint8",
+    "decode_upright",
     "to_rgb",
 ]
 
@@ -38,6 +40,16 @@ logger = logging.getLogger(__name__)
 
 ORIENTATION = 0x0112  # the EXIF orientation tag
 SWAPS_SIDES = (5, 6, 7, 8)  # transposed, 90 degrees clockwise, transversed, 90 anticlockwise
+# EXIF orientation -> the transpose that shows the image upright (as PIL's exif_transpose)
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 # libjpeg decodes at 1/8, 1/4, 1/2 (and 1/1) of the size. Not at 1/2: PIL's resize of the
 # exact crop (from the reduced image) is slower than torch's uint8 one (from the full-size
@@ -222,6 +234,15 @@ def decode_pil(img: Image.Image, data) -> Image.Image:
     _note_high_depth(img.mode + " (16 bits per channel)")
     rgb = deep[..., :3] if deep.shape[-1] >= 3 else np.repeat(deep[..., :1], 3, axis=-1)
     return Image.fromarray(stretch_to_uint8(rgb), "RGB")
+
+
+def decode_upright(img: Image.Image, data, turn: bool = True) -> Image.Image:
+    """:func:`decode_pil`, then (``turn``) turned upright by the file's EXIF orientation, as
+    PIL's ``exif_transpose``. The tag is read after decoding: PIL's ``getexif`` of a PNG loads
+    the image, after which a 16-bit colour PNG no longer shows its depth."""
+    rgb = decode_pil(img, data)
+    transpose = UPRIGHT.get(img.getexif().get(ORIENTATION)) if turn else None
+    return rgb if transpose is None else rgb.transpose(transpose)
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:

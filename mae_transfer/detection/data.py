@@ -23,23 +23,11 @@ from detectron2.data import transforms as T
 from detectron2.data.common import ToIterableDataset
 from detectron2.data.samplers import TrainingSampler
 from detectron2.utils.file_io import PathManager
-from PIL import Image
 
-from mae_transfer.data.decode import ORIENTATION, EncodedImage, decode_pil
+from mae_transfer.data.decode import EncodedImage, decode_upright
 from mae_transfer.data.folder import UNREADABLE
 
 logger = logging.getLogger(__name__)
-
-# EXIF orientation -> the PIL transpose that shows the image upright (as PIL's exif_transpose)
-_UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 
 
 def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:
@@ -53,9 +41,7 @@ def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:
     """
     with PathManager.open(file_name, "rb") as f:
         enc = EncodedImage(bytearray(f.read()), file_name)
-    turn = _UPRIGHT.get(enc.pil.getexif().get(ORIENTATION, 1))
-    img = decode_pil(enc.pil, enc.data)
-    return utils.convert_PIL_to_numpy(img.transpose(turn) if turn is not None else img, format)
+    return utils.convert_PIL_to_numpy(decode_upright(enc.pil, enc.data), format)
 
 
 class ImageMapper(DatasetMapper):

@@ -1,5 +1,6 @@
 """mmsegmentation glue: the MAE ViT as a registered backbone, the layer-decay optimizer
-constructor, the label check transform, and the toy data set. Reach it from a config with
+constructor, the image loading and label check transforms, and the toy data set. Reach it
+from a config with
 
     custom_imports = dict(imports=["mae_transfer.segmentation"], allow_failed_imports=False)
 """
@@ -9,6 +10,12 @@ from mae_transfer.compat import mmengine_compat  # noqa: F401  (safe resume with
 from .backbone import MAEViT
 from .dataset import ToyADEDataset
 from .optim import MAELayerDecayOptimizerConstructor
-from .transforms import CheckSegLabels
+from .transforms import CheckSegLabels, LoadImageAnyDepth
 
-__all__ = ["CheckSegLabels", "MAELayerDecayOptimizerConstructor", "MAEViT", "ToyADEDataset"]
+__all__ = [
+    "CheckSegLabels",
+    "LoadImageAnyDepth",
+    "MAELayerDecayOptimizerConstructor",
+    "MAEViT",
+    "ToyADEDataset",
+]

@@ -28,13 +28,23 @@ IGNORE_ORIENTATION = " ".join(
 )
 
 
+# mmcv's image loader, and ours (transforms.LoadImageAnyDepth) that build_cfg puts in its place
+IMAGE_LOADERS = ("LoadImageFromFile", "LoadImageAnyDepth")
+
+
 def image_loader(pipeline: Optional[Sequence[Any]]) -> Dict:
-    """The pipeline's ``LoadImageFromFile`` entry; ``{"type": "LoadImageFromFile"}`` (mmcv's
-    defaults) when it has none."""
+    """The pipeline's image loading entry (:data:`IMAGE_LOADERS`); ``{"type":
+    "LoadImageFromFile"}`` (mmcv's defaults) when it has none."""
     for t in pipeline or []:
-        if type_name(t) == "LoadImageFromFile":
+        if type_name(t) in IMAGE_LOADERS:
             return dict(t)
     return {"type": "LoadImageFromFile"}
+
+
+def stretches_deep_images(loader: Dict) -> bool:
+    """Whether ``loader`` reads images of more than 8 bits per value stretched to 0..255 (as
+    pretraining reads them), not cut to their high byte (mmcv's cv2) or clipped (pillow)."""
+    return type_name(loader) == "LoadImageAnyDepth" and loader.get("color_type") != "unchanged"
 
 
 def type_name(transform) -> Optional[str]:

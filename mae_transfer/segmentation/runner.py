@@ -23,7 +23,13 @@ from mae_transfer.data.decode import more_than_8_bits
 from mae_transfer.device import resolve_amp
 from mae_transfer.engine.config import ConfigError
 
-from .loading import IGNORE_ORIENTATION, image_loader, loaded_size, type_name
+from .loading import (
+    IGNORE_ORIENTATION,
+    image_loader,
+    loaded_size,
+    stretches_deep_images,
+    type_name,
+)
 
 
 def _replace_sync_bn(node: Any) -> Any:
@@ -100,6 +106,7 @@ def build_cfg(
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
         if launcher != "none":
             _cpu_model_wrapper(cfg)
+    load_images_as_pretraining(cfg)
     add_label_checks(cfg)
     validate(cfg)
     return cfg
@@ -227,9 +234,31 @@ def add_label_checks(cfg: Config) -> None:
         num_classes=head["num_classes"],
         ignore_index=head.get("ignore_index", 255),
     )
+    for pipeline in _dataset_pipelines(cfg):
+        names = [type_name(t) for t in pipeline] + [None]
+        for i in reversed(range(len(pipeline))):
+            if names[i] == "LoadAnnotations" and names[i + 1] != "CheckSegLabels":
+                pipeline.insert(i + 1, dict(check))
+
+
+def load_images_as_pretraining(cfg: Config) -> None:
+    """:class:`LoadImageAnyDepth` in place of each ``LoadImageFromFile`` (the same arguments)
+    of the data sets' pipelines and of ``train_pipeline`` / ``test_pipeline`` (inference reads
+    the latter): images of more than 8 bits per value then train and predict stretched to
+    0..255 as pretraining saw them, not cut to their high byte; other images load as before."""
+    pipelines = list(_dataset_pipelines(cfg))
+    pipelines += [cfg.get(key) or [] for key in ("train_pipeline", "test_pipeline")]
+    for t in (t for pipeline in pipelines for t in pipeline):
+        if type_name(t) == "LoadImageFromFile":
+            t["type"] = "LoadImageAnyDepth"
+
+
+def _dataset_pipelines(cfg: Config):
+    """The pipeline (a list, changed in place) of every data set of the three data loaders."""
     for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
-        if cfg.get(loader):
-            _insert_after_loading(cfg[loader].get("dataset") or {}, check)
+        for node, _ in dataset_configs((cfg.get(loader) or {}).get("dataset") or {}, loader):
+            if isinstance(node.get("pipeline"), list):
+                yield node["pipeline"]
 
 
 def dataset_configs(ds: Dict, key: str):
@@ -244,15 +273,6 @@ def dataset_configs(ds: Dict, key: str):
 
 def _is_wrapper(ds: Dict) -> bool:
     return "datasets" in ds or "dataset" in ds
-
-
-def _insert_after_loading(ds: Dict, check: Dict) -> None:
-    for node, _ in dataset_configs(ds, ""):
-        pipeline = node.get("pipeline") or []
-        names = [type_name(t) for t in pipeline] + [None]
-        for i in reversed(range(len(pipeline))):
-            if names[i] == "LoadAnnotations" and names[i + 1] != "CheckSegLabels":
-                pipeline.insert(i + 1, dict(check))
 
 
 def _cpu_model_wrapper(cfg: Config) -> None:
@@ -543,9 +563,9 @@ def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> L
     for image, label in pairs:
         try:
             with Image.open(os.path.join(img_dir, image)) as a, Image.open(label) as b:
-                (size, was_turned), raw, label_size = loaded_size(a, loader), a.size, b.size
-                if more_than_8_bits(a):
+                if more_than_8_bits(a):  # (before getexif, which loads a PNG: depth unknown)
                     deep.append(f"{image} ({a.mode}{', 16 bits' if a.mode[0] == 'R' else ''})")
+                (size, was_turned), raw, label_size = loaded_size(a, loader), a.size, b.size
                 if len(b.getbands()) > 1:
                     coloured.append(f"{label} ({b.mode})")
                     continue
@@ -565,13 +585,15 @@ def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> L
             + f" but its label {label} is {label_size[0]}x{label_size[1]}: labels must have "
             "their image's size (checked on a sample)"
         ]
-    if deep:
+    if deep and not stretches_deep_images(loader):
         print_log(
             f"{key}: {len(deep)} of {len(pairs)} sampled images have more than 8 bits per "
-            f"value (e.g. {', '.join(deep[:3])}): LoadImageFromFile keeps each value's high "
-            "byte (cv2: a 12-bit scan comes out almost black) or clips them (pillow: almost "
-            "white), where pretraining stretched each image from its min..max to 0..255. "
-            "Convert them to 8 bits that way first to train on what pretraining saw",
+            f"value (e.g. {', '.join(deep[:3])}), which {type_name(loader)}(color_type="
+            f"{loader.get('color_type', 'color')!r}) does not stretch to 0..255 as pretraining "
+            "did: mmcv's LoadImageFromFile keeps each value's high byte (cv2: a 12-bit scan "
+            "loads almost black) or clips them (pillow: almost white), color_type 'unchanged' "
+            "passes the raw values, which the data preprocessor normalises as if 0..255. "
+            "LoadImageAnyDepth with another color_type stretches them",
             logger="current",
             level=logging.WARNING,
         )

@@ -1,20 +1,80 @@
-"""A label check for mmseg pipelines, right after ``LoadAnnotations``.
+"""Transforms for mmseg pipelines: images read as pretraining reads them, and a label check.
+
+mmcv's ``LoadImageFromFile`` reads an image of more than 8 bits per value (a 16-bit PNG or
+TIFF scan) by keeping each value's high byte (cv2: a 12-bit scan loads almost black) or by
+clipping it (pillow: almost white); :class:`LoadImageAnyDepth` stretches it to 0..255 as the
+pretraining loader and the detectors do. :func:`runner.build_cfg` puts it in place of every
+``LoadImageFromFile``; with mmseg's own tools, name it in the config (``type=
+"LoadImageAnyDepth"``, the same arguments).
 
 Values a label should not hold fail far from their file: in training the loss indexes past
 its classes ('index 39 is out of bounds for dimension 1 with size 8'), in evaluation
 IoUMetric drops those pixels without a word (the mIoU is then of the other pixels).
-:func:`runner.build_cfg` inserts the check after every ``LoadAnnotations`` of the data sets.
+:func:`runner.build_cfg` inserts :class:`CheckSegLabels` after every ``LoadAnnotations``.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from mmcv.transforms import BaseTransform
-from mmseg.registry import TRANSFORMS
+from typing import Optional
 
+import mmcv
+import numpy as np
+from mmcv.transforms import BaseTransform, LoadImageFromFile
+from mmengine import fileio
+from mmseg.registry import TRANSFORMS
+from PIL import UnidentifiedImageError
+
+from mae_transfer.data.decode import decode_upright, more_than_8_bits, open_image
 from mae_transfer.engine.config import ConfigError
 
-from .loading import IGNORE_ORIENTATION
+from .loading import IGNORE_ORIENTATION, turns_by_orientation
+
+
+@TRANSFORMS.register_module()
+class LoadImageAnyDepth(LoadImageFromFile):
+    """mmcv's ``LoadImageFromFile`` (the same arguments and results), except that an image of
+    more than 8 bits per value (16-bit PNG / TIFF, grey or colour; 32-bit int or float) is
+    stretched from its own min..max to 0..255, as pretraining reads it, and then turned by its
+    EXIF orientation and made grey as ``color_type`` says. Other images load exactly as mmcv
+    loads them; ``color_type='unchanged'`` keeps every image's raw values (as mmcv)."""
+
+    def transform(self, results: dict) -> Optional[dict]:
+        path = results["img_path"]
+        try:
+            data = self._read(path)
+            img = self._stretched(data, path)
+            if img is None:
+                img = mmcv.imfrombytes(data, flag=self.color_type, backend=self.imdecode_backend)
+            if img is None:  # cv2 could not decode it
+                raise OSError(f"failed to load image: {path}")
+        except Exception:
+            if self.ignore_empty:
+                return None
+            raise
+        if self.to_float32:
+            img = img.astype(np.float32)
+        results.update(img=img, img_shape=img.shape[:2], ori_shape=img.shape[:2])
+        return results
+
+    def _read(self, path: str) -> bytes:
+        if self.file_client_args is not None:  # mmcv's deprecated way, still accepted
+            return fileio.FileClient.infer_client(self.file_client_args, path).get(path)
+        return fileio.get(path, backend_args=self.backend_args)
+
+    def _stretched(self, data: bytes, path: str) -> Optional[np.ndarray]:
+        """A deep image as mmcv would return an 8-bit one ((H, W, 3) BGR, or (H, W) grey);
+        None for any other image, or for ``color_type='unchanged'``."""
+        if self.color_type == "unchanged":
+            return None
+        try:
+            pil = open_image(data, path)  # the header only
+        except UnidentifiedImageError:
+            return None  # not for PIL: cv2 may know the format (mmcv raises if not)
+        if not more_than_8_bits(pil):
+            return None
+        img = decode_upright(pil, data, turn=turns_by_orientation(vars(self)))
+        bgr = np.ascontiguousarray(np.asarray(img)[:, :, ::-1])
+        return mmcv.bgr2gray(bgr) if self.color_type.startswith("grayscale") else bgr
 
 
 @TRANSFORMS.register_module()
