@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -89,7 +90,11 @@ FLAG_HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _build_parser(PretrainConfig, "python -m pretrain", "MAE pretraining.", FLAG_HELP)
+    # the console script (pyproject's mae-pretrain) or the module, as the user typed it
+    prog = (
+        "mae-pretrain" if os.path.basename(sys.argv[0]) == "mae-pretrain" else "python -m pretrain"
+    )
+    p = _build_parser(PretrainConfig, prog, "MAE pretraining.", FLAG_HELP)
     p.add_argument("--list-models", action="store_true", help="list registered models and exit")
     return p
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional
+
+logger = logging.getLogger(__name__)
 
 
 def plot_loss_curve(output_dir: str, path: Optional[str] = None) -> Optional[str]:
@@ -17,8 +20,14 @@ def plot_loss_curve(output_dir: str, path: Optional[str] = None) -> Optional[str
     points = sorted((r["epoch"], r["loss"]) for r in records if "loss" in r and "step" in r)
     if not points:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning(
+            "matplotlib is not installed: no loss curve picture (log.jsonl holds the losses); "
+            "pip install matplotlib, or mae-transfer[train], to have it"
+        )
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

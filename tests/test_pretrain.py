@@ -306,6 +306,24 @@ def test_a_finished_run_returns_its_last_stats(tmp_path, image_dir):
     assert loss == 1 and stats["epoch"] == 0 and stats["train_loss"] > 0
 
 
+def test_a_run_without_tensorboard_and_matplotlib_trains_and_says_so(
+    tmp_path, image_dir, monkeypatch, capfd
+):
+    """The core install (pip install mae-transfer, no [train] extra) stopped at start-up
+    without tensorboard, and after the whole run (no exit code) without matplotlib."""
+    for name in ("tensorboard", "torch.utils.tensorboard", "matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    cfg = tiny_cfg(tmp_path, image_dir, epochs=1)
+    assert pretrain_main(["--config", write_yaml(tmp_path / "c.yaml", cfg.to_dict())]) == 0
+    out = pathlib.Path(cfg.output_dir)
+    assert (out / LAST).is_file() and (out / "encoder.pth").is_file()
+    assert (out / "log.jsonl").read_text().count('"loss"') >= 1
+    assert not list(out.glob("events.out.tfevents*")) and not (out / "loss_curve.png").exists()
+    said = capfd.readouterr().err  # (the CLI's logging set-up replaces caplog's handler)
+    assert "tensorboard is not installed: no TensorBoard event files" in said
+    assert "matplotlib is not installed: no loss curve picture" in said
+
+
 def test_non_finite_weights_are_never_saved(tmp_path, image_dir):
     t = train(tiny_cfg(tmp_path, image_dir, epochs=1))
     last = os.path.join(t.cfg.output_dir, LAST)

@@ -61,8 +61,6 @@ class RunLogger:
         self.writers: Dict[str, object] = {}
         self.bar: Optional[tqdm] = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             os.makedirs(output_dir, exist_ok=True)
             purge_step = purge_epoch = None
             if resumed_at is not None:
@@ -74,13 +72,7 @@ class RunLogger:
                 aside = move_aside(self.path)
                 logger.info("%s moved to %s: this run starts from scratch", self.path, aside)
                 purge_step = purge_epoch = -1  # (the initial evaluation is logged at epoch -1)
-            log_dir = log_dir or output_dir
-            self.writers = {
-                "train": SummaryWriter(log_dir=log_dir, purge_step=purge_step),
-                "epoch": SummaryWriter(
-                    log_dir=os.path.join(log_dir, "epoch"), purge_step=purge_epoch
-                ),
-            }
+            self.writers = _tensorboard_writers(log_dir or output_dir, purge_step, purge_epoch)
 
     @property
     def path(self) -> str:
@@ -163,3 +155,20 @@ class RunLogger:
             self.bar.close()
         for writer in self.writers.values():
             writer.close()
+
+
+def _tensorboard_writers(log_dir: str, purge_step, purge_epoch) -> Dict[str, object]:
+    """The two SummaryWriters (per iteration; per epoch, in ``log_dir/epoch``), or none where
+    TensorBoard is not installed (the core install: ``log.jsonl`` holds the same values)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's module imports the tensorboard package
+        logger.warning(
+            "tensorboard is not installed: no TensorBoard event files (log.jsonl has every "
+            "value); pip install tensorboard, or mae-transfer[train], to have them"
+        )
+        return {}
+    return {
+        "train": SummaryWriter(log_dir=log_dir, purge_step=purge_step),
+        "epoch": SummaryWriter(log_dir=os.path.join(log_dir, "epoch"), purge_step=purge_epoch),
+    }
