@@ -229,6 +229,42 @@ def test_bad_config_values_get_clear_errors():
         tiny_backbone(square_pad=100)
 
 
+def test_a_config_of_one_s_own_on_detectron2_s_defaults_is_refused_naming_the_keys():
+    """get_cfg() + add_mae_vit_config + our backbone: detectron2's ResNet defaults (BGR,
+    PIXEL_STD 1: ~58x MAE's input scale) trained without a word; an empty FPN.IN_FEATURES and
+    a C4 model's heads were a bare AssertionError / KeyError in build_model."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from mae_transfer.detection import add_mae_vit_config, validate_config
+
+    cfg = add_mae_vit_config(get_cfg())
+    cfg.MODEL.BACKBONE.NAME = "build_mae_vit_fpn_backbone"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.DEVICE = "cpu"
+    with pytest.raises(ValueError) as e:
+        validate_config(cfg)
+    said = str(e.value)
+    assert "INPUT.FORMAT must be 'RGB' for the MAE ViT (pretrained on RGB), got 'BGR'" in said
+    assert "set PIXEL_MEAN [123.675, 116.28, 103.53] and PIXEL_STD [58.395, 57.12, 57.375]" in said
+    assert "MODEL.FPN.IN_FEATURES []: the FPN reads the ViT pyramid's maps" in said
+    assert "MODEL.ROI_HEADS.NAME 'Res5ROIHeads' is for ResNet-C4 models" in said
+    with pytest.raises(ValueError, match="the MAE ViT backbone cannot work with"):
+        build_model(cfg)  # a trainer of one's own does not call validate_config
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    with pytest.raises(ValueError, match=r"MODEL.RPN.IN_FEATURES \['res4'\] must be among the "):
+        validate_config(cfg)  # a C4 model's: 'res4' was a KeyError in build_model
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    validate_config(cfg)
+    cfg.MODEL.ROI_BOX_HEAD.NAME, cfg.MODEL.ROI_BOX_HEAD.NUM_FC = "FastRCNNConvFCHead", 2
+    cfg.MODEL.VIT.SIZE_OVERRIDES = [["embed_dim", 32], ["depth", 4], ["num_heads", 2]]
+    build_model(cfg)
+
+
 @pytest.mark.parametrize(
     "opts, expected",
     [  # each trained silently or failed later with a message that named no key

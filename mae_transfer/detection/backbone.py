@@ -11,7 +11,10 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
+from mae_transfer.engine.config import ConfigError
 from mae_transfer.pyramid import ViTPyramid, build_pyramid_vit
+
+from .config import model_input_errors
 
 OUT_FEATURES = ("res2", "res3", "res4", "res5")  # strides 4, 8, 16, 32: FPN's usual inputs
 
@@ -113,7 +116,12 @@ def _size_overrides(pairs: Sequence) -> dict:
 
 @BACKBONE_REGISTRY.register()
 def build_mae_vit_backbone(cfg, input_shape: ShapeSpec) -> MAEViTBackbone:
-    """The ViT pyramid alone (``res2``-``res5``)."""
+    """The ViT pyramid alone (``res2``-``res5``). Refuses detectron2's ResNet defaults for the
+    input (BGR, no std) and an empty ``MODEL.FPN.IN_FEATURES``: a config of one's own built on
+    ``get_cfg()`` has them, and ``tools/train_det.py``'s check does not run on it."""
+    errors = model_input_errors(cfg)
+    if errors:
+        raise ConfigError("the MAE ViT backbone cannot work with:\n  - " + "\n  - ".join(errors))
     return MAEViTBackbone(in_chans=input_shape.channels, **backbone_kwargs(cfg))
 
 

@@ -8,6 +8,7 @@ from typing import List, Optional
 import torch
 from detectron2.config import CfgNode as CN
 
+from mae_transfer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mae_transfer.device import resolve_amp
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.pyramid import NORMS
@@ -76,8 +77,69 @@ def add_mae_vit_config(cfg: CN) -> CN:
 
 
 def validate_config(cfg: CN) -> None:
-    """Rejects bad MODEL.VIT / SOLVER / INPUT.LSJ values before anything is built (a
-    :class:`ConfigError`, a ValueError)."""
+    """Rejects bad MODEL / SOLVER / INPUT / DATASETS values before anything is built (a
+    :class:`ConfigError`, a ValueError), naming every one."""
+    errors = _vit_errors(cfg) + model_input_errors(cfg) + _solver_errors(cfg) + _data_errors(cfg)
+    if errors:
+        raise ConfigError("invalid detectron2 config:\n  - " + "\n  - ".join(errors))
+
+
+def model_input_errors(cfg: CN) -> List[str]:
+    """What the ViT backbone cannot work with among detectron2's own keys, whose defaults are
+    for its caffe-style ResNets: BGR input, pixels not divided by a std (values ~58x of what
+    MAE was pretrained on, in the wrong channel order: it trains, badly, without a word); a
+    C4 model's features and heads on the FPN (a bare AssertionError or KeyError in build_model)."""
+    errors = []
+    if cfg.INPUT.FORMAT != "RGB":
+        errors.append(
+            f"INPUT.FORMAT must be 'RGB' for the MAE ViT (pretrained on RGB), got "
+            f"{cfg.INPUT.FORMAT!r}"
+        )
+    mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
+    expected = [
+        [round(255 * m, 3) for m in IMAGENET_MEAN],
+        [round(255 * s, 3) for s in IMAGENET_STD],
+    ]
+    if any(abs(x - y) > 1.0 for x, y in zip(mean + std, expected[0] + expected[1])):
+        errors.append(
+            f"MODEL.PIXEL_MEAN {mean} / PIXEL_STD {std}: the MAE ViT was pretrained on pixels "
+            f"normalised by ImageNet's statistics (x255, RGB): set PIXEL_MEAN {expected[0]} "
+            f"and PIXEL_STD {expected[1]} (as configs/detectron2/Base-MaskRCNN-MAE-ViT-FPN.yaml)"
+        )
+    if cfg.MODEL.BACKBONE.NAME == "build_mae_vit_fpn_backbone":
+        errors += _fpn_errors(cfg)
+    return errors
+
+
+def _fpn_errors(cfg: CN) -> List[str]:
+    """The FPN's inputs, and heads that read its outputs (P2-P6: detectron2's defaults are a
+    ResNet-C4 model's, reading 'res4' through Res5ROIHeads: a KeyError naming no key)."""
+    pyramid = ["res2", "res3", "res4", "res5"]
+    inputs = list(cfg.MODEL.FPN.IN_FEATURES)
+    errors = []
+    if not inputs or any(f not in pyramid for f in inputs):
+        errors.append(
+            f"MODEL.FPN.IN_FEATURES {inputs}: the FPN reads the ViT pyramid's maps, "
+            f"{pyramid} (all four, as the Base config)"
+        )
+    else:
+        levels = [int(f[3:]) for f in inputs]
+        outputs = [f"p{i}" for i in levels + [levels[-1] + 1]]  # + P6 by LastLevelMaxPool
+        for head in ("RPN", "ROI_HEADS"):
+            if not set(cfg.MODEL[head].IN_FEATURES) <= set(outputs):
+                errors.append(
+                    f"MODEL.{head}.IN_FEATURES {list(cfg.MODEL[head].IN_FEATURES)} must be "
+                    f"among the FPN's outputs {outputs}"
+                )
+    if cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads":
+        errors.append(
+            "MODEL.ROI_HEADS.NAME 'Res5ROIHeads' is for ResNet-C4 models (it runs a ResNet res5 "
+            "stage): use 'StandardROIHeads' on the FPN"
+        )
+    return errors
+
+
+def _vit_errors(cfg: CN) -> List[str]:
     errors: List[str] = []
     v = cfg.MODEL.VIT
     try:
@@ -118,6 +180,11 @@ def validate_config(cfg: CN) -> None:
         errors.append(f'MODEL.VIT.GLOBAL_BLOCKS must be block indices or ["none"], got {blocks}')
     if not 0.0 <= v.DROP_PATH_RATE < 1.0:
         errors.append(f"MODEL.VIT.DROP_PATH_RATE must be in [0, 1), got {v.DROP_PATH_RATE}")
+    return errors
+
+
+def _solver_errors(cfg: CN) -> List[str]:
+    errors: List[str] = []
     if not 0.0 < cfg.SOLVER.LAYER_DECAY <= 1.0:
         errors.append(f"SOLVER.LAYER_DECAY must be in (0, 1], got {cfg.SOLVER.LAYER_DECAY}")
     if cfg.SOLVER.OPTIMIZER.upper() not in ("ADAMW", "SGD"):
@@ -132,18 +199,27 @@ def validate_config(cfg: CN) -> None:
     for key in ("MAX_ITER", "IMS_PER_BATCH", "CHECKPOINT_PERIOD"):
         if cfg.SOLVER[key] <= 0:
             errors.append(f"SOLVER.{key} must be > 0, got {cfg.SOLVER[key]}")
-    if cfg.DATALOADER.NUM_WORKERS < 0:
-        errors.append(f"DATALOADER.NUM_WORKERS must be >= 0, got {cfg.DATALOADER.NUM_WORKERS}")
     if any(s >= cfg.SOLVER.MAX_ITER for s in cfg.SOLVER.STEPS):
         errors.append(
             f"SOLVER.STEPS {tuple(cfg.SOLVER.STEPS)} must be < MAX_ITER {cfg.SOLVER.MAX_ITER}"
         )
+    return errors
+
+
+def _data_errors(cfg: CN) -> List[str]:
+    errors: List[str] = []
+    if cfg.DATALOADER.NUM_WORKERS < 0:
+        errors.append(f"DATALOADER.NUM_WORKERS must be >= 0, got {cfg.DATALOADER.NUM_WORKERS}")
     lsj = cfg.INPUT.LSJ
     if lsj.ENABLED and not 0 < lsj.MIN_SCALE <= lsj.MAX_SCALE:
         errors.append(
             f"INPUT.LSJ scales must satisfy 0 < MIN <= MAX, got {lsj.MIN_SCALE}, {lsj.MAX_SCALE}"
         )
-    if lsj.ENABLED and v.SQUARE_PAD == -1 and (lsj.IMAGE_SIZE <= 0 or lsj.IMAGE_SIZE % 32):
+    if (
+        lsj.ENABLED
+        and cfg.MODEL.VIT.SQUARE_PAD == -1
+        and (lsj.IMAGE_SIZE <= 0 or lsj.IMAGE_SIZE % 32)
+    ):
         errors.append(  # the square every image is padded to: stride-32 maps must divide it
             "INPUT.LSJ.IMAGE_SIZE must be a positive multiple of 32 (with MODEL.VIT.SQUARE_PAD "
             f"-1 images are padded square to it), got {lsj.IMAGE_SIZE}"
@@ -151,5 +227,4 @@ def validate_config(cfg: CN) -> None:
     for entry in cfg.DATASETS.COCO:
         if len(entry) != 3:
             errors.append(f"DATASETS.COCO entries are [name, json_file, image_root], got {entry}")
-    if errors:
-        raise ConfigError("invalid detectron2 config:\n  - " + "\n  - ".join(errors))
+    return errors
