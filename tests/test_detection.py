@@ -1046,15 +1046,18 @@ def test_resume_across_precisions_keeps_optimizer_state_and_implementation(
     _fake_update(c)  # a fused step takes the scaler's grad_scale; an unfused one would assert
 
 
-@pytest.mark.parametrize("grouping", [True, False])
-def test_a_resumed_run_continues_the_data_order(toy_coco, tmp_path, grouping):
+@pytest.mark.parametrize("grouping, workers", [(True, 0), (False, 0), (False, 2)])
+def test_a_resumed_run_continues_the_data_order(toy_coco, tmp_path, grouping, workers):
     """The images after a resumed checkpoint are those the uninterrupted run drew next
     (detectron2 began its stream again: the first images twice), also when the resumed run
-    has a new random seed, and with or without aspect-ratio grouping."""
+    has a new random seed, and with or without aspect-ratio grouping. Without grouping, two
+    workers make every other batch each: after an odd number of batches the next one is the
+    second worker's (the resumed run drew the first worker's batch after the checkpoint's)."""
 
     def trainer(seed):
         cfg = _cfg(toy_coco, tmp_path / "out", iters=8)
         cfg.merge_from_list(["SEED", str(seed), "DATALOADER.ASPECT_RATIO_GROUPING", str(grouping)])
+        cfg.merge_from_list(["DATALOADER.NUM_WORKERS", str(workers)])
         cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", "2", "INPUT.LSJ.ENABLED", "False"])
         cfg.freeze()
         from detectron2.utils.env import seed_all_rng

@@ -104,3 +104,15 @@ def train_sampler(loader) -> Optional[ResumableSampler]:
             return sampler if isinstance(sampler, ResumableSampler) else None
         loader = getattr(loader, "dataset", None)
     return None
+
+
+def batching_workers(loader) -> int:
+    """How many loader workers each make whole batches of their own share of the sampler's
+    stream (detectron2's loader without aspect-ratio grouping: worker k's batches come k-th,
+    (W + k)-th, ...); 1 where batches follow the stream (grouping, or one worker)."""
+    per_worker = (
+        isinstance(loader, torch.utils.data.DataLoader)
+        and loader.batch_size is not None
+        and isinstance(loader.dataset, ToIterableDataset)
+    )
+    return max(loader.num_workers, 1) if per_worker else 1

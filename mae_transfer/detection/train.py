@@ -42,7 +42,7 @@ from mae_transfer.optim import keep_optimizer_impl, param_groups
 from .backbone import MAEViTBackbone, backbone_kwargs
 from .checkpoint import MAECheckpointer, find_vit
 from .config import add_mae_vit_config, amp_dtype, validate_config
-from .data import ImageMapper, ResumableSampler, train_sampler
+from .data import ImageMapper, ResumableSampler, batching_workers, train_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -580,9 +580,10 @@ class Trainer(DefaultTrainer):
         and the data order's seed."""
         ret = TrainerBase.state_dict(self)
         ret["_trainer"] = self._trainer.state_dict()
-        sampler = train_sampler(self._trainer.data_loader)
+        loader = self._trainer.data_loader
+        sampler = train_sampler(loader)
         if sampler is not None:
-            ret["data_order"] = {"seed": sampler._seed}
+            ret["data_order"] = {"seed": sampler._seed, "workers": batching_workers(loader)}
         return ret
 
     def load_state_dict(self, state_dict):
@@ -597,11 +598,14 @@ class Trainer(DefaultTrainer):
     def _continue_data_order(self, state_dict) -> None:
         """Resuming: the training images continue in the checkpointed run's order, after the
         (iteration + 1) x SOLVER.IMS_PER_BATCH images its iterations drew, whatever the number
-        of processes now. Not exact to the image in two cases: images waiting in an aspect-
-        ratio group's unfinished batch are not drawn again, and without aspect-ratio grouping
-        several loader workers each make whole batches, so the batches around the resumed
-        iteration hold the same images in another order."""
-        sampler = train_sampler(self._trainer.data_loader)
+        of processes now. Without aspect-ratio grouping each of W loader workers makes whole
+        batches from every W-th image: the run continues after the last full round of workers
+        and drops the batches of the round's workers that the checkpoint had trained, so that
+        the batches are those of the uninterrupted run too (with the same number of workers;
+        with another, the drawn images are skipped). Not exact to the image: images waiting in
+        an aspect-ratio group's unfinished batch are not drawn again."""
+        t = self._trainer
+        sampler = train_sampler(t.data_loader)
         order = state_dict.get("data_order")
         if sampler is None:
             return
@@ -611,13 +615,18 @@ class Trainer(DefaultTrainer):
                 "images start a new order"
             )
             return
+        done = state_dict["iteration"] + 1  # batches drawn
+        workers = batching_workers(t.data_loader)
+        trained = done % workers if order.get("workers", 1) == workers else 0  # of this round
         sampler._seed = int(order["seed"])
-        sampler.skip = (state_dict["iteration"] + 1) * self.cfg.SOLVER.IMS_PER_BATCH
-        t = self._trainer  # its iterator, made from the old start, is made again
+        sampler.skip = (done - trained) * self.cfg.SOLVER.IMS_PER_BATCH
+        # its iterator, made from the old start, is made again
         if isinstance(getattr(type(t), "_data_loader_iter", None), property):
-            t._data_loader_iter_obj = None  # newer detectron2: made at the first step
+            t._data_loader_iter_obj = None  # newer detectron2: made when first read
         else:
             t._data_loader_iter = iter(t.data_loader)
+        for _ in range(trained):
+            next(t._data_loader_iter)
 
     def train(self):
         """Trains, then returns the final evaluation results (detectron2 0.6 returns None)."""
