@@ -506,12 +506,17 @@ class VisionTransformer(nn.Module):
 
         Args:
             x: (B, C, H, W), any H, W (padded up to a multiple of the patch size).
-            indices: block indices, increasing; negative values count from the end.
+            indices: block indices in ``[-depth, depth)``, in any order (the maps come in that
+                order); negative values count from the end.
             norm: apply the final LayerNorm to each map.
 
         Returns:
             list of (B, D, ceil(H / p), ceil(W / p)).
+
+        Raises:
+            ValueError: no index, one out of range, or one of a removed block.
         """
+        self._check_block_indices(indices)
         wanted = sorted({i % self.depth for i in indices})
         x, hw = self._embed(x)
         outs: Dict[int, torch.Tensor] = {}
@@ -522,6 +527,26 @@ class VisionTransformer(nn.Module):
                 y = y[:, self.num_prefix_tokens :]
                 outs[i] = y.transpose(1, 2).reshape(y.shape[0], -1, hw[0], hw[1])
         return [outs[i % self.depth] for i in indices]
+
+    def _check_block_indices(self, indices: Sequence[int]) -> None:
+        """Refuses an empty ``indices``, one outside ``[-depth, depth)`` (which ``% depth``
+        would otherwise wrap onto another block) or one of a block a pyramid removed."""
+        if not len(indices):
+            raise ValueError("forward_intermediates needs at least one block index, got none")
+        bad = [i for i in indices if not -self.depth <= i < self.depth]
+        if bad:
+            raise ValueError(
+                f"block indices {bad} out of range for depth {self.depth}: give indices in "
+                f"[{-self.depth}, {self.depth}) (negative ones count from the end)"
+            )
+        kept = len(self.blocks)
+        removed = [i for i in indices if i % self.depth >= kept]
+        if removed:
+            raise ValueError(
+                f"block indices {removed} are of blocks this model no longer has: it keeps "
+                f"blocks 0..{kept - 1} of {self.depth} (a pyramid removes those after its last "
+                "stage)"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)

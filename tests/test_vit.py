@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import TINY_VIT
@@ -21,6 +23,36 @@ def test_forward_intermediates_any_size(hw):
     gh, gw = -(-hw[0] // 16), -(-hw[1] // 16)
     assert [tuple(o.shape) for o in outs] == [(2, 32, gh, gw)] * 4
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.parametrize("indices,bad", [([0, 1, 2, 4], [4]), ([-5, 1, 9], [-5, 9])])
+def test_forward_intermediates_refuses_indices_out_of_range(indices, bad):
+    """Taken modulo the depth, block 4 of 4 used to come back as block 0's output."""
+    model = vit()
+    expected = f"block indices {bad} out of range for depth 4: give indices in [-4, 4)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), indices)
+    with pytest.raises(ValueError, match="at least one block index"):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), [])
+
+
+def test_forward_intermediates_refuses_blocks_a_pyramid_removed():
+    from mae_transfer.pyramid import ViTPyramid
+
+    model = vit(depth=5, class_token=False)
+    ViTPyramid(model, (0, 1, 2, 3))  # keeps blocks 0..3 of 5
+    for indices in ([4], [-1]):
+        with pytest.raises(ValueError, match=r"no longer has: it keeps blocks 0\.\.3 of 5"):
+            model.forward_intermediates(torch.randn(1, 3, 32, 32), indices)
+
+
+def test_forward_intermediates_in_any_order_and_from_the_end():
+    model = vit().eval()
+    x = torch.randn(1, 3, 32, 32)
+    blocks = model.forward_intermediates(x, [0, 1, 2, 3])
+    for indices in ([3, 1], [-1, -4, 2], [1, 1]):
+        maps = model.forward_intermediates(x, indices)
+        assert all(torch.equal(m, blocks[i]) for m, i in zip(maps, indices)), indices
 
 
 def test_forward_features_with_class_token():
