@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -51,7 +51,7 @@ def param_groups(
     named_params: Iterable[Tuple[str, nn.Parameter]],
     weight_decay: float,
     layer_decay: float = 1.0,
-    depth: int = 0,
+    depth: Optional[int] = 0,
     extra_no_decay: Sequence[str] = (),
 ) -> List[Dict]:
     """Optimizer parameter groups with ``weight_decay`` and an ``lr_scale`` per group.
@@ -59,13 +59,24 @@ def param_groups(
     Args:
         named_params: (name, parameter) pairs; frozen ones are skipped.
         weight_decay: decay for matrices; 0 for the parameters of :func:`no_weight_decay`.
-        layer_decay: per-layer lr decay (1.0 = none); needs ``depth``, the ViT's block count.
+        layer_decay: per-layer lr decay (1.0 = none); needs ``depth``.
+        depth: the ViT's block count (``model.depth``); only read with layer decay.
         extra_no_decay: more name fragments exempt from weight decay.
 
     Returns:
         groups with keys ``params``, ``param_names``, ``weight_decay``, ``lr_scale``, sorted by
         layer id and then by decay.
+
+    Raises:
+        ValueError: layer decay without a depth of at least 1.
     """
+    if layer_decay != 1.0 and (depth or 0) < 1:
+        raise ValueError(
+            f"layer_decay={layer_decay} needs depth, the ViT's block count (e.g. "
+            f"depth=model.depth), got depth={depth!r}: without it the lr scales grow with the "
+            "block index instead of decaying"
+        )
+    depth = depth or 0  # None without layer decay: one lr scale, 1
     groups: Dict[Tuple[int, bool], Dict] = {}
     for name, p in named_params:
         if not p.requires_grad:

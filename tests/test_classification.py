@@ -51,6 +51,7 @@ from mae_transfer.data import (
 )
 from mae_transfer.engine.config import read_yaml
 from mae_transfer.engine.distributed import DistInfo, barrier
+from mae_transfer.optim import param_groups
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
 CPU = torch.device("cpu")
@@ -216,6 +217,18 @@ def test_layer_decay_gives_every_block_its_lr_scale_and_no_decay_where_none_is_d
     assert decay["head.weight"] == decay["blocks.1.attn.proj.weight"] == 0.05
     assert "norm.weight" not in decay  # pooled: the encoder's final norm is not in the model
     t.close()
+
+
+@pytest.mark.parametrize("depth", [0, None, -1])
+def test_layer_decay_without_a_depth_is_refused(depth):
+    """With depth 0 the scales came out growing with the block index: 0.75, 1, 1.33, ..."""
+    model = build_classifier("vit_base_patch16", 3, 32, **TINY)
+    with pytest.raises(ValueError, match=rf"layer_decay=0.75 needs depth.*got depth={depth}"):
+        param_groups(model.named_parameters(), 0.05, layer_decay=0.75, depth=depth)
+    scales = [g["lr_scale"] for g in param_groups(model.named_parameters(), 0.05, 0.75, 2)]
+    assert max(scales) == 1.0 and min(scales) == 0.75**3
+    no_decay = param_groups(model.named_parameters(), 0.05, layer_decay=1.0, depth=depth)
+    assert {g["lr_scale"] for g in no_decay} == {1.0}
 
 
 def test_mixup_and_cutmix_mix_images_and_targets_seeded_by_step(data, tmp_path):
