@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from .pos_embed import resize_patch_embed_kernel, resize_pos_embed, sincos_grid
+from .vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class LoadReport:
     """What a load did: every model and checkpoint key ends up in exactly one list."""
 
     source: str = ""
+    target: str = ""  # the submodule loaded into, when the model holds the ViT (e.g. 'vit')
     loaded: List[str] = field(default_factory=list)
     resized: List[str] = field(default_factory=list)
     new: List[str] = field(default_factory=list)  # in the model, expected to be absent
@@ -180,7 +182,8 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def summary(self) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors from {self.source or 'checkpoint'}"]
+        into = f" into the model's ViT '{self.target}'" if self.target else ""
+        lines = [f"loaded {len(self.loaded)} tensors from {self.source or 'checkpoint'}{into}"]
         groups = [
             ("resized", self.resized),
             ("new (initialised here)", self.new),
@@ -341,7 +344,9 @@ def load_pretrained(
     """Loads an MAE / ViT checkpoint (any form, see module docstring) into ``model``.
 
     Args:
-        model: a ``MaskedAutoencoderViT`` or ``VisionTransformer`` (or anything with their names).
+        model: a ``MaskedAutoencoderViT`` or ``VisionTransformer`` (or anything with their
+            names), or a module holding one ``VisionTransformer`` (a pyramid, a detector), into
+            which the weights then go (the report's ``target`` names it).
         path_or_state: a file path, or an already-read state dict.
         min_loaded_fraction: below this fraction of the model's tensors loaded, raise.
         source: where a state dict was read from (for the report).
@@ -350,8 +355,10 @@ def load_pretrained(
         the :class:`LoadReport` (also logged).
 
     Raises:
-        CheckpointError: when (almost) nothing matches, naming the likely cause.
+        CheckpointError: when (almost) nothing matches, naming the likely cause, or when the
+            model holds several ViTs.
     """
+    target, model = load_target(model)
     if isinstance(path_or_state, (str, os.PathLike)):
         source = str(path_or_state)
         whole = find_state_dict(load_file(source))
@@ -359,7 +366,9 @@ def load_pretrained(
         source = source or "state dict"
         whole = find_state_dict(path_or_state)
     state, prefix = strip_to_vit(whole)
-    report = LoadReport(source=source + (f" (prefix '{prefix}' stripped)" if prefix else ""))
+    report = LoadReport(
+        source=source + (f" (prefix '{prefix}' stripped)" if prefix else ""), target=target
+    )
     to_load = adapt_state_dict(state, model, report)
     # the rest of a bigger model (a segmentor's rescaling and heads), outside the prefix: listed
     report.dropped += [k for k in whole if not k.startswith(prefix)]
@@ -375,6 +384,29 @@ def load_pretrained(
     if log:
         (logger.info if report.ok else logger.warning)("%s", report.summary())
     return report
+
+
+def load_target(model: nn.Module) -> Tuple[str, nn.Module]:
+    """(name, module) that a checkpoint loads into: ``model`` itself ('') when it is a ViT or
+    has ViT names at its top level, else the one ``VisionTransformer`` it holds."""
+    if isinstance(model, VisionTransformer) or _has_param(model, ANCHOR_KEY):
+        return "", model
+    vits = [(n, m) for n, m in model.named_modules() if isinstance(m, VisionTransformer)]
+    if len(vits) > 1:
+        raise CheckpointError(
+            f"the model ({type(model).__name__}) holds {len(vits)} ViTs "
+            f"({', '.join(n for n, _ in vits)}): pass the one to load into (e.g. "
+            f"model.{vits[0][0]})"
+        )
+    return vits[0] if vits else ("", model)
+
+
+def _has_param(module: nn.Module, name: str) -> bool:
+    try:
+        getattr_path(module, name)
+    except AttributeError:
+        return False
+    return True
 
 
 def mismatch_phrases(
@@ -420,6 +452,12 @@ def diagnose(state: Mapping[str, torch.Tensor], model: nn.Module) -> str:
         return (
             f"The checkpoint holds no ViT (keys start with: {sample}); is it the right file? "
             f"The model is a {mine}."
+        )
+    if ANCHOR_KEY not in model.state_dict():
+        return (
+            f"The checkpoint is a {theirs}, but the model ({type(model).__name__}) is not a ViT "
+            "(no patch_embed.proj.weight) and holds no mae_transfer VisionTransformer: pass the "
+            "ViT itself (e.g. a pyramid's .vit), or call the module's own load_pretrained."
         )
     if theirs != mine:
         return (

@@ -127,6 +127,40 @@ def test_wrong_model_size_is_an_error_naming_the_cause(mae):
         load_pretrained(model, {"model": mae.state_dict()})
 
 
+class Holder(torch.nn.Module):
+    """A model that holds the ViT (or not) rather than being one, as a detector does."""
+
+    def __init__(self, **parts):
+        super().__init__()
+        for name, part in parts.items():
+            self.add_module(name, part)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_model_holding_one_vit_loads_into_it(tmp_path, nested):
+    """A pyramid given instead of its .vit was refused as 'a no ViT: wrong model size?'."""
+    from mae_transfer.pyramid import ViTPyramid
+
+    mae = create_model("mae_vit_base_patch16", img_size=32, **{**TINY_MAE, "depth": 4})
+    path = tmp_path / "encoder.pth"
+    torch.save({"model": encoder_state(mae)}, path)
+    pyramid = ViTPyramid(vit(depth=4, class_token=False), (0, 1, 2, 3), norm="LN")
+    model = Holder(backbone=pyramid) if nested else pyramid
+    report = load_pretrained(model, str(path))
+    target = "backbone.vit" if nested else "vit"
+    assert report.ok and report.target == target
+    assert len(report.loaded) == len(pyramid.vit.state_dict())
+    assert f"into the model's ViT '{target}'" in report.summary()
+    assert torch.equal(pyramid.vit.blocks[3].mlp.fc2.weight, mae.blocks[3].mlp.fc2.weight)
+
+
+def test_a_model_holding_no_vit_or_two_is_an_error_saying_what_to_pass(mae):
+    with pytest.raises(CheckpointError, match=r"model \(Holder\) is not a ViT .* pass the ViT"):
+        load_pretrained(Holder(neck=torch.nn.Linear(32, 2)), {"model": mae.state_dict()})
+    with pytest.raises(CheckpointError, match=r"holds 2 ViTs \(a, b\): pass the one"):
+        load_pretrained(Holder(a=vit(), b=vit()), {"model": mae.state_dict()})
+
+
 def test_not_a_vit_is_an_error(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(8, 3, 7, 7)}}, path)
