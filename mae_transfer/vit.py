@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+from collections.abc import Iterable
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -555,6 +557,7 @@ class VisionTransformer(nn.Module):
 def _check_vit_args(depth, class_token, window_size, global_blocks, rel_pos, drop_path_rate):
     if rel_pos not in REL_POS_TYPES:
         raise ValueError(f"rel_pos must be one of {REL_POS_TYPES}, got {rel_pos!r}")
+    _check_global_blocks_type(global_blocks)
     bad = [i for i in global_blocks if not 0 <= i < depth]
     if bad:
         raise ValueError(f"global_blocks {bad} out of range for depth {depth} (0..{depth - 1})")
@@ -568,6 +571,19 @@ def _check_vit_args(depth, class_token, window_size, global_blocks, rel_pos, dro
         )
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+
+
+def _check_global_blocks_type(global_blocks) -> None:
+    """The ViT takes block indices only: it does not know a pyramid's stage ends."""
+    is_indices = isinstance(global_blocks, Iterable) and not isinstance(global_blocks, str)
+    if is_indices and all(isinstance(i, numbers.Integral) for i in global_blocks):
+        return
+    raise ValueError(
+        f"global_blocks must be block indices, e.g. (2, 5, 8, 11), or () for none, got "
+        f"{global_blocks!r}; None and 'none' are the pyramid builders' values "
+        "(build_vit_pyramid, MAEViTBackbone, MAEViT: None or () = the stage ends, 'none' = "
+        "every block windowed)"
+    )
 
 
 def build_vit(norm_eps: float = 1e-6, **kwargs) -> VisionTransformer:

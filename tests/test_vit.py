@@ -143,6 +143,9 @@ def test_gradient_on_every_parameter_with_all_options():
     assert not missing
 
 
+PYRAMID_ONLY = "; None and 'none' are the pyramid builders' values"
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
@@ -151,6 +154,11 @@ def test_gradient_on_every_parameter_with_all_options():
         (dict(class_token=False, global_blocks=(7,)), "out of range"),
         (dict(class_token=False, rel_pos="rope"), "rel_pos must be one of"),
         (dict(drop_path_rate=1.5), "drop_path_rate"),
+        # the pyramid builders' values, which the ViT (not knowing the stage ends) cannot take:
+        # they were "'NoneType' object is not iterable" and "'<=' not supported" TypeErrors
+        (dict(class_token=False, window_size=2, global_blocks=None), "got None" + PYRAMID_ONLY),
+        (dict(class_token=False, window_size=2, global_blocks="none"), "got 'none'" + PYRAMID_ONLY),
+        (dict(class_token=False, global_blocks=("2",)), r"got \('2',\)" + PYRAMID_ONLY),
     ],
 )
 def test_bad_arguments_are_named(kw, match):
