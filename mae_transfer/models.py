@@ -42,9 +42,16 @@ STAGE_INDICES_SEG = {
 
 
 def equal_split(depth: int) -> tuple:
-    """Zero-based last block of each of 4 equal stages: depth 12 -> (2, 5, 8, 11)."""
+    """Zero-based last block of each of 4 equal stages: depth 12 -> (2, 5, 8, 11).
+
+    Raises:
+        ValueError: depth < 4, which leaves a stage without a block of its own.
+    """
     if depth < 4:
-        return tuple(min(i, depth - 1) for i in range(4))
+        raise ValueError(
+            f"a four-stage pyramid needs depth >= 4 (a block to end each stage), got depth "
+            f"{depth}: build the ViT with depth=4 or more"
+        )
     return tuple((depth * (i + 1)) // 4 - 1 for i in range(4))
 
 

@@ -28,6 +28,7 @@ from mmseg.utils import register_all_modules  # noqa: E402
 
 import mae_transfer.segmentation  # noqa: E402,F401
 from mae_transfer.datasets import write_toy_ade  # noqa: E402
+from mae_transfer.pyramid import build_vit_pyramid  # noqa: E402
 from mae_transfer.segmentation import MAEViT  # noqa: E402
 from mae_transfer.segmentation.demo import demo_options  # noqa: E402
 from mae_transfer.segmentation.runner import build_cfg, make_runner  # noqa: E402
@@ -62,6 +63,17 @@ def test_default_stage_indices_follow_beit():
         assert MAEViT(model="vit_large_patch16").out_indices == (7, 11, 15, 23)
         huge = MAEViT(model="vit_huge_patch14")
     assert huge.out_indices == (7, 15, 23, 31) and huge.vit.patch_size == 16
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_default_stage_indices_need_four_blocks(depth):
+    """The default used to be (0, 1, 1, 1), refused as 'out_indices must be 4 increasing block
+    indices': a value the caller never gave."""
+    expected = f"a four-stage pyramid needs depth >= 4 .*, got depth {depth}"
+    with pytest.raises(ValueError, match=expected):
+        MAEViT(**{**TINY, "depth": depth})
+    with pytest.raises(ValueError, match=expected):
+        build_vit_pyramid(**{**TINY, "depth": depth})
 
 
 @pytest.mark.parametrize("path", sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))))
