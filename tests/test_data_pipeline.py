@@ -401,8 +401,9 @@ def test_reduced_decoding_can_be_turned_off_for_a_run():
 
 def test_16_bit_and_float_images_are_stretched_not_clipped_to_white(tmp_path, caplog):
     from mae_transfer.data import load_rgb
-    from mae_transfer.data.decode import stretch_to_uint8
+    from mae_transfer.data.decode import _note_high_depth, stretch_to_uint8
 
+    _note_high_depth.cache_clear()  # said once per process: perhaps by an earlier test
     # a 12-bit scan in a 16-bit PNG (medical data): convert("RGB") alone makes it ~all white
     ramp = np.linspace(100, 4000, 48 * 48).reshape(48, 48)
     Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "scan.png")

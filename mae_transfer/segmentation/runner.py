@@ -554,30 +554,32 @@ def _unpaired_data(ds: Dict, key: str, paths: Dict[str, str]) -> List[str]:
 
 
 def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> List[str]:
-    """Labels of several channels (an RGB rendering: mmseg trains on it until a shape error
-    naming no file), and images whose label has another size than the image as ``loader``
-    (the pipeline's LoadImageFromFile) loads it: EXIF orientation applied, as mmcv applies it."""
+    """A sample of (image, label) pairs as the pipelines will load them: a label of another
+    size than its image as ``loader`` (the pipeline's image loader) loads it, EXIF orientation
+    applied as mmcv applies it, is refused naming the pair; the sample's other findings go to
+    :func:`_sample_errors`."""
     from PIL import Image
 
-    turned, coloured, wide, deep = [], [], [], []
+    found: Dict[str, List[str]] = {"turned": [], "coloured": [], "wide": [], "deep": []}
     for image, label in pairs:
         try:
             with Image.open(os.path.join(img_dir, image)) as a, Image.open(label) as b:
                 if more_than_8_bits(a):  # (before getexif, which loads a PNG: depth unknown)
-                    deep.append(f"{image} ({a.mode}{', 16 bits' if a.mode[0] == 'R' else ''})")
+                    bits = ", 16 bits" if a.mode[0] == "R" else ""  # (RGB: 16 per channel)
+                    found["deep"].append(f"{image} ({a.mode}{bits})")
                 (size, was_turned), raw, label_size = loaded_size(a, loader), a.size, b.size
                 if len(b.getbands()) > 1:
-                    coloured.append(f"{label} ({b.mode})")
+                    found["coloured"].append(f"{label} ({b.mode})")
                     continue
                 top = int(np.asarray(b).max()) if b.mode.startswith("I") else 0  # 16/32-bit
                 if top > 255:
-                    wide.append(f"{label} ({b.mode}, values up to {top})")
+                    found["wide"].append(f"{label} ({b.mode}, values up to {top})")
         except OSError:
             continue  # unreadable: mmseg's own loading says so
         if size == label_size:
             continue
         if was_turned and raw == label_size:
-            turned.append(image)
+            found["turned"].append(image)
             continue
         return [
             f"{key}: image {image} is {size[0]}x{size[1]}"
@@ -585,36 +587,45 @@ def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> L
             + f" but its label {label} is {label_size[0]}x{label_size[1]}: labels must have "
             "their image's size (checked on a sample)"
         ]
-    if deep and not stretches_deep_images(loader):
+    return _sample_errors(found, len(pairs), loader, key)
+
+
+def _sample_errors(found: Dict[str, List[str]], n: int, loader: Dict, key: str) -> List[str]:
+    """Refuses labels with values above 255 (mmseg keeps their low byte), labels of several
+    channels (an RGB rendering: mmseg trains on it until a shape error naming no file) and
+    images turned against their labels by their EXIF tag; warns about images of more than 8
+    bits that ``loader`` does not stretch as pretraining did."""
+    color_type = loader.get("color_type", "color")
+    if found["deep"] and not stretches_deep_images(loader):
         print_log(
-            f"{key}: {len(deep)} of {len(pairs)} sampled images have more than 8 bits per "
-            f"value (e.g. {', '.join(deep[:3])}), which {type_name(loader)}(color_type="
-            f"{loader.get('color_type', 'color')!r}) does not stretch to 0..255 as pretraining "
-            "did: mmcv's LoadImageFromFile keeps each value's high byte (cv2: a 12-bit scan "
-            "loads almost black) or clips them (pillow: almost white), color_type 'unchanged' "
-            "passes the raw values, which the data preprocessor normalises as if 0..255. "
+            f"{key}: {len(found['deep'])} of {n} sampled images have more than 8 bits per "
+            f"value (e.g. {', '.join(found['deep'][:3])}), which {type_name(loader)}(color_type="
+            f"{color_type!r}) does not stretch to 0..255 as pretraining did: mmcv's "
+            "LoadImageFromFile keeps each value's high byte (cv2: a 12-bit scan loads almost "
+            "black) or clips them (pillow: almost white), color_type 'unchanged' passes the "
+            "raw values, which the data preprocessor normalises as if 0..255. "
             "LoadImageAnyDepth with another color_type stretches them",
             logger="current",
             level=logging.WARNING,
         )
-    if wide:
+    if found["wide"]:
         return [
-            f"{key}: {len(wide)} of {len(pairs)} sampled labels hold values above 255 (e.g. "
-            f"{', '.join(wide[:3])}): mmseg's LoadAnnotations keeps the low byte of each "
-            "value (class 300 would train as class 44); labels are class indices below 256 "
-            "(255 the ignore index), in 8-bit PNGs (mode L or P)"
+            f"{key}: {len(found['wide'])} of {n} sampled labels hold values above 255 (e.g. "
+            f"{', '.join(found['wide'][:3])}): mmseg's LoadAnnotations keeps the low byte of "
+            "each value (class 300 would train as class 44); labels are class indices below "
+            "256 (255 the ignore index), in 8-bit PNGs (mode L or P)"
         ]
-    if coloured:
+    if found["coloured"]:
         return [
-            f"{key}: {len(coloured)} of {len(pairs)} sampled labels have several channels (e.g. "
-            f"{', '.join(coloured[:3])}): a label is one class index per pixel, a "
-            "single-channel PNG (mode L or P); convert colour-coded labels to indices"
+            f"{key}: {len(found['coloured'])} of {n} sampled labels have several channels "
+            f"(e.g. {', '.join(found['coloured'][:3])}): a label is one class index per pixel, "
+            "a single-channel PNG (mode L or P); convert colour-coded labels to indices"
         ]
-    if turned:
+    if found["turned"]:
         return [
-            f"{key}: {len(turned)} of {len(pairs)} sampled images (e.g. "
-            f"{', '.join(turned[:3])}) carry an EXIF orientation tag that LoadImageFromFile "
-            f"(color_type {loader.get('color_type', 'color')!r}) applies, turning them against "
+            f"{key}: {len(found['turned'])} of {n} sampled images (e.g. "
+            f"{', '.join(found['turned'][:3])}) carry an EXIF orientation tag that "
+            f"LoadImageFromFile (color_type {color_type!r}) applies, turning them against "
             "their labels, which have the stored size: strip the tag from the images (e.g. "
             "exiftool -Orientation= FILE), or load ignoring it with "
             "color_type='color_ignore_orientation' in LoadImageFromFile of every pipeline: "
