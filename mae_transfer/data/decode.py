@@ -28,11 +28,11 @@ __all__ = [
     "decode_pil",
     "decode_reduced",
     "decode_uint8",
+    "decode_upright",
     "more_than_8_bits",
     "open_encoded",
     "open_image",
     "pil_to_uint8",
-    "decode_upright",
     "to_rgb",
 ]
 

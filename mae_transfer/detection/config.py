@@ -111,6 +111,20 @@ def model_input_errors(cfg: CN) -> List[str]:
     return errors
 
 
+# the heads that read the backbone's maps, by detectron2 meta-architecture
+_HEADS = {
+    "GeneralizedRCNN": ("RPN", "ROI_HEADS"),
+    "ProposalNetwork": ("RPN",),
+    "RetinaNet": ("RETINANET",),
+}
+
+
+def _heads(cfg: CN) -> List[str]:
+    """The config sections of the heads this model builds (an RPN only as its proposer)."""
+    heads = _HEADS.get(cfg.MODEL.META_ARCHITECTURE, ())
+    return [h for h in heads if h != "RPN" or cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN"]
+
+
 def _fpn_errors(cfg: CN) -> List[str]:
     """The FPN's inputs, and heads that read its outputs (P2-P6: detectron2's defaults are a
     ResNet-C4 model's, reading 'res4' through Res5ROIHeads: a KeyError naming no key)."""
@@ -125,13 +139,13 @@ def _fpn_errors(cfg: CN) -> List[str]:
     else:
         levels = [int(f[3:]) for f in inputs]
         outputs = [f"p{i}" for i in levels + [levels[-1] + 1]]  # + P6 by LastLevelMaxPool
-        for head in ("RPN", "ROI_HEADS"):
+        for head in _heads(cfg):
             if not set(cfg.MODEL[head].IN_FEATURES) <= set(outputs):
                 errors.append(
                     f"MODEL.{head}.IN_FEATURES {list(cfg.MODEL[head].IN_FEATURES)} must be "
                     f"among the FPN's outputs {outputs}"
                 )
-    if cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads":
+    if "ROI_HEADS" in _heads(cfg) and cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads":
         errors.append(
             "MODEL.ROI_HEADS.NAME 'Res5ROIHeads' is for ResNet-C4 models (it runs a ResNet res5 "
             "stage): use 'StandardROIHeads' on the FPN"
