@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -429,6 +429,8 @@ class VisionTransformer(nn.Module):
         use_checkpoint: bool = False,
     ):
         super().__init__()
+        if isinstance(global_blocks, Iterator):  # a generator: read once, checked and kept
+            global_blocks = tuple(global_blocks)
         _check_vit_args(depth, class_token, window_size, global_blocks, rel_pos, drop_path_rate)
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         self.patch_size = patch_size

@@ -246,6 +246,7 @@ def test_a_config_of_one_s_own_on_detectron2_s_defaults_is_refused_naming_the_ke
         validate_config(cfg)
     said = str(e.value)
     assert "INPUT.FORMAT must be 'RGB' for the MAE ViT (pretrained on RGB), got 'BGR'" in said
+    assert "PIXEL_STD [1.0, 1.0, 1.0] leaves the pixels unnormalised" in said
     assert "set PIXEL_MEAN [123.675, 116.28, 103.53] and PIXEL_STD [58.395, 57.12, 57.375]" in said
     assert "MODEL.FPN.IN_FEATURES []: the FPN reads the ViT pyramid's maps" in said
     assert "MODEL.ROI_HEADS.NAME 'Res5ROIHeads' is for ResNet-C4 models" in said
@@ -263,6 +264,41 @@ def test_a_config_of_one_s_own_on_detectron2_s_defaults_is_refused_naming_the_ke
     cfg.MODEL.ROI_BOX_HEAD.NAME, cfg.MODEL.ROI_BOX_HEAD.NUM_FC = "FastRCNNConvFCHead", 2
     cfg.MODEL.VIT.SIZE_OVERRIDES = [["embed_dim", 32], ["depth", 4], ["num_heads", 2]]
     build_model(cfg)
+    # another meta-architecture: only the keys its heads read
+    retina = cfg.clone()
+    retina.MODEL.META_ARCHITECTURE = "RetinaNet"
+    retina.MODEL.RPN.IN_FEATURES, retina.MODEL.ROI_HEADS.NAME = ["res4"], "Res5ROIHeads"
+    with pytest.raises(ValueError) as e:  # our FPN makes P2-P6: RetinaNet's P7 was a KeyError
+        validate_config(retina)
+    said = str(e.value)
+    assert "MODEL.RETINANET.IN_FEATURES ['p3', 'p4', 'p5', 'p6', 'p7'] must be among" in said
+    assert "RPN" not in said and "ROI_HEADS" not in said
+    retina.MODEL.RETINANET.IN_FEATURES = ["p3", "p4", "p5", "p6"]
+    validate_config(retina)
+    # FPN inputs detectron2's FPN cannot take (strides not doubling): named, not an assertion
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res4", "res5"]
+    with pytest.raises(ValueError, match=r"IN_FEATURES \['res2', 'res4', 'res5'\]: .* in order"):
+        validate_config(cfg)
+    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]  # a run of them: P3-P6
+    cfg.MODEL.RPN.IN_FEATURES = ["p3", "p4", "p5", "p6"]
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p3", "p4", "p5"]
+    validate_config(cfg)
+
+
+def test_other_pixel_statistics_are_warned_about_not_refused(caplog):
+    """A ViT pretrained on other statistics may want them (a refusal had no way out)."""
+    from detectron2.config import get_cfg
+
+    from mae_transfer.detection import add_mae_vit_config, validate_config
+
+    cfg = add_mae_vit_config(get_cfg())
+    cfg.merge_from_file(os.path.join(CONFIG_DIR, "Base-MaskRCNN-MAE-ViT-FPN.yaml"))
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [110.0, 110.0, 110.0], [60.0, 60.0, 60.0]
+    with caplog.at_level(logging.WARNING):
+        validate_config(cfg)
+    assert "MODEL.PIXEL_MEAN [110.0, 110.0, 110.0] / PIXEL_STD [60.0, 60.0, 60.0] are not" in (
+        caplog.text
+    )
 
 
 @pytest.mark.parametrize(

@@ -1089,6 +1089,10 @@ def test_images_of_more_than_8_bits_are_warned_about(tmp_path, mmengine_log):
     ds["pipeline"][0]["color_type"] = "unchanged"  # the raw values
     check_data(Config(dict(train_dataloader=dict(dataset=ds))))
     assert "which LoadImageAnyDepth(color_type='unchanged') does not" in "\n".join(mmengine_log)
+    mmengine_log.clear()
+    ds["pipeline"][0] = dict(type="LoadImageAnyDepth", imdecode_backend="tifffile")  # raw too
+    check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    assert "sampled images have more than 8 bits" in "\n".join(mmengine_log)
 
 
 def test_images_of_more_than_8_bits_load_stretched_others_as_mmcv_loads_them(tmp_path):
@@ -1097,6 +1101,7 @@ def test_images_of_more_than_8_bits_load_stretched_others_as_mmcv_loads_them(tmp
     pretraining does, EXIF orientation and grey as color_type says, and loads every other
     image bit for bit as mmcv does."""
     import numpy as np
+    import tifffile
     from mmcv.transforms import LoadImageFromFile
     from PIL import Image
 
@@ -1149,6 +1154,9 @@ def test_images_of_more_than_8_bits_load_stretched_others_as_mmcv_loads_them(tmp
     assert img.min() == 0 and img.max() == 255
     raw = load(LoadImageAnyDepth, tmp_path / "scan.png", color_type="unchanged")["img"]
     assert raw.dtype == np.uint16 and raw.max() == 4095  # raw values, as mmcv keeps them
+    tifffile.imwrite(tmp_path / "scan.tif", scan)  # the tifffile backend: raw, as mmcv
+    raw = load(LoadImageAnyDepth, tmp_path / "scan.tif", imdecode_backend="tifffile")["img"]
+    assert raw.dtype == np.uint16 and np.array_equal(raw, scan)
     # inference reads the image it draws through the test pipeline's loader
     rgb = read_rgb(str(tmp_path / "scan.png"), [dict(type="LoadImageAnyDepth")])
     assert np.array_equal(rgb[:, :, 0], np.rot90(stretched, -1))

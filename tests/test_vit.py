@@ -166,6 +166,12 @@ def test_bad_arguments_are_named(kw, match):
         vit(**kw)
 
 
+def test_global_blocks_from_a_generator_are_kept():
+    """The check read a generator to its end, and the ViT then had no global block."""
+    model = vit(class_token=False, window_size=2, global_blocks=(i for i in (1,)))
+    assert model.global_blocks == (1,)
+
+
 @pytest.mark.parametrize("hw", [(3, 4), (5, 5)])
 def test_class_token_bias_follows_beits_table_layout(hw):
     """With a class token the table has BEiT's 3 extra entries, indexed as BEiT (timm) does."""

@@ -241,7 +241,9 @@ def decode_upright(img: Image.Image, data, turn: bool = True) -> Image.Image:
     PIL's ``exif_transpose``. The tag is read after decoding: PIL's ``getexif`` of a PNG loads
     the image, after which a 16-bit colour PNG no longer shows its depth."""
     rgb = decode_pil(img, data)
-    transpose = UPRIGHT.get(img.getexif().get(ORIENTATION)) if turn else None
+    # (a PNG without EXIF: getexif would decode a 16-bit one again, to find none)
+    tagged = img.format != "PNG" or b"eXIf" in data or b"exif" in data
+    transpose = UPRIGHT.get(img.getexif().get(ORIENTATION)) if turn and tagged else None
     return rgb if transpose is None else rgb.transpose(transpose)
 
 

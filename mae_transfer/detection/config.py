@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import List, Optional
 
@@ -19,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 
 AMP_PRECISIONS = ("auto", "float16", "bfloat16")
+# what MAE pretraining normalises with, on detectron2's 0..255 pixels
+IMAGENET_PIXEL_MEAN = tuple(round(255 * m, 3) for m in IMAGENET_MEAN)  # 123.675, 116.28, 103.53
+IMAGENET_PIXEL_STD = tuple(round(255 * s, 3) for s in IMAGENET_STD)  # 58.395, 57.12, 57.375
 _AMP_MODES = {"auto": "auto", "float16": "fp16", "bfloat16": "bf16"}  # pretraining's --amp names
 
 
@@ -95,17 +99,18 @@ def model_input_errors(cfg: CN) -> List[str]:
             f"INPUT.FORMAT must be 'RGB' for the MAE ViT (pretrained on RGB), got "
             f"{cfg.INPUT.FORMAT!r}"
         )
-    mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
-    expected = [
-        [round(255 * m, 3) for m in IMAGENET_MEAN],
-        [round(255 * s, 3) for s in IMAGENET_STD],
-    ]
-    if any(abs(x - y) > 1.0 for x, y in zip(mean + std, expected[0] + expected[1])):
+    mean, std = tuple(cfg.MODEL.PIXEL_MEAN), tuple(cfg.MODEL.PIXEL_STD)
+    if max(std) <= 1.0:  # not divided by a std: detectron2's default for caffe ResNets
         errors.append(
-            f"MODEL.PIXEL_MEAN {mean} / PIXEL_STD {std}: the MAE ViT was pretrained on pixels "
-            f"normalised by ImageNet's statistics (x255, RGB): set PIXEL_MEAN {expected[0]} "
-            f"and PIXEL_STD {expected[1]} (as configs/detectron2/Base-MaskRCNN-MAE-ViT-FPN.yaml)"
+            f"MODEL.PIXEL_STD {list(std)} leaves the pixels unnormalised (0..255): the MAE ViT "
+            f"was pretrained on pixels normalised by ImageNet's statistics (x255, RGB): set "
+            f"PIXEL_MEAN {list(IMAGENET_PIXEL_MEAN)} and PIXEL_STD {list(IMAGENET_PIXEL_STD)} "
+            "(as configs/detectron2/Base-MaskRCNN-MAE-ViT-FPN.yaml)"
         )
+    elif any(
+        abs(a - b) > 1.0 for a, b in zip(mean + std, IMAGENET_PIXEL_MEAN + IMAGENET_PIXEL_STD)
+    ):
+        _note_statistics(mean, std)  # a ViT pretrained on other statistics may want them
     if cfg.MODEL.BACKBONE.NAME == "build_mae_vit_fpn_backbone":
         errors += _fpn_errors(cfg)
     return errors
@@ -125,16 +130,29 @@ def _heads(cfg: CN) -> List[str]:
     return [h for h in heads if h != "RPN" or cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN"]
 
 
+@functools.cache
+def _note_statistics(mean: tuple, std: tuple) -> None:
+    logger.warning(
+        "MODEL.PIXEL_MEAN %s / PIXEL_STD %s are not ImageNet's (x255, RGB: %s / %s), on which "
+        "MAE pretraining normalises its images: right only for a ViT pretrained on these",
+        list(mean),
+        list(std),
+        list(IMAGENET_PIXEL_MEAN),
+        list(IMAGENET_PIXEL_STD),
+    )
+
+
 def _fpn_errors(cfg: CN) -> List[str]:
     """The FPN's inputs, and heads that read its outputs (P2-P6: detectron2's defaults are a
     ResNet-C4 model's, reading 'res4' through Res5ROIHeads: a KeyError naming no key)."""
     pyramid = ["res2", "res3", "res4", "res5"]
     inputs = list(cfg.MODEL.FPN.IN_FEATURES)
     errors = []
-    if not inputs or any(f not in pyramid for f in inputs):
+    runs = [pyramid[i:j] for i in range(4) for j in range(i + 1, 5)]
+    if inputs not in runs:  # detectron2's FPN asserts strides that double, level by level
         errors.append(
-            f"MODEL.FPN.IN_FEATURES {inputs}: the FPN reads the ViT pyramid's maps, "
-            f"{pyramid} (all four, as the Base config)"
+            f"MODEL.FPN.IN_FEATURES {inputs}: the FPN reads the ViT pyramid's maps, {pyramid} "
+            "(all four, as the Base config, or a run of them in order)"
         )
     else:
         levels = [int(f[3:]) for f in inputs]

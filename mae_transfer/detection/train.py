@@ -599,11 +599,12 @@ class Trainer(DefaultTrainer):
         """Resuming: the training images continue in the checkpointed run's order, after the
         (iteration + 1) x SOLVER.IMS_PER_BATCH images its iterations drew, whatever the number
         of processes now. Without aspect-ratio grouping each of W loader workers makes whole
-        batches from every W-th image: the run continues after the last full round of workers
-        and drops the batches of the round's workers that the checkpoint had trained, so that
-        the batches are those of the uninterrupted run too (with the same number of workers;
-        with another, the drawn images are skipped). Not exact to the image: images waiting in
-        an aspect-ratio group's unfinished batch are not drawn again."""
+        batches (detectron2 0.6: from every W-th image; later releases: from W-th chunks of a
+        batch): the run continues after the last full round of workers and drops the batches
+        of the round's workers that the checkpoint had trained, so that the batches are those
+        of the uninterrupted run too (with the same number of workers; with another, as many
+        images as were drawn are skipped). Not exact to the image: images waiting in an
+        aspect-ratio group's unfinished batch are not drawn again."""
         t = self._trainer
         sampler = train_sampler(t.data_loader)
         order = state_dict.get("data_order")

@@ -43,8 +43,10 @@ def image_loader(pipeline: Optional[Sequence[Any]]) -> Dict:
 
 def stretches_deep_images(loader: Dict) -> bool:
     """Whether ``loader`` reads images of more than 8 bits per value stretched to 0..255 (as
-    pretraining reads them), not cut to their high byte (mmcv's cv2) or clipped (pillow)."""
-    return type_name(loader) == "LoadImageAnyDepth" and loader.get("color_type") != "unchanged"
+    pretraining reads them), not cut to their high byte (mmcv's cv2), clipped (pillow) or raw
+    (color_type 'unchanged'; the tifffile backend, which ignores color_type)."""
+    raw = loader.get("color_type") == "unchanged" or loader.get("imdecode_backend") == "tifffile"
+    return type_name(loader) == "LoadImageAnyDepth" and not raw
 
 
 def type_name(transform) -> Optional[str]:

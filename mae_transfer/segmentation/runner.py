@@ -602,9 +602,9 @@ def _sample_errors(found: Dict[str, List[str]], n: int, loader: Dict, key: str) 
             f"value (e.g. {', '.join(found['deep'][:3])}), which {type_name(loader)}(color_type="
             f"{color_type!r}) does not stretch to 0..255 as pretraining did: mmcv's "
             "LoadImageFromFile keeps each value's high byte (cv2: a 12-bit scan loads almost "
-            "black) or clips them (pillow: almost white), color_type 'unchanged' passes the "
-            "raw values, which the data preprocessor normalises as if 0..255. "
-            "LoadImageAnyDepth with another color_type stretches them",
+            "black) or clips them (pillow: almost white), color_type 'unchanged' and the "
+            "tifffile backend pass the raw values, which the data preprocessor normalises as "
+            "if 0..255. LoadImageAnyDepth with another color_type and backend stretches them",
             logger="current",
             level=logging.WARNING,
         )
@@ -625,7 +625,7 @@ def _sample_errors(found: Dict[str, List[str]], n: int, loader: Dict, key: str) 
         return [
             f"{key}: {len(found['turned'])} of {n} sampled images (e.g. "
             f"{', '.join(found['turned'][:3])}) carry an EXIF orientation tag that "
-            f"LoadImageFromFile (color_type {color_type!r}) applies, turning them against "
+            f"{type_name(loader)} (color_type {color_type!r}) applies, turning them against "
             "their labels, which have the stored size: strip the tag from the images (e.g. "
             "exiftool -Orientation= FILE), or load ignoring it with "
             "color_type='color_ignore_orientation' in LoadImageFromFile of every pipeline: "

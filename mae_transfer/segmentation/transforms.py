@@ -27,7 +27,7 @@ from PIL import UnidentifiedImageError
 from mae_transfer.data.decode import decode_upright, more_than_8_bits, open_image
 from mae_transfer.engine.config import ConfigError
 
-from .loading import IGNORE_ORIENTATION, turns_by_orientation
+from .loading import IGNORE_ORIENTATION, stretches_deep_images, turns_by_orientation
 
 
 @TRANSFORMS.register_module()
@@ -36,7 +36,8 @@ class LoadImageAnyDepth(LoadImageFromFile):
     more than 8 bits per value (16-bit PNG / TIFF, grey or colour; 32-bit int or float) is
     stretched from its own min..max to 0..255, as pretraining reads it, and then turned by its
     EXIF orientation and made grey as ``color_type`` says. Other images load exactly as mmcv
-    loads them; ``color_type='unchanged'`` keeps every image's raw values (as mmcv)."""
+    loads them; ``color_type='unchanged'`` and the tifffile backend keep every image's raw
+    values (as mmcv). ``ignore_empty`` also covers a file no decoder can read (mmcv asserts)."""
 
     def transform(self, results: dict) -> Optional[dict]:
         path = results["img_path"]
@@ -63,9 +64,10 @@ class LoadImageAnyDepth(LoadImageFromFile):
 
     def _stretched(self, data: bytes, path: str) -> Optional[np.ndarray]:
         """A deep image as mmcv would return an 8-bit one ((H, W, 3) BGR, or (H, W) grey);
-        None for any other image, or for ``color_type='unchanged'``."""
-        if self.color_type == "unchanged":
-            return None
+        None for any other image, or where raw values are asked for (``color_type=
+        'unchanged'``, ``imdecode_backend='tifffile'``)."""
+        if not stretches_deep_images(dict(vars(self), type=type(self).__name__)):
+            return None  # raw values asked for ('unchanged', or the tifffile backend)
         try:
             pil = open_image(data, path)  # the header only
         except UnidentifiedImageError:
