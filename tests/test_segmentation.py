@@ -159,6 +159,13 @@ def test_bad_config_values_get_clear_errors(tmp_path):
         build_cfg(TINY_CONFIG, {"model.backbone.pretrained": str(tmp_path / "nope.pth")})
     with pytest.raises(ValueError, match="layer_decay_rate must be in"):
         build_cfg(TINY_CONFIG, {"optim_wrapper.paramwise_cfg.layer_decay_rate": 0})
+    # mmseg's MAE configs have this neck: it trained on maps at strides 1-64, without a word
+    neck = {"model.neck": dict(type="Feature2Pyramid", embed_dim=32, rescales=[4, 2, 1, 0.5])}
+    with pytest.raises(ValueError, match="model.neck Feature2Pyramid rescales the maps MAEViT"):
+        build_cfg(TINY_CONFIG, neck)
+    from mae_transfer.segmentation.runner import parse_cfg_options
+
+    assert build_cfg(TINY_CONFIG, {**neck, **parse_cfg_options(["model.neck=None"])})
     # testing a trained checkpoint does not need the pretraining file
     missing = {"model.backbone.pretrained": str(tmp_path / "nope.pth")}
     cfg = build_cfg(TINY_CONFIG, missing, for_training=False)
@@ -212,11 +219,14 @@ def deterministic():
 
 def test_a_resumed_run_ends_with_the_weights_of_the_uninterrupted_one(tmp_path, deterministic):
     """The model's draws (drop path) restarted from the seed on resume: loss and weights
-    drifted from the uninterrupted run's (mmengine replays only the data)."""
+    drifted from the uninterrupted run's (mmengine replays only the data). A validation at
+    the checkpoint's iteration (the ADE20K recipe's 16,000) drew from torch's generator in
+    the uninterrupted run only: it no longer moves it."""
     root = str(tmp_path / "toy_ade")
     write_toy_ade(root, num_train=8, num_val=2, size=64)
     opts = demo_options(root, "", None, iters=4)
     opts.update({"model.backbone.drop_path_rate": 0.5, "default_hooks.checkpoint.interval": 2})
+    opts.update({"train_cfg.val_interval": 2, "train_cfg.val_begin": 1})
     opts.update({"train_dataloader.batch_size": 2})
     from mmengine.hooks import Hook
 
@@ -243,6 +253,17 @@ def test_a_resumed_run_ends_with_the_weights_of_the_uninterrupted_one(tmp_path, 
     )
     for k, v in whole["state_dict"].items():
         assert torch.equal(v, resumed["state_dict"][k]), k
+
+
+def test_the_random_state_hook_can_be_named_in_a_config_and_is_added_once(tmp_path):
+    """mmseg's own tools/train.py users name it in custom_hooks (it was not registered)."""
+    from mae_transfer.segmentation import TorchRNGStateHook
+
+    opts = {"work_dir": str(tmp_path), "custom_hooks": [dict(type="TorchRNGStateHook")]}
+    runner = make_runner(build_cfg(TINY_CONFIG, opts))
+    assert sum(isinstance(h, TorchRNGStateHook) for h in runner.hooks) == 1
+    runner = make_runner(build_cfg(TINY_CONFIG, {"work_dir": str(tmp_path)}))
+    assert sum(isinstance(h, TorchRNGStateHook) for h in runner.hooks) == 1
 
 
 def test_a_resume_with_more_iterations_says_the_schedule_keeps_its_end(tmp_path):

@@ -58,5 +58,9 @@ def test_detectron2_compat_is_applied_and_honest():
     if not compat.HAS_COMPILED_OPS:
         from detectron2 import _C
 
-        with pytest.raises(compat.MissingCompiledOp, match="pure-Python build"):
+        with pytest.raises(compat.MissingCompiledOp, match="pure-Python build") as e:
             _ = _C.deform_conv_forward
+        assert "use_fast_impl" not in str(e.value)
+        # the fast COCO evaluation's (COCOEvaluator's default): the way round it is said
+        with pytest.raises(compat.MissingCompiledOp, match=r"COCOEvaluator\(\.\.\., use_fast_"):
+            _ = _C.InstanceAnnotation

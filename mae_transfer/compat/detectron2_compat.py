@@ -55,11 +55,21 @@ class _MissingOps(types.ModuleType):
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
+        other_way = _PYTHON_ALTERNATIVES.get(name, "")
         raise MissingCompiledOp(
             f"detectron2._C.{name} is a compiled op, and this detectron2 is the pure-Python build "
             "(no C++/CUDA ops: deformable conv, rotated boxes, fast COCO eval). Install detectron2 "
-            "from source (DETECTRON2_SOURCE=<path or git URL> tools/setup_env.sh) to use it."
+            f"from source (DETECTRON2_SOURCE=<path or git URL> tools/setup_env.sh) to use it"
+            f"{other_way}."
         )
+
+
+# ops with a pure-Python way round them, said in the error (the fast COCO evaluation's, which
+# COCOEvaluator uses by default: a DefaultTrainer's usual build_evaluator failed after training)
+_PYTHON_ALTERNATIVES = dict.fromkeys(
+    ("InstanceAnnotation", "ImageEvaluation", "COCOevalAccumulate", "COCOevalEvaluateImages"),
+    ", or evaluate with pycocotools' implementation: COCOEvaluator(..., use_fast_impl=False)",
+)
 
 
 def _patch_numpy() -> None:

@@ -1,4 +1,5 @@
-"""detectron2 glue: the MAE ViT as a registered backbone, its config keys, weights, training.
+"""detectron2 glue: the MAE ViT as a registered backbone, its config keys, weights, training
+(``Trainer``: detectron2's DefaultTrainer reading our keys; subclass it as you would that).
 
 Importing this package applies the detectron2 compatibility fixes (a no-op on an official
 build), then registers ``build_mae_vit_fpn_backbone`` and ``build_mae_vit_backbone`` in
@@ -10,10 +11,12 @@ from mae_transfer.compat import detectron2_compat  # noqa: F401  (before any det
 from .backbone import MAEViTBackbone, build_mae_vit_backbone, build_mae_vit_fpn_backbone
 from .checkpoint import MAECheckpointer, convert_to_detectron2
 from .config import add_mae_vit_config, validate_config
+from .train import Trainer
 
 __all__ = [
     "MAECheckpointer",
     "MAEViTBackbone",
+    "Trainer",
     "add_mae_vit_config",
     "build_mae_vit_backbone",
     "build_mae_vit_fpn_backbone",

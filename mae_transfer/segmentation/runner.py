@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from mmengine.config import Config
-from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
@@ -23,6 +22,7 @@ from mae_transfer.data.decode import more_than_8_bits
 from mae_transfer.device import resolve_amp
 from mae_transfer.engine.config import ConfigError
 
+from .hooks import TorchRNGStateHook
 from .loading import (
     IGNORE_ORIENTATION,
     image_loader,
@@ -371,6 +371,12 @@ def validate(cfg: Config) -> None:
         pre = bb.get("pretrained")
         if pre and not os.path.isfile(pre):
             errors.append(f"model.backbone.pretrained: file not found: {pre}")
+        neck = (cfg.model.get("neck") or {}).get("type")
+        if neck is not None and type_name({"type": neck}) == "Feature2Pyramid":
+            errors.append(  # it built and trained, on maps at strides 1, 4, 16 and 64
+                "model.neck Feature2Pyramid rescales the maps MAEViT already made at strides "
+                "4-32 (to 1-64): drop the neck (--cfg-options model.neck=None)"
+            )
     decay = cfg.optim_wrapper.get("paramwise_cfg", {}).get("layer_decay_rate", 1.0)
     if not 0 < decay <= 1:
         errors.append(
@@ -772,35 +778,9 @@ class SegRunner(Runner):
             )
 
 
-class TorchRNGStateHook(Hook):
-    """Keeps torch's random state in each checkpoint and restores it on resume, so that the
-    model's random draws (drop path) after a resume are those of the uninterrupted run.
-
-    mmengine replays the data (its loop advances the loader past the iterations done, the
-    workers seeded as before) but the model's generator restarted from the seed: a resumed run
-    drifted from the uninterrupted one. Only torch's generators: numpy's and Python's drive the
-    data, which the replay already reproduces. Skipped with ``diff_rank_seed`` (each rank's
-    state would be needed; the checkpoint holds rank 0's)."""
-
-    priority = "VERY_LOW"
-
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        state = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state()
-        checkpoint.setdefault("meta", {})["torch_rng_state"] = state
-
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        state = checkpoint.get("meta", {}).get("torch_rng_state")
-        if state is None or not runner._resume or runner._randomness_cfg.get("diff_rank_seed"):
-            return
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
-
-
 def make_runner(cfg: Config) -> Runner:
     init_cpu_dist(cfg)
     runner = SegRunner.from_cfg(cfg)
-    runner.register_hook(TorchRNGStateHook())
+    if not any(type_name(h) == "TorchRNGStateHook" for h in cfg.get("custom_hooks") or []):
+        runner.register_hook(TorchRNGStateHook())
     return runner
