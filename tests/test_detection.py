@@ -285,6 +285,31 @@ def test_a_config_of_one_s_own_on_detectron2_s_defaults_is_refused_naming_the_ke
     validate_config(cfg)
 
 
+def test_detectron2_s_own_default_trainer_is_said_to_read_none_of_our_keys(
+    toy_coco, tmp_path, caplog
+):
+    """A DefaultTrainer of one's own trained SGD without layer decay at the AdamW lr, silently
+    (SOLVER.OPTIMIZER / LAYER_DECAY are read by our Trainer only)."""
+    from detectron2.engine import DefaultTrainer
+    from detectron2.modeling import build_model
+
+    from mae_transfer.detection import Trainer
+
+    class Mine(DefaultTrainer):
+        pass
+
+    cfg = _cfg(toy_coco, tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="mae_transfer"):
+        Trainer(cfg)  # ours, and a model built outside a trainer: nothing said
+        build_model(cfg)
+        assert "DefaultTrainer" not in caplog.text
+        mine = Mine(cfg)
+    assert "Mine is detectron2's DefaultTrainer, which reads none of our config keys" in (
+        caplog.text
+    )
+    assert type(mine.optimizer).__name__ == "SGD"  # what it said
+
+
 def test_other_pixel_statistics_are_warned_about_not_refused(caplog):
     """A ViT pretrained on other statistics may want them (a refusal had no way out)."""
     from detectron2.config import get_cfg

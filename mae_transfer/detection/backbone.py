@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import logging
+import sys
 from typing import Dict, Optional, Sequence, Union
 
 import torch
@@ -15,6 +17,8 @@ from mae_transfer.engine.config import ConfigError
 from mae_transfer.pyramid import ViTPyramid, build_pyramid_vit
 
 from .config import model_input_errors
+
+logger = logging.getLogger(__name__)
 
 OUT_FEATURES = ("res2", "res3", "res4", "res5")  # strides 4, 8, 16, 32: FPN's usual inputs
 
@@ -122,7 +126,34 @@ def build_mae_vit_backbone(cfg, input_shape: ShapeSpec) -> MAEViTBackbone:
     errors = model_input_errors(cfg)
     if errors:
         raise ConfigError("the MAE ViT backbone cannot work with:\n  - " + "\n  - ".join(errors))
+    trainer = _foreign_trainer()
+    if trainer is not None:
+        logger.warning(
+            "%s is detectron2's DefaultTrainer, which reads none of our config keys: it trains "
+            "SGD without layer decay (SOLVER.OPTIMIZER, BETAS, LAYER_DECAY unread), its AMP is "
+            "CUDA fp16 only (SOLVER.AMP.PRECISION unread), it resizes without INPUT.LSJ and "
+            "registers no DATASETS.COCO; subclass mae_transfer.detection.Trainer instead (what "
+            "tools/train_det.py runs)",
+            trainer,
+        )
     return MAEViTBackbone(in_chans=input_shape.channels, **backbone_kwargs(cfg))
+
+
+def _foreign_trainer() -> Optional[str]:
+    """The class name of a detectron2 ``DefaultTrainer``, not ours, whose ``__init__`` is
+    building this model (found on the call stack), else None: our Trainer, or a model built
+    outside a trainer (inference, a LazyConfig)."""
+    from detectron2.engine import DefaultTrainer
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        me = frame.f_locals.get("self") if frame.f_code.co_name == "__init__" else None
+        if isinstance(me, DefaultTrainer):
+            from .train import Trainer  # (it imports this module)
+
+            return None if isinstance(me, Trainer) else type(me).__name__
+        frame = frame.f_back
+    return None
 
 
 @BACKBONE_REGISTRY.register()
