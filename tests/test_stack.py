@@ -64,3 +64,20 @@ def test_detectron2_compat_is_applied_and_honest():
         # the fast COCO evaluation's (COCOEvaluator's default): the way round it is said
         with pytest.raises(compat.MissingCompiledOp, match=r"COCOEvaluator\(\.\.\., use_fast_"):
             _ = _C.InstanceAnnotation
+
+
+def test_every_console_script_names_a_command_that_runs(monkeypatch, capsys):
+    """pyproject's [project.scripts] (what pip installs): each target imports, and its --help
+    names the command as typed."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert {"mae-pretrain", "mae-finetune", "mae-linprobe"} <= set(scripts)
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        monkeypatch.setattr(sys, "argv", [name, "--help"])
+        with pytest.raises(SystemExit) as e:
+            getattr(importlib.import_module(module), function)()
+        assert e.value.code == 0, name
+        assert f"usage: {name}" in capsys.readouterr().out, name

@@ -89,6 +89,16 @@ def main(protocol: str, argv: Optional[Sequence[str]] = None, prog: str = "") ->
     return exit_code(body, logger, resume=RESUME_HINT)
 
 
+def finetune_cli() -> int:
+    """The ``mae-finetune`` command (pyproject's console script): ``tools/finetune.py``."""
+    return main("finetune", prog="mae-finetune")
+
+
+def linprobe_cli() -> int:
+    """The ``mae-linprobe`` command (pyproject's console script): ``tools/linprobe.py``."""
+    return main("linprobe", prog="mae-linprobe")
+
+
 def submit_main(argv: Sequence[str]) -> int:
     """``tools/submit.py PROTOCOL [launcher flags] [protocol flags]``: a Slurm job (submitit)."""
     protocols = ["pretrain", *PROTOCOLS]
