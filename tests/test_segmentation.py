@@ -264,6 +264,20 @@ def test_the_random_state_hook_can_be_named_in_a_config_and_is_added_once(tmp_pa
     assert sum(isinstance(h, TorchRNGStateHook) for h in runner.hooks) == 1
     runner = make_runner(build_cfg(TINY_CONFIG, {"work_dir": str(tmp_path)}))
     assert sum(isinstance(h, TorchRNGStateHook) for h in runner.hooks) == 1
+    # a checkpoint of an earlier version (its state under "cpu") still resumes its draws
+    from types import SimpleNamespace
+
+    saved = torch.get_rng_state()
+    expected = torch.rand(3)
+    resuming = SimpleNamespace(_resume=True, _randomness_cfg={})
+    old = {"meta": {"torch_rng_state": {"cpu": saved}}}
+    TorchRNGStateHook().after_load_checkpoint(resuming, old)
+    assert torch.equal(torch.rand(3), expected)
+    new = {}
+    TorchRNGStateHook().before_save_checkpoint(resuming, new)
+    expected = torch.rand(3)
+    TorchRNGStateHook().after_load_checkpoint(resuming, new)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_a_resume_with_more_iterations_says_the_schedule_keeps_its_end(tmp_path):

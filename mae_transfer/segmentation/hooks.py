@@ -12,6 +12,8 @@ import torch
 from mmengine.hooks import Hook
 from mmseg.registry import HOOKS
 
+from mae_transfer.engine.state import get_rng_state, set_rng_state
+
 
 @HOOKS.register_module()
 class TorchRNGStateHook(Hook):
@@ -34,31 +36,27 @@ class TorchRNGStateHook(Hook):
         self._before_val: Optional[Dict] = None
 
     @staticmethod
-    def _state() -> Dict:
-        state = {"cpu": torch.get_rng_state()}
+    def _device() -> torch.device:
+        """This process's device, whose CUDA generator is kept with the CPU's."""
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state()
-        return state
-
-    @staticmethod
-    def _restore(state: Dict) -> None:
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint.setdefault("meta", {})["torch_rng_state"] = self._state()
+        checkpoint.setdefault("meta", {})["torch_rng_state"] = get_rng_state(self._device())
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         state = checkpoint.get("meta", {}).get("torch_rng_state")
         if state is None or not runner._resume or runner._randomness_cfg.get("diff_rank_seed"):
             return
-        self._restore(state)
+        if "cpu" in state:  # saved before the pretraining's format was used here
+            state = {"torch": state["cpu"], **{k: v for k, v in state.items() if k != "cpu"}}
+        set_rng_state(state, self._device())
 
     def before_val(self, runner) -> None:
-        self._before_val = self._state()
+        self._before_val = get_rng_state(self._device())
 
     def after_val(self, runner) -> None:
         if self._before_val is not None:
-            self._restore(self._before_val)
+            set_rng_state(self._before_val, self._device())
             self._before_val = None
