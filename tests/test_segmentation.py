@@ -335,7 +335,18 @@ def _check_test_and_visualize_tools(tmp_path, root, opts):
         )
         == 0
     )
-    assert "mIoU" in json.loads(metrics_json.read_text())
+    plain = json.loads(metrics_json.read_text())
+    assert "mIoU" in plain
+
+    def tta(*options) -> dict:
+        out = tmp_path / "tta.json"
+        argv = [TINY_CONFIG, ckpt, "--work-dir", str(tmp_path / "test"), "--out", str(out)]
+        assert test_seg.main([*argv, "--tta", *options, "--cfg-options", *cfg_opts]) == 0
+        return json.loads(out.read_text())
+
+    # the test scale alone, unflipped, is the plain test to the digit; other scales are not
+    assert tta("--tta-ratios", "1.0", "--tta-no-flip") == plain
+    assert tta("--tta-ratios", "0.75", "1.5") != plain
     png = tmp_path / "overlay.png"
     val = os.path.join(root, "images", "validation")
     dumped = tmp_path / "work" / os.path.basename(TINY_CONFIG)  # the config mmengine saved
@@ -1449,3 +1460,51 @@ def test_every_launcher_gets_the_local_rank_mmengine_wraps_ddp_with(monkeypatch,
     missing = str(tmp_path / "none.pth")
     assert test_seg.main([TINY_CONFIG, missing, "--launcher", "pytorch", "--local-rank=2"]) == 2
     assert os.environ["LOCAL_RANK"] == "2"
+
+
+def test_tta_repeats_the_test_resize_at_each_ratio_of_its_scale_with_flips():
+    """The recipe's test resize is (2048, 512): ratio 0.5 is (1024, 256), not mmseg 1.x's
+    tta_pipeline (the stored image x 0.5, whatever the test scale); labels loaded, checked and
+    packed once per augmentation, the image loaded once."""
+    from mae_transfer.segmentation.tta import apply_tta
+
+    recipe = os.path.join(CONFIG_DIR, "upernet_mae_vit_base_8xb2-160k_ade20k-512x512.py")
+    cfg = build_cfg(recipe, for_training=False)
+    assert apply_tta(cfg, (0.5, 1.0)) == 4
+    assert cfg.model.type == "SegTTAModel" and cfg.model.module.backbone.type == "MAEViT"
+    load, aug = cfg.test_dataloader.dataset.pipeline
+    assert load["type"] == "LoadImageAnyDepth" and aug["type"] == "TestTimeAug"
+    resizes, flips, *rest = aug["transforms"]
+    assert [r["scale"] for r in resizes] == [(1024, 256), (2048, 512)]
+    assert all(r["keep_ratio"] for r in resizes)
+    assert [f["prob"] for f in flips] == [0.0, 1.0]
+    assert [[t["type"] for t in choice] for choice in rest] == [
+        ["LoadAnnotations"],
+        ["CheckSegLabels"],
+        ["PackSegInputs"],
+    ]
+
+
+def test_tta_without_a_test_resize_scales_the_image_and_refuses_what_it_cannot_do():
+    from mae_transfer.engine.config import ConfigError
+    from mae_transfer.segmentation.tta import tta_pipeline
+
+    plain = [dict(type="LoadImageAnyDepth"), dict(type="LoadAnnotations"), dict(type="Pack")]
+    load, aug = tta_pipeline(plain, (0.5, 2), flip=False)
+    assert load == plain[0] and len(aug["transforms"]) == 3  # no flips
+    assert [r["scale_factor"] for r in aug["transforms"][0]] == [(0.5, 0.5), (2, 2)]
+    with pytest.raises(ConfigError, match=r"--tta-ratios must be numbers above 0, got \[0\]"):
+        tta_pipeline(plain, (0,), flip=True)
+    with pytest.raises(ConfigError, match="TestTimeAug already"):
+        tta_pipeline([plain[0], aug], (1.0,), flip=True)
+
+
+def test_test_seg_refuses_tta_options_without_tta_and_ratios_below_0(capsys):
+    tool = _tool("test_seg")
+    for extra, said in [
+        (["--tta-no-flip"], "--tta-ratios and --tta-no-flip go with --tta"),
+        (["--tta", "--tta-ratios", "1", "-0.5"], "--tta-ratios must be above 0, got [1.0, -0.5]"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            tool.main([TINY_CONFIG, "nothere.pth", *extra])
+        assert e.value.code == 2 and said in capsys.readouterr().err

@@ -2,7 +2,7 @@
 """Evaluate a segmentor checkpoint (mIoU with mmseg's IoUMetric), mmseg's tools/test.py style.
 
 python tools/test_seg.py CONFIG CHECKPOINT [--work-dir DIR] [--out metrics.json] \\
-    [--cfg-options k=v ...]
+    [--tta [--tta-ratios R ...] [--tta-no-flip]] [--cfg-options k=v ...]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mmengine.model import is_model_wrapper  # noqa: E402
+from mmengine.model import BaseTTAModel, is_model_wrapper  # noqa: E402
 
 from mae_transfer.engine.config import ConfigError  # noqa: E402
 from mae_transfer.engine.launch import exit_code, refuse_folder  # noqa: E402
@@ -29,6 +29,7 @@ from mae_transfer.segmentation.runner import (  # noqa: E402
     model_state_shapes,
     parse_cfg_options,
 )
+from mae_transfer.segmentation.tta import DEFAULT_RATIOS, apply_tta  # noqa: E402
 
 logger = logging.getLogger("test_seg")
 
@@ -57,8 +58,26 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir")
     p.add_argument("--cfg-options", nargs="+", default=[], help="key=value overrides")
     p.add_argument("--out", help="write the metrics as JSON to this file (its folder is made)")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="multi-scale + flip test ('ms+flip'): the test resize at each --tta-ratios of its "
+        "scale, each also flipped, softmax averaged",
+    )
+    p.add_argument(
+        "--tta-ratios",
+        type=float,
+        nargs="+",
+        help="scales of the test resize for --tta (default: the config's img_ratios, else "
+        "0.5 0.75 1.0 1.25 1.5 1.75)",
+    )
+    p.add_argument("--tta-no-flip", action="store_true", help="--tta without the flipped copies")
     add_launcher_args(p)
     args = p.parse_args(argv)
+    if (args.tta_ratios or args.tta_no_flip) and not args.tta:
+        p.error("--tta-ratios and --tta-no-flip go with --tta")
+    if args.tta_ratios and min(args.tta_ratios) <= 0:
+        p.error(f"--tta-ratios must be above 0, got {args.tta_ratios}")
     export_local_rank(args)
 
     def body():
@@ -73,8 +92,13 @@ def main(argv=None) -> int:
         state, _ = read_segmentor(args.checkpoint)
         check_fits(state, model_state_shapes(cfg), args.checkpoint)
         check_data(cfg, for_training=False)
+        if args.tta:
+            ratios = args.tta_ratios or cfg.get("img_ratios") or DEFAULT_RATIOS
+            n = apply_tta(cfg, ratios, flip=not args.tta_no_flip)
+            logger.info("test-time augmentation: %d predictions per image", n)
         runner = make_runner(cfg)
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = model.module if isinstance(model, BaseTTAModel) else model
         model.load_state_dict(state, strict=True)
         del state
         metrics = {k: float(v) for k, v in runner.test().items()}

@@ -1,0 +1,83 @@
+"""Multi-scale + flip testing ("ms+flip" in BEiT's and mmseg's tables), for tools/test_seg.py
+--tta.
+
+The test pipeline's own resize is repeated at each ratio of its scale (BEiT / mmseg 0.x's
+``img_scale`` x ``img_ratios``, the protocol of the published multi-scale numbers), each scale
+also flipped; mmseg's SegTTAModel averages the softmax of the predictions, each brought back
+to the image's size and orientation. mmseg 1.x's ADE20K ``tta_pipeline`` resizes the image as
+stored by the ratios instead, so its ratio 1.0 is not the single-scale test; it is not used.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+from mmengine.config import Config
+
+from mae_transfer.engine.config import ConfigError
+
+from .loading import type_name
+from .runner import dataset_configs
+
+# BEiT's / mmseg's ADE20K ratios
+DEFAULT_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def _scaled(resize: Dict, ratio: float) -> Dict:
+    """``resize`` (a Resize config) at ``ratio`` times its size; a pipeline without a resize
+    (``resize`` empty) gets the image's own size times ``ratio``."""
+    if resize.get("scale") is not None:
+        scale = resize["scale"]
+        scale = (scale, scale) if isinstance(scale, (int, float)) else scale
+        return {**resize, "scale": tuple(int(round(s * ratio)) for s in scale)}
+    factor = resize.get("scale_factor", 1.0)
+    factor = factor if isinstance(factor, (list, tuple)) else (factor, factor)
+    base = {"type": "Resize", "keep_ratio": True, **resize}
+    return {**base, "scale_factor": tuple(f * ratio for f in factor)}
+
+
+def tta_pipeline(test_pipeline: Sequence[Dict], ratios: Sequence[float], flip: bool) -> List:
+    """The test pipeline turned into one of mmcv's TestTimeAug: what precedes its first
+    ``Resize`` (image loading) as it is, then every ratio of that resize, each unflipped and,
+    with ``flip``, flipped horizontally, then the rest (labels, packing) as it is.
+
+    Raises:
+        ConfigError: a bad ratio, or a pipeline that is already a test-time augmentation.
+    """
+    bad = [r for r in ratios if not isinstance(r, (int, float)) or not r > 0]
+    if not ratios or bad:
+        raise ConfigError(f"--tta-ratios must be numbers above 0, got {list(ratios)}")
+    names = [type_name(t) for t in test_pipeline]
+    if "TestTimeAug" in names:
+        raise ConfigError("the test pipeline is a TestTimeAug already: test without --tta")
+    at = names.index("Resize") if "Resize" in names else 1  # else after the image loading
+    resize = dict(test_pipeline[at]) if "Resize" in names else {}
+    rest = test_pipeline[at + 1 :] if resize else test_pipeline[at:]
+    choices = [[_scaled(resize, r) for r in ratios]]
+    if flip:
+        choices.append(
+            [
+                dict(type="RandomFlip", prob=p, direction="horizontal")
+                for p in (0.0, 1.0)  # unflipped, flipped
+            ]
+        )
+    choices += [[dict(t)] for t in rest]
+    return [*map(dict, test_pipeline[:at]), dict(type="TestTimeAug", transforms=choices)]
+
+
+def apply_tta(cfg: Config, ratios: Sequence[float] = DEFAULT_RATIOS, flip: bool = True) -> int:
+    """Tests ``cfg`` with test-time augmentation: each test data set's pipeline becomes
+    :func:`tta_pipeline`, the model mmseg's SegTTAModel around the segmentor. Returns the
+    number of predictions per image."""
+    ds = cfg.test_dataloader.get("dataset") or {}
+    found = False
+    for node, key in dataset_configs(ds, "test_dataloader.dataset"):
+        if isinstance(node.get("pipeline"), list):
+            if "LoadAnnotations" not in map(type_name, node["pipeline"]):
+                raise ConfigError(f"{key}.pipeline has no LoadAnnotations: nothing to score")
+            node["pipeline"] = tta_pipeline(node["pipeline"], ratios, flip)
+            found = True
+    if not found:
+        raise ConfigError("test_dataloader.dataset has no pipeline to augment")
+    cfg.model = dict(type="SegTTAModel", module=cfg.model)
+    return len(ratios) * (2 if flip else 1)
