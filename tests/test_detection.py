@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -141,6 +142,67 @@ def test_every_yaml_config_builds_a_model(path):
     n = sum(p.numel() for p in model.parameters())
     assert n > 1e5
     assert type(model.backbone.bottom_up).__name__ == "MAEViTBackbone"
+
+
+CASCADE = [
+    "MODEL.ROI_HEADS.NAME",
+    "CascadeROIHeads",
+    "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",
+    "True",
+]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "cascade_*.yaml"))))
+def test_cascade_configs_build_three_stages_on_the_mask_rcnn_recipe(path):
+    cfg = build_cfg(path, ["MODEL.DEVICE", "meta"])
+    plain = build_cfg(path.replace("cascade_", ""), ["MODEL.DEVICE", "meta"])
+    with torch.device("meta"):
+        heads = build_model(cfg).roi_heads
+    assert type(heads).__name__ == "CascadeROIHeads" and heads.num_cascade_stages == 3
+    assert [m.thresholds[1] for m in heads.proposal_matchers] == [0.5, 0.6, 0.7]
+    assert [p.box2box_transform.weights for p in heads.box_predictor] == [
+        (10, 10, 5, 5),
+        (20, 20, 10, 10),
+        (30, 30, 15, 15),
+    ]
+    # everything else is the Mask R-CNN recipe of the same size
+    assert cfg.SOLVER == plain.SOLVER and cfg.MODEL.VIT == plain.MODEL.VIT
+    assert cfg.INPUT == plain.INPUT and cfg.MODEL.ROI_BOX_HEAD.NUM_CONV == 4
+
+
+def test_a_cascade_detector_trains_on_the_vit_pyramid(toy_coco, tmp_path):
+    cfg = _cfg(toy_coco, tmp_path / "out", iters=2)
+    cfg.defrost()
+    cfg.merge_from_list(CASCADE + ["TEST.EVAL_PERIOD", "0"])
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    last = trainer.storage.latest()
+    stages = [k for k in last if k.startswith("loss_box_reg_stage")]
+    assert sorted(stages) == ["loss_box_reg_stage0", "loss_box_reg_stage1", "loss_box_reg_stage2"]
+    assert all(math.isfinite(last[k][0]) for k in stages + ["total_loss", "loss_mask"])
+
+
+@pytest.mark.parametrize(
+    "opts, expected",
+    [  # each an AssertionError naming no key, from detectron2's CascadeROIHeads
+        (
+            ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads"],
+            "set MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG True",
+        ),
+        (
+            [*CASCADE, "MODEL.ROI_BOX_CASCADE_HEAD.IOUS", "(0.5, 0.7)"],
+            "MODEL.ROI_BOX_CASCADE_HEAD: 2 IOUS but 3 BBOX_REG_WEIGHTS",
+        ),
+        (
+            [*CASCADE, "MODEL.ROI_BOX_CASCADE_HEAD.IOUS", "(0.4, 0.6, 0.7)"],
+            "IOUS starts at 0.4: the first stage matches at MODEL.ROI_HEADS.IOU_THRESHOLDS' 0.5",
+        ),
+    ],
+)
+def test_cascade_values_detectron2_asserts_are_named(opts, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        build_cfg(TINY_CONFIG, opts)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "lazy", "*.py"))))

@@ -113,7 +113,7 @@ def model_input_errors(cfg: CN) -> List[str]:
         _note_statistics(mean, std)  # a ViT pretrained on other statistics may want them
     if cfg.MODEL.BACKBONE.NAME == "build_mae_vit_fpn_backbone":
         errors += _fpn_errors(cfg)
-    return errors
+    return errors + _cascade_errors(cfg)
 
 
 # the heads that read the backbone's maps, by detectron2 meta-architecture
@@ -167,6 +167,31 @@ def _fpn_errors(cfg: CN) -> List[str]:
         errors.append(
             "MODEL.ROI_HEADS.NAME 'Res5ROIHeads' is for ResNet-C4 models (it runs a ResNet res5 "
             "stage): use 'StandardROIHeads' on the FPN"
+        )
+    return errors
+
+
+def _cascade_errors(cfg: CN) -> List[str]:
+    """What detectron2's CascadeROIHeads asserts when the model is built (an AssertionError
+    naming no key), named with the key."""
+    if "ROI_HEADS" not in _heads(cfg) or cfg.MODEL.ROI_HEADS.NAME != "CascadeROIHeads":
+        return []
+    cascade, errors = cfg.MODEL.ROI_BOX_CASCADE_HEAD, []
+    if not cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG:
+        errors.append(
+            "CascadeROIHeads regresses one box per proposal: set "
+            "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG True"
+        )
+    if len(cascade.BBOX_REG_WEIGHTS) != len(cascade.IOUS):
+        errors.append(
+            f"MODEL.ROI_BOX_CASCADE_HEAD: {len(cascade.IOUS)} IOUS but "
+            f"{len(cascade.BBOX_REG_WEIGHTS)} BBOX_REG_WEIGHTS (one of each per stage)"
+        )
+    first = cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS[0]
+    if cascade.IOUS and cascade.IOUS[0] != first:
+        errors.append(
+            f"MODEL.ROI_BOX_CASCADE_HEAD.IOUS starts at {cascade.IOUS[0]}: the first stage "
+            f"matches at MODEL.ROI_HEADS.IOU_THRESHOLDS' {first} (make them equal)"
         )
     return errors
 
