@@ -1,13 +1,20 @@
-"""The 4-stage multi-scale adapter: ViT block outputs -> stride 4/8/16/32 feature maps.
+"""Multi-scale adapters: ViT block outputs -> stride 4/8/16/32 feature maps.
 
-Framework-free; the detectron2 and mmseg backbones are thin wrappers around
-:class:`ViTPyramid`. As in the paper (A.3) and BEiT/mmseg: the ViT blocks are split into four
-stages, each stage's last output is taken, and rescaled from the patch stride to 4, 8, 16, 32:
+Framework-free. Two designs:
 
-    x4   = ConvT(2, 2) -> norm -> GELU -> ConvT(2, 2)      (patch 16 -> stride 4)
-    x2   = ConvT(2, 2)                                      (patch 16 -> stride 8)
-    x1   = identity                                         (stride 16)
-    x0.5 = max-pool(2)                                      (stride 32)
+1. The paper's 4 stages (:class:`ViTPyramid`; the detectron2 and mmseg backbones are thin
+   wrappers around it). As in the paper (A.3) and BEiT/mmseg: the ViT blocks are split into four
+   stages, each stage's last output is taken, and rescaled from the patch stride to 4, 8, 16, 32:
+
+       x4   = ConvT(2, 2) -> norm -> GELU -> ConvT(2, 2)      (patch 16 -> stride 4)
+       x2   = ConvT(2, 2)                                      (patch 16 -> stride 8)
+       x1   = identity                                         (stride 16)
+       x0.5 = max-pool(2)                                      (stride 32)
+
+2. ViTDet's simple feature pyramid (Li et al. 2022): every level from the *last* block's map,
+   each ConvT halving the channels (x4: D -> D/2 -> D/4; x2: D -> D/2). Here only its parts:
+   :func:`build_last_block_vit` (the encoder) and :func:`simple_rescale` (the rescaling); the
+   convolutions after it are the framework's (``mae_transfer.detection.simple_fpn``).
 
 Other patch sizes get the matching factors (patch 8: x2, x1, x0.5, x0.25; patch 32: x8 ... x1).
 """
@@ -16,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -61,6 +68,52 @@ def make_rescale(channels: int, factor: float, norm: str) -> nn.Module:
             layers += [make_norm(norm, channels), nn.GELU()]
         layers.append(nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2))
     return nn.Sequential(*layers)
+
+
+def simple_rescale(
+    channels: int, factor: float, norm: Union[str, Callable[[int], Optional[nn.Module]]] = "LN"
+) -> Tuple[List[nn.Module], int]:
+    """ViTDet's rescaling of the last block's map by a power-of-two ``factor``.
+
+    Up: one ConvT(2, 2) per doubling, each halving the channels, with norm -> GELU between
+    them; down: one max-pool. For patch 16 (the layer indices are ViTDet's parameter names):
+
+        x4   = [ConvT(D, D/2), norm(D/2), GELU, ConvT(D/2, D/4)]      -> D/4 channels
+        x2   = [ConvT(D, D/2)]                                         -> D/2
+        x1   = []                                                      -> D
+        x0.5 = [MaxPool(2)]                                            -> D
+
+    Args:
+        channels: D, the ViT's width.
+        factor: patch size / output stride (a power of two, see :func:`pyramid_factors`).
+        norm: a name of :data:`NORMS`, or a function channels -> norm module (a framework's,
+            e.g. detectron2's ``get_norm``); a norm of None becomes an identity, so that the
+            layers keep their indices.
+
+    Returns:
+        (the layers in order, the channels they put out).
+
+    Raises:
+        ValueError: channels that do not halve as often as the factor needs.
+    """
+    if factor <= 1:
+        pool = int(round(1 / factor))  # ceil: a map of any size keeps its last row and column
+        return ([nn.MaxPool2d(pool, pool, ceil_mode=True)] if pool > 1 else []), channels
+    steps = int(round(math.log2(factor)))
+    if channels % 2**steps:
+        raise ValueError(
+            f"the x{factor:g} level halves the channels {steps} times: width {channels} is not "
+            f"divisible by {2**steps}; give the ViT an embed_dim divisible by {2**steps}"
+        )
+    make = (lambda c: make_norm(norm, c)) if isinstance(norm, str) else norm
+    layers: List[nn.Module] = []
+    for i in range(steps):
+        if i:
+            between = make(channels)
+            layers += [nn.Identity() if between is None else between, nn.GELU()]
+        layers.append(nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2))
+        channels //= 2
+    return layers, channels
 
 
 def pyramid_factors(patch_size: int, strides: Sequence[int] = STRIDES) -> List[float]:
@@ -184,6 +237,25 @@ def build_pyramid_vit(
         **vit_kwargs,
     )
     return vit, tuple(out_indices)
+
+
+def build_last_block_vit(**kwargs) -> VisionTransformer:
+    """The encoder of a pyramid built from its last block alone (ViTDet's simple pyramid).
+
+    Takes :func:`build_pyramid_vit`'s arguments but ``out_indices``: with window attention,
+    the global blocks default to the equal split's stage ends, which are ViTDet's (B 2,5,8,11;
+    L 5,11,17,23; H 7,15,23,31). Every block runs; the final norm is removed, as ViTDet's ViT
+    has none (its weights are reported as dropped when a checkpoint loads).
+    """
+    if kwargs.get("out_indices"):
+        raise ValueError(
+            f"out_indices {tuple(kwargs['out_indices'])}: a last-block pyramid reads no stage "
+            "outputs; leave them out (name global-attention blocks with global_blocks)"
+        )
+    kwargs.pop("out_indices", None)
+    vit, _ = build_pyramid_vit(**kwargs)
+    _prune_unused(vit, vit.depth - 1)
+    return vit
 
 
 def build_vit_pyramid(norm: str = "BN", pretrained: Optional[str] = None, **kwargs) -> ViTPyramid:

@@ -6,7 +6,8 @@
 
 Not needed with tools/train_det.py (MODEL.WEIGHTS takes MAE files directly); useful with other
 detectron2 entry points. Position tables are resized to MODEL.VIT.IMG_SIZE, a patch-14 kernel
-to 16, the decoder and class token dropped; keys become ``backbone.bottom_up.vit.*``.
+to 16, the decoder and class token dropped; keys become ``backbone.bottom_up.vit.*``
+(``backbone.net.*`` with the simple feature pyramid, ``build_mae_vit_simple_fpn_backbone``).
 """
 
 from __future__ import annotations

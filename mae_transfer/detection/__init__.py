@@ -2,8 +2,9 @@
 (``Trainer``: detectron2's DefaultTrainer reading our keys; subclass it as you would that).
 
 Importing this package applies the detectron2 compatibility fixes (a no-op on an official
-build), then registers ``build_mae_vit_fpn_backbone`` and ``build_mae_vit_backbone`` in
-detectron2's ``BACKBONE_REGISTRY``.
+build), then registers in detectron2's ``BACKBONE_REGISTRY`` ``build_mae_vit_fpn_backbone``
+(the paper's 4-stage pyramid + FPN), ``build_mae_vit_backbone`` (that pyramid alone) and
+``build_mae_vit_simple_fpn_backbone`` (ViTDet's simple feature pyramid).
 """
 
 from mae_transfer.compat import detectron2_compat  # noqa: F401  (before any detectron2 import)
@@ -11,15 +12,18 @@ from mae_transfer.compat import detectron2_compat  # noqa: F401  (before any det
 from .backbone import MAEViTBackbone, build_mae_vit_backbone, build_mae_vit_fpn_backbone
 from .checkpoint import MAECheckpointer, convert_to_detectron2
 from .config import add_mae_vit_config, validate_config
+from .simple_fpn import MAEViTSimpleFPN, build_mae_vit_simple_fpn_backbone
 from .train import Trainer
 
 __all__ = [
     "MAECheckpointer",
     "MAEViTBackbone",
+    "MAEViTSimpleFPN",
     "Trainer",
     "add_mae_vit_config",
     "build_mae_vit_backbone",
     "build_mae_vit_fpn_backbone",
+    "build_mae_vit_simple_fpn_backbone",
     "convert_to_detectron2",
     "validate_config",
 ]

@@ -16,7 +16,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.pyramid import ViTPyramid, build_pyramid_vit
 
-from .config import model_input_errors
+from .config import SIMPLE_FPN_BACKBONE, model_input_errors
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,7 @@ class MAEViTBackbone(ViTPyramid, Backbone):
         covers test images as it covered the training crops), and the arguments of
         :func:`mae_transfer.pyramid.build_pyramid_vit` (model name, img_size, out_indices,
         window_size, global_blocks, rel_pos, drop_path_rate, ...)."""
-        if square_pad < 0 or square_pad % 32:  # FPN adds stride-16 and upsampled stride-32 maps
-            raise ValueError(f"square_pad must be 0 or a multiple of 32, got {square_pad}")
+        check_square_pad(square_pad)
         vit, out_indices = build_pyramid_vit(**kwargs)
         super().__init__(vit, out_indices, norm)
         self.square_pad = square_pad
@@ -53,10 +52,7 @@ class MAEViTBackbone(ViTPyramid, Backbone):
             self.load_pretrained(pretrained)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        h, w = x.shape[-2:]
-        if self.square_pad and (h < self.square_pad or w < self.square_pad):
-            # zeros after detectron2's normalisation = the mean pixel, as ImageList's padding
-            x = F.pad(x, (0, max(self.square_pad - w, 0), 0, max(self.square_pad - h, 0)))
+        x = pad_to_square(x, self.square_pad)
         return dict(zip(self._out_features, ViTPyramid.forward(self, x)))
 
     @property
@@ -74,6 +70,21 @@ class MAEViTBackbone(ViTPyramid, Backbone):
             name: ShapeSpec(channels=self.channels, stride=self._out_feature_strides[name])
             for name in self._out_features
         }
+
+
+def check_square_pad(square_pad: int) -> None:
+    # stride-32 maps tile the square exactly (the FPN adds stride-16 and upsampled stride-32 maps)
+    if square_pad < 0 or square_pad % 32:
+        raise ValueError(f"square_pad must be 0 or a multiple of 32, got {square_pad}")
+
+
+def pad_to_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) padded at the bottom / right to at least (size, size); as is when 0."""
+    h, w = x.shape[-2:]
+    if size and (h < size or w < size):
+        # zeros after detectron2's normalisation = the mean pixel, as ImageList's padding
+        x = F.pad(x, (0, max(size - w, 0), 0, max(size - h, 0)))
+    return x
 
 
 def backbone_kwargs(cfg) -> dict:
@@ -99,6 +110,21 @@ def backbone_kwargs(cfg) -> dict:
     return kwargs
 
 
+def build_vit_part(cfg, pretrained: bool = True) -> Backbone:
+    """The module of ``MODEL.BACKBONE.NAME`` that holds the ViT (the 4-stage pyramid without
+    the FPN, or the simple pyramid), from the config alone, unchecked and unregistered: for
+    checks on the meta device and for conversions. ``pretrained=False``: no weights loaded."""
+    from .simple_fpn import MAEViTSimpleFPN, simple_fpn_kwargs  # (it imports this module)
+
+    if cfg.MODEL.BACKBONE.NAME == SIMPLE_FPN_BACKBONE:
+        cls, kwargs = MAEViTSimpleFPN, simple_fpn_kwargs(cfg)
+    else:
+        cls, kwargs = MAEViTBackbone, backbone_kwargs(cfg)
+    if not pretrained:
+        kwargs.pop("pretrained", None)
+    return cls(**kwargs)
+
+
 def _square_pad(cfg) -> int:
     pad = cfg.MODEL.VIT.SQUARE_PAD
     if pad >= 0:
@@ -120,9 +146,16 @@ def _size_overrides(pairs: Sequence) -> dict:
 
 @BACKBONE_REGISTRY.register()
 def build_mae_vit_backbone(cfg, input_shape: ShapeSpec) -> MAEViTBackbone:
-    """The ViT pyramid alone (``res2``-``res5``). Refuses detectron2's ResNet defaults for the
-    input (BGR, no std) and an empty ``MODEL.FPN.IN_FEATURES``: a config of one's own built on
-    ``get_cfg()`` has them, and ``tools/train_det.py``'s check does not run on it."""
+    """The ViT pyramid alone (``res2``-``res5``)."""
+    check_model_cfg(cfg)
+    return MAEViTBackbone(in_chans=input_shape.channels, **backbone_kwargs(cfg))
+
+
+def check_model_cfg(cfg) -> None:
+    """Refuses detectron2's ResNet defaults for the input (BGR, no std), an empty
+    ``MODEL.FPN.IN_FEATURES`` and heads reading maps the backbone does not make: a config of
+    one's own built on ``get_cfg()`` has them, and ``tools/train_det.py``'s check does not run
+    on it. Warns when detectron2's own DefaultTrainer builds the model."""
     errors = model_input_errors(cfg)
     if errors:
         raise ConfigError("the MAE ViT backbone cannot work with:\n  - " + "\n  - ".join(errors))
@@ -136,7 +169,6 @@ def build_mae_vit_backbone(cfg, input_shape: ShapeSpec) -> MAEViTBackbone:
             "tools/train_det.py runs)",
             trainer,
         )
-    return MAEViTBackbone(in_chans=input_shape.channels, **backbone_kwargs(cfg))
 
 
 def _foreign_trainer() -> Optional[str]:

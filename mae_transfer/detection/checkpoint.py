@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+import torch
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 
 from mae_transfer.checkpoint import (
     ANCHOR_KEY,
     CheckpointError,
+    LoadReport,
+    adapt_state_dict,
     find_state_dict,
     load_file,
     load_pretrained,
@@ -20,7 +23,9 @@ from mae_transfer.checkpoint import (
     save_atomic,
     strip_to_vit,
 )
-from mae_transfer.pyramid import ViTPyramid
+from mae_transfer.vit import VisionTransformer
+
+from .config import FPN_BACKBONE, PYRAMID_BACKBONE, SIMPLE_FPN_BACKBONE
 
 logger = logging.getLogger(__name__)
 
@@ -71,31 +76,66 @@ def load_pkl(path: str) -> Dict[str, Any]:
     return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
 
-D2_VIT_PREFIX = "backbone.bottom_up.vit."  # with build_mae_vit_fpn_backbone
+# Where each backbone's ViT sits in a detector (MODEL.BACKBONE.NAME -> key prefix). The simple
+# pyramid's is ViTDet's (its ViT is `net` of SimpleFeaturePyramid), so ViTDet detectors load
+# into it by name.
+VIT_PREFIXES = {
+    FPN_BACKBONE: "backbone.bottom_up.vit.",
+    PYRAMID_BACKBONE: "backbone.vit.",
+    SIMPLE_FPN_BACKBONE: "backbone.net.",
+}
+D2_VIT_PREFIX = VIT_PREFIXES[FPN_BACKBONE]
 
 
-def find_vit(model: nn.Module) -> Tuple[str, nn.Module]:
+def find_vit(model: nn.Module) -> Tuple[str, VisionTransformer]:
     """(dotted name, module) of the ViT inside a detector built with our backbone."""
     for name, module in model.named_modules():
-        if isinstance(module, ViTPyramid):
-            return f"{name}.vit" if name else "vit", module.vit
+        if isinstance(module, VisionTransformer):
+            return name, module
     raise ValueError("the model has no MAE ViT backbone (MODEL.BACKBONE.NAME build_mae_vit_*)")
 
 
 DETECTOR_HEADS = ("roi_heads.", "proposal_generator.")
-OUR_VIT_PREFIXES = (D2_VIT_PREFIX, "backbone.vit.")  # with / without the FPN
+OUR_VIT_PREFIXES = tuple(VIT_PREFIXES.values())
 
 
-def is_vit_source(state: Dict[str, Any]) -> bool:
+def is_vit_source(state: Dict[str, Any], vit_prefix: Optional[str] = None) -> bool:
     """True for checkpoints of which only the ViT can be used here: MAE / ViT files (ours,
-    official, a classifier), and other models holding a ViT (an mmseg segmentor, a ViTDet
-    detector, a backbone-only conversion); False for detectors of this code (their ViT where
-    ours sits, and detection heads) and checkpoints without a ViT (detectron2's own path)."""
+    official, a classifier), and other models holding a ViT (an mmseg segmentor, a detector
+    with another backbone, a backbone-only conversion); False for detectors of the model's kind
+    (their ViT where the model's sits, ``vit_prefix``, e.g. 'backbone.net.', or any of ours
+    when None; and detection heads) and checkpoints without a ViT (detectron2's own path). A
+    ViTDet detector is of the simple pyramid's kind."""
     vit, prefix = strip_to_vit(state)
     if ANCHOR_KEY not in vit:
         return False
-    ours = prefix in OUR_VIT_PREFIXES and any(k.startswith(DETECTOR_HEADS) for k in state)
+    kind = OUR_VIT_PREFIXES if vit_prefix is None else (vit_prefix,)
+    ours = prefix in kind and any(k.startswith(DETECTOR_HEADS) for k in state)
     return not ours
+
+
+def fit_vit_tables(state: Dict[str, Any], model: nn.Module) -> LoadReport:
+    """Resizes in place, in a whole detector's ``state``, the position table and patch kernel
+    of the model's ViT where they differ from the model's by grid or patch size only.
+
+    A ViTDet detector keeps the pretraining's table (14 x 14 + a class row for MAE at 224) and
+    interpolates it at every forward; ours hold it at ``MODEL.VIT.IMG_SIZE``. Interpolated
+    once here (bicubic, as ViTDet), it gives the same values. Returns what was resized.
+    """
+    report = LoadReport()
+    try:
+        name, vit = find_vit(model)
+    except ValueError:
+        return report
+    prefix = f"{name}." if name else ""
+    report.target = name
+    own = {k: v for k, v in vit.state_dict().items() if k in ("pos_embed", ANCHOR_KEY)}
+    theirs = {k: torch.as_tensor(state[prefix + k]) for k in own if prefix + k in state}
+    theirs = {k: v for k, v in theirs.items() if v.shape != own[k].shape}
+    if theirs:
+        fitted = adapt_state_dict(theirs, vit, report)
+        state.update({prefix + k: v for k, v in fitted.items()})
+    return report
 
 
 class MAECheckpointer(DetectionCheckpointer):
@@ -128,26 +168,40 @@ class MAECheckpointer(DetectionCheckpointer):
             state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         state = find_state_dict(loaded)
-        if is_vit_source(state):
+        if is_vit_source(state, self._vit_prefix()):
             if self.whole_model:
                 raise CheckpointError(
-                    f"{filename} holds a ViT but not a detector of this code (a ViT / MAE "
-                    "checkpoint, or another model's, e.g. a segmentor): the detector's FPN and "
-                    "heads would be random. Give a trained detector (model_final.pth); train "
-                    f"one with tools/train_det.py ... MODEL.WEIGHTS {filename}"
+                    f"{filename} holds a ViT but not a detector of this code with this "
+                    "config's backbone (a ViT / MAE checkpoint, a detector with the other "
+                    "pyramid (MODEL.BACKBONE.NAME), or another model's, e.g. a segmentor): the "
+                    "detector's pyramid and heads would be random. Give a trained detector "
+                    "(model_final.pth); train one with tools/train_det.py ... MODEL.WEIGHTS "
+                    f"{filename}"
                 )
             return {"model": state, "__mae__": True}
         if "model" in loaded:  # detectron2's own checkpoints (with optimizer, iteration, ...)
             return loaded
         return {"model": state}  # a bare or mmengine-style ({"state_dict": ...}) whole model
 
+    def _unwrapped(self) -> nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def _vit_prefix(self) -> Optional[str]:
+        try:
+            return find_vit(self._unwrapped())[0] + "."
+        except ValueError:
+            return None
+
     def _load_model(self, checkpoint: Dict[str, Any]):
         if not checkpoint.pop("__mae__", False):
+            fitted = fit_vit_tables(checkpoint["model"], self._unwrapped())
+            if fitted.resized:
+                logger.info("%s: resized %s", fitted.target, ", ".join(fitted.resized))
             incompatible = super()._load_model(checkpoint)
             if self.whole_model:
                 check_fits(incompatible, self._source)
             return incompatible
-        model = self.model.module if hasattr(self.model, "module") else self.model
+        model = self._unwrapped()
         vit_name, vit = find_vit(model)
         report = load_pretrained(vit, checkpoint.pop("model"), log=False, source=self._source)
         others = [k for k in model.state_dict() if not k.startswith(vit_name + ".")]
@@ -181,11 +235,11 @@ def check_fits(incompatible, source: str) -> None:
 
 def module_groups(names) -> list:
     """Parameter names collapsed to their top two modules (level numbers dropped), with counts:
-    ['backbone.fpn_lateral (12)', 'backbone.bottom_up (2)', 'roi_heads.box_head (8)', ...]."""
+    ['backbone.fpn_lateral (12)', 'backbone.simfp (32)', 'roi_heads.box_head (8)', ...]."""
     counts: Dict[str, int] = {}
     for name in names:
         parts = name.split(".")[:2]
-        parts[-1] = parts[-1].rstrip("0123456789") or parts[-1]
+        parts[-1] = parts[-1].rstrip("0123456789").rstrip("_") or parts[-1]
         key = ".".join(parts)
         counts[key] = counts.get(key, 0) + 1
     return [f"{k} ({n})" for k, n in counts.items()]
@@ -197,16 +251,14 @@ def convert_to_detectron2(src: str, dst: str, cfg) -> Dict[str, int]:
     Position tables are resized to ``MODEL.VIT.IMG_SIZE`` and a patch-14 kernel to 16, so the
     file loads into the detector with detectron2's plain DetectionCheckpointer.
     """
-    from .backbone import MAEViTBackbone, backbone_kwargs
+    from .backbone import build_vit_part
 
-    kwargs = backbone_kwargs(cfg)
-    kwargs.pop("pretrained", None)
-    backbone = MAEViTBackbone(**kwargs)
-    report = load_pretrained(backbone.vit, src)
+    _, vit = find_vit(build_vit_part(cfg, pretrained=False))
+    report = load_pretrained(vit, src)
     loaded = {k for k in report.loaded}
-    # where the ViT sits in the detector: under the FPN's bottom_up, or the backbone itself
-    fpn = cfg.MODEL.BACKBONE.NAME != "build_mae_vit_backbone"
-    prefix = D2_VIT_PREFIX if fpn else "backbone.vit."
-    state = {prefix + k: v for k, v in backbone.vit.state_dict().items() if k in loaded}
+    # where the ViT sits in the detector: under the FPN's bottom_up, the backbone itself, or
+    # the simple pyramid's net
+    prefix = VIT_PREFIXES.get(cfg.MODEL.BACKBONE.NAME, D2_VIT_PREFIX)
+    state = {prefix + k: v for k, v in vit.state_dict().items() if k in loaded}
     save_atomic({"model": state, "__author__": "mae-transfer", "matching_heuristics": False}, dst)
     return {"written": len(state), "dropped": len(report.dropped), "new": len(report.new)}

@@ -19,6 +19,14 @@ from mae_transfer.vit import REL_POS_TYPES
 logger = logging.getLogger(__name__)
 
 
+# the registered backbones (MODEL.BACKBONE.NAME): the paper's 4-stage pyramid + detectron2's FPN,
+# that pyramid alone, and ViTDet's simple feature pyramid (every level from the last block)
+FPN_BACKBONE = "build_mae_vit_fpn_backbone"
+PYRAMID_BACKBONE = "build_mae_vit_backbone"
+SIMPLE_FPN_BACKBONE = "build_mae_vit_simple_fpn_backbone"
+# what the simple pyramid puts out, for the heads (P6 by LastLevelMaxPool)
+SIMPLE_FPN_OUTPUTS = ["p2", "p3", "p4", "p5", "p6"]
+
 AMP_PRECISIONS = ("auto", "float16", "bfloat16")
 # what MAE pretraining normalises with, on detectron2's 0..255 pixels
 IMAGENET_PIXEL_MEAN = tuple(round(255 * m, 3) for m in IMAGENET_MEAN)  # 123.675, 116.28, 103.53
@@ -44,15 +52,18 @@ def add_mae_vit_config(cfg: CN) -> CN:
     cfg.MODEL.VIT.NAME = "vit_base_patch16"  # registered encoder, see mae_transfer.list_models
     cfg.MODEL.VIT.IMG_SIZE = 1024  # size the position table is built for (any input works)
     cfg.MODEL.VIT.PATCH_SIZE = 0  # 0: the model's own (patch 14 is used as 16)
-    cfg.MODEL.VIT.OUT_INDICES = []  # [] = equal split: B 2,5,8,11; L 5,11,17,23; H 7,15,23,31
+    # 4-stage pyramid's stage ends; [] = equal split: B 2,5,8,11; L 5,11,17,23; H 7,15,23,31
+    # (the simple pyramid reads the last block only: [] there)
+    cfg.MODEL.VIT.OUT_INDICES = []
     cfg.MODEL.VIT.WINDOW_SIZE = 14  # 0 = global attention in every block
-    # [] = the stage ends (OUT_INDICES), as ViTDet; ["none"] = every block windowed
+    # [] = the stage ends (OUT_INDICES, or the equal split's with the simple pyramid), as
+    # ViTDet; ["none"] = every block windowed
     cfg.MODEL.VIT.GLOBAL_BLOCKS = []
     cfg.MODEL.VIT.REL_POS = "decomposed"  # "", "decomposed" or "bias"; zero-initialised
     cfg.MODEL.VIT.DROP_PATH_RATE = 0.1
     cfg.MODEL.VIT.LAYER_SCALE = 0.0  # init value of layer scale; 0 = off
     cfg.MODEL.VIT.USE_CHECKPOINT = False  # activation checkpointing, trades compute for memory
-    cfg.MODEL.VIT.NORM = "LN"  # norm in the x4 upsampling path: BN, SyncBN, LN, GN
+    cfg.MODEL.VIT.NORM = "LN"  # norm in the x4 upsampling path (both pyramids): BN, SyncBN, LN, GN
     cfg.MODEL.VIT.PRETRAINED = ""  # alternative to MODEL.WEIGHTS, loaded when the model is built
     # pad inputs to a square of this size (never crop): test images then see the position table
     # as in training (LSJ crops) instead of a stretched one; -1 = INPUT.LSJ.IMAGE_SIZE with LSJ
@@ -111,8 +122,10 @@ def model_input_errors(cfg: CN) -> List[str]:
         abs(a - b) > 1.0 for a, b in zip(mean + std, IMAGENET_PIXEL_MEAN + IMAGENET_PIXEL_STD)
     ):
         _note_statistics(mean, std)  # a ViT pretrained on other statistics may want them
-    if cfg.MODEL.BACKBONE.NAME == "build_mae_vit_fpn_backbone":
+    if cfg.MODEL.BACKBONE.NAME == FPN_BACKBONE:
         errors += _fpn_errors(cfg)
+    elif cfg.MODEL.BACKBONE.NAME == SIMPLE_FPN_BACKBONE:
+        errors += _simple_fpn_errors(cfg)
     return errors + _cascade_errors(cfg)
 
 
@@ -157,17 +170,46 @@ def _fpn_errors(cfg: CN) -> List[str]:
     else:
         levels = [int(f[3:]) for f in inputs]
         outputs = [f"p{i}" for i in levels + [levels[-1] + 1]]  # + P6 by LastLevelMaxPool
-        for head in _heads(cfg):
-            if not set(cfg.MODEL[head].IN_FEATURES) <= set(outputs):
-                errors.append(
-                    f"MODEL.{head}.IN_FEATURES {list(cfg.MODEL[head].IN_FEATURES)} must be "
-                    f"among the FPN's outputs {outputs}"
-                )
-    if "ROI_HEADS" in _heads(cfg) and cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads":
+        errors += _head_errors(cfg, outputs, "the FPN's outputs")
+    return errors + _c4_head_errors(cfg, "the FPN")
+
+
+def _simple_fpn_errors(cfg: CN) -> List[str]:
+    """ViTDet's simple pyramid: P2-P6 from the last block. It has no FPN (MODEL.FPN.IN_FEATURES
+    and FUSE_TYPE are not read); its 1x1 / 3x3 convs take MODEL.FPN.OUT_CHANNELS and NORM, as
+    the FPN's lateral and output convs do; stage ends (MODEL.VIT.OUT_INDICES) mean nothing."""
+    errors = []
+    indices = list(cfg.MODEL.VIT.OUT_INDICES)
+    if indices:
         errors.append(
-            "MODEL.ROI_HEADS.NAME 'Res5ROIHeads' is for ResNet-C4 models (it runs a ResNet res5 "
-            "stage): use 'StandardROIHeads' on the FPN"
+            f"MODEL.VIT.OUT_INDICES {indices} are stage ends of the 4-stage pyramid; "
+            f"{SIMPLE_FPN_BACKBONE} builds every level from the last block: set it to [] "
+            "(MODEL.VIT.GLOBAL_BLOCKS names the global-attention blocks; [] = the equal "
+            "split's stage ends, as ViTDet)"
         )
+    if cfg.MODEL.FPN.OUT_CHANNELS <= 0:
+        errors.append(
+            f"MODEL.FPN.OUT_CHANNELS (the simple pyramid's output channels) must be > 0, got "
+            f"{cfg.MODEL.FPN.OUT_CHANNELS}"
+        )
+    if cfg.MODEL.FPN.NORM not in NORMS:
+        errors.append(
+            f"MODEL.FPN.NORM (the norm of the simple pyramid's convs) must be one of {NORMS}, "
+            f"got {cfg.MODEL.FPN.NORM!r}"
+        )
+    errors += _head_errors(cfg, SIMPLE_FPN_OUTPUTS, "the simple pyramid's outputs")
+    return errors + _c4_head_errors(cfg, "the simple pyramid")
+
+
+def _head_errors(cfg: CN, outputs: List[str], what: str) -> List[str]:
+    """Heads reading maps the backbone does not make (a KeyError naming no key)."""
+    errors = []
+    for head in _heads(cfg):
+        if not set(cfg.MODEL[head].IN_FEATURES) <= set(outputs):
+            errors.append(
+                f"MODEL.{head}.IN_FEATURES {list(cfg.MODEL[head].IN_FEATURES)} must be among "
+                f"{what} {outputs}"
+            )
     return errors
 
 
@@ -194,6 +236,15 @@ def _cascade_errors(cfg: CN) -> List[str]:
             f"matches at MODEL.ROI_HEADS.IOU_THRESHOLDS' {first} (make them equal)"
         )
     return errors
+
+
+def _c4_head_errors(cfg: CN, backbone: str) -> List[str]:
+    if "ROI_HEADS" in _heads(cfg) and cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads":
+        return [
+            "MODEL.ROI_HEADS.NAME 'Res5ROIHeads' is for ResNet-C4 models (it runs a ResNet res5 "
+            f"stage): use 'StandardROIHeads' on {backbone}"
+        ]
+    return []
 
 
 def _vit_errors(cfg: CN) -> List[str]:
@@ -228,8 +279,11 @@ def _vit_errors(cfg: CN) -> List[str]:
         errors.append(f"MODEL.VIT.SQUARE_PAD must be -1, 0 or a multiple of 32, got {v.SQUARE_PAD}")
     if v.WINDOW_SIZE < 0:
         errors.append(f"MODEL.VIT.WINDOW_SIZE must be >= 0, got {v.WINDOW_SIZE}")
-    if v.OUT_INDICES and (
-        len(v.OUT_INDICES) != 4 or list(v.OUT_INDICES) != sorted(set(v.OUT_INDICES))
+    four_stages = cfg.MODEL.BACKBONE.NAME != SIMPLE_FPN_BACKBONE  # (else: _simple_fpn_errors)
+    if (
+        four_stages
+        and v.OUT_INDICES
+        and (len(v.OUT_INDICES) != 4 or list(v.OUT_INDICES) != sorted(set(v.OUT_INDICES)))
     ):
         errors.append(f"MODEL.VIT.OUT_INDICES must be 4 increasing indices, got {v.OUT_INDICES}")
     blocks = list(v.GLOBAL_BLOCKS)

@@ -39,7 +39,7 @@ from mae_transfer.device import fused_adamw_supported
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.optim import keep_optimizer_impl, param_groups
 
-from .backbone import MAEViTBackbone, backbone_kwargs
+from .backbone import build_vit_part
 from .checkpoint import MAECheckpointer, find_vit
 from .config import add_mae_vit_config, amp_dtype, validate_config
 from .data import ImageMapper, ResumableSampler, batching_workers, train_sampler
@@ -88,11 +88,9 @@ def build_cfg(config_file: str, opts=(), coco_train=None, coco_val=None):
 def check_backbone(cfg) -> None:
     """Builds the backbone on the meta device (no memory, no weights): what only the model
     knows (OUT_INDICES beyond the depth, a patch size, a SIZE_OVERRIDES key) is named now."""
-    kwargs = backbone_kwargs(cfg)
-    kwargs.pop("pretrained", None)
     try:
         with torch.device("meta"):
-            MAEViTBackbone(**kwargs)
+            build_vit_part(cfg, pretrained=False)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"MODEL.VIT ({cfg.MODEL.VIT.NAME}): {e}") from e
 
