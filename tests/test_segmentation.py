@@ -346,7 +346,12 @@ def _check_test_and_visualize_tools(tmp_path, root, opts):
 
     # the test scale alone, unflipped, is the plain test to the digit; other scales are not
     assert tta("--tta-ratios", "1.0", "--tta-no-flip") == plain
-    assert tta("--tta-ratios", "0.75", "1.5") != plain
+    # predictions written and drawn, one file per validation image, as the metrics saw them
+    preds, shown = tmp_path / "preds", tmp_path / "shown"
+    scaled = tta("--tta-ratios", "0.75", "1.5", "--pred-dir", str(preds), "--show-dir", str(shown))
+    assert scaled != plain
+    assert _pixel_accuracy(root, preds) == pytest.approx(scaled["aAcc"], abs=0.01)
+    assert len(list(shown.rglob("*.png"))) == 4  # a drawing per validation image
     png = tmp_path / "overlay.png"
     val = os.path.join(root, "images", "validation")
     dumped = tmp_path / "work" / os.path.basename(TINY_CONFIG)  # the config mmengine saved
@@ -355,6 +360,25 @@ def _check_test_and_visualize_tools(tmp_path, root, opts):
         == 0
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _pixel_accuracy(root: str, preds) -> float:
+    """The accuracy (%) of the label PNGs --pred-dir wrote, one per validation image, of its
+    label's size, numbered as the labels are (0 = unlabeled, 1.. the classes: the toy set
+    reduces the zero label), over the labelled pixels: the metric's aAcc if they are right."""
+    import numpy as np
+    from PIL import Image
+
+    labels = sorted(glob.glob(os.path.join(root, "annotations", "validation", "*.png")))
+    written = sorted(preds.glob("*.png"))
+    assert [p.name for p in written] == [os.path.basename(p) for p in labels]
+    right = labelled = 0
+    for pred, label in zip(written, labels):
+        pred, label = np.asarray(Image.open(pred)), np.asarray(Image.open(label))
+        assert pred.shape == label.shape and pred.dtype == np.uint8 and pred.min() >= 1
+        right += int(((pred == label) & (label > 0)).sum())
+        labelled += int((label > 0).sum())
+    return 100 * right / labelled
 
 
 def _lr_after(cfg, iters: int) -> float:
@@ -1466,7 +1490,7 @@ def test_tta_repeats_the_test_resize_at_each_ratio_of_its_scale_with_flips():
     """The recipe's test resize is (2048, 512): ratio 0.5 is (1024, 256), not mmseg 1.x's
     tta_pipeline (the stored image x 0.5, whatever the test scale); labels loaded, checked and
     packed once per augmentation, the image loaded once."""
-    from mae_transfer.segmentation.tta import apply_tta
+    from mae_transfer.segmentation.testing import apply_tta
 
     recipe = os.path.join(CONFIG_DIR, "upernet_mae_vit_base_8xb2-160k_ade20k-512x512.py")
     cfg = build_cfg(recipe, for_training=False)
@@ -1487,7 +1511,7 @@ def test_tta_repeats_the_test_resize_at_each_ratio_of_its_scale_with_flips():
 
 def test_tta_without_a_test_resize_scales_the_image_and_refuses_what_it_cannot_do():
     from mae_transfer.engine.config import ConfigError
-    from mae_transfer.segmentation.tta import tta_pipeline
+    from mae_transfer.segmentation.testing import tta_pipeline
 
     plain = [dict(type="LoadImageAnyDepth"), dict(type="LoadAnnotations"), dict(type="Pack")]
     load, aug = tta_pipeline(plain, (0.5, 2), flip=False)

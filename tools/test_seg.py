@@ -2,7 +2,8 @@
 """Evaluate a segmentor checkpoint (mIoU with mmseg's IoUMetric), mmseg's tools/test.py style.
 
 python tools/test_seg.py CONFIG CHECKPOINT [--work-dir DIR] [--out metrics.json] \\
-    [--tta [--tta-ratios R ...] [--tta-no-flip]] [--cfg-options k=v ...]
+    [--tta [--tta-ratios R ...] [--tta-no-flip]] [--pred-dir DIR] [--show-dir DIR] \\
+    [--cfg-options k=v ...]
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ from mae_transfer.segmentation.runner import (  # noqa: E402
     model_state_shapes,
     parse_cfg_options,
 )
-from mae_transfer.segmentation.tta import DEFAULT_RATIOS, apply_tta  # noqa: E402
+from mae_transfer.segmentation.testing import (  # noqa: E402
+    DEFAULT_RATIOS,
+    apply_tta,
+    write_outputs,
+)
 
 logger = logging.getLogger("test_seg")
 
@@ -72,6 +77,14 @@ def main(argv=None) -> int:
         "0.5 0.75 1.0 1.25 1.5 1.75)",
     )
     p.add_argument("--tta-no-flip", action="store_true", help="--tta without the flipped copies")
+    p.add_argument(
+        "--pred-dir",
+        help="also write each prediction as an 8-bit label PNG named as its image (ADE20K's "
+        "numbering where the data set reduces the zero label, as its server takes them)",
+    )
+    p.add_argument(
+        "--show-dir", help="also draw image, ground truth and prediction of every test image here"
+    )
     add_launcher_args(p)
     args = p.parse_args(argv)
     if (args.tta_ratios or args.tta_no_flip) and not args.tta:
@@ -92,6 +105,7 @@ def main(argv=None) -> int:
         state, _ = read_segmentor(args.checkpoint)
         check_fits(state, model_state_shapes(cfg), args.checkpoint)
         check_data(cfg, for_training=False)
+        write_outputs(cfg, args.pred_dir, args.show_dir)
         if args.tta:
             ratios = args.tta_ratios or cfg.get("img_ratios") or DEFAULT_RATIOS
             n = apply_tta(cfg, ratios, flip=not args.tta_no_flip)

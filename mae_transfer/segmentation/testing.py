@@ -1,11 +1,12 @@
-"""Multi-scale + flip testing ("ms+flip" in BEiT's and mmseg's tables), for tools/test_seg.py
---tta.
+"""Test-time options of tools/test_seg.py: multi-scale + flip testing (--tta), predictions
+written as label images (--pred-dir) and drawn (--show-dir).
 
-The test pipeline's own resize is repeated at each ratio of its scale (BEiT / mmseg 0.x's
-``img_scale`` x ``img_ratios``, the protocol of the published multi-scale numbers), each scale
-also flipped; mmseg's SegTTAModel averages the softmax of the predictions, each brought back
-to the image's size and orientation. mmseg 1.x's ADE20K ``tta_pipeline`` resizes the image as
-stored by the ratios instead, so its ratio 1.0 is not the single-scale test; it is not used.
+Multi-scale + flip ("ms+flip" in BEiT's and mmseg's tables): the test pipeline's own resize is
+repeated at each ratio of its scale (BEiT / mmseg 0.x's ``img_scale`` x ``img_ratios``, the
+protocol of the published multi-scale numbers), each scale also flipped; mmseg's SegTTAModel
+averages the softmax of the predictions, each brought back to the image's size and
+orientation. mmseg 1.x's ADE20K ``tta_pipeline`` resizes the image as stored by the ratios
+instead, so its ratio 1.0 is not the single-scale test; it is not used.
 """
 
 from __future__ import annotations
@@ -81,3 +82,37 @@ def apply_tta(cfg: Config, ratios: Sequence[float] = DEFAULT_RATIOS, flip: bool 
         raise ConfigError("test_dataloader.dataset has no pipeline to augment")
     cfg.model = dict(type="SegTTAModel", module=cfg.model)
     return len(ratios) * (2 if flip else 1)
+
+
+def write_outputs(cfg: Config, pred_dir: str = "", show_dir: str = "") -> None:
+    """``pred_dir``: every test image's prediction as an 8-bit label PNG named as the image
+    (mmseg's IoUMetric ``output_dir``; ADE20K's numbering, 0 = unlabeled, where the data set
+    reduces the zero label, as its evaluation server takes them). ``show_dir``: image, ground
+    truth and prediction drawn side by side for every test image (mmseg's
+    SegVisualizationHook).
+
+    Raises:
+        ConfigError: ``pred_dir`` with a test evaluator that is not mmseg's IoUMetric."""
+    if pred_dir:
+        evaluators = cfg.test_evaluator
+        evaluators = evaluators if isinstance(evaluators, list) else [evaluators]
+        metrics = [e for e in evaluators if type_name(e) == "IoUMetric"]
+        if not metrics:
+            names = [type_name(e) for e in evaluators]
+            raise ConfigError(f"--pred-dir: the test_evaluator {names} has no IoUMetric to write")
+        for evaluator in metrics:
+            evaluator["output_dir"] = pred_dir
+    if show_dir:
+        hooks = cfg.setdefault("default_hooks", {})
+        hooks["visualization"] = {
+            **(hooks.get("visualization") or {"type": "SegVisualizationHook"}),
+            "draw": True,
+            "interval": 1,
+        }
+        visualizer = {**cfg.get("visualizer", {"type": "SegLocalVisualizer"})}
+        # named by the Runner after this run: an instance of the config's name made earlier
+        # in the process (a training run) would be taken, with its own save_dir
+        visualizer.pop("name", None)
+        visualizer["save_dir"] = show_dir
+        visualizer["vis_backends"] = [dict(type="LocalVisBackend")]  # PNG files, no event files
+        cfg.visualizer = visualizer
