@@ -1,13 +1,16 @@
 """Loading every checkpoint form MAE users have, with a clear report; atomic saving.
 
-Forms recognised (all read with ``torch.load(..., weights_only=True)``):
+Forms recognised (torch files read with ``torch.load(..., weights_only=True)``, safetensors
+files with the ``safetensors`` package; an http(s) URL is downloaded once into torch hub's cache):
 
 - official encoder-only ``mae_pretrain_vit_*.pth``: ``{'model': encoder state dict}``;
 - official full / visualize checkpoints: ``{'model': encoder + decoder}``;
 - our pretraining checkpoints: ``{'model', 'optimizer', 'epoch', 'args', ...}``;
 - detectron2 / mmengine checkpoints: ``{'model': ...}`` / ``{'state_dict': ...}`` with the ViT
   under a prefix such as ``backbone.bottom_up.vit.`` or ``backbone.vit.``;
-- plain state dicts, ``module.``-prefixed (DDP) ones included.
+- plain state dicts, ``module.``-prefixed (DDP) ones included;
+- any of these in OpenMMLab's names (mmseg, mmpretrain) or Hugging Face's (``ViTMAE*``,
+  ``ViT*``), read as ours by the one table of :mod:`mae_transfer.checkpoint_keys`.
 
 The ViT is found inside any of them by locating ``patch_embed.proj.weight``; the key prefix in
 front of it is stripped, and what lies outside that prefix (a segmentor's rescaling and heads, a
@@ -19,18 +22,22 @@ mismatch is reported.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from .checkpoint_keys import KEY_TABLE, Renaming, to_timm_names
 from .pos_embed import resize_patch_embed_kernel, resize_pos_embed, sincos_grid
 from .vit import VisionTransformer
 
@@ -41,6 +48,10 @@ STATE_DICT_KEYS = ("model", "state_dict", "module", "model_state")
 # Checkpoint keys a ViT encoder is expected not to use: the MAE decoder and its mask token
 # (and a fine-tuned classifier's fc_norm / head, see _expected_unused).
 DECODER_PREFIXES = ("decoder_", "mask_token")
+# Buffers a checkpoint may hold that the model computes itself (mmseg's BEiT attention's), and
+# heads no model here has (Hugging Face ViTModel's pooler: dense + tanh on the class token).
+DERIVED_BUFFERS = ("relative_position_index",)
+OTHER_HEADS = ("pooler.",)
 # Keys an encoder may lack in the checkpoint and is expected to learn from scratch.
 NEW_PARAM_MARKERS = ("rel_pos_h", "rel_pos_w", "relative_position_bias_table", ".ls1.", ".ls2.")
 # A classifier's pooling norm and head: new when it starts from a pretraining checkpoint.
@@ -59,13 +70,17 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 # The first bytes of what torch.save writes: a zip archive (torch >= 1.6) or, in the legacy
 # format, a pickle (protocol 2+ starts with 0x80).
 TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+URL_SCHEMES = ("http://", "https://")
 
 
 # -- reading ----------------------------------------------------------------------------------
 def load_file(path: str, mmap: bool = False) -> Any:
-    """``torch.load`` on CPU with ``weights_only=True``; a clear error for unsafe or bad files.
+    """Reads a checkpoint on CPU, never running code from it: a torch file with
+    ``torch.load(..., weights_only=True)``, a safetensors file (timm's and Hugging Face's hub
+    files) with the ``safetensors`` package; an http(s) URL is read from its local copy
+    (:func:`download`). A clear error for unsafe or bad files.
 
-    ``mmap``: memory-map the file where its format allows it (zip, torch >= 1.6): the processes
+    ``mmap``: memory-map a torch file where its format allows it (zip, torch >= 1.6): the processes
     of a node resuming the same checkpoint then share its pages in the page cache instead of
     each reading a copy (8 x 8 GB for a ViT-H run with its AdamW state); an in-place update
     copies only the page it touches, and the file is never written. Only for files that are
@@ -73,15 +88,61 @@ def load_file(path: str, mmap: bool = False) -> Any:
     :func:`save_atomic`): a file truncated under a mapping kills the process (SIGBUS), and
     detectron2 and mmengine save over their checkpoints in place.
     """
+    if is_url(path):
+        path = download(path)
     if not os.path.isfile(path):
-        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if not head.startswith(TORCH_MAGIC):
+        hint = "; only http:// and https:// URLs are downloaded" if "://" in str(path) else ""
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}{hint}")
+    kind = file_format(path)
+    if kind is None:
         raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint (it starts with {head!r}; an HTML page or an "
-            "error message saved by a failed download?)"
+            f"{path} is not a PyTorch checkpoint (it starts with {_head(path)!r}, nor is it a "
+            "safetensors file; an HTML page or an error message saved by a failed download?)"
         )
+    if kind == "safetensors":
+        return _load_safetensors(path)
+    return _load_torch(path, mmap)
+
+
+def is_url(path: Any) -> bool:
+    """True for an http(s) URL, which :func:`load_file` downloads (other ``scheme://`` paths,
+    e.g. mmengine's storage backends, are not)."""
+    return isinstance(path, str) and path.startswith(URL_SCHEMES)
+
+
+def file_format(path: str) -> Optional[str]:
+    """'safetensors', 'torch' (zip or legacy pickle) or None, from the file's first bytes."""
+    head = _head(path)
+    # safetensors: an 8-byte little-endian header length, then the header's JSON object
+    size = int.from_bytes(head[:8], "little")
+    if len(head) > 8 and head[8:9] == b"{" and size <= os.path.getsize(path) - 8:
+        return "safetensors"
+    return "torch" if head.startswith(TORCH_MAGIC) else None
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(16)
+
+
+def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """A safetensors file's tensors (a format of tensors only: nothing to unpickle)."""
+    try:
+        from safetensors.torch import load_file as read_safetensors
+    except ImportError as e:
+        raise CheckpointError(
+            f"{path} is a safetensors file: reading it needs the safetensors package "
+            "(pip install safetensors; timm installs it too)"
+        ) from e
+    try:
+        return read_safetensors(path, device="cpu")
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+
+
+def _load_torch(path: str, mmap: bool) -> Any:
+    """``torch.load`` with ``weights_only=True`` (mmengine's data containers allowed where
+    mmengine is installed); a clear error for files that hold other objects."""
     try:
         try:
             return _load_safely(path, mmap)
@@ -97,6 +158,48 @@ def load_file(path: str, mmap: bool = False) -> Any:
                 f"dict, e.g. torch.save({{'model': sd}}, ...). Details: {e}"
             ) from e
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def download(url: str) -> str:
+    """The local copy of ``url`` in torch hub's cache, downloaded on first use as
+    ``torch.hub.load_state_dict_from_url`` does (into a temporary file, renamed when whole).
+
+    The copy is ``<torch hub dir>/checkpoints/<host>/<path of the URL>`` (``$TORCH_HOME``
+    moves it): the URL's path keeps apart files of the same name from different places (every
+    Hugging Face repository has a ``model.safetensors``). A download that is no checkpoint (a
+    login or error page) is removed again, so that the next try downloads anew.
+    """
+    dst = cache_path(url)
+    if os.path.isfile(dst):
+        return dst
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    logger.info("downloading %s to %s", url, dst)
+    try:
+        torch.hub.download_url_to_file(url, dst, progress=sys.stderr.isatty())
+    except Exception as e:  # noqa: BLE001 - a network or HTTP error, named with the fix
+        raise CheckpointError(
+            f"cannot download {url}: {e}. Download it yourself and give the file's path"
+        ) from e
+    if file_format(dst) is None:
+        head = _head(dst)
+        os.remove(dst)
+        raise CheckpointError(
+            f"{url} gave no checkpoint (it starts with {head!r}: a login or error page?); "
+            "nothing was kept in the cache"
+        )
+    return dst
+
+
+def cache_path(url: str) -> str:
+    """Where :func:`download` keeps ``url``: ``<hub dir>/checkpoints/<host>/<path>`` (a query
+    string adds its hash to the file name)."""
+    parts = urllib.parse.urlsplit(url)
+    names = [n for n in parts.path.split("/") if n not in ("", ".", "..")] or ["index"]
+    if parts.query:
+        stem, ext = os.path.splitext(names[-1])
+        names[-1] = f"{stem}-{hashlib.sha256(parts.query.encode()).hexdigest()[:8]}{ext}"
+    host = parts.netloc.rsplit("@", 1)[-1].replace(":", "_")
+    return os.path.join(torch.hub.get_dir(), "checkpoints", host, *names)
 
 
 def _load_safely(path: str, mmap: bool) -> Any:
@@ -143,11 +246,14 @@ def find_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
 
 
 def strip_to_vit(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Keeps the ViT's keys, without the prefix found in front of ``patch_embed.proj.weight``.
+    """Keeps the ViT's keys, in our names (another codebase's read by
+    :func:`~mae_transfer.checkpoint_keys.to_timm_names`) and without the prefix found in front
+    of ``patch_embed.proj.weight``.
 
     Returns:
         (state dict with bare ViT names, the stripped prefix).
     """
+    state, _ = to_timm_names(state)
     anchors = [k for k in state if k.endswith(ANCHOR_KEY)]
     if not anchors:
         return dict(state), ""
@@ -165,7 +271,10 @@ def load_vit_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], str]:
 # -- the report -------------------------------------------------------------------------------
 @dataclass
 class LoadReport:
-    """What a load did: every model and checkpoint key ends up in exactly one list."""
+    """What a load did: every model and checkpoint key ends up in exactly one list (after the
+    checkpoint's names are read as ours; ``fused`` lists what was made of several of its
+    tensors, e.g. a qkv from Hugging Face's query, key and value, which then loaded or not as
+    the other tensors do)."""
 
     source: str = ""
     target: str = ""  # the submodule loaded into, when the model holds the ViT (e.g. 'vit')
@@ -176,6 +285,7 @@ class LoadReport:
     dropped: List[str] = field(default_factory=list)  # in the checkpoint, expected unused
     unexpected: List[str] = field(default_factory=list)
     mismatched: List[str] = field(default_factory=list)
+    fused: List[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -185,6 +295,7 @@ class LoadReport:
         into = f" into the model's ViT '{self.target}'" if self.target else ""
         lines = [f"loaded {len(self.loaded)} tensors from {self.source or 'checkpoint'}{into}"]
         groups = [
+            ("fused from the checkpoint's parts", self.fused),
             ("resized", self.resized),
             ("new (initialised here)", self.new),
             ("dropped from checkpoint (not used by this model)", self.dropped),
@@ -321,7 +432,7 @@ def getattr_path(module: nn.Module, name: str):
 
 
 def _expected_unused(name: str, own: Mapping[str, torch.Tensor]) -> bool:
-    if name.startswith(DECODER_PREFIXES):
+    if name.startswith(DECODER_PREFIXES + OTHER_HEADS) or name.endswith(DERIVED_BUFFERS):
         return True
     if name.startswith("norm.") and "norm.weight" not in own:  # a classifier pooling to fc_norm
         return True
@@ -347,7 +458,9 @@ def load_pretrained(
         model: a ``MaskedAutoencoderViT`` or ``VisionTransformer`` (or anything with their
             names), or a module holding one ``VisionTransformer`` (a pyramid, a detector), into
             which the weights then go (the report's ``target`` names it).
-        path_or_state: a file path, or an already-read state dict.
+        path_or_state: a file path or an http(s) URL (downloaded once into torch hub's
+            cache), or an already-read state dict; in our names or another codebase's
+            (OpenMMLab, Hugging Face: :mod:`mae_transfer.checkpoint_keys`).
         min_loaded_fraction: below this fraction of the model's tensors loaded, raise.
         source: where a state dict was read from (for the report).
 
@@ -365,9 +478,11 @@ def load_pretrained(
     else:
         source = source or "state dict"
         whole = find_state_dict(path_or_state)
+    whole, renaming = to_timm_names(whole)
     state, prefix = strip_to_vit(whole)
+    fused = [k[len(prefix) :] if k.startswith(prefix) else k for k in renaming.fused]
     report = LoadReport(
-        source=source + (f" (prefix '{prefix}' stripped)" if prefix else ""), target=target
+        source=_describe_source(source, prefix, renaming), target=target, fused=fused
     )
     to_load = adapt_state_dict(state, model, report)
     # the rest of a bigger model (a segmentor's rescaling and heads), outside the prefix: listed
@@ -384,6 +499,13 @@ def load_pretrained(
     if log:
         (logger.info if report.ok else logger.warning)("%s", report.summary())
     return report
+
+
+def _describe_source(source: str, prefix: str, renaming: Renaming) -> str:
+    """'x.pth (Hugging Face names read as ours; prefix 'vit.' stripped)' for the report."""
+    notes = [f"{renaming.scheme} names read as ours"] if renaming.scheme else []
+    notes += [f"prefix '{prefix}' stripped"] if prefix else []
+    return source + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def load_target(model: nn.Module) -> Tuple[str, nn.Module]:
@@ -450,7 +572,8 @@ def diagnose(state: Mapping[str, torch.Tensor], model: nn.Module) -> str:
     if ANCHOR_KEY not in state:
         sample = ", ".join(list(state)[:5])
         return (
-            f"The checkpoint holds no ViT (keys start with: {sample}); is it the right file? "
+            "The checkpoint holds no ViT under the names of the official MAE / timm, "
+            f"{' or '.join(KEY_TABLE)} (keys start with: {sample}); is it the right file? "
             f"The model is a {mine}."
         )
     if ANCHOR_KEY not in model.state_dict():

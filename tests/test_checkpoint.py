@@ -245,3 +245,382 @@ def test_copies_of_a_checkpoint_are_independent_files_that_outlive_its_next_save
         "checkpoint-best.pth",
         "checkpoint-last.pth",
     ]
+
+
+# -- other codebases' names, safetensors, URLs --------------------------------------------------
+HF, MM = "Hugging Face", "OpenMMLab"
+
+# Hand-written from the codebases' module trees (transformers' modeling_vit_mae.py, mmpretrain's
+# VisionTransformer / MAEPretrainDecoder, mmseg's BEiT / MAE backbones), not from KEY_TABLE:
+# their name -> ours ("[k]": the k-th third of our tensor). A table that agrees with its own
+# inverse but names or pairs a tensor wrongly fails here.
+HF_LAYER = {
+    "layernorm_before.weight": "norm1.weight",
+    "layernorm_before.bias": "norm1.bias",
+    "attention.attention.query.weight": "attn.qkv.weight[0]",
+    "attention.attention.query.bias": "attn.qkv.bias[0]",
+    "attention.attention.key.weight": "attn.qkv.weight[1]",
+    "attention.attention.key.bias": "attn.qkv.bias[1]",
+    "attention.attention.value.weight": "attn.qkv.weight[2]",
+    "attention.attention.value.bias": "attn.qkv.bias[2]",
+    "attention.output.dense.weight": "attn.proj.weight",
+    "attention.output.dense.bias": "attn.proj.bias",
+    "layernorm_after.weight": "norm2.weight",
+    "layernorm_after.bias": "norm2.bias",
+    "intermediate.dense.weight": "mlp.fc1.weight",
+    "intermediate.dense.bias": "mlp.fc1.bias",
+    "output.dense.weight": "mlp.fc2.weight",
+    "output.dense.bias": "mlp.fc2.bias",
+}
+HF_MAE = {  # ViTMAEForPreTraining, encoder depth 2, decoder depth 1
+    "vit.embeddings.cls_token": "cls_token",
+    "vit.embeddings.position_embeddings": "pos_embed",
+    "vit.embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "vit.embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    **{
+        f"vit.encoder.layer.{i}.{t}": f"blocks.{i}.{o}" for i in (0, 1) for t, o in HF_LAYER.items()
+    },
+    "vit.layernorm.weight": "norm.weight",
+    "vit.layernorm.bias": "norm.bias",
+    "decoder.mask_token": "mask_token",
+    "decoder.decoder_pos_embed": "decoder_pos_embed",
+    "decoder.decoder_embed.weight": "decoder_embed.weight",
+    "decoder.decoder_embed.bias": "decoder_embed.bias",
+    **{f"decoder.decoder_layers.0.{t}": f"decoder_blocks.0.{o}" for t, o in HF_LAYER.items()},
+    "decoder.decoder_norm.weight": "decoder_norm.weight",
+    "decoder.decoder_norm.bias": "decoder_norm.bias",
+    "decoder.decoder_pred.weight": "decoder_pred.weight",
+    "decoder.decoder_pred.bias": "decoder_pred.bias",
+}
+MM_LAYER = {
+    "ln1.weight": "norm1.weight",
+    "ln1.bias": "norm1.bias",
+    "attn.qkv.weight": "attn.qkv.weight",
+    "attn.qkv.bias": "attn.qkv.bias",
+    "attn.proj.weight": "attn.proj.weight",
+    "attn.proj.bias": "attn.proj.bias",
+    "ln2.weight": "norm2.weight",
+    "ln2.bias": "norm2.bias",
+    "ffn.layers.0.0.weight": "mlp.fc1.weight",
+    "ffn.layers.0.0.bias": "mlp.fc1.bias",
+    "ffn.layers.1.weight": "mlp.fc2.weight",
+    "ffn.layers.1.bias": "mlp.fc2.bias",
+}
+MM_MAE = {  # mmpretrain's MAE: MAEViT as the backbone, MAEPretrainDecoder as the neck
+    "backbone.cls_token": "cls_token",
+    "backbone.pos_embed": "pos_embed",
+    "backbone.patch_embed.projection.weight": "patch_embed.proj.weight",
+    "backbone.patch_embed.projection.bias": "patch_embed.proj.bias",
+    **{f"backbone.layers.{i}.{t}": f"blocks.{i}.{o}" for i in (0, 1) for t, o in MM_LAYER.items()},
+    "backbone.ln1.weight": "norm.weight",
+    "backbone.ln1.bias": "norm.bias",
+    "neck.mask_token": "mask_token",
+    "neck.decoder_pos_embed": "decoder_pos_embed",
+    "neck.decoder_embed.weight": "decoder_embed.weight",
+    "neck.decoder_embed.bias": "decoder_embed.bias",
+    **{f"neck.decoder_blocks.0.{t}": f"decoder_blocks.0.{o}" for t, o in MM_LAYER.items()},
+    "neck.ln1.weight": "decoder_norm.weight",
+    "neck.ln1.bias": "decoder_norm.bias",
+    "neck.decoder_pred.weight": "decoder_pred.weight",
+    "neck.decoder_pred.bias": "decoder_pred.bias",
+}
+MM_BEIT_LAYER = {  # mmseg's BEiT layer: q and v biases only, layer scale, relative position
+    "ln1.weight": "norm1.weight",
+    "ln1.bias": "norm1.bias",
+    "attn.q_bias": "attn.qkv.bias[0]",
+    "attn.v_bias": "attn.qkv.bias[2]",
+    "attn.relative_position_bias_table": "attn.relative_position_bias_table",
+    "attn.qkv.weight": "attn.qkv.weight",
+    "attn.proj.weight": "attn.proj.weight",
+    "attn.proj.bias": "attn.proj.bias",
+    "gamma_1": "ls1.gamma",
+    "ln2.weight": "norm2.weight",
+    "ln2.bias": "norm2.bias",
+    "ffn.layers.0.0.weight": "mlp.fc1.weight",
+    "ffn.layers.0.0.bias": "mlp.fc1.bias",
+    "ffn.layers.1.weight": "mlp.fc2.weight",
+    "ffn.layers.1.bias": "mlp.fc2.bias",
+    "gamma_2": "ls2.gamma",
+}
+
+
+def their_names(state, scheme, prefix="", qv_bias=False):
+    """Our state dict in ``scheme``'s names, written here as the inverse of KEY_TABLE: the
+    ViT under ``prefix``, what the table puts beside it (a decoder) at the top; qkv split as
+    FUSED says (BEiT's q_bias and v_bias, the k bias left out, when ``qv_bias``)."""
+    from mae_transfer.checkpoint_keys import KEY_TABLE
+
+    table = KEY_TABLE[scheme]
+    out = {}
+    for key, value in split_fused(state, scheme, qv_bias).items():
+        name = _inverse(key, table["encoder"], table["block"])
+        if name is not None:
+            out[prefix + name] = value
+        else:
+            name = _inverse(key, table["beside"], table["block"])
+            assert name is not None, f"KEY_TABLE has no {scheme} name for {key}"
+            out[name] = value
+    return out
+
+
+def _inverse(key, section, block):
+    """Their name of our ``key`` by the first entry of ``section`` whose our name fits."""
+    import re
+
+    for theirs, ours in section.items():
+        if "{i}" in ours:
+            found = re.match(re.escape(ours).replace(r"\{i\}", r"(\d+)"), key)
+            if found:
+                inside = _inverse(key[found.end() :], block, {})
+                assert inside is not None, f"no block name for {key}"
+                return theirs.format(i=found.group(1)) + inside
+        elif key == ours or (ours.endswith(".") and key.startswith(ours)):
+            return theirs + key[len(ours) :]
+    return None
+
+
+def split_fused(state, scheme, qv_bias):
+    """``state`` with each qkv tensor cut into the parts FUSED lists for ``scheme``."""
+    from mae_transfer.checkpoint_keys import FUSED
+
+    out = {}
+    for key, value in state.items():
+        inner = key.split(".", 2)[-1]  # "attn.qkv.weight" of "blocks.0.attn.qkv.weight"
+        if scheme == HF and inner in FUSED:
+            parts = FUSED[inner][0]
+        elif qv_bias and inner == "attn.qkv.bias":
+            parts = FUSED[inner][1]
+        else:
+            out[key] = value
+            continue
+        for part, chunk in zip(parts, value.chunk(3)):
+            if part is not None:
+                out[key[: -len(inner)] + part] = chunk.clone()
+    return out
+
+
+def randomised(model):
+    """``model`` with every tensor random (biases and tables too: a fusion that drops or
+    reorders one must show)."""
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            value.copy_(torch.randn_like(value) * 0.3)
+    return model.eval()
+
+
+def test_the_table_gives_the_codebases_own_names(mae):
+    """KEY_TABLE's inverse, applied to our MAE, gives the hand-written names of Hugging Face's
+    ViTMAEForPreTraining and mmpretrain's MAE, and of mmseg's BEiT layer."""
+    assert set(their_names(mae.state_dict(), HF, "vit.")) == set(HF_MAE)
+    assert set(their_names(mae.state_dict(), MM, "backbone.")) == set(MM_MAE)
+    beit = vit(depth=1, rel_pos="bias", init_values=0.1, class_token=True)
+    layer = {k for k in their_names(beit.state_dict(), MM, qv_bias=True) if k.startswith("lay")}
+    assert layer == {f"layers.0.{name}" for name in MM_BEIT_LAYER}
+
+
+@pytest.mark.parametrize(
+    "scheme, names, prefix",
+    [
+        (HF, HF_MAE, "vit."),
+        (MM, MM_MAE, "backbone."),
+        (
+            MM,
+            {
+                "patch_embed.projection.weight": "patch_embed.proj.weight",
+                **{f"layers.3.{t}": f"blocks.3.{o}" for t, o in MM_BEIT_LAYER.items()},
+            },
+            "",
+        ),
+    ],
+)
+def test_each_of_their_tensors_becomes_the_one_written_here(scheme, names, prefix):
+    """Every name read as the hand-written one says, each tensor told apart by its values
+    (so two names swapped in the table show), q / k / v in this order in qkv."""
+    from mae_transfer.checkpoint_keys import to_timm_names
+
+    state = {name: torch.full((2,), float(n)) for n, name in enumerate(names)}
+    ours, renaming = to_timm_names(state)
+    assert renaming.scheme == scheme
+    for n, (theirs, name) in enumerate(names.items()):
+        name, third = (name[:-3], int(name[-2])) if name.endswith("]") else (name, None)
+        value = ours[prefix + name]
+        if third is not None:
+            value = value.chunk(3)[third]
+        assert torch.equal(value, torch.full((2,), float(n))), f"{theirs} -> {prefix + name}"
+
+
+@pytest.mark.parametrize("scheme, prefix", [(HF, "vit."), (MM, "backbone.")])
+def test_a_whole_mae_in_another_codebase_s_names_loads_with_the_same_outputs(
+    scheme, prefix, mae, tmp_path
+):
+    """Hugging Face's ViTMAEForPreTraining and mmpretrain's MAE, encoder and decoder: every
+    tensor loads, equal to the original (q / k / v fused back into qkv), and the MAE computes
+    the same loss and reconstruction."""
+    randomised(mae)
+    path = tmp_path / "their.pth"
+    torch.save({"state_dict": their_names(mae.state_dict(), scheme, prefix)}, path)
+    model = create_model("mae_vit_base_patch16", img_size=32, **TINY_MAE)
+    report = load_pretrained(model, str(path))
+    assert report.ok and not (report.dropped or report.new or report.resized)
+    assert sorted(report.loaded) == sorted(mae.state_dict())
+    for name, value in mae.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert f"({scheme} names read as ours; prefix '{prefix}' stripped)" in report.summary()
+    fused = 3 * 2 if scheme == HF else 0  # 2 encoder blocks + 1 decoder block, weight + bias
+    assert len(report.fused) == fused
+    if fused:
+        assert "blocks.0.attn.qkv.weight <- q.weight, k.weight, v.weight" in report.fused
+        assert "fused from the checkpoint's parts (6): blocks.*.attn.qkv.weight <- q" in str(report)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 4)
+    with torch.no_grad():
+        for ours, theirs in zip(mae(imgs, noise=noise), model(imgs, noise=noise)):
+            assert torch.equal(ours, theirs)
+
+
+def test_beit_q_and_v_biases_become_the_qkv_bias_with_the_same_outputs(tmp_path):
+    """mmseg's BEiT layers learn q and v biases only: the qkv bias is built with a zero k bias,
+    which changes no attention (softmax ignores a shift all keys share), and layer scale and the
+    relative position table load under their own names; the index buffer is dropped."""
+    src = randomised(vit(rel_pos="bias", init_values=0.1, class_token=True))
+    theirs = their_names(src.state_dict(), MM, qv_bias=True)
+    index = torch.zeros(5 * 5, dtype=torch.long)  # what mmseg saves beside each table
+    theirs.update({f"layers.{i}.attn.relative_position_index": index for i in (0, 1)})
+    model = vit(rel_pos="bias", init_values=0.1, class_token=True).eval()
+    report = load_pretrained(model, theirs)
+    assert report.ok and sorted(report.loaded) == sorted(src.state_dict())
+    assert sorted(report.dropped) == [f"blocks.{i}.attn.relative_position_index" for i in (0, 1)]
+    assert report.fused == [f"blocks.{i}.attn.qkv.bias <- q_bias, zeros, v_bias" for i in (0, 1)]
+    bias, expected = model.blocks[1].attn.qkv.bias, src.blocks[1].attn.qkv.bias.detach().clone()
+    expected[32:64] = 0  # the k third
+    assert torch.equal(bias, expected) and not torch.equal(bias, src.blocks[1].attn.qkv.bias)
+    assert torch.equal(model.blocks[1].ls2.gamma, src.blocks[1].ls2.gamma)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), src.forward_features(x), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "scheme, prefix, extra",
+    [
+        (HF, "", {}),  # ViTMAEModel.save_pretrained
+        (HF, "vit.", {"vit.pooler.dense.weight": torch.zeros(32, 32)}),  # ViTModel's pooler
+        (MM, "backbone.", {"decode_head.conv_seg.weight": torch.zeros(2, 8, 1, 1)}),  # mmseg
+    ],
+)
+def test_an_encoder_in_another_codebase_s_names_loads_into_the_encoder(
+    scheme, prefix, extra, mae, tmp_path
+):
+    randomised(mae)
+    state = {**their_names(encoder_state(mae), scheme, prefix), **extra}
+    path = tmp_path / "encoder.pth"
+    torch.save(state, path)
+    model = vit()
+    report = load_pretrained(model, str(path))
+    assert report.ok and sorted(report.loaded) == sorted(model.state_dict())
+    assert len(report.dropped) == len(extra)
+    assert torch.equal(model.blocks[1].attn.qkv.weight, mae.blocks[1].attn.qkv.weight)
+    assert torch.equal(model.norm.bias, mae.norm.bias)
+
+
+def test_safetensors_files_load_as_torch_files_do(mae, tmp_path):
+    """timm's and Hugging Face's hub files are safetensors: our names and theirs load; the
+    format is read from the file's first bytes, whatever its name."""
+    from safetensors.torch import save_file
+
+    from mae_transfer.checkpoint import file_format, load_file
+
+    randomised(mae)
+    ours, hf = tmp_path / "model.safetensors", tmp_path / "hf.bin"
+    save_file(mae.state_dict(), str(ours))
+    save_file(their_names(mae.state_dict(), HF, "vit."), str(hf), metadata={"format": "pt"})
+    assert file_format(str(ours)) == file_format(str(hf)) == "safetensors"
+    assert set(load_file(str(ours))) == set(mae.state_dict())
+    for path in (ours, hf):
+        model = create_model("mae_vit_base_patch16", img_size=32, **TINY_MAE)
+        report = load_pretrained(model, str(path))
+        assert report.ok and sorted(report.loaded) == sorted(mae.state_dict())
+        for name, value in mae.state_dict().items():
+            assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_safetensors_without_its_package_says_what_to_install(mae, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file(encoder_state(mae), str(path))
+    monkeypatch.setitem(__import__("sys").modules, "safetensors.torch", None)
+    with pytest.raises(CheckpointError, match=r"pip install safetensors"):
+        load_pretrained(vit(), str(path))
+
+
+@pytest.fixture
+def fake_download(tmp_path, monkeypatch):
+    """torch hub's downloader replaced by a copy from ``served`` (URL -> bytes); the hub
+    directory in tmp_path. Yields (served, the URLs fetched)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    served, fetched = {}, []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        fetched.append(url)
+        if url not in served:
+            raise OSError(f"HTTP Error 404: Not Found ({url})")
+        with open(dst, "wb") as f:
+            f.write(served[url])
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    return served, fetched
+
+
+def test_a_url_is_downloaded_once_into_torch_hub_s_cache(mae, tmp_path, fake_download):
+    """Two Hugging Face repositories' model.safetensors are two files in the cache."""
+    from safetensors.torch import save_file
+
+    served, fetched = fake_download
+    randomised(mae)
+    for name, state in [("a", encoder_state(mae)), ("b", their_names(encoder_state(mae), HF))]:
+        save_file(state, str(tmp_path / name))
+    base = "https://huggingface.co/{}/resolve/main/model.safetensors"
+    served[base.format("a/vit")] = (tmp_path / "a").read_bytes()
+    served[base.format("b/vit")] = (tmp_path / "b").read_bytes()
+    for repo in ("a/vit", "b/vit", "a/vit"):
+        model = vit()
+        report = load_pretrained(model, base.format(repo))
+        assert report.ok and torch.equal(model.blocks[1].mlp.fc1.bias, mae.blocks[1].mlp.fc1.bias)
+        assert report.source.startswith(base.format(repo))
+    assert fetched == [base.format("a/vit"), base.format("b/vit")]  # the third: from the cache
+    cache = tmp_path / "torch" / "hub" / "checkpoints" / "huggingface.co"
+    assert (cache / "a" / "vit" / "resolve" / "main" / "model.safetensors").is_file()
+    assert (cache / "b" / "vit" / "resolve" / "main" / "model.safetensors").is_file()
+
+
+def test_a_failed_download_is_named_and_leaves_nothing_in_the_cache(tmp_path, fake_download):
+    from mae_transfer.checkpoint import cache_path
+
+    served, _ = fake_download
+    url = "https://example.invalid/mae/mae_pretrain_vit_base.pth"
+    with pytest.raises(CheckpointError, match=r"cannot download .*404.* give the file's path"):
+        load_pretrained(vit(), url)
+    served[url] = b"<!DOCTYPE html><html>Sign in</html>"
+    with pytest.raises(CheckpointError, match=r"gave no checkpoint .*login or error page"):
+        load_pretrained(vit(), url)
+    assert not __import__("os").path.exists(cache_path(url))
+
+
+def test_a_file_in_no_known_scheme_still_names_the_likely_cause(mae, tmp_path):
+    """Names of a codebase the table does not know (here big_vision's, flattened) load
+    nothing: the error says no ViT was found under the names read, and what the model is."""
+    path = tmp_path / "flax.pth"
+    state = {
+        "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel": torch.zeros(32, 128),
+        "embedding/kernel": torch.zeros(16, 16, 3, 32),
+        "cls": torch.zeros(1, 1, 32),
+    }
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(vit(), str(path))
+    message = str(e.value)
+    assert "holds no ViT under the names of the official MAE / timm, OpenMMLab or Hugging" in (
+        message
+    )
+    assert "keys start with: Transformer/encoderblock_0" in message
+    assert "The model is a ViT with 2 blocks of width 32, patch 16" in message

@@ -28,7 +28,9 @@ class MAEViT(ViTPyramid):
         class_token: run the checkpoint's class token with the patch tokens (BEiT / mmseg; with
             rel_pos 'bias' or None and no windows); the outputs are of the patches only.
         init_values: layer-scale initial value (BEiT uses 0.1); None = no layer scale.
-        pretrained: an MAE/ViT checkpoint (official, ours, or mmseg's); same as
+        pretrained: an MAE/ViT checkpoint, a file or an http(s) URL: official, ours,
+            OpenMMLab's (mmseg's ``beit2mmseg`` files, mmpretrain's MAE) or Hugging Face's
+            (``ViTMAE*``), in torch or safetensors format; same as
             ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
     """
 
