@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mae_transfer.checkpoint import CheckpointError, find_state_dict, load_file
+from mae_transfer.checkpoint import CheckpointError, find_state_dict, load_file, strip_to_vit
 from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from mae_transfer.data.transforms import ResizeToCover
 from mae_transfer.mae import MaskedAutoencoderViT
@@ -21,13 +21,14 @@ logger = logging.getLogger(__name__)
 
 
 def load_mae_for_visualization(path: str, model_name: Optional[str] = None, input_size=None):
-    """Builds the MAE of a checkpoint (ours or the official full/visualize one) and loads it.
+    """Builds the MAE of a checkpoint (ours, the official full/visualize one, or another
+    codebase's whole MAE: Hugging Face's ViTMAEForPreTraining, mmpretrain's) and loads it.
 
     Our checkpoints carry their config; for official ones the size is read from the weights.
     Raises a clear error for encoder-only files, which cannot reconstruct anything.
     """
     ckpt = load_file(path)
-    state = find_state_dict(ckpt)
+    state, _ = strip_to_vit(find_state_dict(ckpt))  # in our names, the prefix (DDP's) off
     if "decoder_pred.weight" not in state:
         raise CheckpointError(
             f"{path} has no MAE decoder (an encoder-only checkpoint such as "

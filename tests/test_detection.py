@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -657,6 +658,40 @@ def test_official_and_our_checkpoints_load_as_model_weights(toy_coco, tmp_path, 
     convert_to_detectron2(path, str(d2_file), plain)
     keys = torch.load(str(d2_file), weights_only=True)["model"]
     assert all(k.startswith("backbone.vit.") for k in keys)
+
+
+def test_hugging_face_safetensors_and_a_url_initialise_the_detector(
+    toy_coco, tmp_path, monkeypatch
+):
+    """A Hugging Face ViT file (safetensors) as MODEL.WEIGHTS is taken for MAE weights (its
+    names read as ours), and MODEL.VIT.PRETRAINED may be an https URL (torch hub's cache)."""
+    from safetensors.torch import save_file
+    from test_checkpoint import their_names
+
+    _, enc = _official_encoder_file(tmp_path)
+    hf = tmp_path / "model.safetensors"
+    save_file(their_names(enc, "Hugging Face", "vit."), str(hf))
+    cfg = _cfg(toy_coco, tmp_path / "out", weights=str(hf))
+    model = build_model(cfg)
+    MAECheckpointer(model).load(str(hf))
+    qkv = model.backbone.bottom_up.vit.blocks[2].attn.qkv.weight
+    assert torch.equal(qkv, enc["blocks.2.attn.qkv.weight"])
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    fetched = []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        fetched.append(url)
+        shutil.copyfile(hf, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    url = "https://huggingface.co/someone/vit-mae-tiny/resolve/main/model.safetensors"
+    by_url = cfg.clone()
+    by_url.defrost()
+    by_url.MODEL.WEIGHTS, by_url.MODEL.VIT.PRETRAINED = "", url
+    model = build_model(by_url)
+    assert fetched == [url]
+    assert torch.equal(model.backbone.bottom_up.vit.blocks[2].attn.qkv.weight, qkv)
 
 
 def test_training_lowers_loss_and_evaluation_returns_coco_ap(toy_coco, tmp_path):

@@ -348,6 +348,8 @@ def test_standalone_command_rejects_meaningless_values_before_loading(tmp_path, 
     os.makedirs(tmp_path / "t")
     base = ["--checkpoint", str(ckpt), "--train", str(tmp_path / "t"), "--val", str(tmp_path / "t")]
     assert tool.parse_args(base).k  # the defaults are fine
+    url = "https://example.invalid/mae_pretrain_vit_base.pth"  # downloaded when it is read
+    assert tool.parse_args(["--checkpoint", url] + base[2:]).checkpoint == url
     for bad, text in (
         (["--k", "20", "0"], "--k must be >= 1, got 0"),
         (["--temperature", "0"], "--temperature must be > 0, got 0.0"),

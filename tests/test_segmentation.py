@@ -6,6 +6,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -98,6 +99,32 @@ def test_checkpoints_load_through_init_cfg_with_report(form, tmp_path):
     assert any(x.startswith("pos_embed (1, 5, 32)->(1, 16, 32)") for x in r.resized)
     assert r.new and all("relative_position_bias_table" in k for k in r.new)
     assert ("mask_token" in r.dropped) == (form == "ours")
+    assert torch.equal(bb.vit.blocks[3].mlp.fc2.weight, enc["blocks.3.mlp.fc2.weight"])
+
+
+def test_an_openmmlab_file_at_a_url_loads_through_pretrained(tmp_path, monkeypatch):
+    """model.backbone.pretrained may be an https URL (downloaded once into torch hub's cache,
+    accepted by the config check) of a file in OpenMMLab's names (backbone.layers.N.ln1, ...)."""
+    from test_checkpoint import their_names
+
+    enc, _ = save_mae_checkpoints(tmp_path)
+    src = tmp_path / "mmseg.pth"
+    torch.save({"state_dict": their_names(enc, "OpenMMLab", "backbone.")}, src)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    fetched = []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        fetched.append(url)
+        shutil.copyfile(src, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    url = "https://example.invalid/mmseg/mae_pretrain_vit_base_mmcls.pth"
+    build_cfg(TINY_CONFIG, {"model.backbone.pretrained": url})  # no 'file not found'
+    bb = MAEViT(**TINY, norm="BN", class_token=True, pretrained=url)
+    bb.init_weights()
+    r = bb.load_report
+    assert fetched == [url] and r.ok and "cls_token" in r.loaded
+    assert "(OpenMMLab names read as ours; prefix 'backbone.' stripped)" in r.source
     assert torch.equal(bb.vit.blocks[3].mlp.fc2.weight, enc["blocks.3.mlp.fc2.weight"])
 
 
@@ -558,7 +585,7 @@ def test_a_segmentor_as_pretrained_file_reports_what_it_left_out_as_dropped(tiny
         assert f"{title} ({len(r.dropped)}): backbone.rescale.*.*.weight" in summary
 
 
-def test_a_url_checkpoint_is_read_the_way_mmengine_reads_it(tmp_path, monkeypatch):
+def test_a_storage_backend_checkpoint_is_read_the_way_mmengine_reads_it(tmp_path, monkeypatch):
     from mmengine.runner import CheckpointLoader
 
     from mae_transfer.segmentation.checkpoint import read_segmentor
@@ -570,9 +597,29 @@ def test_a_url_checkpoint_is_read_the_way_mmengine_reads_it(tmp_path, monkeypatc
         return {"state_dict": {"module.backbone.x": torch.zeros(1)}, "meta": {"iter": 5}}
 
     monkeypatch.setattr(CheckpointLoader, "load_checkpoint", staticmethod(fake))
-    url = "https://example.invalid/iter_160000.pth"
+    url = "s3://bucket/work_dir/iter_160000.pth"
     state, meta = read_segmentor(url)
     assert seen == [url] and list(state) == ["backbone.x"] and meta == {"iter": 5}
+
+
+def test_an_https_checkpoint_is_downloaded_and_read_with_weights_only(tmp_path, monkeypatch):
+    """mmengine's http loader unpickles whatever the file holds: an http(s) URL goes through
+    our download into torch hub's cache and load_file instead."""
+    from mae_transfer.segmentation.checkpoint import read_segmentor
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    src = tmp_path / "iter_160000.pth"
+    torch.save({"state_dict": {"module.backbone.x": torch.ones(1)}, "meta": {"iter": 7}}, src)
+    fetched = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        fetched.append(url)
+        shutil.copyfile(src, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    url = "https://example.invalid/work_dir/iter_160000.pth"
+    state, meta = read_segmentor(url)
+    assert fetched == [url] and list(state) == ["backbone.x"] and meta == {"iter": 7}
 
 
 def test_visualize_seg_takes_cfg_options(tiny_segmentor, tmp_path):

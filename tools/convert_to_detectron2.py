@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mae_transfer.detection  # noqa: E402,F401
 
 # isort: split
-from mae_transfer.checkpoint import CheckpointError  # noqa: E402
+from mae_transfer.checkpoint import CheckpointError, is_url  # noqa: E402
 from mae_transfer.detection import convert_to_detectron2  # noqa: E402
 from mae_transfer.detection.train import build_cfg  # noqa: E402
 from mae_transfer.engine.config import ConfigError  # noqa: E402
@@ -34,7 +34,7 @@ logger = logging.getLogger("convert_to_detectron2")
 def parse_args(argv=None) -> argparse.Namespace:
     """SRC OUT --config-file CFG [KEY VALUE ...], the options before, between or after."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("source", help="MAE/ViT checkpoint")
+    p.add_argument("source", help="MAE/ViT checkpoint (a file or an http(s) URL)")
     p.add_argument("output", help="detectron2 checkpoint to write")
     p.add_argument("--config-file", required=True, help="the detection config it is for")
     # not REMAINDER: that would swallow a --config-file given after the positionals
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     def body():
         check_output(args.output)
         cfg = build_cfg(args.config_file, args.opts)
-        if not os.path.isfile(args.source):
+        if not (os.path.isfile(args.source) or is_url(args.source)):
             raise CheckpointError(f"source checkpoint {args.source!r} does not exist")
         counts = convert_to_detectron2(args.source, args.output, cfg)
         print(f"wrote {args.output}: {counts}")

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from mae_transfer.checkpoint import is_url  # noqa: E402
 from mae_transfer.classification.knn import (  # noqa: E402
     KS,
     POOLS,
@@ -39,7 +40,11 @@ from mae_transfer.registry import resolve_name  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="any checkpoint with a ViT encoder")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="any checkpoint with a ViT encoder (a file or an http(s) URL)",
+    )
     p.add_argument("--model", default="vit_base_patch16", help="registered encoder (or MAE) name")
     p.add_argument("--train", required=True, help="class folders: the k-NN memory bank")
     p.add_argument("--val", required=True, help="class folders to classify")
@@ -77,8 +82,8 @@ def parse_args(argv=None):
             bad.append(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.batch_size < 1:
         bad.append(f"--batch_size must be >= 1, got {args.batch_size}")
-    if not os.path.isfile(args.checkpoint):
-        bad.append(f"--checkpoint {args.checkpoint}: no such file")
+    if not (os.path.isfile(args.checkpoint) or is_url(args.checkpoint)):
+        bad.append(f"--checkpoint {args.checkpoint}: no such file (nor an http(s) URL)")
     for name in ("train", "val"):
         if not os.path.isdir(getattr(args, name)):
             bad.append(f"--{name} {getattr(args, name)}: not a directory of class folders")

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
+from mae_transfer.checkpoint import is_url
 from mae_transfer.engine.config import (
     Checks,
     ConfigError,
@@ -104,7 +105,8 @@ FLAG_HELP = {
     "of the same size, e.g. mae_vit_base_patch16, means the same encoder)",
     "input_size": "image size: one int or two (H W)",
     "nb_classes": "classes of the head (0: the number of class folders in train/)",
-    "finetune": "pretraining checkpoint that initialises the encoder (official or ours)",
+    "finetune": "pretraining checkpoint that initialises the encoder (official, ours, "
+    "OpenMMLab's or Hugging Face's; a file or an http(s) URL)",
     "global_pool": f"feature the head sees: one of {GLOBAL_POOLS}",
     "eval": "evaluate the model of --resume (or --finetune) on val/ and exit",
     "data_path": "ImageNet root with train/ and val/ class folders",
@@ -273,4 +275,7 @@ def _check_paths(cfg: ClassifyConfig, checks: Checks, check_paths: bool) -> None
             "linear probing needs the pretrained encoder: --finetune CHECKPOINT",
         )
     if check_paths and cfg.finetune:
-        need(os.path.isfile(cfg.finetune), f"finetune checkpoint {cfg.finetune!r} does not exist")
+        need(
+            os.path.isfile(cfg.finetune) or is_url(cfg.finetune),
+            f"finetune checkpoint {cfg.finetune!r} does not exist",
+        )

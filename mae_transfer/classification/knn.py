@@ -354,7 +354,7 @@ def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> to
     official fine-tuned ones and ours) gives a :class:`ViTClassifier` instead, whose
     ``pooled`` is the feature its head was trained on: ``fc_norm`` of the mean patch token
     (see :func:`checkpoint_features`)."""
-    from mae_transfer.checkpoint import load_pretrained, load_vit_state_dict
+    from mae_transfer.checkpoint import find_state_dict, load_file, load_pretrained, strip_to_vit
     from mae_transfer.classification.model import build_classifier, head_dim_of, note_padding
     from mae_transfer.data.transforms import hw
     from mae_transfer.registry import create_model, resolve_name
@@ -362,7 +362,8 @@ def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> to
     name = resolve_name(model)
     if name.startswith("mae_"):
         name = name[len("mae_") :]
-    state, _ = load_vit_state_dict(path)
+    whole = find_state_dict(load_file(path))
+    state, _ = strip_to_vit(whole)
     kernel = state.get("patch_embed.proj.weight")
     if "patch_size" not in overrides and kernel is not None and kernel.ndim == 4:
         # the patch size the weights were trained at (a kernel resized to the name's would
@@ -384,7 +385,7 @@ def encoder_for_checkpoint(path: str, model: str, input_size, **overrides) -> to
     except (TypeError, ValueError) as e:  # e.g. an embed_dim that num_heads does not divide
         sizes = ", ".join(f"--{k} {v}" for k, v in overrides.items())
         raise ConfigError(f"cannot build {model}{' with ' + sizes if sizes else ''}: {e}") from e
-    report = load_pretrained(net, state, source=path)
+    report = load_pretrained(net, whole, source=path)  # (the report names their codebase)
     if "norm.weight" in report.missing:  # e.g. a detection / segmentation backbone's weights
         logger.warning(
             "%s has no final norm: the features go through an untrained LayerNorm (plain "

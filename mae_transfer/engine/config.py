@@ -231,6 +231,19 @@ def check_types(cfg: C, checks: Checks) -> C:
     return dataclasses.replace(cfg, **fixes)
 
 
+def _resume_readable(cfg: TrainConfig) -> Tuple[bool, str]:
+    """(whether ``cfg.resume`` can be read, the error if not): a local file, or an http(s) URL
+    for an ``eval`` (a training resumes its own state from a file of its run)."""
+    from mae_transfer.checkpoint import is_url
+
+    if is_url(cfg.resume):
+        return bool(getattr(cfg, "eval", False)), (
+            f"resume checkpoint {cfg.resume!r}: a training resumes from a local file (download "
+            "it; --finetune, and --eval with --resume, take a URL)"
+        )
+    return os.path.isfile(cfg.resume), f"resume checkpoint {cfg.resume!r} does not exist"
+
+
 def check_train_config(cfg: TrainConfig, checks: Checks, check_paths: bool = True) -> None:
     """Range checks of the :class:`TrainConfig` fields (after :func:`check_types`).
 
@@ -262,10 +275,8 @@ def check_train_config(cfg: TrainConfig, checks: Checks, check_paths: bool = Tru
         cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"),
         f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",
     )
-    need(
-        not check_paths or not cfg.resume or os.path.isfile(cfg.resume),
-        f"resume checkpoint {cfg.resume!r} does not exist",
-    )
+    if check_paths and cfg.resume:
+        need(*_resume_readable(cfg))
     need(
         bool(cfg.output_dir) and isinstance(cfg.output_dir, str),
         f"output_dir must name a folder, got {cfg.output_dir!r}",

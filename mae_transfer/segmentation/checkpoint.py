@@ -13,6 +13,7 @@ from mae_transfer.checkpoint import (
     CheckpointError,
     describe_vit,
     find_state_dict,
+    is_url,
     load_file,
     mismatch_phrases,
     strip_to_vit,
@@ -36,20 +37,21 @@ def load_segmentor(model: nn.Module, path: str) -> Dict[str, Any]:
 
 
 def read_segmentor(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(state dict, meta) of a segmentor checkpoint, read with ``weights_only=True`` (a URL
-    or a storage backend's ``scheme://`` path: through mmengine's ``CheckpointLoader``).
+    """(state dict, meta) of a segmentor checkpoint, read with ``weights_only=True`` (an
+    http(s) URL: downloaded into torch hub's cache by :func:`load_file`; a storage backend's
+    ``scheme://`` path: through mmengine's ``CheckpointLoader``).
 
     Raises:
         CheckpointError: a missing or unreadable file.
     """
-    if "://" in path:  # a URL or a storage backend's path: read the way mmengine reads it
+    if "://" in path and not is_url(path):  # a storage backend's path: as mmengine reads it
         from mmengine.runner import CheckpointLoader
 
         try:
             loaded = CheckpointLoader.load_checkpoint(path, map_location="cpu")
         except Exception as e:  # noqa: BLE001 - a download or storage failure, named
             raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
-    elif not os.path.isfile(path):
+    elif not (os.path.isfile(path) or is_url(path)):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     else:
         loaded = load_file(path)

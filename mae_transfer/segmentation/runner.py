@@ -18,6 +18,7 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
+from mae_transfer.checkpoint import is_url
 from mae_transfer.data.decode import more_than_8_bits
 from mae_transfer.device import resolve_amp
 from mae_transfer.engine.config import ConfigError
@@ -369,7 +370,7 @@ def validate(cfg: Config) -> None:
         if not 0 <= rate < 1:
             errors.append(f"model.backbone.drop_path_rate must be in [0, 1), got {rate}")
         pre = bb.get("pretrained")
-        if pre and not os.path.isfile(pre):
+        if pre and not (os.path.isfile(pre) or is_url(pre)):
             errors.append(f"model.backbone.pretrained: file not found: {pre}")
         neck = (cfg.model.get("neck") or {}).get("type")
         if neck is not None and type_name({"type": neck}) == "Feature2Pyramid":
