@@ -67,30 +67,37 @@ def test_window_partition_roundtrip_with_padding():
     assert torch.equal(window_unpartition(windows, 3, padded, (5, 7)), x)
 
 
-@pytest.mark.parametrize("hw", [(64, 64), (48, 80)])
-def test_one_window_covering_the_image_equals_global_attention(hw):
+@pytest.mark.parametrize("hw", [(64, 64), (80, 80)])
+def test_one_window_that_is_the_grid_equals_global_attention(hw):
+    """(A window with padding differs: the padding's keys take part, as in ViTDet.)"""
     glob = vit(class_token=False).eval()
-    win = vit(class_token=False, window_size=8).eval()  # grid <= 5x5: one (padded) window
+    win = vit(class_token=False, window_size=hw[0] // 16).eval()  # the whole 4x4 / 5x5 grid
     win.load_state_dict(glob.state_dict())
     x = torch.randn(2, 3, *hw)
     assert torch.allclose(glob.forward_features(x), win.forward_features(x), atol=1e-5)
+    padded = vit(class_token=False, window_size=hw[0] // 16 + 1).eval()
+    padded.load_state_dict(glob.state_dict())
+    assert not torch.allclose(glob.forward_features(x), padded.forward_features(x), atol=1e-3)
 
 
-@pytest.mark.parametrize("grid", [(4, 4), (5, 7)])
-def test_window_block_projects_only_real_tokens(grid):
-    """Projections outside the windows give the tokens what ViTDet's projected padded windows do."""
-    from mae_transfer.vit import Block, _padding_mask
+@pytest.mark.parametrize("grid", [(4, 4), (5, 7), (6, 6)])
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_window_block_computes_what_vitdet_s_padded_windows_do(grid, qkv_bias):
+    """ViTDet's window block: the normalised tokens zero-padded to whole windows, then qkv
+    projected, attention over each whole window (the padding's keys included: its k and v are
+    the qkv bias), proj, padding cropped. Ours projects the real tokens only and pads with the
+    bias: the same numbers (a mask hiding the padding's keys gave up to 0.75 apart)."""
+    from mae_transfer.vit import Block
 
     torch.manual_seed(0)
-    blk = Block(32, 4, window_size=3, rel_pos="decomposed").eval()
+    blk = Block(32, 4, qkv_bias=qkv_bias, window_size=3, rel_pos="decomposed").eval()
     with torch.no_grad():
         for p in blk.parameters():
             p.normal_(0, 0.2)  # non-zero biases and relative tables
     x = torch.randn(2, grid[0] * grid[1], 32)
     y = blk.norm1(x).view(2, *grid, 32)
     windows, padded = window_partition(y, 3)  # zero tokens, projected like the real ones
-    mask = _padding_mask(grid, padded, 3, 2, y) if padded != grid else None
-    ref = blk.attn(windows, (3, 3), mask)
+    ref = blk.attn(windows, (3, 3))
     ref = x + window_unpartition(ref, 3, padded, grid).reshape_as(x)
     ref = ref + blk.mlp(blk.norm2(ref))
     out = blk(x, grid)
@@ -334,12 +341,12 @@ def _windowed(rel_pos, fold=True):
 @pytest.mark.parametrize(
     "rel_pos, fold", [("decomposed", True), ("decomposed", False), ("bias", 0)]
 )
-def test_bf16_attention_gets_masks_in_its_dtype_and_contiguous_biases(
+def test_bf16_attention_gets_biases_in_its_dtype_and_contiguous(
     rel_pos, fold, monkeypatch, fused_attention
 ):
-    """Under autocast the LayerNorm output is fp32 while the attention runs in bf16: a mask
-    made in fp32 would promote the (N x N) bias it is added to; a permuted bias would be
-    copied by the fused kernels (on a GPU: on a CPU in bf16 attention is written out)."""
+    """Under autocast the LayerNorm output is fp32 while the attention runs in bf16: an
+    (N x N) bias made in fp32 would promote the attention; a permuted bias would be copied by
+    the fused kernels (on a GPU: on a CPU in bf16 attention is written out)."""
     import torch.nn.functional as F
 
     seen, real = [], F.scaled_dot_product_attention
@@ -353,8 +360,10 @@ def test_bf16_attention_gets_masks_in_its_dtype_and_contiguous_biases(
     model, x = _windowed(rel_pos, fold)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model.forward_intermediates(x, [3])
-    expected_calls = 3 if fold else 4  # folded: only the padded windows need a mask
-    assert len(seen) == expected_calls, seen
+    if fold:  # folded: no mask anywhere (padded windows need none): fused kernels apply
+        assert seen == []
+        return
+    assert len(seen) == 4, seen  # a bias in every block
     assert set(seen) == {(torch.bfloat16, torch.bfloat16, True)}, seen
 
 
@@ -406,7 +415,6 @@ def test_tables_first_built_in_inference_mode_serve_a_training_backward():
         "_relative_index",
         "_key_rows_and_columns",
         "_bias_table_index",
-        "_window_mask",
     ):
         getattr(vit_module, builder).cache_clear()
     for rel_pos in ("decomposed", "bias"):
