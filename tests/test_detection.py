@@ -212,12 +212,22 @@ def test_cascade_values_detectron2_asserts_are_named(opts, expected):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "lazy", "*.py"))))
 def test_every_lazy_config_builds_a_model(path):
     cfg = LazyConfig.load(path)
-    cfg.model.backbone.bottom_up.update(
-        embed_dim=32, depth=4, num_heads=2, img_size=64, out_indices=None
-    )
+    tiny = dict(embed_dim=32, depth=8, num_heads=2, img_size=64, square_pad=64)
+    simple = "vitdet" in os.path.basename(path)  # ViTDet's pyramid, no FPN
+    if simple:
+        cfg.model.backbone.update(tiny)
+    else:
+        cfg.model.backbone.bottom_up.update(tiny, out_indices=None)
     model = instantiate(cfg.model)
-    assert type(model.backbone.bottom_up).__name__ == "MAEViTBackbone"
-    assert model.backbone.bottom_up.vit.global_blocks == (0, 1, 2, 3)
+    if simple:
+        assert type(model.backbone).__name__ == "MAEViTSimpleFPN"
+        vit = model.backbone.net
+    else:
+        assert type(model.backbone.bottom_up).__name__ == "MAEViTBackbone"
+        vit = model.backbone.bottom_up.vit
+    # the stage ends of 8 blocks global, the others in windows of 14
+    assert [b.window_size for b in vit.blocks] == [14, 0] * 4
+    assert list(model.backbone.output_shape()) == ["p2", "p3", "p4", "p5", "p6"]
     assert len(model.proposal_generator.rpn_head.conv) == 2  # 2-conv RPN head (ViTDet)
     # lazyconfig_train_net's way: params.model set; the lr overridden as in ViTDet's configs
     # (`optimizer.lr=...`), which every layer-decayed group must follow
