@@ -701,14 +701,16 @@ def test_test_seg_out_a_folder_is_refused_a_missing_folder_made_before_the_evalu
     path, opts, _ = tiny_segmentor
     root = str(tmp_path / "toy_ade")
     write_toy_ade(root, num_train=0, num_val=1, size=32)
+    from mae_transfer.segmentation import testing
+
     tool = _tool("test_seg")
-    made_first, make = [], tool.make_runner
+    made_first, make = [], testing.make_runner
 
     def make_runner(cfg):
         made_first.append((tmp_path / "new" / "sub").is_dir())
         return make(cfg)
 
-    monkeypatch.setattr(tool, "make_runner", make_runner)
+    monkeypatch.setattr(testing, "make_runner", make_runner)
     argv = [TINY_CONFIG, path, "--work-dir", str(tmp_path / "w"), "--cfg-options"]
     argv += _cli_options({**opts, "test_dataloader.dataset.data_root": root})
     out = tmp_path / "new" / "sub" / "metrics.json"
@@ -1570,12 +1572,52 @@ def test_tta_without_a_test_resize_scales_the_image_and_refuses_what_it_cannot_d
         tta_pipeline([plain[0], aug], (1.0,), flip=True)
 
 
-def test_test_seg_refuses_tta_options_without_tta_and_ratios_below_0(capsys):
+def test_test_seg_refuses_tta_options_without_tta_and_ratios_below_0(capsys, caplog):
     tool = _tool("test_seg")
-    for extra, said in [
-        (["--tta-no-flip"], "--tta-ratios and --tta-no-flip go with --tta"),
-        (["--tta", "--tta-ratios", "1", "-0.5"], "--tta-ratios must be above 0, got [1.0, -0.5]"),
-    ]:
-        with pytest.raises(SystemExit) as e:
-            tool.main([TINY_CONFIG, "nothere.pth", *extra])
-        assert e.value.code == 2 and said in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        tool.main([TINY_CONFIG, "nothere.pth", "--tta-no-flip"])
+    assert e.value.code == 2
+    assert "--tta-ratios and --tta-no-flip go with --tta" in capsys.readouterr().err
+    # before the checkpoint is read (it does not exist)
+    code = tool.main([TINY_CONFIG, "nothere.pth", "--tta", "--tta-ratios", "1", "-0.5"])
+    _refused(caplog, code, "--tta-ratios must be numbers above 0, got [1.0, -0.5]")
+
+
+def test_tta_refuses_a_test_pipeline_that_resizes_otherwise():
+    """A Resize put before ResizeShortestEdge would be undone at every ratio: single-scale
+    numbers reported as multi-scale."""
+    from mae_transfer.engine.config import ConfigError
+    from mae_transfer.segmentation.testing import tta_pipeline
+
+    pipeline = [
+        dict(type="LoadImageAnyDepth"),
+        dict(type="ResizeShortestEdge", scale=512),
+        dict(type="LoadAnnotations"),
+        dict(type="PackSegInputs"),
+    ]
+    with pytest.raises(ConfigError, match="it has ResizeShortestEdge: give a test_pipeline"):
+        tta_pipeline(pipeline, (0.5, 1.0), flip=True)
+    # rounding to a multiple after the Resize is kept after each scale
+    pipeline[1:2] = [dict(type="Resize", scale=(96, 96)), dict(type="ResizeToMultiple")]
+    _, aug = tta_pipeline(pipeline, (0.5, 1.0), flip=False)
+    assert [c[0]["type"] for c in aug["transforms"]] == [
+        "Resize",
+        "ResizeToMultiple",
+        "LoadAnnotations",
+        "PackSegInputs",
+    ]
+
+
+def test_show_dir_is_refused_with_several_processes_pred_dir_made_on_every_rank(tmp_path):
+    """mmseg's visualizer draws on rank 0 only; IoUMetric made --pred-dir on rank 0 only (the
+    other ranks failed writing their first file)."""
+    from mae_transfer.engine.config import ConfigError
+    from mae_transfer.segmentation.testing import write_outputs
+
+    cfg = build_cfg(TINY_CONFIG, dict(TINY_OPTS), for_training=False)
+    with pytest.raises(ConfigError, match="--show-dir with 2 processes would draw rank 0's"):
+        write_outputs(cfg, show_dir=str(tmp_path / "drawn"), world_size=2)
+    write_outputs(cfg, pred_dir=str(tmp_path / "preds"), world_size=2)
+    assert (tmp_path / "preds").is_dir() and cfg.test_evaluator["output_dir"] == str(
+        tmp_path / "preds"
+    )

@@ -16,25 +16,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mmengine.model import BaseTTAModel, is_model_wrapper  # noqa: E402
-
 from mae_transfer.engine.config import ConfigError  # noqa: E402
 from mae_transfer.engine.launch import exit_code, refuse_folder  # noqa: E402
-from mae_transfer.segmentation.checkpoint import check_fits, read_segmentor  # noqa: E402
 from mae_transfer.segmentation.runner import (  # noqa: E402
     add_launcher_args,
-    build_cfg,
-    check_data,
     export_local_rank,
-    make_runner,
-    model_state_shapes,
     parse_cfg_options,
 )
-from mae_transfer.segmentation.testing import (  # noqa: E402
-    DEFAULT_RATIOS,
-    apply_tta,
-    write_outputs,
-)
+from mae_transfer.segmentation.testing import evaluate_segmentor  # noqa: E402
 
 logger = logging.getLogger("test_seg")
 
@@ -89,33 +78,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if (args.tta_ratios or args.tta_no_flip) and not args.tta:
         p.error("--tta-ratios and --tta-no-flip go with --tta")
-    if args.tta_ratios and min(args.tta_ratios) <= 0:
-        p.error(f"--tta-ratios must be above 0, got {args.tta_ratios}")
     export_local_rank(args)
 
     def body():
         if args.out:
             prepare_out(args.out)
-        options = parse_cfg_options(args.cfg_options)
-        # evaluated in fp32: the numbers do not depend on the GPU generation
-        cfg = build_cfg(
-            args.config, options, args.work_dir, args.launcher, amp="fp32", for_training=False
+        metrics = evaluate_segmentor(
+            args.config,
+            args.checkpoint,
+            parse_cfg_options(args.cfg_options),
+            args.work_dir,
+            args.launcher,
+            tta_ratios=(args.tta_ratios or []) if args.tta else None,
+            tta_flip=not args.tta_no_flip,
+            pred_dir=args.pred_dir,
+            show_dir=args.show_dir,
         )
-        # loaded here, all of it, not by mmengine (cfg.load_from), which loads what fits
-        state, _ = read_segmentor(args.checkpoint)
-        check_fits(state, model_state_shapes(cfg), args.checkpoint)
-        check_data(cfg, for_training=False)
-        write_outputs(cfg, args.pred_dir, args.show_dir)
-        if args.tta:
-            ratios = args.tta_ratios or cfg.get("img_ratios") or DEFAULT_RATIOS
-            n = apply_tta(cfg, ratios, flip=not args.tta_no_flip)
-            logger.info("test-time augmentation: %d predictions per image", n)
-        runner = make_runner(cfg)
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        model = model.module if isinstance(model, BaseTTAModel) else model
-        model.load_state_dict(state, strict=True)
-        del state
-        metrics = {k: float(v) for k, v in runner.test().items()}
         print(json.dumps(metrics, indent=1))
         if args.out:
             with open(args.out, "w") as f:

@@ -11,17 +11,32 @@ instead, so its ratio 1.0 is not the single-scale test; it is not used.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
 
 from mmengine.config import Config
+from mmengine.model import BaseTTAModel, is_model_wrapper
 
 from mae_transfer.engine.config import ConfigError
 
-from .loading import type_name
-from .runner import dataset_configs
+from .checkpoint import check_fits, read_segmentor
+from .loading import IMAGE_LOADERS, type_name
+from .runner import (
+    build_cfg,
+    check_data,
+    dataset_configs,
+    launcher_env,
+    make_runner,
+    model_state_shapes,
+)
+
+logger = logging.getLogger(__name__)
 
 # BEiT's / mmseg's ADE20K ratios
 DEFAULT_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# resizes that round the size the Resize made (to a multiple), which --tta keeps after it
+SIZE_KEEPING = ("ResizeToMultiple",)
 
 
 def _scaled(resize: Dict, ratio: float) -> Dict:
@@ -37,23 +52,38 @@ def _scaled(resize: Dict, ratio: float) -> Dict:
     return {**base, "scale_factor": tuple(f * ratio for f in factor)}
 
 
+def check_ratios(ratios: Sequence[float]) -> None:
+    """Raises ConfigError unless ``ratios`` are numbers above 0, at least one."""
+    bad = [r for r in ratios if not isinstance(r, (int, float)) or not r > 0]
+    if not ratios or bad:
+        raise ConfigError(f"--tta-ratios must be numbers above 0, got {list(ratios)}")
+
+
 def tta_pipeline(test_pipeline: Sequence[Dict], ratios: Sequence[float], flip: bool) -> List:
     """The test pipeline turned into one of mmcv's TestTimeAug: what precedes its first
     ``Resize`` (image loading) as it is, then every ratio of that resize, each unflipped and,
     with ``flip``, flipped horizontally, then the rest (labels, packing) as it is.
 
     Raises:
-        ConfigError: a bad ratio, or a pipeline that is already a test-time augmentation.
+        ConfigError: a bad ratio, a pipeline that is already a test-time augmentation, or
+            one that resizes by another transform (which would undo the scales).
     """
-    bad = [r for r in ratios if not isinstance(r, (int, float)) or not r > 0]
-    if not ratios or bad:
-        raise ConfigError(f"--tta-ratios must be numbers above 0, got {list(ratios)}")
+    check_ratios(ratios)
     names = [type_name(t) for t in test_pipeline]
     if "TestTimeAug" in names:
         raise ConfigError("the test pipeline is a TestTimeAug already: test without --tta")
-    at = names.index("Resize") if "Resize" in names else 1  # else after the image loading
-    resize = dict(test_pipeline[at]) if "Resize" in names else {}
-    rest = test_pipeline[at + 1 :] if resize else test_pipeline[at:]
+    others = [n for n in names if "Resize" in (n or "") and n not in ("Resize", *SIZE_KEEPING)]
+    if others:  # a Resize put before them would be undone: no scale would reach the model
+        raise ConfigError(
+            f"--tta scales the test pipeline's Resize; it has {', '.join(others)}: give a "
+            "test_pipeline with mmcv's Resize (scale, keep_ratio) instead"
+        )
+    if "Resize" in names:
+        at = names.index("Resize")
+        resize, rest = dict(test_pipeline[at]), test_pipeline[at + 1 :]
+    else:  # the image as loaded, scaled
+        at = 1 + max(i for i, n in enumerate(names) if n in IMAGE_LOADERS)
+        resize, rest = {}, test_pipeline[at:]
     choices = [[_scaled(resize, r) for r in ratios]]
     if flip:
         choices.append(
@@ -84,15 +114,23 @@ def apply_tta(cfg: Config, ratios: Sequence[float] = DEFAULT_RATIOS, flip: bool 
     return len(ratios) * (2 if flip else 1)
 
 
-def write_outputs(cfg: Config, pred_dir: str = "", show_dir: str = "") -> None:
+def write_outputs(cfg: Config, pred_dir: str = "", show_dir: str = "", world_size: int = 1) -> None:
     """``pred_dir``: every test image's prediction as an 8-bit label PNG named as the image
     (mmseg's IoUMetric ``output_dir``; ADE20K's numbering, 0 = unlabeled, where the data set
     reduces the zero label, as its evaluation server takes them). ``show_dir``: image, ground
     truth and prediction drawn side by side for every test image (mmseg's
-    SegVisualizationHook).
+    SegVisualizationHook), in one process only.
 
     Raises:
-        ConfigError: ``pred_dir`` with a test evaluator that is not mmseg's IoUMetric."""
+        ConfigError: ``pred_dir`` with a test evaluator that is not mmseg's IoUMetric, or a
+            folder that cannot be made; ``show_dir`` with several processes (mmseg's
+            visualizer draws on rank 0 only: the other ranks' images would be missing).
+    """
+    if show_dir and world_size > 1:
+        raise ConfigError(
+            f"--show-dir with {world_size} processes would draw rank 0's share of the images "
+            "only (mmseg draws on rank 0): run it in one process, without --launcher"
+        )
     if pred_dir:
         evaluators = cfg.test_evaluator
         evaluators = evaluators if isinstance(evaluators, list) else [evaluators]
@@ -100,6 +138,10 @@ def write_outputs(cfg: Config, pred_dir: str = "", show_dir: str = "") -> None:
         if not metrics:
             names = [type_name(e) for e in evaluators]
             raise ConfigError(f"--pred-dir: the test_evaluator {names} has no IoUMetric to write")
+        try:  # every rank writes its images' files; mmseg's IoUMetric makes it on rank 0 only
+            os.makedirs(pred_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--pred-dir {pred_dir}: cannot make it: {e}") from e
         for evaluator in metrics:
             evaluator["output_dir"] = pred_dir
     if show_dir:
@@ -116,3 +158,44 @@ def write_outputs(cfg: Config, pred_dir: str = "", show_dir: str = "") -> None:
         visualizer["save_dir"] = show_dir
         visualizer["vis_backends"] = [dict(type="LocalVisBackend")]  # PNG files, no event files
         cfg.visualizer = visualizer
+
+
+def evaluate_segmentor(
+    config: str,
+    checkpoint: str,
+    options: Optional[Dict] = None,
+    work_dir: Optional[str] = None,
+    launcher: str = "none",
+    tta_ratios: Optional[Sequence[float]] = None,
+    tta_flip: bool = True,
+    pred_dir: str = "",
+    show_dir: str = "",
+) -> Dict[str, float]:
+    """The test metrics of a trained segmentor (``checkpoint``, all of its weights, checked
+    against ``config`` with ``options`` before anything runs), in fp32.
+
+    Args:
+        tta_ratios: test with :func:`apply_tta` at these ratios ([] for the config's
+            ``img_ratios``, else :data:`DEFAULT_RATIOS`); None: single-scale.
+        pred_dir, show_dir: :func:`write_outputs`.
+    """
+    if tta_ratios:
+        check_ratios(tta_ratios)  # before the checkpoint is read
+    # evaluated in fp32: the numbers do not depend on the GPU generation
+    cfg = build_cfg(config, options, work_dir, launcher, amp="fp32", for_training=False)
+    # loaded here, all of it, not by mmengine (cfg.load_from), which loads what fits
+    state, _ = read_segmentor(checkpoint)
+    check_fits(state, model_state_shapes(cfg), checkpoint)
+    check_data(cfg, for_training=False)
+    world = int({**os.environ, **launcher_env(launcher)}.get("WORLD_SIZE", 1))
+    write_outputs(cfg, pred_dir, show_dir, world if launcher != "none" else 1)
+    if tta_ratios is not None:
+        ratios = tta_ratios or cfg.get("img_ratios") or DEFAULT_RATIOS
+        n = apply_tta(cfg, ratios, tta_flip)
+        logger.info("test-time augmentation: %d predictions per image", n)
+    runner = make_runner(cfg)
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    model = model.module if isinstance(model, BaseTTAModel) else model
+    model.load_state_dict(state, strict=True)
+    del state
+    return {k: float(v) for k, v in runner.test().items()}
