@@ -14,9 +14,9 @@ files with the ``safetensors`` package; an http(s) URL is downloaded once into t
 
 The ViT is found inside any of them by locating ``patch_embed.proj.weight``; the key prefix in
 front of it is stripped, and what lies outside that prefix (a segmentor's rescaling and heads, a
-detector's FPN) is reported as dropped. Shapes that differ only by input size (position table)
-or patch size (patch-embedding kernel, e.g. ViT-H/14 used as /16) are resized; any other
-mismatch is reported.
+detector's FPN) is reported as dropped. Shapes that differ only by input size (position table,
+BEiT-style relative position bias tables, with or without their class-token rows) or patch size
+(patch-embedding kernel, e.g. ViT-H/14 used as /16) are resized; any other mismatch is reported.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ import torch.nn as nn
 
 from .checkpoint_keys import KEY_TABLE, Renaming, to_timm_names
 from .pos_embed import resize_patch_embed_kernel, resize_pos_embed, sincos_grid
-from .vit import VisionTransformer
+from .vit import CLS_BIAS_ENTRIES, VisionTransformer, resize_bias_table
 
 logger = logging.getLogger(__name__)
 
 ANCHOR_KEY = "patch_embed.proj.weight"
+BIAS_TABLE = "relative_position_bias_table"  # BEiT's relative position bias (mmseg's too)
 STATE_DICT_KEYS = ("model", "state_dict", "module", "model_state")
 # Checkpoint keys a ViT encoder is expected not to use: the MAE decoder and its mask token
 # (and a fine-tuned classifier's fc_norm / head, see _expected_unused).
@@ -358,6 +359,44 @@ def _adapt_pos_embed(value: torch.Tensor, param: torch.Tensor, model: nn.Module)
     return out
 
 
+def _adapt_bias_table(
+    value: torch.Tensor, target: torch.Tensor, attn: nn.Module
+) -> Optional[torch.Tensor]:
+    """Fits a BEiT / mmseg relative position bias table to the model's, or returns None.
+
+    A table holds (2h-1) * (2w-1) offsets of an h x w grid (an odd count), followed by BEiT's
+    :data:`~mae_transfer.vit.CLS_BIAS_ENTRIES` class-token rows when its model had a class token
+    (an even count). The offsets are resized bicubically to the grid of ``attn`` (as the model
+    does for another input size; mmseg's BEiT interpolates them by a geometric sequence instead),
+    and the class rows dropped, kept, or taken from ``target`` (the model's own, initialised
+    here) when the checkpoint has none.
+    """
+    grid = getattr(attn, "rel_pos_size", None)
+    if value.ndim != 2 or value.shape[1:] != target.shape[1:] or grid is None:
+        return None
+    has_cls = value.shape[0] % 2 == 0
+    old_grid = _offset_grid(value.shape[0] - (CLS_BIAS_ENTRIES if has_cls else 0), grid)
+    if old_grid is None:
+        return None
+    table = resize_bias_table(value, old_grid, tuple(grid), class_token=has_cls)
+    wants_cls = bool(getattr(attn, "class_token", False))
+    if has_cls and not wants_cls:
+        return table[:-CLS_BIAS_ENTRIES]
+    if wants_cls and not has_cls:
+        return torch.cat([table, target[-CLS_BIAS_ENTRIES:]], dim=0)
+    return table
+
+
+def _offset_grid(n: int, grid: Sequence[int]) -> Optional[Tuple[int, int]]:
+    """The h x w grid whose (2h-1) * (2w-1) offsets are ``n``: the model's ``grid`` when the
+    count matches, else square; None when none fits."""
+    h, w = grid
+    if n == (2 * h - 1) * (2 * w - 1):
+        return h, w
+    side = math.isqrt(n)
+    return ((side + 1) // 2,) * 2 if side * side == n and side % 2 else None
+
+
 def _source_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> Optional[Tuple[int, int]]:
     """The grid of a table's patch rows: read from MAE's fixed sin-cos values (any shape, e.g.
     a 12 x 14 pretraining at 192 x 224), else the model's grid when the count matches, else
@@ -410,6 +449,8 @@ def adapt_state_dict(
 def _fix_shape(name, value, target, model) -> Optional[torch.Tensor]:
     if name.endswith("pos_embed"):
         return _adapt_pos_embed(value, getattr_path(model, name), model)
+    if name.endswith(BIAS_TABLE):
+        return _adapt_bias_table(value, target, getattr_path(model, name[: -len(BIAS_TABLE) - 1]))
     if name.endswith(ANCHOR_KEY) and value.shape[:2] == target.shape[:2]:
         have, want = tuple(value.shape[-2:]), tuple(target.shape[-2:])
         if (have, want) != ((14, 14), (16, 16)):  # (ViT-H/14 run as /16, as ViTDet: expected)

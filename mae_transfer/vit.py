@@ -196,21 +196,30 @@ def relative_position_bias(
         (1, heads, N, N), N = h*w (+ 1 with ``class_token``).
     """
     h, w = hw
-    th, tw = table_hw
     heads = table.shape[1]
-    extra = table[-CLS_BIAS_ENTRIES:] if class_token else None
-    if class_token:
-        table = table[:-CLS_BIAS_ENTRIES]
-    if (th, tw) != (h, w):
-        grid = table.t().reshape(1, heads, 2 * th - 1, 2 * tw - 1).float()
-        grid = F.interpolate(grid, size=(2 * h - 1, 2 * w - 1), mode="bicubic", align_corners=False)
-        table = grid.reshape(heads, -1).t().to(table.dtype)
-    if extra is not None:
-        table = torch.cat([table, extra], dim=0)
+    table = resize_bias_table(table, table_hw, hw, class_token)
     n = h * w + int(class_token)
     # gathered per head, so that the bias is contiguous (heads, N, N), as fused kernels read it
     bias = table.t()[:, _bias_table_index(tuple(hw), table.device, class_token).reshape(-1)]
     return bias.view(1, heads, n, n)
+
+
+def resize_bias_table(
+    table: torch.Tensor, table_hw: HW, hw: HW, class_token: bool = False
+) -> torch.Tensor:
+    """A BEiT-style table for grid ``table_hw`` as one for grid ``hw``: its
+    ((2*th-1) * (2*tw-1), heads) offsets resized bicubically to ((2*h-1) * (2*w-1), heads),
+    the :data:`CLS_BIAS_ENTRIES` class-token rows that follow them with ``class_token`` kept.
+    ``table`` itself when the grids are equal."""
+    (h, w), (th, tw) = hw, table_hw
+    if (th, tw) == (h, w):
+        return table
+    heads = table.shape[1]
+    extra = table[-CLS_BIAS_ENTRIES:] if class_token else table[:0]
+    offsets = table[: table.shape[0] - extra.shape[0]]
+    grid = offsets.t().reshape(1, heads, 2 * th - 1, 2 * tw - 1).float()
+    grid = F.interpolate(grid, size=(2 * h - 1, 2 * w - 1), mode="bicubic", align_corners=False)
+    return torch.cat([grid.reshape(heads, -1).t().to(table.dtype), extra], dim=0)
 
 
 # -- windows ----------------------------------------------------------------------------------

@@ -500,6 +500,62 @@ def test_beit_q_and_v_biases_become_the_qkv_bias_with_the_same_outputs(tmp_path)
 
 
 @pytest.mark.parametrize(
+    "src_cls, dst_cls", [(True, False), (True, True), (False, True), (False, False)]
+)
+def test_a_relative_position_bias_table_fits_the_model_s_grid_and_class_token(src_cls, dst_cls):
+    """A BEiT / mmseg table (a 4 x 4 grid's 7 x 7 offsets, then BEiT's 3 class-token rows) was
+    a SHAPE MISMATCH, not loaded, in a model without a class token (52 vs 49 rows) or at another
+    grid (52 vs 228 at 8 x 8). At the same grid it loads exactly, the class rows dropped, or the
+    model's own kept where the checkpoint has none; at another grid (8 x 6) the model computes
+    the patch-to-patch bias the checkpoint's model computed for that input size."""
+    from mae_transfer.vit import relative_position_bias
+
+    src = randomised(vit(img_size=64, rel_pos="bias", class_token=src_cls))
+    table = src.blocks[1].attn.relative_position_bias_table.detach()
+    for img_size, grid in [(64, (4, 4)), ((128, 96), (8, 6))]:
+        model = vit(img_size=img_size, rel_pos="bias", class_token=dst_cls)
+        own = model.blocks[1].attn.relative_position_bias_table.detach().clone()
+        report = load_pretrained(model, src.state_dict(), log=False)
+        loaded = model.blocks[1].attn.relative_position_bias_table.detach()
+        assert not report.mismatched  # (cls_token is missing when the source has none)
+        assert "blocks.1.attn.relative_position_bias_table" in report.loaded
+        line = f"blocks.1.attn.relative_position_bias_table {tuple(table.shape)}->"
+        assert any(r.startswith(line) for r in report.resized) == (loaded.shape != table.shape)
+        if grid == (4, 4):
+            assert torch.equal(loaded[:49], table[:49])
+            if dst_cls:
+                assert torch.equal(loaded[49:], table[49:] if src_cls else own[49:])
+        n = grid[0] * grid[1]
+        ours = relative_position_bias(loaded, grid, grid, dst_cls)
+        theirs = relative_position_bias(table, (4, 4), grid, src_cls)
+        assert torch.equal(ours[..., -n:, -n:], theirs[..., -n:, -n:])  # patch-to-patch
+        if src_cls == dst_cls:
+            assert torch.equal(ours, theirs)
+
+
+def test_a_windowed_block_gets_the_table_of_its_window():
+    """An mmseg BEiT file (its names; 4 x 4 tables with class rows) loaded into ViTDet-style
+    blocks without a class token: the windowed block's table is the offsets resized to its
+    2 x 2 window, the global block's the offsets as they are."""
+    from mae_transfer.vit import resize_bias_table
+
+    src = randomised(vit(img_size=64, rel_pos="bias", class_token=True))
+    model = vit(img_size=64, rel_pos="bias", class_token=False, window_size=2, global_blocks=(1,))
+    report = load_pretrained(model, their_names(src.state_dict(), MM, qv_bias=True), log=False)
+    assert report.ok and not report.mismatched
+    assert "blocks.0.attn.relative_position_bias_table (52, 2)->(9, 2)" in report.resized
+    assert "blocks.1.attn.relative_position_bias_table (52, 2)->(49, 2)" in report.resized
+    tables = [
+        b.attn.relative_position_bias_table.detach() for b in (src.blocks[0], model.blocks[0])
+    ]
+    assert torch.equal(tables[1], resize_bias_table(tables[0][:49], (4, 4), (2, 2)))
+    assert torch.equal(
+        model.blocks[1].attn.relative_position_bias_table,
+        src.blocks[1].attn.relative_position_bias_table[:49],
+    )
+
+
+@pytest.mark.parametrize(
     "scheme, prefix, extra",
     [
         (HF, "", {}),  # ViTMAEModel.save_pretrained
