@@ -22,7 +22,9 @@ BEiT-style relative position bias tables, with or without their class-token rows
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -68,9 +71,15 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint path that is not a file (both a CheckpointError and a FileNotFoundError)."""
 
 
+class _UnreadableError(CheckpointError):
+    """A file that is no checkpoint or a damaged one (not one whose objects weights_only
+    refuses): a cached download that raises it is removed (:func:`_load_url`)."""
+
+
 # The first bytes of what torch.save writes: a zip archive (torch >= 1.6) or, in the legacy
 # format, a pickle (protocol 2+ starts with 0x80).
 TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes (the format's own limit)
 URL_SCHEMES = ("http://", "https://")
 
 
@@ -90,13 +99,17 @@ def load_file(path: str, mmap: bool = False) -> Any:
     detectron2 and mmengine save over their checkpoints in place.
     """
     if is_url(path):
-        path = download(path)
+        return _load_url(path, mmap)
+    return _load_local(path, mmap)
+
+
+def _load_local(path: str, mmap: bool) -> Any:
     if not os.path.isfile(path):
         hint = "; only http:// and https:// URLs are downloaded" if "://" in str(path) else ""
         raise CheckpointNotFoundError(f"checkpoint not found: {path}{hint}")
     kind = file_format(path)
     if kind is None:
-        raise CheckpointError(
+        raise _UnreadableError(
             f"{path} is not a PyTorch checkpoint (it starts with {_head(path)!r}, nor is it a "
             "safetensors file; an HTML page or an error message saved by a failed download?)"
         )
@@ -114,9 +127,10 @@ def is_url(path: Any) -> bool:
 def file_format(path: str) -> Optional[str]:
     """'safetensors', 'torch' (zip or legacy pickle) or None, from the file's first bytes."""
     head = _head(path)
-    # safetensors: an 8-byte little-endian header length, then the header's JSON object
+    # safetensors: an 8-byte little-endian header length, then the header's JSON object (text
+    # in the first 8 bytes, as an HTML or JSON page has, makes a length far above the limit)
     size = int.from_bytes(head[:8], "little")
-    if len(head) > 8 and head[8:9] == b"{" and size <= os.path.getsize(path) - 8:
+    if len(head) > 8 and head[8:9] == b"{" and size < SAFETENSORS_MAX_HEADER:
         return "safetensors"
     return "torch" if head.startswith(TORCH_MAGIC) else None
 
@@ -138,7 +152,7 @@ def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
     try:
         return read_safetensors(path, device="cpu")
     except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+        raise _UnreadableError(f"cannot read safetensors file {path}: {e}") from e
 
 
 def _load_torch(path: str, mmap: bool) -> Any:
@@ -158,37 +172,131 @@ def _load_torch(path: str, mmap: bool) -> Any:
                 f"tensors, numbers, strings and containers are read). Re-save it as a plain state "
                 f"dict, e.g. torch.save({{'model': sd}}, ...). Details: {e}"
             ) from e
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        raise _UnreadableError(f"cannot read checkpoint {path}: {e}") from e
 
 
 def download(url: str) -> str:
-    """The local copy of ``url`` in torch hub's cache, downloaded on first use as
-    ``torch.hub.load_state_dict_from_url`` does (into a temporary file, renamed when whole).
+    """The local copy of ``url`` in torch hub's cache, downloaded on first use.
 
     The copy is ``<torch hub dir>/checkpoints/<host>/<path of the URL>`` (``$TORCH_HOME``
     moves it): the URL's path keeps apart files of the same name from different places (every
-    Hugging Face repository has a ``model.safetensors``). A download that is no checkpoint (a
-    login or error page) is removed again, so that the next try downloads anew.
+    Hugging Face repository has a ``model.safetensors``). Each download goes into a temporary
+    file of its own beside the copy (the ranks of a torchrun may all download at once), is
+    checked (:func:`_check_download`), then renamed into place: the copy is always a whole
+    checkpoint, never half-written. A download that is no checkpoint (a login or error page) or
+    is cut short is removed, so that the next try downloads anew.
     """
     dst = cache_path(url)
     if os.path.isfile(dst):
         return dst
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    directory = os.path.dirname(dst)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".partial", dir=directory)
+    os.close(fd)
     logger.info("downloading %s to %s", url, dst)
     try:
-        torch.hub.download_url_to_file(url, dst, progress=sys.stderr.isatty())
-    except Exception as e:  # noqa: BLE001 - a network or HTTP error, named with the fix
+        try:
+            torch.hub.download_url_to_file(url, tmp, progress=sys.stderr.isatty())
+        except Exception as e:  # noqa: BLE001 - a network or HTTP error, named with the fix
+            raise CheckpointError(
+                f"cannot download {url}: {e}. Download it yourself and give the file's path"
+            ) from e
+        _check_download(url, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as a file torch's downloader made (mkstemp: 0600)
+        os.replace(tmp, dst)  # atomic: another process reads the old copy or this one, whole
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    return dst
+
+
+def _check_download(url: str, path: str) -> None:
+    """Raises when the download ``path`` of ``url`` is no checkpoint or is cut short."""
+    if file_format(path) is None:
         raise CheckpointError(
-            f"cannot download {url}: {e}. Download it yourself and give the file's path"
-        ) from e
-    if file_format(dst) is None:
-        head = _head(dst)
-        os.remove(dst)
-        raise CheckpointError(
-            f"{url} gave no checkpoint (it starts with {head!r}: a login or error page?); "
+            f"{url} gave no checkpoint (it starts with {_head(path)!r}: a login or error page?); "
             "nothing was kept in the cache"
         )
-    return dst
+    short = _cut_short(path)
+    if short:
+        raise CheckpointError(
+            f"the download of {url} is incomplete: {short} (the connection broke off?); nothing "
+            "was kept in the cache, so the next load downloads it again"
+        )
+
+
+def _cut_short(path: str) -> Optional[str]:
+    """Why the checkpoint file ``path`` is not whole, or None. torch's downloader does not
+    compare the size with the Content-Length (a connection closed early ends the download
+    silently), so a file's structure is checked: a safetensors file is as long as its header
+    says, a torch zip (torch >= 1.6) ends with its central directory. A legacy pickle has no
+    such end to check: a damaged one is removed when it fails to read (:func:`_load_url`)."""
+    kind, size = file_format(path), os.path.getsize(path)
+    if kind == "safetensors":
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = f.read(n)
+        try:
+            entries = json.loads(header)
+            ends = [e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__"]
+            end = max(ends, default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return f"its safetensors header ({n} bytes) is cut short or damaged"
+        return f"{size} bytes, where its header needs {8 + n + end}" if size < 8 + n + end else None
+    if not _head(path).startswith(TORCH_MAGIC[0]):
+        return None
+    try:
+        with zipfile.ZipFile(path):  # reads the central directory, the archive's last part
+            return None
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"a torch zip archive without its central directory at the end ({e})"
+
+
+def _load_url(url: str, mmap: bool) -> Any:
+    """Reads ``url``'s copy in torch hub's cache, downloaded if need be (:func:`download`).
+
+    A copy that cannot be read (damaged on disk, or cut short where :func:`_cut_short` cannot
+    tell, e.g. by an older version of this code) is removed and the error names the URL, so
+    that the next load downloads it anew. A copy that another process (a rank) removed or
+    replaced while this one read it is read once more.
+    """
+    for last in (False, True):  # the second pass returns or raises
+        path = download(url)
+        seen = _identity(path)
+        try:
+            return _load_local(path, mmap)
+        except (OSError, CheckpointError) as e:
+            changed = seen is None or _identity(path) != seen
+            if changed and not last:
+                logger.info(
+                    "%s: its copy %s changed while it was read; reading it again", url, path
+                )
+                continue
+            if changed:
+                raise CheckpointError(
+                    f"cannot read {url}: its copy {path} was removed or replaced by another "
+                    f"process while it was read, twice; try again ({e})"
+                ) from e
+            if isinstance(e, _UnreadableError):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                raise CheckpointError(
+                    f"cannot read {url}: its copy in torch hub's cache ({path}) is damaged and was "
+                    "removed, so the next load downloads it again (or download it yourself and "
+                    f"give the file's path). Details: {e}"
+                ) from e
+            if isinstance(e, CheckpointError):  # e.g. objects weights_only refuses: kept
+                raise
+            raise CheckpointError(f"cannot read {url} from its copy {path}: {e}") from e
+
+
+def _identity(path: str) -> Optional[Tuple[int, ...]]:
+    """What tells one file at ``path`` from another put there since (None: no file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def cache_path(url: str) -> str:

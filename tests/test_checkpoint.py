@@ -662,6 +662,124 @@ def test_a_failed_download_is_named_and_leaves_nothing_in_the_cache(tmp_path, fa
     assert not __import__("os").path.exists(cache_path(url))
 
 
+def checkpoint_bytes(model, fmt):
+    """``model``'s state dict as the bytes of a torch zip file or of a safetensors file."""
+    import io
+
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        return save(model.state_dict())
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt, kept", [("pth", 0.6), ("safetensors", 0.6), ("safetensors", 0.01)])
+def test_a_download_cut_short_is_not_kept_and_the_next_load_downloads_it_again(
+    fmt, kept, fake_download
+):
+    """torch's downloader ends silently when the connection closes early: the short file was
+    kept in the cache for good, and every later load failed on the cache path. A torch zip
+    without its central directory, a safetensors file shorter than its header says (or cut in
+    its header) is now refused, named by its URL, and nothing is kept."""
+    import os
+    import re
+
+    from mae_transfer.checkpoint import cache_path
+
+    served, fetched = fake_download
+    src = randomised(vit())
+    whole = checkpoint_bytes(src, fmt)
+    url = f"https://example.invalid/mae/vit.{fmt}"
+    served[url] = whole[: int(len(whole) * kept)]
+    incomplete = rf"the download of {re.escape(url)} is incomplete: .*nothing was kept"
+    with pytest.raises(CheckpointError, match=incomplete):
+        load_pretrained(vit(), url)
+    assert os.listdir(os.path.dirname(cache_path(url))) == []  # no copy, no temporary file
+    served[url] = whole
+    model = vit()
+    assert load_pretrained(model, url).ok and fetched == [url, url]
+    assert torch.equal(model.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+
+
+def test_a_damaged_copy_in_the_cache_is_removed_and_the_error_names_the_url(fake_download):
+    """A copy that cannot be read (cut short before downloads were checked, or damaged on
+    disk) failed every load with 'cannot read checkpoint <cache path>': it is removed, the
+    error names the URL, and the next load downloads it anew."""
+    import os
+    import re
+
+    from mae_transfer.checkpoint import cache_path
+
+    served, fetched = fake_download
+    url = "https://example.invalid/mae/mae_pretrain_vit_base.pth"
+    served[url] = whole = checkpoint_bytes(vit(), "pth")
+    path = cache_path(url)
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    damaged = rf"cannot read {re.escape(url)}: its copy .* is damaged and was removed"
+    with pytest.raises(CheckpointError, match=damaged):
+        load_pretrained(vit(), url)
+    assert not os.path.exists(path) and fetched == []
+    assert load_pretrained(vit(), url).ok and fetched == [url]
+
+
+def test_ranks_downloading_at_once_never_read_a_half_written_copy(fake_download, monkeypatch):
+    """torchrun's ranks may download the same URL at once: while rank 0's download is half
+    written, rank 1 loads the URL. Each downloads into a temporary file of its own, renamed
+    into place when whole; both read the whole checkpoint and no temporary file is left."""
+    import os
+
+    from mae_transfer.checkpoint import cache_path, load_file
+
+    url = "https://example.invalid/mae/mae_pretrain_vit_base.pth"
+    whole = checkpoint_bytes(randomised(vit()), "pth")
+    destinations, rank1 = [], []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        destinations.append(dst)
+        with open(dst, "wb") as f:
+            f.write(whole[: len(whole) // 2])
+            f.flush()
+            if len(destinations) == 1:  # rank 0 half way: rank 1 starts
+                rank1.append(load_file(url))
+            f.write(whole[len(whole) // 2 :])
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    rank0 = load_file(url)
+    assert len(destinations) == 2 and len(set(destinations)) == 2
+    assert cache_path(url) not in destinations
+    for name, value in rank0["model"].items():
+        assert torch.equal(value, rank1[0]["model"][name]), name
+    assert os.listdir(os.path.dirname(cache_path(url))) == [os.path.basename(cache_path(url))]
+
+
+def test_a_copy_removed_while_it_is_read_is_downloaded_again(fake_download, monkeypatch):
+    """Another rank removes the copy (a damaged one) between this one finding it and reading
+    it: it is downloaded and read again, not a bare 'checkpoint not found' of the cache path."""
+    import os
+
+    import mae_transfer.checkpoint as checkpoint
+
+    served, fetched = fake_download
+    url = "https://example.invalid/mae/mae_pretrain_vit_base.pth"
+    served[url] = checkpoint_bytes(vit(), "pth")
+    found = []
+
+    def download_then_lose(url):
+        found.append(real(url))
+        if len(found) == 1:
+            os.remove(found[0])  # by another rank
+        return found[-1]
+
+    real = checkpoint.download
+    monkeypatch.setattr(checkpoint, "download", download_then_lose)
+    assert load_pretrained(vit(), url).ok
+    assert len(found) == 2 and fetched == [url, url]
+
+
 def test_a_file_in_no_known_scheme_still_names_the_likely_cause(mae, tmp_path):
     """Names of a codebase the table does not know (here big_vision's, flattened) load
     nothing: the error says no ViT was found under the names read, and what the model is."""
