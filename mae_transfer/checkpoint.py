@@ -42,12 +42,13 @@ import torch.nn as nn
 
 from .checkpoint_keys import KEY_TABLE, Renaming, to_timm_names
 from .pos_embed import resize_patch_embed_kernel, resize_pos_embed, sincos_grid
-from .vit import CLS_BIAS_ENTRIES, VisionTransformer, resize_bias_table
+from .vit import CLS_BIAS_ENTRIES, VisionTransformer, resize_1d_table, resize_bias_table
 
 logger = logging.getLogger(__name__)
 
 ANCHOR_KEY = "patch_embed.proj.weight"
 BIAS_TABLE = "relative_position_bias_table"  # BEiT's relative position bias (mmseg's too)
+DECOMPOSED_TABLES = ("rel_pos_h", "rel_pos_w")  # ViTDet's decomposed relative position
 STATE_DICT_KEYS = ("model", "state_dict", "module", "model_state")
 # Checkpoint keys a ViT encoder is expected not to use: the MAE decoder and its mask token
 # (and a fine-tuned classifier's fc_norm / head, see _expected_unused).
@@ -559,6 +560,10 @@ def _fix_shape(name, value, target, model) -> Optional[torch.Tensor]:
         return _adapt_pos_embed(value, getattr_path(model, name), model)
     if name.endswith(BIAS_TABLE):
         return _adapt_bias_table(value, target, getattr_path(model, name[: -len(BIAS_TABLE) - 1]))
+    if name.endswith(DECOMPOSED_TABLES) and value.shape[1:] == target.shape[1:]:
+        # ViTDet's (2 * size - 1, head_dim) offsets of another window or grid: resized as its
+        # forward resizes them to the grid it sees (linearly)
+        return resize_1d_table(value, target.shape[0])
     if name.endswith(ANCHOR_KEY) and value.shape[:2] == target.shape[:2]:
         have, want = tuple(value.shape[-2:]), tuple(target.shape[-2:])
         if (have, want) != ((14, 14), (16, 16)):  # (ViT-H/14 run as /16, as ViTDet: expected)

@@ -58,7 +58,7 @@ def _constant(builder=None, *, maxsize: int = 64):
 
 
 # -- relative position -----------------------------------------------------------------------
-def _resize_1d_table(table: torch.Tensor, length: int) -> torch.Tensor:
+def resize_1d_table(table: torch.Tensor, length: int) -> torch.Tensor:
     """table: (L, C) -> (length, C) by linear interpolation along L."""
     if table.shape[0] == length:
         return table
@@ -100,8 +100,8 @@ def _decomposed_rel_terms(
     (B, heads, h, w, w); the bias of query -> key (r, c) is rel_h[..., r] + rel_w[..., c]."""
     h, w = hw
     b, heads, _, dim = q.shape
-    table_h = _resize_1d_table(rel_pos_h, 2 * h - 1)[_relative_index(h, h, q.device)]  # (h, h, C)
-    table_w = _resize_1d_table(rel_pos_w, 2 * w - 1)[_relative_index(w, w, q.device)]  # (w, w, C)
+    table_h = resize_1d_table(rel_pos_h, 2 * h - 1)[_relative_index(h, h, q.device)]  # (h, h, C)
+    table_w = resize_1d_table(rel_pos_w, 2 * w - 1)[_relative_index(w, w, q.device)]  # (w, w, C)
     r_q = q.reshape(b, heads, h, w, dim)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, table_h)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, table_w)

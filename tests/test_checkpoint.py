@@ -798,3 +798,17 @@ def test_a_file_in_no_known_scheme_still_names_the_likely_cause(mae, tmp_path):
     )
     assert "keys start with: Transformer/encoderblock_0" in message
     assert "The model is a ViT with 2 blocks of width 32, patch 16" in message
+
+
+def test_decomposed_tables_of_another_grid_are_resized_as_the_forward_resizes_them():
+    """ViTDet's rel_pos_h / rel_pos_w of a 4 x 4 grid (7 rows) loaded into a 96 px model
+    (6 x 6: 11 rows) were a SHAPE MISMATCH, not loaded; resized once, they give the outputs
+    the checkpoint's model gives at 96 px, where its forward resizes them."""
+    src = randomised(vit(img_size=64, class_token=False, rel_pos="decomposed"))
+    model = vit(img_size=96, class_token=False, rel_pos="decomposed").eval()
+    report = load_pretrained(model, src.state_dict(), log=False)
+    assert not report.mismatched and model.blocks[0].attn.rel_pos_h.shape[0] == 11
+    assert any(r.startswith("blocks.0.attn.rel_pos_w (7, 16)->") for r in report.resized)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), src.forward_features(x), atol=1e-5)
