@@ -43,9 +43,12 @@ def test_written_out_attention_equals_the_fused_kernel_values_and_gradients():
 
 
 def _mae_loss(model, x):
+    """(loss, pred) of ``model`` on ``x`` under bf16 autocast, with fixed masking noise."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _, _ = model(x, 0.75, noise=torch.rand(x.shape[0], 4, generator=GEN.manual_seed(1)))
-    return loss
+        loss, pred, _ = model(
+            x, 0.75, noise=torch.rand(x.shape[0], 4, generator=GEN.manual_seed(1))
+        )
+    return loss, pred.float()
 
 
 GEN = torch.Generator()
@@ -55,16 +58,21 @@ def test_the_mae_writes_attention_out_on_a_cpu_in_bf16_only_and_the_loss_agrees(
     torch.manual_seed(0)
     model = create_model("mae_vit_base_patch16", img_size=32, norm_pix_loss=True, **TINY_MAE)
     x = torch.randn(4, 3, 32, 32)
-    fp32, _, _ = model(x, 0.75, noise=torch.rand(4, 4, generator=GEN.manual_seed(1)))
+    fp32, pred_fp32, _ = model(x, 0.75, noise=torch.rand(4, 4, generator=GEN.manual_seed(1)))
     assert all(blk.attn.fused_attn for blk in [*model.blocks, *model.decoder_blocks])
-    written_out = _mae_loss(model, x)
+    written_out, pred_written_out = _mae_loss(model, x)
     assert not any(blk.attn.fused_attn for blk in [*model.blocks, *model.decoder_blocks])
     monkeypatch.setattr(kernels, "explicit_attention_faster", lambda x: False)
-    fused = _mae_loss(model, x)
+    fused, pred_fused = _mae_loss(model, x)
     assert all(blk.attn.fused_attn for blk in model.blocks)
     # bf16 rounding apart, one loss: the two paths and fp32
     assert abs(written_out.item() - fused.item()) <= 0.02 * fused.item()
     assert abs(written_out.item() - fp32.item()) <= 0.02 * fp32.item()
+    # and one prediction (0.5% apart): the loss, a mean over many patches, hardly moves under
+    # a wrong attention (uniform weights: 0.17%), the predicted pixels do (uniform: 16%)
+    assert (pred_written_out - pred_fused).norm() <= 0.02 * pred_fused.norm()
+    assert (pred_written_out - pred_fp32).norm() <= 0.02 * pred_fp32.norm()
+    assert (pred_fused - pred_fp32).norm() <= 0.02 * pred_fp32.norm()
 
 
 def test_the_transfer_vit_keeps_long_global_attention_on_the_fused_kernel(monkeypatch):

@@ -107,6 +107,14 @@ def test_patch14_kernel_resized_to_16(caplog):
     y14 = torch.nn.functional.conv2d(x, src.patch_embed.proj.weight)
     y16 = torch.nn.functional.conv2d(torch.ones(1, 3, 16, 16), model.patch_embed.proj.weight)
     assert torch.allclose(y14, y16, atol=1e-5)
+    # A smooth patch, resized bicubically to 16 px, nearly so (2% apart; any kernel of the same
+    # sum passes the constant image, a flat one is 65-85% off here)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 14), torch.linspace(-1, 1, 14), indexing="ij")
+    x14 = torch.stack([0.5 + 0.3 * xx - 0.2 * yy, torch.cos(2 * xx + yy), xx * yy])[None]
+    x16 = torch.nn.functional.interpolate(x14, size=(16, 16), mode="bicubic", align_corners=False)
+    y14 = torch.nn.functional.conv2d(x14, src.patch_embed.proj.weight)
+    y16 = torch.nn.functional.conv2d(x16, model.patch_embed.proj.weight)
+    assert (y16 - y14).norm() <= 0.05 * y14.norm()
 
 
 def test_another_patch_size_is_resized_with_a_warning(caplog):

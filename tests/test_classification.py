@@ -893,8 +893,14 @@ def test_evaluation_edge_cases_are_named(data, tmp_path, caplog):
     t = FinetuneTrainer(cfg_of(FinetuneConfig, data, tmp_path / "a", finetune=""), CPU, DistInfo())
     assert "random initialisation" in caplog.text
     metrics = t.evaluate()
+    images = ClassFolderDataset(t.folders[1], eval_transform(32, eval_crop_pct(t.cfg)))
+    x = torch.stack([images[(0, i)][0] for i in range(len(images))])
+    y = torch.tensor([images[(0, i)][1] for i in range(len(images))])
+    with torch.no_grad():
+        expected = 100.0 * (t.model.eval()(x).argmax(1) == y).float().mean().item()
     t.close()
     assert 0 <= metrics["acc1"] <= 100 and math.isnan(metrics["acc5"])  # 3 classes: no top-5
+    assert metrics["acc1"] == pytest.approx(expected)
     # ImageNet's val/ as distributed: files directly in it, no class folders
     flat = tmp_path / "flat"
     shutil.copytree(os.path.join(data["root"], "train"), flat / "train")
@@ -907,9 +913,10 @@ def test_evaluation_edge_cases_are_named(data, tmp_path, caplog):
     caplog.clear()
     values = {"data_path": data["root"], "eval": True, "resume": data["official"]}
     cfg = make_config(FinetuneConfig, {**values, "model_kwargs": TINY})
-    with pytest.raises(CheckpointError, match="no classification head: --eval needs"):
+    refused = pytest.raises(CheckpointError, match="no classification head: --eval needs")
+    with caplog.at_level("INFO"), refused:  # (INFO: what it would log next for a classifier)
         evaluate_checkpoint(cfg, CPU, DistInfo())
-    assert "evaluating it so" not in caplog.text
+    assert "evaluating it so" not in caplog.text and "was trained at input_size" not in caplog.text
     # --nb_classes other than its head's: named (it said the file had no trained head)
     tuned = str(tmp_path / "tuned.pth")
     torch.save({"model": build_classifier("vit_base_patch16", 3, 32, "avg", **TINY).state_dict()},

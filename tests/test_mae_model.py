@@ -215,7 +215,8 @@ def test_unpatchify_non_square_needs_grid():
 
 def test_official_init_statistics():
     model = create_model("mae_vit_base_patch16", depth=1, decoder_depth=1)
-    assert model.cls_token.std().item() == pytest.approx(0.02, rel=0.5)
+    # 768 samples: the std is within 2.6% (one sigma) of 0.02; 0.15 is six sigmas
+    assert model.cls_token.std().item() == pytest.approx(0.02, rel=0.15)
     w = model.blocks[0].attn.qkv.weight
     bound = (6.0 / (w.shape[0] + w.shape[1])) ** 0.5  # xavier-uniform
     assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound

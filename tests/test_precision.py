@@ -144,6 +144,14 @@ def test_this_machines_cpu_check_runs_and_is_cached():
     native, why = dev.cpu_bf16_check()
     assert isinstance(native, bool) and why
     assert dev.cpu_bf16_check() == (native, why)
+    # on x86 the flags decide, as the kernel lists them (on Arm, or unread, a timing decides)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {w for ln in f if ln.startswith("flags") for w in ln.split(":", 1)[1].split()}
+    except OSError:
+        flags = set()
+    if flags and not flags & dev.ARM_BF16_FLAGS:
+        assert native is bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def test_bf16_cpu_step_of_a_tiny_model_is_finite():

@@ -162,12 +162,16 @@ def test_yaml_numbers_wrong_types_zero_mask_and_empty_folders(tmp_path, image_di
     assert "mask_ratio must be in (0, 1)" in msg and "holds no images" in msg
 
 
-def test_cli_rejects_bad_config_and_writes_nothing(tmp_path, image_dir):
+def test_cli_rejects_bad_config_and_writes_nothing(tmp_path, image_dir, capfd):
     out = tmp_path / "out"
     code = pretrain_main(["--data_path", image_dir, "--mask_ratio", "2", "--output_dir", str(out)])
     assert code == 2 and not out.exists()
+    assert "mask_ratio must be in (0, 1): the loss is taken on masked patches; got 2.0" in (
+        capfd.readouterr().err
+    )
     code = pretrain_main(["--data_path", str(tmp_path / "missing"), "--output_dir", str(out)])
     assert code == 2 and not out.exists()
+    assert f"data_path '{tmp_path / 'missing'}' is not a directory" in capfd.readouterr().err
 
 
 def test_input_size_must_fit_patch(tmp_path, image_dir):
@@ -193,6 +197,9 @@ def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path):
     cfg = tiny_cfg(tmp_path, str(tmp_path / "data"), epochs=1, batch_size=2)
     t = train(cfg)
     assert t.skipped_images >= 1
+    # exactly the bad files met in its one epoch (the draws follow the run's seed)
+    ds = PretrainDataset(str(tmp_path / "data"), 32, num_patches=4, seed=cfg.seed)
+    assert t.skipped_images == sum(ds[(0, i)][2] for i in range(len(ds))) == 2
 
 
 def test_sampler_splits_global_batches_across_processes():

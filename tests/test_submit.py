@@ -108,8 +108,9 @@ def test_launcher_values_and_help(monkeypatch, tmp_path, capsys):
     from mae_transfer.engine.slurm import parse_launcher
 
     assert parse_launcher("x", ["--mem_gb_per_gpu", "0"])[0].mem_gb_per_gpu == 0
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         submit_module.main(["--help"])
+    assert e.value.code == 0
     assert "Every other flag goes to the training run" in capsys.readouterr().out
     assert submit_main(["--help"]) == 0
     assert "tools/finetune.py --help" in capsys.readouterr().out
