@@ -3,6 +3,7 @@ exact resume, official-format checkpoints through --eval, several ranks, the com
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -51,6 +52,7 @@ from mae_transfer.data import (
 )
 from mae_transfer.engine.config import read_yaml
 from mae_transfer.engine.distributed import DistInfo, barrier
+from mae_transfer.models import size_of
 from mae_transfer.optim import param_groups
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
@@ -847,13 +849,18 @@ def test_command_lines_train_evaluate_and_reject_bad_values(data, tmp_path):
 
 def test_the_shipped_configs_build_and_validate(data):
     for protocol, cls in (("finetune", FinetuneConfig), ("linprobe", LinprobeConfig)):
-        for size in ("base", "large", "huge"):
-            values = read_yaml(os.path.join(ROOT, "configs", protocol, f"vit_{size}_in1k.yaml"))
+        # every file of the folder (one added later too), the three sizes among them
+        paths = sorted(glob.glob(os.path.join(ROOT, "configs", protocol, "*.yaml")))
+        names = {os.path.basename(path) for path in paths}
+        assert {f"vit_{size}_in1k.yaml" for size in ("base", "large", "huge")} <= names
+        for path in paths:
+            values = read_yaml(path)
             cfg = make_config(cls, {**values, "data_path": data["root"], "finetune": data["ours"]})
             validate(cfg)
             assert cfg.batch_size * cfg.accum_iter * 8 == (
                 1024 if protocol == "finetune" else 16384
             )
+            assert os.path.basename(path).startswith(f"vit_{size_of(cfg.model)}_")  # its size
 
 
 def test_the_probe_refuses_weights_that_leave_part_of_its_frozen_encoder_random(data, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import pathlib
@@ -13,9 +14,12 @@ import pytest
 import torch
 from conftest import ROOT, TINY_MAE, write_images
 
+from mae_transfer import VIT_SIZES, create_model
 from mae_transfer.data import ResumableDistributedSampler, collate
 from mae_transfer.engine.distributed import DistInfo
 from mae_transfer.engine.schedule import cosine_lr
+from mae_transfer.models import size_of
+from mae_transfer.registry import patch_size_of
 from pretrain.config import ConfigError, PretrainConfig, load_config, make_config, validate
 from pretrain.data import PretrainDataset
 from pretrain.engine import LAST, NonFiniteLossError, Trainer
@@ -160,6 +164,31 @@ def test_yaml_numbers_wrong_types_zero_mask_and_empty_folders(tmp_path, image_di
     assert "blr must be a number, got 'fast'" in msg
     assert "epochs must be an integer, got 2.5" in msg
     assert "mask_ratio must be in (0, 1)" in msg and "holds no images" in msg
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(glob.glob(os.path.join(ROOT, "configs", "pretrain", "*.yaml"))),
+    ids=os.path.basename,
+)
+def test_every_shipped_config_validates_and_builds(path):
+    """Read as the command line reads it, checked without its paths (as a Slurm submission
+    checks it) and built on the meta device as the trainer builds it."""
+    cfg, _ = load_config(["--config", path, "--data_path", "/datasets/imagenet"])
+    validate(cfg, check_paths=False)
+    with torch.device("meta"):
+        model = create_model(
+            cfg.model, img_size=cfg.input_size, norm_pix_loss=cfg.norm_pix_loss, **cfg.model_kwargs
+        )
+    size = size_of(cfg.model)
+    width = cfg.model_kwargs.get("embed_dim", VIT_SIZES[size]["embed_dim"])
+    p = cfg.model_kwargs.get("patch_size", patch_size_of(cfg.model))
+    assert model.patch_embed.proj.weight.shape == (width, 3, p, p)
+    assert model.patch_embed.num_patches == (cfg.input_size // p) ** 2
+    name = os.path.basename(path)
+    if name != "demo_tiny.yaml":  # the paper's recipe, at the size in the file's name
+        assert name == f"mae_vit_{size}_in1k.yaml" and not cfg.model_kwargs
+        assert (cfg.mask_ratio, cfg.norm_pix_loss, cfg.epochs, cfg.blr) == (0.75, True, 800, 1.5e-4)
 
 
 def test_cli_rejects_bad_config_and_writes_nothing(tmp_path, image_dir, capfd):
