@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_MAE
 
 from mae_transfer import CheckpointError, create_model, load_pretrained
-from mae_transfer.checkpoint import save_atomic
+from mae_transfer.checkpoint import find_state_dict, save_atomic
 
 
 @pytest.fixture
@@ -127,6 +127,14 @@ def test_another_patch_size_is_resized_with_a_warning(caplog):
     assert any(r.startswith("patch_embed.proj.weight") for r in report.resized)
     assert "the checkpoint's patch size is 8x8, the model's 16x16" in caplog.text
     assert "give the model patch size 8" in caplog.text
+
+
+def test_a_checkpoint_without_tensors_is_named_with_what_was_found():
+    with pytest.raises(CheckpointError, match=r"no state dict found in checkpoint \(a dict") as e:
+        find_state_dict({"epoch": 3, "optimizer": {}})
+    assert "with keys ['epoch', 'optimizer']); expected one of" in str(e.value)
+    with pytest.raises(CheckpointError, match=r"\(a list\); expected one of"):
+        find_state_dict([torch.zeros(1)])
 
 
 def test_wrong_model_size_is_an_error_naming_the_cause(mae):

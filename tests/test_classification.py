@@ -939,6 +939,20 @@ def test_evaluation_edge_cases_are_named(data, tmp_path, caplog):
     assert "reached before --resume, see /runs/a/checkpoint-best.pth" in caplog.text
 
 
+def test_train_and_val_naming_different_classes_are_refused(tmp_path):
+    """Labels are class indices in sorted order: one class missing from val/ would shift them."""
+    from mae_transfer.classification.data import class_folders
+
+    write_colour_classes(tmp_path / "train", 1, seed=0)
+    write_colour_classes(tmp_path / "val", 1, seed=1)
+    shutil.rmtree(tmp_path / "val" / "blue")
+    cfg = make_config(FinetuneConfig, {"data_path": str(tmp_path)})
+    with pytest.raises(ConfigError, match="name different classes .*: both need the same class"):
+        class_folders(cfg)
+    cfg.eval = True  # evaluating: val/ alone, labelled by the checkpoint's class names
+    assert class_folders(cfg)[0] is None and class_folders(cfg)[1].classes == ["green", "red"]
+
+
 def test_the_official_scripts_flags_are_understood():
     """Their command lines (FINETUNE.md, LINPROBE.md) use --cls_token and --dist_eval."""
     from mae_transfer.classification.config import load_config

@@ -551,6 +551,26 @@ def test_tf32_is_a_choice_for_training_and_on_for_evaluation():
     set_tf32(False)
 
 
+def test_a_missing_or_non_mapping_yaml_is_named(tmp_path):
+    from mae_transfer.engine.config import read_yaml
+
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        read_yaml(str(tmp_path / "nope.yaml"))
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml must hold a mapping of config keys, got list"):
+        read_yaml(str(tmp_path / "list.yaml"))
+    (tmp_path / "empty.yaml").write_text("# nothing set\n")
+    assert read_yaml(str(tmp_path / "empty.yaml")) == {}
+
+
+def test_a_resume_file_without_model_weights_is_named(tmp_path, image_dir):
+    bad = tmp_path / "bad.pth"
+    torch.save({"epoch": 1, "optimizer": {}}, bad)
+    cfg = tiny_cfg(tmp_path / "out", image_dir, resume=str(bad))
+    with pytest.raises(ConfigError, match="bad.pth holds no 'model' weights to resume: --resume"):
+        Trainer(cfg, torch.device("cpu"), DistInfo())
+
+
 def test_config_dataclasses_share_the_run_fields():
     from mae_transfer.engine.config import TrainConfig
     from pretrain.config import PretrainConfig

@@ -134,6 +134,16 @@ def test_gradient_on_every_trainable_parameter():
     assert frozen == {"pos_embed", "decoder_pos_embed"}
 
 
+def test_masking_noise_and_sincos_width_are_checked():
+    """A noise of the wrong shape would be sorted into another mask without a word; a width
+    the four sin-cos quarters do not divide would build a table of another width."""
+    model = tiny(img_size=32)
+    with pytest.raises(ValueError, match=r"noise must have shape \(2, 4\), got \(2, 5\)"):
+        model(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 5))
+    with pytest.raises(ValueError, match=r"needs embed_dim % 4 == 0, got 30"):
+        get_2d_sincos_pos_embed(30, 4)
+
+
 def test_masking_invariants():
     x = torch.randn(3, 20, 5)
     x_masked, mask, ids_restore = random_masking(x, 0.75)

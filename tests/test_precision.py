@@ -12,6 +12,7 @@ from conftest import TINY_MAE
 
 from mae_transfer import create_model
 from mae_transfer import device as dev
+from mae_transfer.engine.config import ConfigError
 
 # (name, compute capability) of the GPU generations users run on
 GPUS = {
@@ -138,6 +139,15 @@ def test_the_choice_and_its_reason_are_logged_once(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="mae_transfer.device"):
         dev.resolve_amp("auto", torch.device("cuda"))
     assert "Tesla V100-SXM2-32GB (cuda:0, compute capability 7.0) has no native bf16" in caplog.text
+
+
+def test_an_unavailable_device_and_an_unknown_precision_are_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="'cuda:1' requested but CUDA is not available; use"):
+        dev.resolve_device("cuda:1")
+    assert dev.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown amp mode 'fp8'; expected auto, fp32, bf16"):
+        dev.resolve_amp("fp8", torch.device("cpu"))
 
 
 def test_this_machines_cpu_check_runs_and_is_cached():
