@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import random
 import socket
 import sys
 import traceback
@@ -28,7 +30,44 @@ TINY_VIT = dict(embed_dim=32, depth=4, num_heads=2)
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
     yield
+
+
+def _logger_states() -> dict:
+    """{logger: (handlers, level, propagate, disabled)} of the root and every named logger."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return {
+        log: (list(log.handlers), log.level, log.propagate, log.disabled)
+        for log in loggers
+        if isinstance(log, logging.Logger)
+    }
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ_and_logging():
+    """Command lines called in this process set up logging for their run (the root's handlers
+    and level: engine.launch.setup_logging; file handlers on 'mae_transfer', 'detectron2', ...:
+    detection's attach_logs, detectron2's setup) and export variables (LOCAL_RANK): the next
+    test gets both as they were, the handlers added since closed (their log files too)."""
+    environ = dict(os.environ)
+    before = _logger_states()
+    known = {handler for handlers, *_ in before.values() for handler in handlers}  # (pytest's)
+    yield
+    for log in _logger_states():  # (loggers made during the test: no handlers, default state)
+        handlers, level, propagate, disabled = before.get(log, ([], logging.NOTSET, True, False))
+        for handler in log.handlers:
+            if handler not in known:
+                handler.close()
+        log.handlers[:] = handlers
+        log.setLevel(level)
+        log.propagate, log.disabled = propagate, disabled
+    for key in set(os.environ) - set(environ):
+        del os.environ[key]
+    for key, value in environ.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 @pytest.fixture

@@ -14,11 +14,21 @@ import torch
 from conftest import ROOT, TINY_MAE
 
 from mae_transfer import create_model
+from mae_transfer.benchmark import measure
 from mae_transfer.benchmark.official import OfficialMAE
 from mae_transfer.benchmark.pretrain import official_update, our_update
 
 
+@pytest.fixture(autouse=True)
+def _measure_settings(monkeypatch):
+    """--tiny sets measure.IN_PROCESS and PEAK_N for the process: back after each test."""
+    monkeypatch.setattr(measure, "IN_PROCESS", measure.IN_PROCESS)
+    monkeypatch.setattr(measure, "PEAK_N", measure.PEAK_N)
+
+
 def test_benchmark_all_tiny_writes_json(tmp_path):
+    pytest.importorskip("detectron2")  # the transfer section times Mask R-CNN and UperNet
+    pytest.importorskip("mmseg")
     out = tmp_path / "new" / "bench.json"  # (its folder made before the timing)
     cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "all", "--tiny"]
     cmd += ["--warmup", "0", "--repeats", "1", "--feed_rates", "500,2000", "--json", str(out)]
@@ -164,9 +174,6 @@ def test_bad_arguments_stop_before_any_timing(tmp_path, capsys, monkeypatch):
 
     from mae_transfer.benchmark import cli
 
-    monkeypatch.setattr(cli.measure, "IN_PROCESS", cli.measure.IN_PROCESS)  # --tiny sets them
-    monkeypatch.setattr(cli.measure, "PEAK_N", cli.measure.PEAK_N)
-
     (tmp_path / "afile").write_text("x")
     for bad, text in (
         (["--json", str(tmp_path / "afile" / "x.json")], "afile is a file"),  # (missing: made)
@@ -253,11 +260,8 @@ def test_the_data_rivals_time_the_same_crop_of_each_image(tmp_path, monkeypatch)
 
 def test_attention_section_at_the_models_shapes_in_bf16(tmp_path, monkeypatch):
     from mae_transfer.attention import explicit_attention
-    from mae_transfer.benchmark import cli, measure
+    from mae_transfer.benchmark import cli
     from mae_transfer.benchmark.attention import attention_shapes
-
-    monkeypatch.setattr(measure, "IN_PROCESS", measure.IN_PROCESS)  # --tiny sets them
-    monkeypatch.setattr(measure, "PEAK_N", measure.PEAK_N)
 
     shapes = attention_shapes(create_model("mae_vit_base_patch16"))
     got = [(s["where"], s["tokens"], s["heads"], s["head_dim"], s["blocks"]) for s in shapes]
@@ -278,12 +282,11 @@ def test_attention_section_at_the_models_shapes_in_bf16(tmp_path, monkeypatch):
     assert all(r["ms_per_step"] > r["ms_fwd_bwd_per_block"] > 0 for r in rows)
 
 
-def test_gpu_cases_run_on_the_asked_gpu_and_time_many_products(monkeypatch):
+def test_gpu_cases_run_on_the_asked_gpu(monkeypatch):
     """--device cuda:1 built the Mask R-CNN case on the current GPU (0) while its timer and
-    memory counter read GPU 1; the GPU peak timed one ~30 us product per launch and sync."""
-    import pytest
-
-    from mae_transfer.benchmark import measure, transfer
+    memory counter read GPU 1."""
+    pytest.importorskip("detectron2")
+    from mae_transfer.benchmark import transfer
 
     asked = []
 
@@ -297,6 +300,9 @@ def test_gpu_cases_run_on_the_asked_gpu_and_time_many_products(monkeypatch):
         transfer._tiny_maskrcnn(torch.device("cuda", 1))
     assert asked == ["cuda:1"]
 
+
+def test_the_gpu_peak_times_many_products_per_sync(monkeypatch):
+    """The GPU peak timed one ~30 us product per launch and sync."""
     products = []
     monkeypatch.setattr(measure, "_sync", lambda device: None)
     real_mm = torch.mm
@@ -332,8 +338,6 @@ def test_sections_that_pretrain_refuse_an_encoder_only_vit(capsys, monkeypatch):
     unknown name was answered with the vit_* names too. classification takes either."""
     from mae_transfer.benchmark import cli
 
-    monkeypatch.setattr(cli.measure, "IN_PROCESS", cli.measure.IN_PROCESS)  # --tiny sets them
-    monkeypatch.setattr(cli.measure, "PEAK_N", cli.measure.PEAK_N)
     monkeypatch.setattr(cli.measure, "matmul_peak", lambda *a, **k: {"gflops": 1.0})
     for argv, text in (
         *(

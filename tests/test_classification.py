@@ -63,6 +63,7 @@ CPU = torch.device("cpu")
 def data(tmp_path_factory):
     """3 colour classes: 8 training and 5 validation images each; and tiny MAE checkpoints."""
     root = tmp_path_factory.mktemp("cls")
+    torch.manual_seed(0)  # (module fixtures run before the per-test seed: whichever test is first)
     write_colour_classes(root / "data" / "train", 8, seed=0)
     write_colour_classes(root / "data" / "val", 5, seed=1)
     _, ckpts = save_mae_checkpoints(root, img_size=32, patch_size=8, depth=2)

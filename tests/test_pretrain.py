@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MAE, write_images
+from conftest import ROOT, TINY_MAE, _free_port, write_images
 
 from mae_transfer import VIT_SIZES, create_model
 from mae_transfer.data import ResumableDistributedSampler, collate
@@ -409,7 +409,7 @@ def _run_ddp_or_single(tmp_path, image_dir, nproc: int, batch: int) -> dict:
             "--nproc_per_node",
             str(nproc),
             "--master_port",
-            "29517",
+            str(_free_port()),  # (a fixed one fails while another run holds it)
             "-m",
             "pretrain",
             *args,
@@ -438,7 +438,8 @@ def test_the_entry_points_also_run_as_files(tmp_path):
         ("export.py", ["--help"], "CHECKPOINT"),
     ):
         cmd = [sys.executable, os.path.join(ROOT, "pretrain", script), *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        env = {**os.environ, "PYTHONPATH": ROOT}  # (this tree, not another installed copy)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert r.returncode == 0 and says in r.stdout, (script, r.stderr[-2000:])
 
 

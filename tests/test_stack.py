@@ -69,7 +69,10 @@ def test_detectron2_compat_is_applied_and_honest():
 def test_every_console_script_names_a_command_that_runs(monkeypatch, capsys):
     """pyproject's [project.scripts] (what pip installs): each target imports, and its --help
     names the command as typed."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11 (requires-python is >= 3.9): its backport
+        tomllib = pytest.importorskip("tomli")
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
