@@ -215,16 +215,22 @@ def _vitdet_detector_state(model) -> dict:
     return state
 
 
+def _save_detector(state: dict, path) -> None:
+    """A detector's state as a model zoo .pkl (ViTDet publishes only these: numpy arrays in
+    detectron2's checkpoint form) or as a .pth, by the name's suffix."""
+    if str(path).endswith(".pkl"):
+        zoo = {"model": {k: v.numpy() for k, v in state.items()}, "__author__": "zoo"}
+        path.write_bytes(pickle.dumps(zoo))
+    else:
+        torch.save({"model": state, "iteration": 184374}, path)
+
+
 @pytest.mark.parametrize("form", ["pth", "pkl"])
 def test_a_vitdet_detector_checkpoint_loads_exactly(tmp_path, caplog, form):
     cfg = build_cfg(VITDET_B, TINY)
     state = _vitdet_detector_state(build_model(cfg))
     path = tmp_path / f"model_final.{form}"
-    if form == "pkl":  # detectron2's model zoo form (ViTDet's files): numpy arrays
-        zoo = {"model": {k: v.numpy() for k, v in state.items()}, "__author__": "zoo"}
-        path.write_bytes(pickle.dumps(zoo))
-    else:
-        torch.save({"model": state, "iteration": 184374}, path)
+    _save_detector(state, path)
     model = build_model(cfg)
     with caplog.at_level(logging.INFO, logger="mae_transfer"):
         MAECheckpointer(model, whole_model=True).load(str(path))  # everything fits, or raises
@@ -254,18 +260,25 @@ def test_mae_weights_load_into_the_vit_with_the_report(tmp_path, caplog):
     assert torch.equal(built.backbone.net.blocks[3].mlp.fc2.weight, net.blocks[3].mlp.fc2.weight)
 
 
-def test_detectors_of_the_other_pyramid_give_their_vit_only(tmp_path):
-    """A ViTDet detector into the 4-stage model, and a 4-stage detector into the simple one:
-    the ViT loads (as it did for the 4-stage model), the rest would be random, so a whole
-    detector is refused."""
+@pytest.mark.parametrize("form", ["pth", "pkl"])
+def test_detectors_of_the_other_pyramid_give_their_vit_only(tmp_path, caplog, form):
+    """A ViTDet detector (a model zoo .pkl, as ViTDet publishes them, or a .pth) into the
+    4-stage model, and a 4-stage detector into the simple one: the ViT loads with the report
+    (a .pkl's loaded nothing: it went to detectron2's loading unread), the rest would be
+    random, so a whole detector is refused."""
     simple_cfg = build_cfg(VITDET_B, TINY)
-    vitdet = tmp_path / "vitdet.pth"
-    torch.save({"model": _vitdet_detector_state(build_model(simple_cfg))}, vitdet)
+    vitdet = tmp_path / f"vitdet.{form}"
+    state = _vitdet_detector_state(build_model(simple_cfg))
+    _save_detector(state, vitdet)
     four_cfg = build_cfg(FPN_B, TINY + ["MODEL.VIT.OUT_INDICES", "[0, 1, 2, 3]"])
     four = build_model(four_cfg)
-    MAECheckpointer(four).load(str(vitdet))
-    qkv = torch.load(vitdet, weights_only=True)["model"]["backbone.net.blocks.2.attn.qkv.weight"]
+    with caplog.at_level(logging.INFO, logger="mae_transfer"):
+        MAECheckpointer(four).load(str(vitdet))
+    qkv = state["backbone.net.blocks.2.attn.qkv.weight"]
     assert torch.equal(four.backbone.bottom_up.vit.blocks[2].attn.qkv.weight, qkv)
+    assert "MAE weights into backbone.bottom_up.vit" in caplog.text
+    assert "prefix 'backbone.net.' stripped" in caplog.text
+    assert "MISSING" not in caplog.text and "UNEXPECTED" not in caplog.text
     with pytest.raises(CheckpointError, match="holds a ViT but not a detector of this code"):
         MAECheckpointer(build_model(four_cfg), whole_model=True).load(str(vitdet))
     detector = tmp_path / "four_stage.pth"

@@ -7,6 +7,7 @@ import os
 import pickle
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
@@ -158,16 +159,19 @@ class MAECheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         self._source = filename
-        if filename.endswith(".pkl"):
-            return load_pkl(filename)
-        loaded = load_file(filename)  # weights_only=True
-        if filename.endswith(".pyth"):  # pycls, as detectron2 reads it
-            state = loaded.get("model_state") if isinstance(loaded, dict) else None
-            if state is None:
-                raise CheckpointError(f"{filename}: a pycls .pyth checkpoint has 'model_state'")
-            state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-            return {"model": state, "__author__": "pycls", "matching_heuristics": True}
-        state = find_state_dict(loaded)
+        if filename.endswith(".pkl"):  # a model zoo's (ViTDet's detectors are only .pkl files)
+            loaded = load_pkl(filename)
+            # as tensors (detectron2 converts them too) for the ViT's names to be read; a
+            # Caffe2 / detectron2 ResNet holds no ViT and goes on to detectron2's loading
+            state = loaded["model"] = {
+                k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+                for k, v in loaded["model"].items()
+            }
+        else:
+            loaded = load_file(filename)  # weights_only=True
+            if filename.endswith(".pyth"):  # pycls, as detectron2 reads it
+                return _pycls_checkpoint(loaded, filename)
+            state = find_state_dict(loaded)
         if is_vit_source(state, self._vit_prefix()):
             if self.whole_model:
                 raise CheckpointError(
@@ -214,6 +218,15 @@ class MAECheckpointer(DetectionCheckpointer):
             ", ".join(module_groups(others)),
         )
         return None
+
+
+def _pycls_checkpoint(loaded: Any, filename: str) -> Dict[str, Any]:
+    """A pycls ``.pyth`` checkpoint in detectron2's form, as detectron2 reads it."""
+    state = loaded.get("model_state") if isinstance(loaded, dict) else None
+    if state is None:
+        raise CheckpointError(f"{filename}: a pycls .pyth checkpoint has 'model_state'")
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    return {"model": state, "__author__": "pycls", "matching_heuristics": True}
 
 
 def check_fits(incompatible, source: str) -> None:
