@@ -437,6 +437,10 @@ def _abbreviate(keys: List[str], limit: int = 8) -> str:
 
 # -- adapting and loading ---------------------------------------------------------------------
 def _grid_of(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """The grid of the model's position table: its patch grid, unless it holds the table at
+    another (a ViT's ``pos_grid``: ViTDet's, at the pretraining's size)."""
+    if getattr(model, "pos_grid", None) is not None:
+        return tuple(model.pos_grid)
     pe = getattr(model, "patch_embed", None)
     return tuple(pe.grid_size) if pe is not None and hasattr(pe, "grid_size") else None
 

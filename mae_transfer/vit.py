@@ -4,7 +4,9 @@ Official MAE encoder weights load by name (``patch_embed.proj``, ``blocks.{i}.at
 On top of the plain ViT it has the options that dense prediction needs:
 
 - any input size: the input is padded to a multiple of the patch size and the learned absolute
-  position table is interpolated to the patch grid of each input;
+  position table is interpolated to the patch grid of each input; the table is held at
+  ``img_size``'s grid or, as ViTDet holds it, at the pretraining's (``pos_embed_img_size``,
+  with its class row: a ViTDet checkpoint's table then has the model's shape);
 - window attention in all but a few global blocks (ViTDet), with padding to whole windows;
 - relative position: ``"decomposed"`` (ViTDet, per-axis tables added to the logits) or
   ``"bias"`` (BEiT/mmseg, a per-head bias table), both zero-initialised;
@@ -28,7 +30,7 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 
 from .attention import attention
-from .pos_embed import Size2, resize_pos_embed, sincos_pos_embed
+from .pos_embed import Size2, resize_pos_embed, sincos_pos_embed, to_2tuple
 from .weight_init import init_linear_and_norm, init_patch_embed
 
 __all__ = ["VisionTransformer", "Attention", "Block", "build_vit", "REL_POS_TYPES"]
@@ -406,7 +408,15 @@ class Block(nn.Module):
 
 # -- the encoder ------------------------------------------------------------------------------
 class VisionTransformer(nn.Module):
-    """ViT encoder with MAE/timm parameter names, for any input size (see module docstring)."""
+    """ViT encoder with MAE/timm parameter names, for any input size (see module docstring).
+
+    ``pos_embed_img_size``: None holds the position table at ``img_size``'s patch grid (with a
+    row for the class token, if any); an image size holds it at that size's grid with a class
+    row, as ViTDet does (``pretrain_img_size`` 224 with ``pretrain_use_cls_token``: MAE's
+    14 x 14 + 1 rows at patch 16): a ViTDet detector's table loads as is, by any loader, and
+    every forward interpolates it to the input's grid (bicubic) as ViTDet's, the class row
+    unused without a class token.
+    """
 
     def __init__(
         self,
@@ -426,6 +436,7 @@ class VisionTransformer(nn.Module):
         global_blocks: Sequence[int] = (),
         rel_pos: Optional[str] = None,
         use_checkpoint: bool = False,
+        pos_embed_img_size: Optional[Size2] = None,
     ):
         super().__init__()
         if isinstance(global_blocks, Iterator):  # a generator: read once, checked and kept
@@ -443,7 +454,17 @@ class VisionTransformer(nn.Module):
         )
         self.grid_size = tuple(self.patch_embed.grid_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        num_pos = self.patch_embed.num_patches + self.num_prefix_tokens
+        # the position table's grid and leading rows (see the class docstring)
+        self.pos_grid, self.pos_prefix = self.grid_size, self.num_prefix_tokens
+        if pos_embed_img_size is not None:
+            size = to_2tuple(pos_embed_img_size)
+            self.pos_grid, self.pos_prefix = (size[0] // patch_size, size[1] // patch_size), 1
+            if min(self.pos_grid) < 1:
+                raise ValueError(
+                    f"pos_embed_img_size {pos_embed_img_size} is smaller than a patch "
+                    f"({patch_size}): give the pretraining's image size, e.g. 224"
+                )
+        num_pos = self.pos_grid[0] * self.pos_grid[1] + self.pos_prefix
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear rule
         self.global_blocks = tuple(sorted(global_blocks))
@@ -471,7 +492,7 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """MAE's init: sin-cos position table, xavier-uniform Linear and patch conv."""
         self.pos_embed.data.copy_(
-            sincos_pos_embed(self.embed_dim, self.grid_size, cls_token=self.cls_token is not None)
+            sincos_pos_embed(self.embed_dim, self.pos_grid, cls_token=self.pos_prefix == 1)
         )
         init_patch_embed(self.patch_embed.proj)
         if self.cls_token is not None:
@@ -485,7 +506,8 @@ class VisionTransformer(nn.Module):
         """(B, C, H, W) -> tokens (B, P + h*w, D) with position added, and the grid (h, w)."""
         hw = (math.ceil(x.shape[-2] / self.patch_size), math.ceil(x.shape[-1] / self.patch_size))
         x = self.patch_embed(x)
-        pos = resize_pos_embed(self.pos_embed, hw, self.num_prefix_tokens, self.grid_size)
+        pos = resize_pos_embed(self.pos_embed, hw, self.pos_prefix, self.pos_grid)
+        pos = pos[:, self.pos_prefix - self.num_prefix_tokens :]  # a class row, no class token
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + pos, hw

@@ -6,9 +6,11 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_VIT
 
-from mae_transfer import create_model
+from mae_transfer import create_model, load_pretrained
+from mae_transfer.pos_embed import resize_pos_embed
 from mae_transfer.vit import window_partition, window_unpartition
 
 
@@ -128,6 +130,38 @@ def test_relative_position_tables_resize_to_other_grids(rel_pos):
             torch.nn.init.normal_(p)
     out = model.forward_intermediates(torch.randn(1, 3, 96, 48), [3])[0]
     assert out.shape == (1, 32, 6, 3) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (3, 5), (16, 16)])
+def test_a_table_held_at_the_pretraining_size_is_used_as_vitdet_uses_it(hw):
+    """pos_embed_img_size: the table has ViTDet's shape (224 px: 14 x 14 + a class row), so a
+    plain state-dict load takes a ViTDet table as is, and every forward interpolates it to
+    the input's grid as ViTDet's get_abs_pos does (class row unused, bicubic)."""
+    model = vit(class_token=False, pos_embed_img_size=224)
+    assert model.pos_embed.shape == (1, 1 + 14 * 14, 32) and model.grid_size == (4, 4)
+    table = torch.randn(1, 1 + 14 * 14, 32)
+    model.load_state_dict({**model.state_dict(), "pos_embed": table})
+    x = torch.zeros(1, 3, hw[0] * 16, hw[1] * 16)  # patch tokens: the conv's bias
+    with torch.no_grad():
+        term = model._embed(x)[0] - model.patch_embed(x)
+    grid = table[:, 1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=hw, mode="bicubic", align_corners=False)
+    assert torch.allclose(term, want.flatten(2).transpose(1, 2), atol=1e-6)
+
+
+def test_a_table_held_at_the_pretraining_size_takes_other_tables_resized():
+    """An MAE table of another grid (ViT-H/14's 16 x 16 at 224) is resized to the held grid
+    as it loads, its class row kept; the report says so."""
+    source = vit(img_size=256).state_dict()  # a class token, a 16 x 16 sin-cos table
+    model = vit(class_token=False, pos_embed_img_size=224)
+    report = load_pretrained(model, source)
+    assert report.resized == ["pos_embed (1, 257, 32)->(1, 197, 32)"] and report.ok
+    src = source["pos_embed"]
+    assert torch.equal(model.pos_embed[:, :1], src[:, :1])
+    want = resize_pos_embed(src[:, 1:], (14, 14), num_prefix_tokens=0, old_grid=(16, 16))
+    assert torch.allclose(model.pos_embed[:, 1:], want, atol=1e-6)
+    with pytest.raises(ValueError, match="pos_embed_img_size 8 is smaller than a patch"):
+        vit(pos_embed_img_size=8)
 
 
 def test_gradient_on_every_parameter_with_all_options():

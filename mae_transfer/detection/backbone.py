@@ -93,6 +93,7 @@ def backbone_kwargs(cfg) -> dict:
     kwargs = dict(
         model=v.NAME,
         img_size=v.IMG_SIZE,
+        pos_embed_img_size=v.POS_EMBED_IMG_SIZE or None,
         out_indices=tuple(v.OUT_INDICES) or None,
         norm=v.NORM,
         window_size=v.WINDOW_SIZE,

@@ -15,8 +15,6 @@ from detectron2.checkpoint import DetectionCheckpointer
 from mae_transfer.checkpoint import (
     ANCHOR_KEY,
     CheckpointError,
-    LoadReport,
-    adapt_state_dict,
     find_state_dict,
     load_file,
     load_pretrained,
@@ -115,30 +113,6 @@ def is_vit_source(state: Dict[str, Any], vit_prefix: Optional[str] = None) -> bo
     return not ours
 
 
-def fit_vit_tables(state: Dict[str, Any], model: nn.Module) -> LoadReport:
-    """Resizes in place, in a whole detector's ``state``, the position table and patch kernel
-    of the model's ViT where they differ from the model's by grid or patch size only.
-
-    A ViTDet detector keeps the pretraining's table (14 x 14 + a class row for MAE at 224) and
-    interpolates it at every forward; ours hold it at ``MODEL.VIT.IMG_SIZE``. Interpolated
-    once here (bicubic, as ViTDet), it gives the same values. Returns what was resized.
-    """
-    report = LoadReport()
-    try:
-        name, vit = find_vit(model)
-    except ValueError:
-        return report
-    prefix = f"{name}." if name else ""
-    report.target = name
-    own = {k: v for k, v in vit.state_dict().items() if k in ("pos_embed", ANCHOR_KEY)}
-    theirs = {k: torch.as_tensor(state[prefix + k]) for k in own if prefix + k in state}
-    theirs = {k: v for k, v in theirs.items() if v.shape != own[k].shape}
-    if theirs:
-        fitted = adapt_state_dict(theirs, vit, report)
-        state.update({prefix + k: v for k, v in fitted.items()})
-    return report
-
-
 class MAECheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that also takes MAE checkpoints for the backbone's ViT.
 
@@ -198,9 +172,6 @@ class MAECheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         if not checkpoint.pop("__mae__", False):
-            fitted = fit_vit_tables(checkpoint["model"], self._unwrapped())
-            if fitted.resized:
-                logger.info("%s: resized %s", fitted.target, ", ".join(fitted.resized))
             incompatible = super()._load_model(checkpoint)
             if self.whole_model:
                 check_fits(incompatible, self._source)
@@ -261,8 +232,9 @@ def module_groups(names) -> list:
 def convert_to_detectron2(src: str, dst: str, cfg) -> Dict[str, int]:
     """Writes an MAE/ViT checkpoint as a detectron2 one for the backbone of ``cfg``.
 
-    Position tables are resized to ``MODEL.VIT.IMG_SIZE`` and a patch-14 kernel to 16, so the
-    file loads into the detector with detectron2's plain DetectionCheckpointer.
+    Position tables are resized to the model's (``MODEL.VIT.IMG_SIZE``'s grid, or
+    ``POS_EMBED_IMG_SIZE``'s) and a patch-14 kernel to 16, so the file loads into the detector
+    with detectron2's plain DetectionCheckpointer.
     """
     from .backbone import build_vit_part
 

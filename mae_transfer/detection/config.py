@@ -51,6 +51,9 @@ def add_mae_vit_config(cfg: CN) -> CN:
     cfg.MODEL.VIT = CN()
     cfg.MODEL.VIT.NAME = "vit_base_patch16"  # registered encoder, see mae_transfer.list_models
     cfg.MODEL.VIT.IMG_SIZE = 1024  # size the position table is built for (any input works)
+    # > 0: the position table is held at this image size's grid with a class row, ViTDet's
+    # shape (224: the pretraining's 14 x 14 + 1), and interpolated at every forward; 0: IMG_SIZE
+    cfg.MODEL.VIT.POS_EMBED_IMG_SIZE = 0
     cfg.MODEL.VIT.PATCH_SIZE = 0  # 0: the model's own (patch 14 is used as 16)
     # 4-stage pyramid's stage ends; [] = equal split: B 2,5,8,11; L 5,11,17,23; H 7,15,23,31
     # (the simple pyramid reads the last block only: [] there)
@@ -279,6 +282,10 @@ def _vit_errors(cfg: CN) -> List[str]:
         errors.append(f"MODEL.VIT.SQUARE_PAD must be -1, 0 or a multiple of 32, got {v.SQUARE_PAD}")
     if v.WINDOW_SIZE < 0:
         errors.append(f"MODEL.VIT.WINDOW_SIZE must be >= 0, got {v.WINDOW_SIZE}")
+    if v.POS_EMBED_IMG_SIZE < 0:
+        errors.append(
+            f"MODEL.VIT.POS_EMBED_IMG_SIZE must be >= 0 (0: IMG_SIZE), got {v.POS_EMBED_IMG_SIZE}"
+        )
     four_stages = cfg.MODEL.BACKBONE.NAME != SIMPLE_FPN_BACKBONE  # (else: _simple_fpn_errors)
     if (
         four_stages

@@ -12,9 +12,11 @@ ViTDet (Li et al. 2022; detectron2's ``SimpleFeaturePyramid``), every level come
 
 Each conv puts out C channels with a norm (LN; a bias only without one). The outputs are
 ``p2``-``p6``, as an FPN's, so the heads of the Mask R-CNN configs read them unchanged. The
-parameter names are ViTDet's (the ViT under ``net.``, the levels ``simfp_<log2 stride>``), so
-a ViTDet detector's weights load by name (:class:`~mae_transfer.detection.MAECheckpointer`
-resizes its position table).
+parameter names are ViTDet's (the ViT under ``net.``, the levels ``simfp_<log2 stride>``), and
+with ``pos_embed_img_size=224`` (the configs') so are the shapes: the ViT then holds its
+position table as ViTDet does (the pretraining's 14 x 14 + a class row, interpolated at every
+forward), so a ViTDet detector loads by name, through any loader (detectron2's own
+``DetectionCheckpointer`` skips a tensor of another shape before a load hook could fix it).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class MAEViTSimpleFPN(Backbone):
             multiple of 32, or 0 for none), so that test images see the position table as the
             LSJ training crops did.
         **vit_kwargs: :func:`mae_transfer.pyramid.build_last_block_vit`'s (model name,
-            img_size, window_size, global_blocks, rel_pos, drop_path_rate, in_chans, ...).
+            img_size, pos_embed_img_size (ViTDet: 224), window_size, global_blocks, rel_pos,
+            drop_path_rate, in_chans, ...).
     """
 
     def __init__(

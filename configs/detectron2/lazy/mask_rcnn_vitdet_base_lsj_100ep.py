@@ -11,6 +11,10 @@ from .mask_rcnn_vit_base_fpn_lsj_100ep import dataloader, lr_multiplier, model, 
 model.backbone = L(MAEViTSimpleFPN)(
     model="vit_base_patch16",
     img_size=1024,
+    # the position table held as ViTDet's (MAE's 224 pretraining: 14 x 14 + a class row) and
+    # interpolated at every forward: a ViTDet model_final.pkl loads whole as
+    # train.init_checkpoint through detectron2's own checkpointer
+    pos_embed_img_size=224,
     window_size=14,  # global attention in blocks 2, 5, 8, 11 (ViTDet's), the others windowed
     rel_pos="decomposed",
     drop_path_rate=0.1,
