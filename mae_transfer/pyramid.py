@@ -13,8 +13,9 @@ Framework-free. Two designs:
 
 2. ViTDet's simple feature pyramid (Li et al. 2022): every level from the *last* block's map,
    each ConvT halving the channels (x4: D -> D/2 -> D/4; x2: D -> D/2). Here only its parts:
-   :func:`build_last_block_vit` (the encoder) and :func:`simple_rescale` (the rescaling); the
-   convolutions after it are the framework's (``mae_transfer.detection.simple_fpn``).
+   :func:`build_last_block_vit` (the encoder) and :func:`rescale_layers` (the rescaling, both
+   pyramids'); the convolutions after it are the framework's
+   (``mae_transfer.detection.simple_fpn``).
 
 Other patch sizes get the matching factors (patch 8: x2, x1, x0.5, x0.25; patch 32: x8 ... x1).
 """
@@ -56,63 +57,60 @@ def make_norm(norm: str, channels: int) -> nn.Module:
 
 
 def make_rescale(channels: int, factor: float, norm: str) -> nn.Module:
-    """Resamples an NCHW map by a power-of-two ``factor`` (ConvT up, max-pool down)."""
-    if factor == 1:
-        return nn.Identity()
-    if factor < 1:
-        k = int(round(1 / factor))
-        return nn.MaxPool2d(kernel_size=k, stride=k, ceil_mode=True)
-    layers: List[nn.Module] = []
-    for i in range(int(round(math.log2(factor)))):
-        if i:
-            layers += [make_norm(norm, channels), nn.GELU()]
-        layers.append(nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2))
-    return nn.Sequential(*layers)
+    """The 4-stage pyramid's resampling by a power-of-two ``factor`` (:func:`rescale_layers`,
+    the channels kept; ``norm`` one of :data:`NORMS`)."""
+    layers, _ = rescale_layers(channels, factor, lambda c: make_norm(norm, c))
+    return nn.Sequential(*layers) if layers else nn.Identity()
 
 
-def simple_rescale(
-    channels: int, factor: float, norm: Union[str, Callable[[int], Optional[nn.Module]]] = "LN"
+def rescale_layers(
+    channels: int,
+    factor: float,
+    norm: Callable[[int], Optional[nn.Module]],
+    halve: bool = False,
 ) -> Tuple[List[nn.Module], int]:
-    """ViTDet's rescaling of the last block's map by a power-of-two ``factor``.
+    """The layers that resample an NCHW map by a power-of-two ``factor``, both pyramids'.
 
-    Up: one ConvT(2, 2) per doubling, each halving the channels, with norm -> GELU between
-    them; down: one max-pool. For patch 16 (the layer indices are ViTDet's parameter names):
+    Up: one ConvT(2, 2) per doubling, with norm -> GELU between them; with ``halve`` (ViTDet's
+    simple pyramid) each ConvT halves the channels. Down: one max-pool (ceil: a map of any
+    size keeps its last row and column). For patch 16 (the indices are the parameter names'):
 
-        x4   = [ConvT(D, D/2), norm(D/2), GELU, ConvT(D/2, D/4)]      -> D/4 channels
-        x2   = [ConvT(D, D/2)]                                         -> D/2
-        x1   = []                                                      -> D
-        x0.5 = [MaxPool(2)]                                            -> D
+        x4   = [ConvT(D, D'), norm(D'), GELU, ConvT(D', D'')]   D' = D/2, D'' = D/4 with halve
+        x2   = [ConvT(D, D')]                                     (else D' = D'' = D)
+        x1   = []
+        x0.5 = [MaxPool(2)]
 
     Args:
         channels: D, the ViT's width.
         factor: patch size / output stride (a power of two, see :func:`pyramid_factors`).
-        norm: a name of :data:`NORMS`, or a function channels -> norm module (a framework's,
-            e.g. detectron2's ``get_norm``); a norm of None becomes an identity, so that the
-            layers keep their indices.
+        norm: channels -> norm module (:func:`make_norm` of a name, or a framework's, e.g.
+            detectron2's ``get_norm``); None becomes an identity, so that the layers keep
+            their indices.
+        halve: halve the channels at each ConvT.
 
     Returns:
         (the layers in order, the channels they put out).
 
     Raises:
-        ValueError: channels that do not halve as often as the factor needs.
+        ValueError: with ``halve``, channels that do not halve as often as the factor needs.
     """
     if factor <= 1:
-        pool = int(round(1 / factor))  # ceil: a map of any size keeps its last row and column
+        pool = int(round(1 / factor))
         return ([nn.MaxPool2d(pool, pool, ceil_mode=True)] if pool > 1 else []), channels
     steps = int(round(math.log2(factor)))
-    if channels % 2**steps:
+    if halve and channels % 2**steps:
         raise ValueError(
             f"the x{factor:g} level halves the channels {steps} times: width {channels} is not "
             f"divisible by {2**steps}; give the ViT an embed_dim divisible by {2**steps}"
         )
-    make = (lambda c: make_norm(norm, c)) if isinstance(norm, str) else norm
     layers: List[nn.Module] = []
     for i in range(steps):
         if i:
-            between = make(channels)
+            between = norm(channels)
             layers += [nn.Identity() if between is None else between, nn.GELU()]
-        layers.append(nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2))
-        channels //= 2
+        out = channels // 2 if halve else channels
+        layers.append(nn.ConvTranspose2d(channels, out, kernel_size=2, stride=2))
+        channels = out
     return layers, channels
 
 

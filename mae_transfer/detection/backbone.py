@@ -14,7 +14,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from mae_transfer.engine.config import ConfigError
-from mae_transfer.pyramid import ViTPyramid, build_pyramid_vit
+from mae_transfer.pyramid import STRIDES, ViTPyramid, build_pyramid_vit
 
 from .config import SIMPLE_FPN_BACKBONE, model_input_errors
 
@@ -23,7 +23,27 @@ logger = logging.getLogger(__name__)
 OUT_FEATURES = ("res2", "res3", "res4", "res5")  # strides 4, 8, 16, 32: FPN's usual inputs
 
 
-class MAEViTBackbone(ViTPyramid, Backbone):
+class SquarePadBackbone(Backbone):
+    """What both pyramids share as detectron2 backbones: batches padded to a multiple of 32 and,
+    with ``square_pad``, to that square (ViTDet). ``output_shape`` is detectron2's default,
+    from ``_out_features``, ``_out_feature_strides`` and ``_out_feature_channels``."""
+
+    square_pad: int = 0  # set by the subclass (checked by check_square_pad)
+
+    @property
+    def size_divisibility(self) -> int:
+        # 32, the coarsest stride either pyramid computes: the FPN's top-down sums need
+        # stride-32 maps that tile the input; ViTDet's simple pyramid asks the same (its p6
+        # pools p5 itself)
+        return STRIDES[-1]
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        # detectron2 >= 0.7 pads batches to square_size itself; 0.6 ignores it (forward pads)
+        return {"size_divisibility": self.size_divisibility, "square_size": self.square_pad}
+
+
+class MAEViTBackbone(ViTPyramid, SquarePadBackbone):
     """ViT + per-stage deconv/pool rescaling; outputs ``res2``-``res5`` at strides 4-32.
 
     Keeps the ViT's own parameter names under ``vit.`` so MAE checkpoints map one to one.
@@ -54,22 +74,6 @@ class MAEViTBackbone(ViTPyramid, Backbone):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = pad_to_square(x, self.square_pad)
         return dict(zip(self._out_features, ViTPyramid.forward(self, x)))
-
-    @property
-    def size_divisibility(self) -> int:
-        # stride-32 maps must tile the input exactly for FPN's top-down additions
-        return max(self.strides)
-
-    @property
-    def padding_constraints(self) -> Dict[str, int]:
-        # detectron2 >= 0.7 pads batches to square_size itself; 0.6 ignores it (forward pads)
-        return {"size_divisibility": self.size_divisibility, "square_size": self.square_pad}
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {
-            name: ShapeSpec(channels=self.channels, stride=self._out_feature_strides[name])
-            for name in self._out_features
-        }
 
 
 def check_square_pad(square_pad: int) -> None:

@@ -27,16 +27,22 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from mae_transfer.checkpoint import LoadReport, load_pretrained
-from mae_transfer.pyramid import STRIDES, build_last_block_vit, pyramid_factors, simple_rescale
+from mae_transfer.pyramid import STRIDES, build_last_block_vit, pyramid_factors, rescale_layers
 
-from .backbone import backbone_kwargs, check_model_cfg, check_square_pad, pad_to_square
+from .backbone import (
+    SquarePadBackbone,
+    backbone_kwargs,
+    check_model_cfg,
+    check_square_pad,
+    pad_to_square,
+)
 
 
-class MAEViTSimpleFPN(Backbone):
+class MAEViTSimpleFPN(SquarePadBackbone):
     """ViT + ViTDet's simple feature pyramid: image -> ``p2``-``p6`` at strides 4-64.
 
     Args:
@@ -90,29 +96,12 @@ class MAEViTSimpleFPN(Backbone):
         """Loads an MAE / ViT checkpoint (any form) into the ViT; the pyramid stays as built."""
         return load_pretrained(self.net, path)
 
-    @property
-    def size_divisibility(self) -> int:
-        # as ViTDet: the stride of the coarsest map the pyramid makes (p6 pools p5 itself)
-        return STRIDES[-1]
-
-    @property
-    def padding_constraints(self) -> Dict[str, int]:
-        # detectron2 >= 0.7 pads batches to square_size itself; 0.6 ignores it (forward pads)
-        return {"size_divisibility": self.size_divisibility, "square_size": self.square_pad}
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }
-
 
 def _level(dim: int, factor: float, out_channels: int, norm: str, conv_norm: str) -> nn.Sequential:
-    """One level: the rescaling (:func:`simple_rescale`), then 1x1 and 3x3 convs to
-    ``out_channels``, each with ``conv_norm`` (a bias only without one, as ViTDet)."""
-    layers, channels = simple_rescale(dim, factor, lambda c: get_norm(norm, c))
+    """One level: the rescaling (:func:`rescale_layers`, halving the channels), then 1x1 and
+    3x3 convs to ``out_channels``, each with ``conv_norm`` (a bias only without one, as
+    ViTDet)."""
+    layers, channels = rescale_layers(dim, factor, lambda c: get_norm(norm, c), halve=True)
     for kernel in (1, 3):
         norm_layer = get_norm(conv_norm, out_channels)
         layers.append(
