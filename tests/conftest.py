@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import socket
 import sys
 import traceback
@@ -262,3 +263,24 @@ def record_evaluations(trainer) -> list:
     epochs, evaluate = [], trainer._evaluate
     trainer._evaluate = lambda: epochs.append(trainer.epoch) or evaluate()
     return epochs
+
+
+@pytest.fixture
+def fake_download(tmp_path, monkeypatch):
+    """torch hub's downloader replaced by a copy from ``served`` (URL -> bytes or a file's
+    path); the hub directory in tmp_path. Yields (served, the URLs fetched)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    served, fetched = {}, []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        fetched.append(url)
+        if url not in served:
+            raise OSError(f"HTTP Error 404: Not Found ({url})")
+        if isinstance(served[url], bytes):
+            with open(dst, "wb") as f:
+                f.write(served[url])
+        else:
+            shutil.copyfile(served[url], dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    return served, fetched

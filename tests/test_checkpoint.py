@@ -625,24 +625,6 @@ def test_safetensors_without_its_package_says_what_to_install(mae, tmp_path, mon
         load_pretrained(vit(), str(path))
 
 
-@pytest.fixture
-def fake_download(tmp_path, monkeypatch):
-    """torch hub's downloader replaced by a copy from ``served`` (URL -> bytes); the hub
-    directory in tmp_path. Yields (served, the URLs fetched)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    served, fetched = {}, []
-
-    def download(url, dst, hash_prefix=None, progress=True):
-        fetched.append(url)
-        if url not in served:
-            raise OSError(f"HTTP Error 404: Not Found ({url})")
-        with open(dst, "wb") as f:
-            f.write(served[url])
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
-    return served, fetched
-
-
 def test_a_url_is_downloaded_once_into_torch_hub_s_cache(mae, tmp_path, fake_download):
     """Two Hugging Face repositories' model.safetensors are two files in the cache."""
     from safetensors.torch import save_file

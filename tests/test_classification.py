@@ -769,19 +769,13 @@ def test_classifiers_are_checked_as_the_trainers_build_them(data):
             validate(make_config(cls, {**ok, "model_kwargs": {"decoder_depth": 2}}))
 
 
-def test_finetune_takes_a_url_and_eval_a_resume_url(data, tmp_path, monkeypatch):
+def test_finetune_takes_a_url_and_eval_a_resume_url(data, tmp_path, fake_download):
     """--finetune URL: checked as a path would be, downloaded once into torch hub's cache and
     loaded with the report; --resume URL only with --eval (a training resumes its own state
     from a file of its run, and would pass over a URL it cannot find)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    fetched = []
-
-    def download(url, dst, hash_prefix=None, progress=True):
-        fetched.append(url)
-        shutil.copyfile(data["official"], dst)
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    served, fetched = fake_download
     url = "https://example.invalid/mae/mae_pretrain_vit_tiny.pth"
+    served[url] = data["official"]
     t = FinetuneTrainer(cfg_of(FinetuneConfig, data, tmp_path / "a", finetune=url), CPU, DistInfo())
     t.close()
     assert fetched == [url] and t.load_report.ok and t.load_report.source == url

@@ -528,7 +528,6 @@ def test_the_mapper_skips_unreadable_training_images_blanks_test_ones(toy_coco, 
     """A truncated image stopped detectron2's training (and evaluation) when drawn; now it is
     named: skipped in training, scored as a blank image in evaluation. Readable images map
     as detectron2's DatasetMapper maps them."""
-    import shutil
 
     from detectron2.data import DatasetCatalog, DatasetMapper
 
@@ -685,7 +684,7 @@ def test_official_and_our_checkpoints_load_as_model_weights(toy_coco, tmp_path, 
 
 
 def test_hugging_face_safetensors_and_a_url_initialise_the_detector(
-    toy_coco, tmp_path, monkeypatch
+    toy_coco, tmp_path, fake_download
 ):
     """A Hugging Face ViT file (safetensors) as MODEL.WEIGHTS is taken for MAE weights (its
     names read as ours), and MODEL.VIT.PRETRAINED may be an https URL (torch hub's cache)."""
@@ -701,15 +700,9 @@ def test_hugging_face_safetensors_and_a_url_initialise_the_detector(
     qkv = model.backbone.bottom_up.vit.blocks[2].attn.qkv.weight
     assert torch.equal(qkv, enc["blocks.2.attn.qkv.weight"])
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    fetched = []
-
-    def download(url, dst, hash_prefix=None, progress=True):
-        fetched.append(url)
-        shutil.copyfile(hf, dst)
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    served, fetched = fake_download
     url = "https://huggingface.co/someone/vit-mae-tiny/resolve/main/model.safetensors"
+    served[url] = hf
     by_url = cfg.clone()
     by_url.defrost()
     by_url.MODEL.WEIGHTS, by_url.MODEL.VIT.PRETRAINED = "", url
@@ -786,7 +779,6 @@ def test_command_line_tools_train_evaluate_and_draw(toy_coco, tmp_path):
 def test_a_trained_detector_no_longer_needs_the_encoder_it_started_from(toy_coco, tmp_path, caplog):
     """--eval-only and --resume load the whole detector: MODEL.VIT.PRETRAINED, moved or
     deleted since the training, stopped them with 'checkpoint not found'."""
-    import shutil
 
     official, _ = _official_encoder_file(tmp_path)
     encoder = tmp_path / "encoder_moved_later.pth"

@@ -109,7 +109,7 @@ def test_checkpoints_load_through_init_cfg_with_report(form, tmp_path):
     assert torch.equal(bb.vit.blocks[3].mlp.fc2.weight, enc["blocks.3.mlp.fc2.weight"])
 
 
-def test_an_openmmlab_file_at_a_url_loads_through_pretrained(tmp_path, monkeypatch):
+def test_an_openmmlab_file_at_a_url_loads_through_pretrained(tmp_path, fake_download):
     """model.backbone.pretrained may be an https URL (downloaded once into torch hub's cache,
     accepted by the config check) of a file in OpenMMLab's names (backbone.layers.N.ln1, ...)."""
     from test_checkpoint import their_names
@@ -117,15 +117,9 @@ def test_an_openmmlab_file_at_a_url_loads_through_pretrained(tmp_path, monkeypat
     enc, _ = save_mae_checkpoints(tmp_path)
     src = tmp_path / "mmseg.pth"
     torch.save({"state_dict": their_names(enc, "OpenMMLab", "backbone.")}, src)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    fetched = []
-
-    def download(url, dst, hash_prefix=None, progress=True):
-        fetched.append(url)
-        shutil.copyfile(src, dst)
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    served, fetched = fake_download
     url = "https://example.invalid/mmseg/mae_pretrain_vit_base_mmcls.pth"
+    served[url] = src
     build_cfg(TINY_CONFIG, {"model.backbone.pretrained": url})  # no 'file not found'
     bb = MAEViT(**TINY, norm="BN", class_token=True, pretrained=url)
     bb.init_weights()
@@ -609,22 +603,16 @@ def test_a_storage_backend_checkpoint_is_read_the_way_mmengine_reads_it(tmp_path
     assert seen == [url] and list(state) == ["backbone.x"] and meta == {"iter": 5}
 
 
-def test_an_https_checkpoint_is_downloaded_and_read_with_weights_only(tmp_path, monkeypatch):
+def test_an_https_checkpoint_is_downloaded_and_read_with_weights_only(tmp_path, fake_download):
     """mmengine's http loader unpickles whatever the file holds: an http(s) URL goes through
     our download into torch hub's cache and load_file instead."""
     from mae_transfer.segmentation.checkpoint import read_segmentor
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     src = tmp_path / "iter_160000.pth"
     torch.save({"state_dict": {"module.backbone.x": torch.ones(1)}, "meta": {"iter": 7}}, src)
-    fetched = []
-
-    def fake_download(url, dst, hash_prefix=None, progress=True):
-        fetched.append(url)
-        shutil.copyfile(src, dst)
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    served, fetched = fake_download
     url = "https://example.invalid/work_dir/iter_160000.pth"
+    served[url] = src
     state, meta = read_segmentor(url)
     assert fetched == [url] and list(state) == ["backbone.x"] and meta == {"iter": 7}
 
@@ -671,7 +659,6 @@ def test_visualize_seg_output_a_folder_a_name_without_suffix_a_folder_to_make(
 def test_visualize_seg_skips_unreadable_images(tiny_segmentor, tmp_path, caplog):
     """One unreadable file among --images was a traceback from mmcv (after the model was
     built); now skipped with a warning, and none readable is refused (exit 2)."""
-    import shutil
 
     path, opts, images = tiny_segmentor
     folder = tmp_path / "mixed"
