@@ -24,6 +24,7 @@ from .weight_init import init_linear_and_norm, init_patch_embed
 
 __all__ = [
     "MaskedAutoencoderViT",
+    "block_rows",
     "gather_patches",
     "masking_indices",
     "patchify",
@@ -124,6 +125,32 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         blk.attn.fused_attn = fused
         x = blk(x)
     return x
+
+
+def block_rows(blk: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """What timm ``Block`` ``blk`` outputs at the tokens ``rows`` only: (N, T, D), (N, K) ->
+    (N, K, D). Keys and values come from every token; the queries, the output projection and
+    the MLP run on the K rows (the per-token work a block's other outputs would cost)."""
+    attn = blk.attn
+    n, t, d = x.shape
+    h = blk.norm1(x)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    split = attn.num_heads * attn.head_dim
+    idx = rows.unsqueeze(-1)
+    h_rows = torch.gather(h, 1, idx.expand(-1, -1, d))
+    q = F.linear(h_rows, w[:split], None if b is None else b[:split])
+    kv = F.linear(h, w[split:], None if b is None else b[split:])
+    q = attn.q_norm(q.reshape(n, -1, attn.num_heads, attn.head_dim).transpose(1, 2))
+    k, v = kv.reshape(n, t, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    k = attn.k_norm(k)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    y = attention.attention(q, k, v, dropout_p=dropout, scale=attn.scale)
+    y = attn.norm(y.transpose(1, 2).reshape(n, -1, split))
+    if getattr(attn, "gate", None) is not None:
+        y = y * attn.gate(h_rows).sigmoid()
+    y = attn.proj_drop(attn.proj(y))
+    x = torch.gather(x, 1, idx.expand(-1, -1, d)) + blk.drop_path1(blk.ls1(y))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -273,9 +300,15 @@ class MaskedAutoencoderViT(nn.Module):
         return self.norm(run_blocks(self.blocks, x))
 
     def forward_decoder(
-        self, x: torch.Tensor, ids_restore: torch.Tensor, grid: Tuple[int, int] | None = None
+        self,
+        x: torch.Tensor,
+        ids_restore: torch.Tensor,
+        grid: Tuple[int, int] | None = None,
+        patches: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (N, 1 + len_keep, D) latent -> (N, L, p*p*C) predicted pixels of every patch."""
+        """x: (N, 1 + len_keep, D) latent -> (N, L, p*p*C) predicted pixels of every patch, or
+        with ``patches`` (N, K) patch indices, (N, K, p*p*C) of those patches only: the last
+        block (past its keys and values), the norm and the head then run on them alone."""
         x = self.decoder_embed(x)
         n, length = ids_restore.shape
         mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
@@ -283,30 +316,66 @@ class MaskedAutoencoderViT(nn.Module):
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1, :], x_], dim=1)
         x = x + self._pos_embed(self.decoder_pos_embed, grid or self.grid_size)
-        x = self.decoder_norm(run_blocks(self.decoder_blocks, x))
-        x = self.decoder_pred(x)
-        return x[:, 1:, :]
+        return self.decode(x, patches)
+
+    def decode(self, x: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's blocks, norm and head on its input tokens (N, 1 + L, D), class token
+        first, positions added -> (N, L, p*p*C), or (N, K, p*p*C) at ``patches`` (N, K)."""
+        if patches is None:
+            x = self.decoder_norm(run_blocks(self.decoder_blocks, x))
+            return self.decoder_pred(x)[:, 1:, :]
+        rows = patches + 1  # the class token is row 0
+        if len(self.decoder_blocks) == 0:
+            x = torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        else:
+            x = run_blocks(self.decoder_blocks[:-1], x)
+            x = block_rows(self.decoder_blocks[-1], x, rows)
+        return self.decoder_pred(self.decoder_norm(x))
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor):
         """Mean squared error per patch, averaged over the removed patches only.
 
         imgs: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L), 0 is keep, 1 is remove.
         """
-        target = self.patchify(imgs)
+        loss = self.patch_loss(pred, self.patchify(imgs))  # (N, L), loss per patch
+        return (loss * mask).sum() / mask.sum()
+
+    def patch_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of each patch, (N, K, p*p*C) twice -> (N, K), in fp32; the target
+        normalised per patch first with ``norm_pix_loss``."""
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (N, L), loss per patch
-        return (loss * mask).sum() / mask.sum()
+        return (pred.float() - target.float()).pow(2).mean(dim=-1)
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None):
-        """imgs: (N, C, H, W) -> (loss, pred (N, L, p*p*C), mask (N, L))."""
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None, loss_only: bool = False
+    ):
+        """imgs: (N, C, H, W) -> (loss, pred (N, L, p*p*C), mask (N, L)).
+
+        ``loss_only``: pred is None, and the decoder predicts the removed patches only (what
+        the loss reads): its last block's queries, output projection and MLP, the norm and the
+        head skip the kept patches and the class token, ~1/4 of that block and of the head
+        at mask 0.75 (~1.5% of a ViT-B step's FLOPs). The loss and every gradient are the same
+        (up to rounding); training runs this way.
+        """
         grid = (imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore, grid)
-        loss = self.forward_loss(imgs, pred, mask)
-        return loss, pred, mask
+        if not loss_only:
+            pred = self.forward_decoder(latent, ids_restore, grid)
+            return self.forward_loss(imgs, pred, mask), pred, mask
+        # The removed patches: the last ones of the shuffle (kept first, then removed).
+        removed = torch.argsort(ids_restore, dim=1)[:, latent.shape[1] - 1 :]
+        pred = self.forward_decoder(latent, ids_restore, grid, removed)
+        return self.removed_loss(imgs, pred, removed), None, mask
+
+    def removed_loss(self, imgs: torch.Tensor, pred: torch.Tensor, removed: torch.Tensor):
+        """The loss from the predictions (N, K, p*p*C) of the removed patches ``removed``
+        (N, K) alone: what :meth:`forward_loss` gives from every patch's prediction."""
+        index = removed.unsqueeze(-1).expand(-1, -1, pred.shape[-1])
+        target = torch.gather(self.patchify(imgs), 1, index)
+        return self.patch_loss(pred, target).mean()
 
 
 def build_mae(norm_eps: float = 1e-6, **kwargs) -> MaskedAutoencoderViT:

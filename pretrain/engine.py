@@ -107,7 +107,8 @@ class Trainer(EpochTrainer):
     def compute_loss(self, imgs, noise: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         noise = noise if cfg.mask_noise == "per_sample" else None  # global: drawn in forward
-        loss, _, _ = self.ddp(self.prepare_images(imgs), mask_ratio=cfg.mask_ratio, noise=noise)
+        images = self.prepare_images(imgs)
+        loss, _, _ = self.ddp(images, mask_ratio=cfg.mask_ratio, noise=noise, loss_only=True)
         return loss
 
     def prepare_images(self, imgs) -> torch.Tensor:

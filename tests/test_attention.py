@@ -105,19 +105,22 @@ def test_the_transfer_vit_keeps_long_global_attention_on_the_fused_kernel(monkey
     assert fused == [1600] and explicit and set(explicit) == {4}
 
 
+@pytest.mark.parametrize("loss_only", [False, True], ids=["full", "training"])
 @pytest.mark.parametrize("amp", [False, True])
-def test_the_kernel_switch_compiles_without_graph_breaks(amp):
+def test_the_kernel_switch_compiles_without_graph_breaks(amp, loss_only):
     """torch.compile traces the per-call choice (autocast state, device, length) into one
-    graph: --compile keeps the written-out attention in bf16 and the fused one in fp32."""
+    graph: --compile keeps the written-out attention in bf16 and the fused one in fp32; also
+    in training's forward (``loss_only``: the decoder's last block on the removed patches)."""
     torch.manual_seed(0)
     model = create_model("mae_vit_base_patch16", img_size=32, **TINY_MAE)
     x = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, 4, generator=GEN.manual_seed(1))
+    kw = dict(noise=noise, loss_only=loss_only)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        eager, _, _ = model(x, 0.75, noise=noise)
-        explained = torch._dynamo.explain(model)(x, 0.75, noise=noise)
+        eager, _, _ = model(x, 0.75, **kw)
+        explained = torch._dynamo.explain(model)(x, 0.75, **kw)
         torch._dynamo.reset()
-        compiled, _, _ = torch.compile(model, backend="eager")(x, 0.75, noise=noise)
+        compiled, _, _ = torch.compile(model, backend="eager")(x, 0.75, **kw)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     torch.testing.assert_close(compiled, eager)
     assert model.blocks[0].attn.fused_attn is not amp

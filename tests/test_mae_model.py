@@ -233,3 +233,70 @@ def test_official_init_statistics():
     assert model.blocks[0].attn.qkv.bias.abs().sum() == 0
     ref = torch.from_numpy(get_2d_sincos_pos_embed(768, 14, cls_token=True)).float()
     assert torch.allclose(model.pos_embed[0], ref)
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["fused", "written_out"])
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_loss_only_forward_gives_the_loss_and_gradients_of_the_full_one(
+    monkeypatch, explicit, norm_pix_loss
+):
+    """Training's ``loss_only`` forward predicts the removed patches alone: the same loss and
+    the same gradient on every parameter as the full forward (fp32, odd grid, given noise),
+    with either attention kernel (the written-out one is what bf16 on a CPU runs)."""
+    from mae_transfer import attention
+
+    monkeypatch.setattr(attention, "explicit_attention_faster", lambda x: explicit)
+    model = tiny(img_size=(24, 40), patch_size=8, norm_pix_loss=norm_pix_loss)  # 3 x 5 patches
+    x, noise = torch.randn(3, 3, 24, 40), torch.rand(3, 15)
+    results = []
+    for loss_only in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss, pred, mask = model(x, mask_ratio=0.6, noise=noise, loss_only=loss_only)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss, pred, mask, grads))
+    (loss_a, pred_a, mask_a, grads_a), (loss_b, pred_b, mask_b, grads_b) = results
+    assert pred_a.shape == (3, 15, 8 * 8 * 3) and pred_b is None
+    assert torch.equal(mask_a, mask_b) and mask_a.sum() == 3 * 9
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6, atol=1e-7)
+    for name, g in grads_a.items():
+        assert g is not None and grads_b[name] is not None, name
+        assert torch.allclose(g, grads_b[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_loss_only_forward_skips_the_kept_patches_in_the_decoder_tail():
+    """The last decoder block's queries, projection and MLP, the norm and the head see the
+    removed patches only (the work it saves); the blocks before it, every token."""
+    model = tiny(img_size=32, patch_size=8, decoder_depth=2)  # 16 patches, 4 kept
+    seen = {}
+
+    def record(name):
+        return lambda module, args: seen.__setitem__(name, args[0].shape[1])
+
+    for name in ("decoder_blocks.0.mlp.fc1", "decoder_blocks.1.mlp.fc1", "decoder_pred"):
+        model.get_submodule(name).register_forward_pre_hook(record(name))
+    model(torch.randn(2, 3, 32, 32), mask_ratio=0.75, loss_only=True)
+    assert seen == {
+        "decoder_blocks.0.mlp.fc1": 17,
+        "decoder_blocks.1.mlp.fc1": 12,
+        "decoder_pred": 12,
+    }
+    model(torch.randn(2, 3, 32, 32), mask_ratio=0.75)
+    assert seen == {
+        "decoder_blocks.0.mlp.fc1": 17,
+        "decoder_blocks.1.mlp.fc1": 17,
+        "decoder_pred": 17,
+    }
+
+
+def test_loss_only_forward_without_decoder_blocks_and_under_bf16():
+    model = tiny(img_size=32, patch_size=8, decoder_depth=0)
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    full, _, _ = model(x, noise=noise)
+    assert torch.allclose(model(x, noise=noise, loss_only=True)[0], full, rtol=1e-6)
+    model = tiny(img_size=32, patch_size=8)
+    with torch.autocast("cpu", torch.bfloat16):
+        full, _, _ = model(x, noise=noise)
+        loss, _, _ = model(x, noise=noise, loss_only=True)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert torch.allclose(loss, full, rtol=2e-2)  # bf16 rounding only

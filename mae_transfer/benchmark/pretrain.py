@@ -30,23 +30,36 @@ class _WithMaskTokens(torch.nn.Module):
         self.mae = mae
         self.enc_mask_token = torch.nn.Parameter(torch.zeros(1, 1, mae.cls_token.shape[-1]))
 
-    def forward(self, imgs, mask_ratio: float = 0.75):
+    def forward(self, imgs, mask_ratio: float = 0.75, loss_only: bool = False):
         m = self.mae
         x = m.patch_embed(imgs) + m.pos_embed[:, 1:]
         n, length, _ = x.shape
         noise = torch.rand(n, length, device=x.device)
         keep = int(length * (1 - mask_ratio))
         mask = torch.ones(n, length, device=x.device)
-        mask.scatter_(1, noise.argsort(1)[:, :keep], 0)
+        order = noise.argsort(1)
+        mask.scatter_(1, order[:, :keep], 0)
         x = torch.where(mask.unsqueeze(-1).bool(), self.enc_mask_token.to(x.dtype), x)
         x = torch.cat([(m.cls_token + m.pos_embed[:, :1]).expand(n, -1, -1), x], dim=1)
         for blk in m.blocks:
             x = blk(x)
         x = m.decoder_embed(m.norm(x)) + m.decoder_pos_embed
-        for blk in m.decoder_blocks:
-            x = blk(x)
-        pred = m.decoder_pred(m.decoder_norm(x))[:, 1:]
+        if loss_only:  # the decoder as training runs it (MaskedAutoencoderViT.forward)
+            removed = order[:, keep:]
+            return m.removed_loss(imgs, m.decode(x, removed), removed), None, mask
+        pred = m.decode(x)
         return m.forward_loss(imgs, pred, mask), pred, mask
+
+
+class _Loss(torch.nn.Module):
+    """The loss of a training step's forward alone (what fvcore traces: no None outputs)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, imgs, mask_ratio: float):
+        return self.model(imgs, mask_ratio=mask_ratio, loss_only=True)[0]
 
 
 def _pretrain_case(
@@ -73,7 +86,7 @@ def _pretrain_case(
     imgs = torch.randn(batch, 3, size, size, device=dev)
     run = torch.compile(model) if compile_ else model
     update = our_update(model, dev, use_scaler)
-    step = _step_fn(model, dev, amp_dtype, imgs, mask_ratio, update, run)
+    step = _step_fn(model, dev, amp_dtype, imgs, mask_ratio, update, run, loss_only=True)
 
     if compile_:  # the first step compiles: the compiler's memory is not the step's
         step()
@@ -87,7 +100,7 @@ def _pretrain_case(
     peak = max(peak_before, matmul_peak(dev, peak_dtype)["gflops"])
     shares = time_breakdown(step) if dev.type == "cpu" else {}
     target = model.mae if mask_tokens else model
-    gmac = fvcore_gmacs(model.eval(), (imgs[:1], mask_ratio))
+    gmac = fvcore_gmacs(_Loss(model).eval(), (imgs[:1], mask_ratio))  # what the step computes
     model.train()
     flops = 3 * 2 * gmac * 1e9  # forward + backward (2x forward) per image
     return {
@@ -163,13 +176,17 @@ def bench_maskratio(args) -> List[Dict]:
     return [_pretrain_row(args, mask_ratio=r) for r in (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)]
 
 
-def _step_fn(model, dev: torch.device, amp_dtype, imgs, mask_ratio: float, update, run=None):
+def _step_fn(
+    model, dev: torch.device, amp_dtype, imgs, mask_ratio: float, update, run=None, loss_only=False
+):
     """One training step of ``model``: the forward of ``run`` (e.g. a compiled ``model``)
-    under autocast, then ``update(loss)`` (backward and optimizer step)."""
+    under autocast, then ``update(loss)`` (backward and optimizer step). ``loss_only``: the
+    forward as our training calls it (the decoder predicts the removed patches only)."""
+    kwargs = {"loss_only": True} if loss_only else {}
 
     def step():
         with torch.autocast(dev.type, amp_dtype, enabled=amp_dtype is not None):
-            loss, _, _ = (model if run is None else run)(imgs, mask_ratio=mask_ratio)
+            loss, _, _ = (model if run is None else run)(imgs, mask_ratio=mask_ratio, **kwargs)
         update(loss)
 
     return step
@@ -285,6 +302,7 @@ def _versus_official_case(
             mask_ratio,
             our_update(ours, dev, use_scaler),
             run=torch.compile(ours) if compile_ else None,
+            loss_only=True,
         ),
         "official": _step_fn(
             official, dev, amp_dtype, imgs, mask_ratio, official_update(official, dev)
