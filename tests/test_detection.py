@@ -573,8 +573,8 @@ def test_a_missing_weights_file_is_named_before_anything_is_built(tmp_path):
     cfg = build_cfg(TINY_CONFIG, opts)
     with pytest.raises(ConfigError, match="MODEL.WEIGHTS .*nope.pth' does not exist"):
         check_weights(cfg, resume=False)
-    with pytest.raises(ConfigError, match="MODEL.WEIGHTS .*nope.pth' does not exist"):
-        check_weights(cfg, resume=True)  # nothing to resume from either
+    with pytest.raises(ConfigError, match="nope.pth' does not exist .and --resume found no .*"):
+        check_weights(cfg, resume=True)  # nothing to resume from either: said
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
     check_weights(cfg, resume=True)  # --resume continues from OUTPUT_DIR instead
     cfg.MODEL.WEIGHTS = ""

@@ -203,11 +203,14 @@ def check_weights(cfg, resume: bool, eval_only: bool = False) -> None:
     weights = cfg.MODEL.WEIGHTS
     if "://" in weights or os.path.isfile(weights) or not (weights or eval_only):
         return
-    if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+    last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    if resume and os.path.isfile(last):
         return
+    # with --resume, say why it did not apply: no checkpoint to continue from
+    why = f" (and --resume found no {last} to continue from)" if resume else ""
     if not weights:
-        raise ConfigError("--eval-only needs MODEL.WEIGHTS: the trained detector to evaluate")
-    raise ConfigError(f"MODEL.WEIGHTS {weights!r} does not exist")
+        raise ConfigError(f"--eval-only needs MODEL.WEIGHTS: the trained detector to evaluate{why}")
+    raise ConfigError(f"MODEL.WEIGHTS {weights!r} does not exist{why}")
 
 
 def check_detector_weights(cfg) -> None:
