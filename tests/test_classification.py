@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -963,6 +964,48 @@ def test_the_official_scripts_flags_are_understood():
     cfg = load_config(FinetuneConfig, ["--data_path", "d", "--global_pool", "max"], "t")[0]
     with pytest.raises(ConfigError, match="global_pool must be one of"):
         validate(cfg)
+
+
+def test_the_official_cutmix_minmax_and_resplit_flags(data, tmp_path):
+    """--cutmix_minmax reaches timm's Mixup, turning cutmix on over --cutmix's alpha; --resplit
+    is accepted and, as in the official script, never reaches the transform."""
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+
+    from mae_transfer.classification.config import load_config
+    from mae_transfer.classification.data import build_mixup, finetune_transform
+
+    flags = ["--data_path", "d", "--mixup", "0", "--cutmix", "0", "--cutmix_minmax", "0.25"]
+    cfg, _ = load_config(FinetuneConfig, [*flags, "0.75", "--resplit"], "t")
+    assert cfg.cutmix_minmax == [0.25, 0.75]
+    mix = build_mixup(cfg, 3)
+    assert isinstance(mix, Mixup) and mix.cutmix_minmax == [0.25, 0.75]
+    assert mix.cutmix_alpha == 1.0 and mix.mixup_alpha == 0  # timm: the range overrides alpha
+    np.random.seed(0)
+    x = torch.rand(4, 3, 32, 32)
+    pasted = (mix(x.clone(), torch.tensor([0, 1, 2, 1]))[0] != x).all(dim=1)[0]
+    rows, cols = pasted.any(1).sum().item(), pasted.any(0).sum().item()
+    assert 8 <= rows < 24 and 8 <= cols < 24  # a box of 32 x [0.25, 0.75) px a side
+    # what the official transform builds, with or without --resplit: erasing without a split
+    plain = load_config(FinetuneConfig, ["--data_path", "d"], "t")[0]
+    asked = {"mixup": 0, "cutmix": 0, "cutmix_minmax": [0.25, 0.75]}
+    assert cfg.to_dict() == {**plain.to_dict(), **asked}  # --resplit changes nothing
+    erasing = [t for t in finetune_transform(cfg).transforms if isinstance(t, RandomErasing)]
+    assert [e.num_splits for e in erasing] == [0]
+    cfg_of(FinetuneConfig, data, tmp_path, cutmix_minmax=[0.25, 0.75])  # valid
+    for bad, message in [
+        ([0.75, 0.25], "cutmix_minmax must satisfy 0 < MIN < MAX <= 1"),
+        ([0.0, 0.5], "cutmix_minmax must satisfy 0 < MIN < MAX <= 1"),
+        ([0.5, 1.5], "cutmix_minmax must satisfy 0 < MIN < MAX <= 1"),
+        ([0.5], "cutmix_minmax must be two numbers, MIN MAX, got 0.5"),
+        ([0.5, 0.51], "at input_size 32 both give a box side of 16 px"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate(cfg_of(FinetuneConfig, data, tmp_path, cutmix_minmax=bad))
+    # the range alone mixes: timm mixes pairs, so the batch must be even
+    alone = dict(mixup=0, cutmix=0, cutmix_minmax=[0.25, 0.75], batch_size=3)
+    with pytest.raises(ConfigError, match="batch_size must be even"):
+        cfg_of(FinetuneConfig, data, tmp_path, **alone)
 
 
 def test_an_input_size_the_patches_do_not_tile_is_padded_with_a_warning(caplog, monkeypatch):

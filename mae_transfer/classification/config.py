@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 from mae_transfer.checkpoint import is_url
+from mae_transfer.data.transforms import hw
 from mae_transfer.engine.config import (
     Checks,
     ConfigError,
@@ -78,6 +79,9 @@ class FinetuneConfig(ClassifyConfig):
     smoothing: float = 0.1
     mixup: float = 0.8
     cutmix: float = 1.0
+    # cutmix's box side as a fraction of the image's, drawn in [min, max): when set, cutmix is
+    # on and this range replaces the cutmix alpha (timm's Mixup), as the official flag
+    cutmix_minmax: Optional[List[float]] = None
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"
@@ -117,6 +121,8 @@ FLAG_HELP = {
     "smoothing": "label smoothing",
     "mixup": "mixup alpha (0 = off)",
     "cutmix": "cutmix alpha (0 = off)",
+    "cutmix_minmax": "cutmix box side as a fraction of the image side, MIN MAX (e.g. 0.2 0.8); "
+    "when set, cutmix is on and this range replaces the --cutmix alpha (timm's Mixup)",
     "cache_features": "extract the frozen features once (no augmentation) and train on them",
     "max_train_images": "a fixed random subset of train/ (0 = all)",
     "max_val_images": "a fixed random subset of val/ (0 = all)",
@@ -152,6 +158,15 @@ def build_protocol_parser(cls: Type[ClassifyConfig], prog: str):
         help="the official flag, accepted: the evaluation is always split over the processes "
         "(with exact counts: no image repeated to fill a shard)",
     )
+    if cls is FinetuneConfig:
+        minmax = next(a for a in p._actions if a.dest == "cutmix_minmax")
+        minmax.nargs, minmax.metavar = 2, ("MIN", "MAX")
+        p.add_argument(
+            "--resplit",
+            action="store_true",
+            help="the official flag, accepted without effect, as there: the official "
+            "main_finetune.py parses it but never passes it to timm's create_transform",
+        )
     return p
 
 
@@ -225,7 +240,8 @@ def _check_finetune(cfg: FinetuneConfig, checks: Checks) -> None:
     need(cfg.recount >= 1, f"recount must be >= 1, got {cfg.recount}")
     modes = ("batch", "pair", "elem")
     need(cfg.mixup_mode in modes, f"mixup_mode must be one of {modes}, got {cfg.mixup_mode!r}")
-    mixing = (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0
+    _check_cutmix_minmax(cfg, checks)
+    mixing = mixes(cfg)
     need(
         not mixing or cfg.batch_size % 2 == 0,
         f"batch_size must be even with mixup / cutmix (timm mixes pairs), got {cfg.batch_size}",
@@ -243,6 +259,42 @@ def _check_finetune(cfg: FinetuneConfig, checks: Checks) -> None:
                 policies.auto_augment_transform(cfg.aa, hparams)
         except Exception as e:  # noqa: BLE001 - timm's parse error, named
             checks.errors.append(f"aa {cfg.aa!r} is not a timm augmentation policy: {e!r}")
+
+
+def mixes(cfg: FinetuneConfig) -> bool:
+    """Whether batches are mixed: mixup or cutmix on (an alpha > 0, or a cutmix_minmax range,
+    as in timm and the official script) and a mixing probability above 0."""
+    cutmix = cfg.cutmix > 0 or cfg.cutmix_minmax is not None
+    return (cfg.mixup > 0 or cutmix) and cfg.mixup_prob > 0
+
+
+def _check_cutmix_minmax(cfg: FinetuneConfig, checks: Checks) -> None:
+    """Two fractions 0 < min < max <= 1 whose box sides differ by a pixel at the input size
+    (timm draws the side with randint(int(size x min), int(size x max)), which fails on an
+    empty range, mid-training)."""
+    minmax = cfg.cutmix_minmax
+    if minmax is None:
+        return
+    pair = isinstance(minmax, (list, tuple)) and len(minmax) == 2
+    if not pair or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in minmax):
+        checks.errors.append(f"cutmix_minmax must be two numbers, MIN MAX, got {minmax!r}")
+        return
+    low, high = minmax
+    if not 0 < low < high <= 1:
+        checks.errors.append(
+            f"cutmix_minmax must satisfy 0 < MIN < MAX <= 1 (fractions of the image side), "
+            f"got {low} {high}"
+        )
+        return
+    try:
+        side = min(hw(cfg.input_size))
+    except (TypeError, ValueError, IndexError):
+        return  # a bad input_size: named by its own check
+    if int(side * low) >= int(side * high):
+        checks.errors.append(
+            f"cutmix_minmax {low} {high}: at input_size {side} both give a box side of "
+            f"{int(side * low)} px; widen the range"
+        )
 
 
 def _check_linprobe(cfg: LinprobeConfig, checks: Checks) -> None:

@@ -15,7 +15,7 @@ from mae_transfer.data.transforms import Size, hw
 from mae_transfer.engine.config import ConfigError
 from mae_transfer.engine.distributed import DistInfo, on_rank0
 
-from .config import ClassifyConfig, FinetuneConfig
+from .config import ClassifyConfig, FinetuneConfig, mixes
 
 
 def finetune_transform(cfg: FinetuneConfig):
@@ -90,14 +90,17 @@ def class_folder(root: str, dist: Optional[DistInfo] = None) -> ClassFolder:
 
 
 def build_mixup(cfg: FinetuneConfig, num_classes: int):
-    """timm's ``Mixup`` (mixup / cutmix with label smoothing), or None when both are off."""
-    if not ((cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0):
+    """timm's ``Mixup`` (mixup / cutmix with label smoothing), or None when both are off.
+    ``cfg.cutmix_minmax``, when set, turns cutmix on with that box range (timm then ignores the
+    cutmix alpha), as the official script passes it."""
+    if not mixes(cfg):
         return None
     from timm.data import Mixup
 
     return Mixup(
         mixup_alpha=cfg.mixup,
         cutmix_alpha=cfg.cutmix,
+        cutmix_minmax=None if cfg.cutmix_minmax is None else list(cfg.cutmix_minmax),
         prob=cfg.mixup_prob,
         switch_prob=cfg.mixup_switch_prob,
         mode=cfg.mixup_mode,

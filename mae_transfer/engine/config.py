@@ -109,7 +109,8 @@ def build_parser(
         if _is_bool(f):
             p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, **kw)
         elif "List" in str(f.type):
-            p.add_argument(f"--{name}", type=int, nargs="+", **kw)
+            kind = float if "List[float]" in str(f.type) else int
+            p.add_argument(f"--{name}", type=kind, nargs="+", **kw)
         else:
             p.add_argument(f"--{name}", type=flag_type(f), **kw)
     return p
