@@ -1262,19 +1262,40 @@ def _vit_of(backbone):
     return kernel, len(vit.blocks), vit.global_blocks, vit.pos_embed.shape
 
 
+def _heads_of(roi_heads):
+    """What the box and mask heads are: class, parameter count per head, and per box stage its
+    matching IoU, box-delta weights and class-agnostic regression."""
+    cascade = hasattr(roi_heads, "box_predictor") and isinstance(
+        roi_heads.box_predictor, torch.nn.ModuleList
+    )
+    predictors = roi_heads.box_predictor if cascade else [roi_heads.box_predictor]
+    matchers = roi_heads.proposal_matchers if cascade else [roi_heads.proposal_matcher]
+    stages = [
+        (m.thresholds[1], tuple(p.box2box_transform.weights), p.bbox_pred.out_features)
+        for m, p in zip(matchers, predictors)
+    ]
+    sizes = {name: sum(p.numel() for p in m.parameters()) for name, m in roi_heads.named_children()}
+    return type(roi_heads).__name__, sizes, stages
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "lazy", "*.py"))))
 def test_each_lazy_config_is_its_yaml_twin(path):
     """Each LazyConfig trains what the YAML of its name does: the same ViT (size, patch,
-    global blocks, position table) and pyramid (parameter count), layer decay, drop path, and
+    global blocks, position table) and pyramid (parameter count), heads (the cascade's three
+    stages: matching IoUs, box weights, class-agnostic boxes), layer decay, drop path, and
     the ViTDet schedule: warmup 250 iterations of 100 epochs from lr x 0.001 (not the R-50
     recipe's 0.067), steps at 88.9% / 96.3% of the iterations (x 3/4 for H's 75 epochs)."""
     lazy = LazyConfig.load(path)
     yaml = build_cfg(path.replace("/lazy/", "/").replace(".py", ".yaml"), ["MODEL.DEVICE", "meta"])
     with torch.device("meta"):
-        ours, theirs = instantiate(lazy.model).backbone, build_model(yaml).backbone
+        lazy_model, yaml_model = instantiate(lazy.model), build_model(yaml)
+    ours, theirs = lazy_model.backbone, yaml_model.backbone
     assert _vit_of(ours) == _vit_of(theirs)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(ours) == count(theirs)
+    assert _heads_of(lazy_model.roi_heads) == _heads_of(yaml_model.roi_heads)
+    cascade = os.path.basename(path).startswith("cascade_")
+    assert (type(lazy_model.roi_heads).__name__ == "CascadeROIHeads") == cascade
     blocks = (ours.net if hasattr(ours, "net") else ours.bottom_up.vit).blocks
     assert blocks[-1].drop_path.drop_prob == pytest.approx(yaml.MODEL.VIT.DROP_PATH_RATE)
     assert lazy.optimizer.params.layer_decay == yaml.SOLVER.LAYER_DECAY
