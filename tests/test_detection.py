@@ -725,6 +725,105 @@ def test_training_lowers_loss_and_evaluation_returns_coco_ap(toy_coco, tmp_path)
     assert os.path.isfile(tmp_path / "out" / "model_final.pth")
 
 
+TTA_AT_TEST_SIZE = ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(64,)"]
+TTA_AT_TEST_SIZE += ["TEST.AUG.MAX_SIZE", "64", "TEST.AUG.FLIP", "False"]
+TTA_SEVERAL = ["TEST.AUG.MIN_SIZES", "(48, 64, 96)", "TEST.AUG.MAX_SIZE", "128"]
+TTA_SEVERAL += ["TEST.AUG.FLIP", "True"]
+
+
+def _predictions(folder) -> list:
+    """COCOEvaluator's predictions in ``folder``, in a fixed order."""
+    with open(os.path.join(folder, "coco_instances_results.json")) as f:
+        found = json.load(f)
+    return sorted(found, key=lambda d: (d["image_id"], -d["score"], d["category_id"], d["bbox"]))
+
+
+def _same_predictions(a: list, b: list) -> None:
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert (x["image_id"], x["category_id"]) == (y["image_id"], y["category_id"])
+        assert x["score"] == pytest.approx(y["score"], abs=1e-6)
+        assert x["bbox"] == pytest.approx(y["bbox"], abs=1e-3)
+        if "segmentation" in x:  # masks from the same boxes, up to float rounding of the boxes
+            assert x["segmentation"] == y["segmentation"]
+
+
+def test_test_time_augmentation_runs_after_training_and_equals_the_plain_test_at_its_size(
+    toy_coco, tmp_path, caplog
+):
+    """TEST.AUG as detectron2's tools/train_net.py: results under names ending in _TTA; at the
+    test size alone, unflipped, the same predictions as the plain evaluation (LSJ at 64 px:
+    the 96 px images are resized to 64 by both)."""
+    from mae_transfer.detection.train import summarize
+
+    out = tmp_path / "out"
+    cfg = _cfg(toy_coco, out, iters=12)
+    cfg.merge_from_list(["INPUT.LSJ.IMAGE_SIZE", "64", "MODEL.VIT.IMG_SIZE", "64"])
+    cfg.merge_from_list(TTA_AT_TEST_SIZE)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    assert set(results) == {"bbox", "segm", "bbox_TTA", "segm_TTA"}
+    for task in ("bbox", "segm"):
+        assert results[task + "_TTA"] == pytest.approx(results[task], nan_ok=True)
+    assert {"bbox_AP_TTA", "segm_AP75_TTA"} <= set(summarize(results))
+    _same_predictions(_predictions(out), _predictions(out / "inference_TTA"))
+
+    several = cfg.clone()
+    several.merge_from_list(TTA_SEVERAL)  # 48 px padded to the 64 px square, 96 px beyond it
+    tta = Trainer.test_with_TTA(several, trainer.model)
+    assert set(tta) == {"bbox_TTA", "segm_TTA"} and "AP" in tta["segm_TTA"]
+    # a non-square image, 96 x 144 at the largest size: past the square, not padded
+    from detectron2.modeling import GeneralizedRCNNWithTTA
+
+    image = torch.randint(0, 256, (3, 80, 120), dtype=torch.uint8)
+    model = GeneralizedRCNNWithTTA(several, trainer.model.eval())
+    with torch.no_grad():
+        (found,) = model([{"image": image, "height": 80, "width": 120}])
+    assert found["instances"].image_size == (80, 120)
+    assert found["instances"].pred_masks.shape[1:] == (80, 120)
+    # tools/train_det.py --eval-only: both evaluations, summarized
+    argv = ["--config-file", TINY_CONFIG, "--coco-val", *toy_coco["val"], "--eval-only"]
+    argv += [*TINY_OPTS, "INPUT.LSJ.IMAGE_SIZE", "64", "MODEL.VIT.IMG_SIZE", "64"]
+    argv += [*TTA_AT_TEST_SIZE, *TTA_SEVERAL, "OUTPUT_DIR", str(tmp_path / "eval")]
+    argv += ["MODEL.WEIGHTS", str(out / "model_final.pth")]
+    with caplog.at_level(logging.INFO):
+        assert load_tool("train_det").cli(argv) == 0
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("summary"))
+    assert "'bbox_AP'" in summary and "'segm_AP_TTA'" in summary
+    assert "short sides [48, 64, 96] (long side at most 128), each also flipped" in caplog.text
+
+
+def test_test_time_augmentation_of_a_cascade_detector(toy_coco, tmp_path):
+    out = tmp_path / "out"
+    cfg = _cfg(toy_coco, out)
+    cfg.merge_from_list([*CASCADE, "INPUT.LSJ.IMAGE_SIZE", "64", "MODEL.VIT.IMG_SIZE", "64"])
+    cfg.merge_from_list([*TTA_AT_TEST_SIZE, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    torch.manual_seed(0)
+    model = Trainer.build_model(cfg)  # untrained: its predictions are compared, not its AP
+    Trainer.test(cfg, model)
+    assert set(Trainer.test_with_TTA(cfg, model)) == {"bbox_TTA", "segm_TTA"}
+    _same_predictions(_predictions(out), _predictions(out / "inference_TTA"))
+    cfg.merge_from_list(TTA_SEVERAL)
+    assert set(Trainer.test_with_TTA(cfg, model)) == {"bbox_TTA", "segm_TTA"}
+
+
+@pytest.mark.parametrize(
+    "opts, expected",
+    [
+        (["TEST.AUG.MIN_SIZES", "()"], "TEST.AUG.MIN_SIZES must be one or more short sides"),
+        (["TEST.AUG.MIN_SIZES", "(0, 800)"], "(ints > 0), got [0, 800]"),
+        (["TEST.AUG.MAX_SIZE", "0"], "TEST.AUG.MAX_SIZE (the long side's limit) must be > 0"),
+        (["MODEL.META_ARCHITECTURE", "RetinaNet"], "runs R-CNN detectors (GeneralizedRCNN) only"),
+        (["MODEL.KEYPOINT_ON", "True"], "supports neither MODEL.KEYPOINT_ON nor"),
+    ],
+)
+def test_test_time_augmentation_values_are_checked_before_anything_runs(opts, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        build_cfg(TINY_CONFIG, ["TEST.AUG.ENABLED", "True", *opts])
+    build_cfg(TINY_CONFIG, opts[:2] if opts[0].startswith("TEST.AUG") else [])  # off: unread
+
+
 def run_tool(name: str, *args: str) -> str:
     """Runs tools/<name> in a fresh interpreter, as users do; returns stdout + stderr."""
     env = {**os.environ, "PYTHONPATH": ROOT}
@@ -819,6 +918,11 @@ def test_several_test_sets_are_summarized_and_written_apart(toy_coco, tmp_path):
     assert summarize(one) == {"bbox_AP": 30.0, "bbox_AP50": 50.0, "bbox_AP75": 20.0}
     both = summarize({"setA": one, "setB": two})
     assert both["setA/bbox_AP"] == 30.0 and both["setB/bbox_AP"] == 10.0 and len(both) == 6
+    # with test-time augmentation (detectron2's names: the task's or the set's, + _TTA)
+    tta = summarize({**one, "bbox_TTA": two["bbox"]})
+    assert tta["bbox_AP"] == 30.0 and tta["bbox_AP_TTA"] == 10.0 and len(tta) == 6
+    tta = summarize({"setA": one, "setB": two, "setA_TTA": two})
+    assert tta["setA/bbox_AP_TTA"] == 10.0 and len(tta) == 9
     cfg = _cfg(toy_coco, tmp_path / "out")
     cfg.DATASETS.TEST = ("toy_coco_val", "toy_coco_train")
     folders = {Trainer.build_evaluator(cfg, name)._output_dir for name in cfg.DATASETS.TEST}

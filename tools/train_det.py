@@ -121,6 +121,8 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:  # as detectron2's tools/train_net.py: results named *_TTA
+            results.update(Trainer.test_with_TTA(cfg, model))
     else:
         trainer = Trainer(cfg)  # its data loader has read the training sets
         check_num_classes(cfg, cfg.DATASETS.TRAIN)

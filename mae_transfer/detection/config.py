@@ -98,6 +98,7 @@ def validate_config(cfg: CN) -> None:
     """Rejects bad MODEL / SOLVER / INPUT / DATASETS values before anything is built (a
     :class:`ConfigError`, a ValueError), naming every one."""
     errors = _vit_errors(cfg) + model_input_errors(cfg) + _solver_errors(cfg) + _data_errors(cfg)
+    errors += _tta_errors(cfg)
     if errors:
         raise ConfigError("invalid detectron2 config:\n  - " + "\n  - ".join(errors))
 
@@ -237,6 +238,35 @@ def _cascade_errors(cfg: CN) -> List[str]:
         errors.append(
             f"MODEL.ROI_BOX_CASCADE_HEAD.IOUS starts at {cascade.IOUS[0]}: the first stage "
             f"matches at MODEL.ROI_HEADS.IOU_THRESHOLDS' {first} (make them equal)"
+        )
+    return errors
+
+
+def _tta_errors(cfg: CN) -> List[str]:
+    """``TEST.AUG`` values detectron2's TTA cannot run (an assertion or an error in the first
+    test image, after the whole training), named; nothing when ``TEST.AUG.ENABLED`` is off."""
+    aug = cfg.TEST.AUG
+    if not aug.ENABLED:
+        return []
+    errors = []
+    sizes = list(aug.MIN_SIZES)
+    if not sizes or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes
+    ):
+        errors.append(
+            f"TEST.AUG.MIN_SIZES must be one or more short sides in pixels (ints > 0), got {sizes}"
+        )
+    if not (isinstance(aug.MAX_SIZE, int) and aug.MAX_SIZE > 0):
+        errors.append(f"TEST.AUG.MAX_SIZE (the long side's limit) must be > 0, got {aug.MAX_SIZE}")
+    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
+        errors.append(
+            f"TEST.AUG.ENABLED: detectron2's test-time augmentation runs R-CNN detectors "
+            f"(GeneralizedRCNN) only, MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}"
+        )
+    if cfg.MODEL.KEYPOINT_ON or cfg.MODEL.LOAD_PROPOSALS:
+        errors.append(
+            "TEST.AUG.ENABLED: detectron2's test-time augmentation supports neither "
+            "MODEL.KEYPOINT_ON nor MODEL.LOAD_PROPOSALS: turn them off, or TEST.AUG.ENABLED"
         )
     return errors
 

@@ -635,6 +635,33 @@ class Trainer(DefaultTrainer):
         super().train()
         return getattr(self, "_last_eval_results", None)
 
+    def build_hooks(self):
+        """detectron2's, and with TEST.AUG.ENABLED an evaluation with test-time augmentation
+        after training (detectron2's tools/train_net.py), its results added to train()'s."""
+        ret = super().build_hooks()
+        if not (self.cfg.TEST.AUG.ENABLED and self.cfg.DATASETS.TEST):
+            return ret
+
+        def test_with_tta_and_save():
+            results = self.test_with_TTA(self.cfg, self.model)
+            self._last_eval_results = {
+                **(getattr(self, "_last_eval_results", None) or {}),
+                **results,
+            }
+            return results
+
+        last_eval = max(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
+        ret.insert(last_eval + 1, hooks.EvalHook(0, test_with_tta_and_save))  # before the writers
+        return ret
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluation with test-time augmentation (TEST.AUG), results under names ending in
+        ``_TTA`` (:func:`mae_transfer.detection.tta.evaluate_with_tta`)."""
+        from .tta import evaluate_with_tta
+
+        return evaluate_with_tta(cls, cfg, model)
+
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
@@ -700,13 +727,24 @@ class Trainer(DefaultTrainer):
 def summarize(results: Dict) -> Dict[str, float]:
     """{'bbox_AP': .., 'bbox_AP50': .., 'segm_AP': .., ...} from COCOEvaluator results; with
     several test sets (detectron2 then returns {name: results}) each key is prefixed by the
-    set's name: {'setA/bbox_AP': .., 'setB/bbox_AP': .., ...}."""
-    several = "bbox" not in results
+    set's name: {'setA/bbox_AP': .., 'setB/bbox_AP': .., ...}. Results of test-time
+    augmentation (``bbox_TTA``, or ``setA_TTA``) give keys ending in ``_TTA``: 'bbox_AP_TTA'."""
+    tasks = ("bbox", "segm")
+    several = not any(_untagged(k)[0] in tasks for k in results)
     out = {}
     for name, dataset_results in results.items() if several else [("", results)]:
-        for task in ("bbox", "segm"):
-            for k in ("AP", "AP50", "AP75"):
-                if task in dataset_results and k in dataset_results[task]:
+        name, tag = _untagged(name)
+        for task_name, task_results in dataset_results.items():
+            task, task_tag = _untagged(task_name)
+            for k in ("AP", "AP50", "AP75") if task in tasks else ():
+                if k in task_results:
                     key = f"{name}/{task}_{k}" if several else f"{task}_{k}"
-                    out[key] = float(dataset_results[task][k])
+                    out[key + (tag or task_tag)] = float(task_results[k])
     return out
+
+
+def _untagged(key: str):
+    """('bbox', '_TTA') for 'bbox_TTA'; (key, '') for a key without the suffix."""
+    if key.endswith("_TTA"):
+        return key[: -len("_TTA")], "_TTA"
+    return key, ""
