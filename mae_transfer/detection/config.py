@@ -16,6 +16,8 @@ from mae_transfer.pyramid import NORMS
 from mae_transfer.registry import resolve_name
 from mae_transfer.vit import REL_POS_TYPES
 
+from .fed_loss import SIGMOID_ROI_HEADS
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,8 +48,10 @@ def amp_dtype(cfg: CN) -> Optional[torch.dtype]:
 
 
 def add_mae_vit_config(cfg: CN) -> CN:
-    """Adds ``MODEL.VIT.*``, ``SOLVER.{OPTIMIZER,LAYER_DECAY,BETAS}``, ``INPUT.LSJ.*`` and
-    ``DATASETS.COCO`` to a detectron2 config (defaults: ViT-B, the ViTDet recipe)."""
+    """Adds ``MODEL.VIT.*``, ``SOLVER.{OPTIMIZER,LAYER_DECAY,BETAS}``, ``INPUT.LSJ.*``,
+    ``DATASETS.{COCO,LVIS}`` and the box classifier's LVIS losses
+    (``MODEL.ROI_BOX_HEAD.{USE_SIGMOID_CE,USE_FED_LOSS,FED_LOSS_*}``) to a detectron2 config
+    (defaults: ViT-B, the ViTDet recipe)."""
     cfg.MODEL.VIT = CN()
     cfg.MODEL.VIT.NAME = "vit_base_patch16"  # registered encoder, see mae_transfer.list_models
     cfg.MODEL.VIT.IMG_SIZE = 1024  # size the position table is built for (any input works)
@@ -91,6 +95,23 @@ def add_mae_vit_config(cfg: CN) -> CN:
 
     # COCO-format datasets to register: [[name, json_file, image_root], ...]
     cfg.DATASETS.COCO = []
+    # LVIS-format ones, evaluated by LVIS's rules (image_root: the folder of COCO's train2017/
+    # and val2017/, which LVIS v1's images name): [[name, json_file, image_root], ...]
+    cfg.DATASETS.LVIS = []
+
+    # the box classifier on LVIS (ViTDet): sigmoid cross-entropy, federated loss over the
+    # classes in the batch + negatives drawn by image count ^ POWER, NUM_CLASSES in all. Read by
+    # the ROI heads SigmoidROIHeads / SigmoidCascadeROIHeads (detection/fed_loss.py); the names
+    # are those of detectron2's later releases (which may define them already)
+    head = cfg.MODEL.ROI_BOX_HEAD
+    for key, value in (
+        ("USE_SIGMOID_CE", False),
+        ("USE_FED_LOSS", False),
+        ("FED_LOSS_FREQ_WEIGHT_POWER", 0.5),
+        ("FED_LOSS_NUM_CLASSES", 50),
+    ):
+        if key not in head:
+            head[key] = value
     return cfg
 
 
@@ -99,6 +120,7 @@ def validate_config(cfg: CN) -> None:
     :class:`ConfigError`, a ValueError), naming every one."""
     errors = _vit_errors(cfg) + model_input_errors(cfg) + _solver_errors(cfg) + _data_errors(cfg)
     errors += _tta_errors(cfg)
+    errors += _box_loss_errors(cfg)
     if errors:
         raise ConfigError("invalid detectron2 config:\n  - " + "\n  - ".join(errors))
 
@@ -220,7 +242,8 @@ def _head_errors(cfg: CN, outputs: List[str], what: str) -> List[str]:
 def _cascade_errors(cfg: CN) -> List[str]:
     """What detectron2's CascadeROIHeads asserts when the model is built (an AssertionError
     naming no key), named with the key."""
-    if "ROI_HEADS" not in _heads(cfg) or cfg.MODEL.ROI_HEADS.NAME != "CascadeROIHeads":
+    cascades = ("CascadeROIHeads", "SigmoidCascadeROIHeads")
+    if "ROI_HEADS" not in _heads(cfg) or cfg.MODEL.ROI_HEADS.NAME not in cascades:
         return []
     cascade, errors = cfg.MODEL.ROI_BOX_CASCADE_HEAD, []
     if not cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG:
@@ -372,7 +395,53 @@ def _data_errors(cfg: CN) -> List[str]:
             "INPUT.LSJ.IMAGE_SIZE must be a positive multiple of 32 (with MODEL.VIT.SQUARE_PAD "
             f"-1 images are padded square to it), got {lsj.IMAGE_SIZE}"
         )
-    for entry in cfg.DATASETS.COCO:
-        if len(entry) != 3:
-            errors.append(f"DATASETS.COCO entries are [name, json_file, image_root], got {entry}")
+    for kind in ("COCO", "LVIS"):
+        for entry in cfg.DATASETS[kind]:
+            if len(entry) != 3:
+                errors.append(
+                    f"DATASETS.{kind} entries are [name, json_file, image_root], got {entry}"
+                )
+    sampler = cfg.DATALOADER.SAMPLER_TRAIN
+    if sampler not in TRAIN_SAMPLERS:
+        errors.append(f"DATALOADER.SAMPLER_TRAIN must be one of {TRAIN_SAMPLERS}, got {sampler!r}")
+    threshold = cfg.DATALOADER.REPEAT_THRESHOLD
+    if sampler == "RepeatFactorTrainingSampler" and not 0.0 < threshold <= 1.0:
+        errors.append(  # a negative one was a NaN repeat factor; 0 repeats nothing
+            "DATALOADER.REPEAT_THRESHOLD (RepeatFactorTrainingSampler: images with a class in "
+            f"fewer than this fraction of images are repeated) must be in (0, 1], got {threshold}"
+        )
+    return errors
+
+
+TRAIN_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
+
+
+def _box_loss_errors(cfg: CN) -> List[str]:
+    """MODEL.ROI_BOX_HEAD's sigmoid CE / fed loss keys (detectron2 0.6's heads ignore them)."""
+    head, errors = cfg.MODEL.ROI_BOX_HEAD, []
+    if not (head.USE_SIGMOID_CE or head.USE_FED_LOSS):
+        return errors
+    if head.USE_FED_LOSS and not head.USE_SIGMOID_CE:
+        errors.append(
+            "MODEL.ROI_BOX_HEAD.USE_FED_LOSS scores each class by its own sigmoid; with the "
+            "softmax cross-entropy (USE_SIGMOID_CE False) it cannot: set USE_SIGMOID_CE True"
+        )
+    name = cfg.MODEL.ROI_HEADS.NAME
+    if name not in SIGMOID_ROI_HEADS:
+        ours = "SigmoidCascadeROIHeads" if "Cascade" in name else "SigmoidROIHeads"
+        errors.append(
+            f"MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS are not read by "
+            f"MODEL.ROI_HEADS.NAME {name!r} (detectron2 0.6's box predictor is softmax only): "
+            f"set MODEL.ROI_HEADS.NAME {ours!r}"
+        )
+    if head.USE_FED_LOSS and head.FED_LOSS_NUM_CLASSES < 1:
+        errors.append(
+            "MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES (classes scored per batch) must be >= 1, "
+            f"got {head.FED_LOSS_NUM_CLASSES}"
+        )
+    if head.USE_FED_LOSS and head.FED_LOSS_FREQ_WEIGHT_POWER < 0:
+        errors.append(
+            "MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER must be >= 0 (0: negatives drawn "
+            f"uniformly; ViTDet 0.5), got {head.FED_LOSS_FREQ_WEIGHT_POWER}"
+        )
     return errors
