@@ -6,11 +6,16 @@
         --num-gpus 8 MODEL.WEIGHTS mae_pretrain_vit_base.pth
     python tools/train_det.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_det.py --config-file ... --coco-train ann.json images/ --coco-val ...
+    python tools/train_det.py \
+        --config-file configs/detectron2/mask_rcnn_vit_base_fpn_lvis_100ep.yaml \
+        --lvis-train lvis_v1_train.json coco/ --lvis-val lvis_v1_val.json coco/ ...
 
 MODEL.WEIGHTS may be an official mae_pretrain_vit_*.pth, a checkpoint of our pretraining or a
 detectron2 checkpoint. COCO itself is detectron2's builtin ``coco_2017_*`` (under
-$DETECTRON2_DATASETS/coco); other COCO-format data sets come from --coco-train/--coco-val or
-DATASETS.COCO in the config.
+$DETECTRON2_DATASETS/coco), LVIS v1 its builtin ``lvis_v1_*`` (there too); other COCO-format
+data sets come from --coco-train/--coco-val or DATASETS.COCO in the config, LVIS-format ones
+from --lvis-train/--lvis-val (IMAGE_ROOT: the folder of COCO's train2017/ and val2017/) or
+DATASETS.LVIS.
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ def has_checkpoint(cfg) -> bool:
 
 def load_cfg(args):
     """The run's config with its weights file and data sets checked (ConfigError otherwise)."""
-    cfg = build_cfg(args.config_file, args.opts, args.coco_train, args.coco_val)
+    cfg = build_cfg(
+        args.config_file, args.opts, args.coco_train, args.coco_val, args.lvis_train, args.lvis_val
+    )
     check_weights(cfg, args.resume, args.eval_only)
     resuming = args.resume and has_checkpoint(cfg)
     if cfg.MODEL.VIT.PRETRAINED and (args.eval_only or resuming):
@@ -147,6 +154,8 @@ def parser():
     p = default_argument_parser()
     p.add_argument("--coco-train", nargs=2, metavar=("JSON", "IMAGE_ROOT"), default=None)
     p.add_argument("--coco-val", nargs=2, metavar=("JSON", "IMAGE_ROOT"), default=None)
+    p.add_argument("--lvis-train", nargs=2, metavar=("JSON", "IMAGE_ROOT"), default=None)
+    p.add_argument("--lvis-val", nargs=2, metavar=("JSON", "IMAGE_ROOT"), default=None)
     # detectron2's KEY VALUE overrides are argparse.REMAINDER: an option after them was taken
     # as one more override (yacs: "odd length"). As words between options they may go anywhere.
     next(a for a in p._actions if a.dest == "opts").nargs = "*"

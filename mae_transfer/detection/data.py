@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.data.common import ToIterableDataset
-from detectron2.data.samplers import TrainingSampler
+from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.utils.file_io import PathManager
 
 from mae_transfer.data.decode import EncodedImage, decode_upright
@@ -94,14 +94,45 @@ class ResumableSampler(TrainingSampler):
         return itertools.islice(stream, self.skip + self._rank, None, self._world_size)
 
 
-def train_sampler(loader) -> Optional[ResumableSampler]:
-    """The :class:`ResumableSampler` inside a loader built by detectron2's
+class ResumableRepeatFactorSampler(RepeatFactorTrainingSampler):
+    """detectron2's ``RepeatFactorTrainingSampler`` (each image repeated by the rarity of its
+    rarest class, LVIS's usual sampler), which can start ``skip`` indices into its stream as
+    :class:`ResumableSampler` does."""
+
+    skip = 0
+
+    def __iter__(self):
+        stream = self._infinite_indices()
+        return itertools.islice(stream, self.skip + self._rank, None, self._world_size)
+
+
+Resumable = Union[ResumableSampler, ResumableRepeatFactorSampler]
+
+
+def build_sampler(cfg, dicts: List[Dict]) -> Optional[Resumable]:
+    """DATALOADER.SAMPLER_TRAIN over the training set's ``dicts``, resumable where we have
+    that: TrainingSampler; RepeatFactorTrainingSampler (threshold DATALOADER.REPEAT_THRESHOLD);
+    None for another, which detectron2 builds."""
+    name = cfg.DATALOADER.SAMPLER_TRAIN
+    if name == "TrainingSampler":
+        return ResumableSampler(len(dicts))
+    if name == "RepeatFactorTrainingSampler":
+        factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+            dicts, cfg.DATALOADER.REPEAT_THRESHOLD
+        )
+        return ResumableRepeatFactorSampler(factors)
+    return None
+
+
+def train_sampler(loader) -> Optional[Resumable]:
+    """The resumable sampler inside a loader built by detectron2's
     ``build_detection_train_loader`` (a DataLoader, perhaps under an aspect-ratio grouping),
-    or None (another sampler, e.g. ``RepeatFactorTrainingSampler``)."""
+    or None (another sampler)."""
     for _ in range(4):
         if isinstance(loader, ToIterableDataset):
             sampler = loader.sampler
-            return sampler if isinstance(sampler, ResumableSampler) else None
+            resumable = (ResumableSampler, ResumableRepeatFactorSampler)
+            return sampler if isinstance(sampler, resumable) else None
         loader = getattr(loader, "dataset", None)
     return None
 

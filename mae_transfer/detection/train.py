@@ -2,8 +2,9 @@
 
 What changes from detectron2's defaults: AdamW with layer-wise lr decay and no weight decay on
 norms/biases/position tables; large-scale jitter; MAE checkpoints accepted as MODEL.WEIGHTS;
-COCO datasets registered from the config; COCOEvaluator with the Python implementation when
-detectron2 has no compiled ops.
+COCO and LVIS datasets registered from the config; COCOEvaluator with the Python implementation
+when detectron2 has no compiled ops, LVISEvaluator for LVIS sets; the fed loss's class
+frequencies (fed_loss.py) from the training set.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from detectron2.data import transforms as T
 from detectron2.data.datasets import load_coco_json
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.solver.build import maybe_add_gradient_clipping
 
 from mae_transfer.compat.detectron2_compat import HAS_COMPILED_OPS
@@ -42,13 +43,18 @@ from mae_transfer.optim import keep_optimizer_impl, param_groups
 from .backbone import build_vit_part
 from .checkpoint import MAECheckpointer, find_vit
 from .config import add_mae_vit_config, amp_dtype, validate_config
-from .data import ImageMapper, ResumableSampler, batching_workers, train_sampler
+from .data import ImageMapper, batching_workers, build_sampler, train_sampler
+from .fed_loss import set_fed_loss_frequencies
+from .lvis import LVIS_MAX_DETS, class_image_counts, is_lvis, lvis_records, note_training_counts
 
 logger = logging.getLogger(__name__)
 
 
-def build_cfg(config_file: str, opts=(), coco_train=None, coco_val=None):
-    """The frozen-to-be config: file, then ``KEY VALUE`` overrides, then data set flags.
+def build_cfg(
+    config_file: str, opts=(), coco_train=None, coco_val=None, lvis_train=None, lvis_val=None
+):
+    """The frozen-to-be config: file, then ``KEY VALUE`` overrides, then data set flags
+    (``coco_*`` / ``lvis_*``: (json_file, image_root), registered as ``custom_{coco,lvis}_*``).
 
     Raises:
         ConfigError: a missing file, an unknown key, a bad value (named).
@@ -67,10 +73,13 @@ def build_cfg(config_file: str, opts=(), coco_train=None, coco_val=None):
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"KEY VALUE overrides: {_reason(e)}") from e
-    for split, files in (("train", coco_train), ("val", coco_val)):
+    flags = [("COCO", "train", coco_train), ("COCO", "val", coco_val)]
+    flags += [("LVIS", "train", lvis_train), ("LVIS", "val", lvis_val)]
+    for kind, split, files in flags:
         if files:
-            name = f"custom_coco_{split}"
-            cfg.DATASETS.COCO = [e for e in cfg.DATASETS.COCO if e[0] != name] + [[name, *files]]
+            name = f"custom_{kind.lower()}_{split}"
+            entries = [e for e in cfg.DATASETS[kind] if e[0] != name] + [[name, *files]]
+            cfg.DATASETS[kind] = entries
             if split == "train":
                 cfg.DATASETS.TRAIN = (name,)
             else:
@@ -106,12 +115,13 @@ _REGISTERED_HERE: set = set()  # names register_coco_datasets registered in this
 
 
 def register_coco_datasets(cfg) -> List[str]:
-    """Registers each ``DATASETS.COCO`` entry [name, json_file, image_root]: once; again for
-    other files when this function registered the name before (an earlier run in this
-    process, e.g. a notebook); a name someone else registered (detectron2's ``coco_2017_*``)
-    for other files is a ConfigError."""
+    """Registers each ``DATASETS.COCO`` and ``DATASETS.LVIS`` entry [name, json_file,
+    image_root]: once; again for other files when this function registered the name before
+    (an earlier run in this process, e.g. a notebook); a name someone else registered
+    (detectron2's ``coco_2017_*``, ``lvis_v1_*``) for other files is a ConfigError."""
     names = []
-    for name, json_file, image_root in cfg.DATASETS.COCO:
+    entries = [("COCO", *e) for e in cfg.DATASETS.COCO] + [("LVIS", *e) for e in cfg.DATASETS.LVIS]
+    for kind, name, json_file, image_root in entries:
         if name in DatasetCatalog.list():
             meta = MetadataCatalog.get(name)
             before = (meta.get("json_file", None), meta.get("image_root", None))
@@ -120,13 +130,13 @@ def register_coco_datasets(cfg) -> List[str]:
                 continue
             if name not in _REGISTERED_HERE:  # detectron2's (its COCO files) or the caller's
                 raise ConfigError(
-                    f"DATASETS.COCO names {name!r}, which is already registered for "
-                    f"{before[0]} / {before[1]} (e.g. one of detectron2's built-in COCO sets): "
+                    f"DATASETS.{kind} names {name!r}, which is already registered for "
+                    f"{before[0]} / {before[1]} (e.g. one of detectron2's built-in sets): "
                     f"give {json_file} another name, and use it in DATASETS.TRAIN / TEST"
                 )
             DatasetCatalog.remove(name)  # ours, for other files (an earlier run in this process)
             MetadataCatalog.remove(name)
-        register_coco(name, json_file, image_root)
+        (register_lvis if kind == "LVIS" else register_coco)(name, json_file, image_root)
         _REGISTERED_HERE.add(name)
         names.append(name)
     return names
@@ -155,6 +165,38 @@ def load_coco(json_file: str, image_root: str, name: str) -> List[Dict]:
             "'categories', an annotation's image_id absent from 'images', or a field missing)"
         )
         raise ConfigError(f"data set {name!r}: {json_file} {what}") from e
+    check_images(dicts, json_file, image_root, name)
+    return dicts
+
+
+def register_lvis(name: str, json_file: str, image_root: str) -> None:
+    """An LVIS-format data set (:mod:`.lvis`), evaluated by LVISEvaluator."""
+    DatasetCatalog.register(name, lambda: load_lvis(json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="lvis")
+
+
+def load_lvis(json_file: str, image_root: str, name: str) -> List[Dict]:
+    """The data set dicts of an LVIS-format file (:func:`.lvis.lvis_records`), its metadata
+    set; what the file lacks, or images it lists that are absent, named (ConfigError)."""
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"data set {name!r}: {json_file} is not valid JSON ({e})") from e
+    try:
+        dicts, meta = lvis_records(data, image_root, f"data set {name!r}: {json_file}")
+    except KeyError as e:
+        raise ConfigError(
+            f"data set {name!r}: {json_file} lacks the field {e.args[0]!r} in an image, "
+            "annotation or category"
+        ) from e
+    MetadataCatalog.get(name).set(**meta)
+    check_images(dicts, json_file, image_root, name)
+    return dicts
+
+
+def check_images(dicts: Sequence[Dict], json_file: str, image_root: str, name: str) -> None:
+    """Every image a data set lists is a file, of the size listed (a sample): ConfigError."""
     absent = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
     if absent:
         raise ConfigError(
@@ -168,7 +210,6 @@ def load_coco(json_file: str, image_root: str, name: str) -> List[Dict]:
             f"size {json_file} gives them (e.g. {', '.join(misfit[0][:3])}): the annotations "
             "were made for other images (resized since?); detectron2 stops when it draws one"
         )
-    return dicts
 
 
 SIZE_SAMPLE = 32  # images whose size (file header) is compared with the annotation file's
@@ -563,6 +604,9 @@ class Trainer(DefaultTrainer):
         for h in self._hooks:
             if isinstance(h, hooks.PeriodicCheckpointer):
                 h.checkpointer = self.checkpointer
+        if cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS:  # the training set is read: its frequencies
+            counts = class_image_counts(cfg.DATASETS.TRAIN, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+            set_fed_loss_frequencies(self._trainer.model, counts)
 
     def _precision_trainer(self, cfg, dtype: Optional[torch.dtype]) -> SimpleTrainer:
         """SOLVER.AMP resolved (:func:`amp_dtype`): fp32 -> SimpleTrainer, bf16 / fp16 ->
@@ -697,9 +741,9 @@ class Trainer(DefaultTrainer):
                 "same ids and names, in the same order)"
             ) from e
         check_train_masks(cfg, dicts)
-        sampler = None  # detectron2 builds the others (RepeatFactorTrainingSampler)
-        if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
-            sampler = ResumableSampler(len(dicts))
+        if cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS:
+            note_training_counts(cfg.DATASETS.TRAIN, dicts, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+        sampler = build_sampler(cfg, dicts)  # None: detectron2 builds it
         mapper = build_mapper(cfg, True)
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts, sampler=sampler)
 
@@ -716,6 +760,13 @@ class Trainer(DefaultTrainer):
                 if several
                 else cfg.OUTPUT_DIR
             )
+        if is_lvis(dataset_name):  # AP at LVIS's 300 detections per image; APr / APc / APf
+            return LVISEvaluator(
+                dataset_name,
+                tasks=eval_tasks(cfg, dataset_name),
+                output_dir=output_folder,
+                max_dets_per_image=LVIS_MAX_DETS,
+            )
         return COCOEvaluator(
             dataset_name,
             tasks=eval_tasks(cfg, dataset_name),  # given: even with no detections
@@ -725,7 +776,8 @@ class Trainer(DefaultTrainer):
 
 
 def summarize(results: Dict) -> Dict[str, float]:
-    """{'bbox_AP': .., 'bbox_AP50': .., 'segm_AP': .., ...} from COCOEvaluator results; with
+    """{'bbox_AP': .., 'bbox_AP50': .., 'segm_AP': .., ...} from COCOEvaluator results (and
+    'bbox_APr' / 'APc' / 'APf', rare, common, frequent classes, from LVISEvaluator's); with
     several test sets (detectron2 then returns {name: results}) each key is prefixed by the
     set's name: {'setA/bbox_AP': .., 'setB/bbox_AP': .., ...}. Results of test-time
     augmentation (``bbox_TTA``, or ``setA_TTA``) give keys ending in ``_TTA``: 'bbox_AP_TTA'."""
@@ -736,7 +788,7 @@ def summarize(results: Dict) -> Dict[str, float]:
         name, tag = _untagged(name)
         for task_name, task_results in dataset_results.items():
             task, task_tag = _untagged(task_name)
-            for k in ("AP", "AP50", "AP75") if task in tasks else ():
+            for k in ("AP", "AP50", "AP75", "APr", "APc", "APf") if task in tasks else ():
                 if k in task_results:
                     key = f"{name}/{task}_{k}" if several else f"{task}_{k}"
                     out[key + (tag or task_tag)] = float(task_results[k])
