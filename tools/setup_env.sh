@@ -4,7 +4,7 @@
 #   tools/setup_env.sh            # venv in ./.venv (override with MAE_VENV=/path)
 #
 # Steps, each skipped when already satisfied:
-#   1. the venv and the pip requirements (requirements.txt, torch included);
+#   1. the venv and the pip requirements (requirements.txt, torch included; lvis apart);
 #   2. mmcv 2.1.0 with compiled ops: built from source once (~19 min on 2 cores), the wheel is kept in
 #      $MAE_CACHE/wheels so later installs take seconds;
 #   3. detectron2: the official source when $DETECTRON2_SOURCE names it (a path or a pip URL) or when
@@ -20,6 +20,7 @@ CACHE="${MAE_CACHE:-$HOME/.cache/mae-transfer}"
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 MMCV_VERSION=2.1.0
+LVIS_PIN=lvis==0.5.3
 D2_FALLBACK=pb1-detectron2==0.6
 D2_OFFICIAL_REPO=https://github.com/facebookresearch/detectron2.git
 
@@ -49,6 +50,13 @@ if ! have "import torch, torchvision"; then
 fi
 log "installing requirements.txt"
 "${PIP[@]}" install -q -r "$ROOT/requirements.txt"
+# lvis (LVIS's evaluation API, read by detectron2's LVISEvaluator) without its declared
+# dependencies: they name the GUI opencv-python, whose cv2 would overwrite the headless one of
+# requirements.txt; what it imports (numpy, matplotlib, pycocotools, cv2) is there
+if ! have "import lvis"; then
+  log "installing $LVIS_PIN (no dependencies)"
+  "${PIP[@]}" install -q --no-deps "$LVIS_PIN"
+fi
 
 # 2. mmcv with compiled ops.
 install_mmcv_wheel() {
