@@ -277,7 +277,14 @@ def test_the_fed_loss_of_every_class_is_plain_sigmoid_ce():
     gt = torch.tensor([0, 3, 3, 5, 6, 6, 6, 6])
     chosen = fed_loss_classes(gt, k, torch.ones(k), max_classes=k + 1)
     assert chosen.all()
-    assert torch.allclose(sigmoid_ce_loss(logits, gt, chosen), sigmoid_ce_loss(logits, gt))
+    # by hand: -log p for the proposal's own class, -log(1 - p) for the others; label k
+    # (background) has no column of its own: every one of its K targets is 0
+    p = logits[:, :k].sigmoid()
+    target = torch.zeros(8, k)
+    target[gt < k, gt[gt < k]] = 1.0
+    by_hand = -(target * p.log() + (1 - target) * (1 - p).log()).sum() / 8
+    assert torch.allclose(sigmoid_ce_loss(logits, gt, chosen), by_hand)
+    assert torch.allclose(sigmoid_ce_loss(logits, gt), by_hand)
     # and the predictor's loss_cls with it is sigmoid CE (not detectron2's softmax CE)
     cfg = build_cfg(TINY_CONFIG, TINY_OPTS + FED_LOSS[:4] + ["MODEL.ROI_HEADS.NUM_CLASSES", str(k)])
     predictor = build_model(cfg).roi_heads.box_predictor
@@ -287,14 +294,47 @@ def test_the_fed_loss_of_every_class_is_plain_sigmoid_ce():
     proposals.gt_classes = gt
     with EventStorage():
         losses = predictor.losses((logits, torch.zeros(8, 4 * k)), [proposals])
-    assert losses["loss_cls"].item() == pytest.approx(sigmoid_ce_loss(logits, gt).item())
+    assert losses["loss_cls"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_a_later_detectron2_s_own_sigmoid_branch_is_not_taken(monkeypatch):
+    """A later detectron2's FastRCNNOutputLayers reads use_sigmoid_ce / use_fed_loss itself
+    in losses() and predict_probs(), which ours call: those names must stay off (ours are
+    private), or its branch would run and ask for a class-weight buffer we never build."""
+    from detectron2.modeling.roi_heads import fast_rcnn
+
+    parent = fast_rcnn.FastRCNNOutputLayers
+    original_losses, original_probs = parent.losses, parent.predict_probs
+
+    def later(original):
+        def method(self, predictions, proposals):
+            if getattr(self, "use_sigmoid_ce", False) or getattr(self, "use_fed_loss", False):
+                return self.fed_loss_cls_weights  # AttributeError, as on detectron2 main
+            return original(self, predictions, proposals)
+
+        return method
+
+    monkeypatch.setattr(parent, "losses", later(original_losses))
+    monkeypatch.setattr(parent, "predict_probs", later(original_probs))
+    model = build_model(build_cfg(TINY_CONFIG, TINY_OPTS + FED_LOSS))
+    set_fed_loss_frequencies(model, torch.tensor([16, 9, 4, 1]))
+    predictor = model.roi_heads.box_predictor
+    proposals = Instances((64, 64))
+    proposals.proposal_boxes = Boxes(torch.tensor([[0.0, 0, 10, 10]] * 3))
+    proposals.gt_boxes, proposals.gt_classes = proposals.proposal_boxes, torch.tensor([0, 2, 4])
+    logits = torch.randn(3, len(CLASSES) + 1)
+    with EventStorage():
+        losses = predictor.losses((logits, torch.zeros(3, 4 * len(CLASSES))), [proposals])
+    assert torch.isfinite(losses["loss_cls"]) and "loss_box_reg" in losses
+    (probs,) = predictor.predict_probs((logits, None), [proposals])
+    assert torch.allclose(probs, logits.sigmoid())
 
 
 def test_the_sigmoid_predictor_scores_by_sigmoid_and_needs_frequencies_for_the_fed_loss():
     cfg = build_cfg(TINY_CONFIG, TINY_OPTS + FED_LOSS)
     model = build_model(cfg)
     predictor = model.roi_heads.box_predictor
-    assert isinstance(predictor, SigmoidFastRCNNOutputLayers) and predictor.use_fed_loss
+    assert isinstance(predictor, SigmoidFastRCNNOutputLayers) and predictor._fed_loss
     logits = torch.randn(3, len(CLASSES) + 1)
     proposals = Instances((64, 64))
     proposals.proposal_boxes = Boxes(torch.tensor([[0.0, 0, 10, 10]] * 3))
@@ -320,8 +360,8 @@ def test_the_sigmoid_predictor_scores_by_sigmoid_and_needs_frequencies_for_the_f
         ),
         (
             FED_LOSS[2:],  # detectron2 0.6's StandardROIHeads would train softmax, silently
-            "are not read by MODEL.ROI_HEADS.NAME 'StandardROIHeads' (detectron2 0.6's box "
-            "predictor is softmax only): set MODEL.ROI_HEADS.NAME 'SigmoidROIHeads'",
+            "box predictor is softmax only), not by MODEL.ROI_HEADS.NAME 'StandardROIHeads': "
+            "set MODEL.ROI_HEADS.NAME 'SigmoidROIHeads'",
         ),
         (
             FED_LOSS[2:] + ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads"],

@@ -430,9 +430,10 @@ def _box_loss_errors(cfg: CN) -> List[str]:
     if name not in SIGMOID_ROI_HEADS:
         ours = "SigmoidCascadeROIHeads" if "Cascade" in name else "SigmoidROIHeads"
         errors.append(
-            f"MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS are not read by "
-            f"MODEL.ROI_HEADS.NAME {name!r} (detectron2 0.6's box predictor is softmax only): "
-            f"set MODEL.ROI_HEADS.NAME {ours!r}"
+            f"MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS are implemented by our "
+            f"SigmoidROIHeads / SigmoidCascadeROIHeads (the same on every detectron2; 0.6's "
+            f"box predictor is softmax only), not by MODEL.ROI_HEADS.NAME {name!r}: set "
+            f"MODEL.ROI_HEADS.NAME {ours!r}"
         )
     if head.USE_FED_LOSS and head.FED_LOSS_NUM_CLASSES < 1:
         errors.append(

@@ -130,10 +130,13 @@ class SigmoidFastRCNNOutputLayers(FastRCNNOutputLayers):
                 "the federated loss scores classes with sigmoid cross-entropy: set "
                 "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE True with USE_FED_LOSS"
             )
-        self.use_sigmoid_ce = use_sigmoid_ce
-        self.use_fed_loss = use_fed_loss
-        self.fed_loss_num_classes = fed_loss_num_classes
-        self.fed_loss_freq_weight_power = fed_loss_freq_weight_power
+        # Private names: a later detectron2's own FastRCNNOutputLayers reads use_sigmoid_ce /
+        # use_fed_loss (built False here, from_config takes its keys away), and its losses()
+        # and predict_probs(), which ours call, would take over with state we do not build.
+        self._sigmoid_ce = use_sigmoid_ce
+        self._fed_loss = use_fed_loss
+        self._fed_loss_max_classes = fed_loss_num_classes
+        self._fed_loss_power = fed_loss_freq_weight_power
         # (K,) sampling weights; a plain attribute, not a buffer: checkpoints stay detectron2's
         self.fed_loss_weights: Optional[torch.Tensor] = None
 
@@ -158,13 +161,13 @@ class SigmoidFastRCNNOutputLayers(FastRCNNOutputLayers):
                 f"{len(image_counts)} class frequencies for a classifier of {self.num_classes} "
                 "classes (MODEL.ROI_HEADS.NUM_CLASSES)"
             )
-        self.fed_loss_weights = image_counts.float() ** self.fed_loss_freq_weight_power
+        self.fed_loss_weights = image_counts.float() ** self._fed_loss_power
 
     def losses(self, predictions, proposals: List[Instances]):
         """detectron2's losses (box regression as there), ``loss_cls`` by sigmoid CE."""
         # detectron2 0.6's also computes a softmax loss_cls: replaced (a few flops per RoI)
         losses = super().losses(predictions, proposals)
-        if not self.use_sigmoid_ce:
+        if not self._sigmoid_ce:
             return losses
         scores, _ = predictions
         gt_classes = (
@@ -173,7 +176,7 @@ class SigmoidFastRCNNOutputLayers(FastRCNNOutputLayers):
             else torch.empty(0, dtype=torch.long, device=scores.device)
         )
         scored = None
-        if self.use_fed_loss:
+        if self._fed_loss:
             if self.fed_loss_weights is None:
                 raise RuntimeError(
                     "MODEL.ROI_BOX_HEAD.USE_FED_LOSS needs the training set's class frequencies: "
@@ -181,7 +184,7 @@ class SigmoidFastRCNNOutputLayers(FastRCNNOutputLayers):
                     "before training (mae_transfer.detection.Trainer does)"
                 )
             scored = fed_loss_classes(
-                gt_classes, self.num_classes, self.fed_loss_weights, self.fed_loss_num_classes
+                gt_classes, self.num_classes, self.fed_loss_weights, self._fed_loss_max_classes
             )
         loss = sigmoid_ce_loss(scores, gt_classes, scored)
         losses["loss_cls"] = loss * self.loss_weight.get("loss_cls", 1.0)
@@ -190,7 +193,7 @@ class SigmoidFastRCNNOutputLayers(FastRCNNOutputLayers):
     def predict_probs(self, predictions, proposals: List[Instances]):
         """Per image (Ri, K + 1): each class's own sigmoid (the last column is dropped by
         detectron2's inference); softmax without ``use_sigmoid_ce``."""
-        if not self.use_sigmoid_ce:
+        if not self._sigmoid_ce:
             return super().predict_probs(predictions, proposals)
         scores, _ = predictions
         return scores.sigmoid().split([len(p) for p in proposals], dim=0)
@@ -229,7 +232,7 @@ def set_fed_loss_frequencies(model: torch.nn.Module, image_counts: torch.Tensor)
     """Gives each fed-loss box predictor of ``model`` (DDP-wrapped or not) the training set's
     (K,) images per class; returns how many predictors took them."""
     predictors = [
-        m for m in model.modules() if isinstance(m, SigmoidFastRCNNOutputLayers) and m.use_fed_loss
+        m for m in model.modules() if isinstance(m, SigmoidFastRCNNOutputLayers) and m._fed_loss
     ]
     for p in predictors:
         p.set_class_frequencies(image_counts)
