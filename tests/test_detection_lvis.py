@@ -576,3 +576,45 @@ def test_train_det_takes_lvis_files(tiny_lvis, tmp_path):
     registered = cfg.DATASETS.LVIS
     assert registered == expected
     assert Trainer.build_evaluator(cfg, "custom_lvis_val").__class__.__name__ == "LVISEvaluator"
+
+
+def test_an_lvis_test_set_with_some_of_the_training_categories_is_numbered_as_training(
+    tiny_lvis, tmp_path
+):
+    """As for COCO files: the test file is rewritten with the training set's categories
+    (the missing ones with the training file's entries, frequencies included), so the
+    detector's class k is the same category in the evaluation, which runs to the end."""
+    from mae_transfer.detection.train import align_test_categories
+
+    val = _file(tiny_lvis["val"])
+    dropped = val["categories"][1]["id"]
+    val["categories"] = [c for c in val["categories"] if c["id"] != dropped]
+    val["annotations"] = [a for a in val["annotations"] if a["category_id"] != dropped]
+    for image in val["images"]:
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            image[key] = [c for c in image[key] if c != dropped]
+    part = tmp_path / "val_part.json"
+    part.write_text(json.dumps(val))
+    opts = TINY_OPTS + ["OUTPUT_DIR", str(tmp_path / "out"), "SOLVER.MAX_ITER", "1", *FED_LOSS]
+    opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    cfg = build_cfg(
+        TINY_CONFIG,
+        opts,
+        lvis_train=(tiny_lvis["train"], tiny_lvis["root"]),
+        lvis_val=(str(part), tiny_lvis["root"]),
+    )
+    register_coco_datasets(cfg)
+    trainer = Trainer(cfg)  # reads the training set
+    DatasetCatalog.get("custom_lvis_val")
+    train, test = (MetadataCatalog.get(f"custom_lvis_{s}") for s in ("train", "val"))
+    assert test.thing_dataset_id_to_contiguous_id != train.thing_dataset_id_to_contiguous_id
+    align_test_categories(cfg)
+    DatasetCatalog.get("custom_lvis_val")  # (its metadata is set when it loads)
+    test = MetadataCatalog.get("custom_lvis_val")
+    assert test.thing_dataset_id_to_contiguous_id == train.thing_dataset_id_to_contiguous_id
+    written = {c["id"]: c for c in _file(test.json_file)["categories"]}
+    trained = {c["id"]: c for c in _file(tiny_lvis["train"])["categories"]}
+    assert written[dropped] == trained[dropped]  # with its frequency and image count
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    assert math.isfinite(results["bbox"]["AP"])

@@ -376,13 +376,18 @@ def categories(name: str) -> Optional[Dict[int, str]]:
 
 
 def align_test_categories(cfg) -> None:
-    """A test set of ``DATASETS.COCO`` whose file lists only some of the training set's
-    categories is evaluated with the training set's: detectron2 numbers a set's classes from
-    its own list, so the detector's class 1 was another class there (wrong AP, or a crash in
-    the evaluation after the whole training). Its file is written again with the training
-    set's category list (annotations unchanged) in OUTPUT_DIR and registered under the same
-    name. A category the training set lacks is a :class:`ConfigError`."""
-    ours = {name: (json_file, root) for name, json_file, root in cfg.DATASETS.COCO}
+    """A test set of ``DATASETS.COCO`` or ``DATASETS.LVIS`` whose file lists only some of the
+    training set's categories is evaluated with the training set's: detectron2 numbers a
+    set's classes from its own list, so the detector's class 1 was another class there (wrong
+    AP, or a crash in the evaluation after the whole training). Its file is written again
+    with the training set's category list (annotations unchanged; an LVIS set's missing
+    entries taken from the training file, which has their frequencies) in OUTPUT_DIR and
+    registered under the same name. A category the training set lacks is a
+    :class:`ConfigError`."""
+    ours = {name: (register_coco, json_file, root) for name, json_file, root in cfg.DATASETS.COCO}
+    ours.update(
+        (name, (register_lvis, json_file, root)) for name, json_file, root in cfg.DATASETS.LVIS
+    )
     tests = [name for name in cfg.DATASETS.TEST if name in ours]
     if not tests or not cfg.DATASETS.TRAIN or cfg.DATASETS.TRAIN[0] not in DatasetCatalog.list():
         return
@@ -399,10 +404,13 @@ def align_test_categories(cfg) -> None:
                 f"{train_name!r} does not: {foreign}; its categories are {train}. A detector "
                 "predicts only the classes it is trained on: give both files the same list"
             )
-        json_file, image_root = ours[name]
+        register, json_file, image_root = ours[name]
         with open(json_file) as f:
             data = json.load(f)
         own = {c["id"]: c for c in data["categories"]}
+        if register is register_lvis and train_name in ours:
+            with open(ours[train_name][1]) as f:  # the training file's entries, frequencies too
+                own = {**{c["id"]: c for c in json.load(f)["categories"]}, **own}
         data["categories"] = [own.get(i, {"id": i, "name": c}) for i, c in sorted(train.items())]
         path = os.path.join(cfg.OUTPUT_DIR, f"{name}.categories_of_{train_name}.json")
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
@@ -412,7 +420,7 @@ def align_test_categories(cfg) -> None:
         os.replace(tmp, path)
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-        register_coco(name, path, image_root)
+        register(name, path, image_root)
         logger.info(
             "DATASETS.TEST %r lists %d of the %d categories of %r: evaluated with all of them, "
             "numbered as in training (the classes it lacks get no AP); %s",
