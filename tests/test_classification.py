@@ -998,10 +998,15 @@ def test_the_official_cutmix_minmax_and_resplit_flags(data, tmp_path):
         ([0.0, 0.5], "cutmix_minmax must satisfy 0 < MIN < MAX <= 1"),
         ([0.5, 1.5], "cutmix_minmax must satisfy 0 < MIN < MAX <= 1"),
         ([0.5], "cutmix_minmax must be two numbers, MIN MAX, got 0.5"),
-        ([0.5, 0.51], "at input_size 32 both give a box side of 16 px"),
+        ([0.5, 0.51], "at an image side of 32 px (input_size 32) both give a box side of 16"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             validate(cfg_of(FinetuneConfig, data, tmp_path, cutmix_minmax=bad))
+    # either side: 6 to 7 px of the 32 px height, 8 to 8 of the 40 px width (timm: randint fails)
+    with pytest.raises(ConfigError, match=re.escape("image side of 40 px (input_size [32, 40])")):
+        validate(
+            cfg_of(FinetuneConfig, data, tmp_path, input_size=[32, 40], cutmix_minmax=[0.2, 0.22])
+        )
     # the range alone mixes: timm mixes pairs, so the batch must be even
     alone = dict(mixup=0, cutmix=0, cutmix_minmax=[0.25, 0.75], batch_size=3)
     with pytest.raises(ConfigError, match="batch_size must be even"):

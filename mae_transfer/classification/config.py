@@ -287,14 +287,16 @@ def _check_cutmix_minmax(cfg: FinetuneConfig, checks: Checks) -> None:
         )
         return
     try:
-        side = min(hw(cfg.input_size))
+        sides = hw(cfg.input_size)
     except (TypeError, ValueError, IndexError):
         return  # a bad input_size: named by its own check
-    if int(side * low) >= int(side * high):
-        checks.errors.append(
-            f"cutmix_minmax {low} {high}: at input_size {side} both give a box side of "
-            f"{int(side * low)} px; widen the range"
-        )
+    for side in dict.fromkeys(sides):  # timm draws the height and the width alike
+        if int(side * low) >= int(side * high):
+            checks.errors.append(
+                f"cutmix_minmax {low} {high}: at an image side of {side} px (input_size "
+                f"{cfg.input_size}) both give a box side of {int(side * low)} px; widen the range"
+            )
+            return
 
 
 def _check_linprobe(cfg: LinprobeConfig, checks: Checks) -> None:
