@@ -1002,6 +1002,7 @@ def test_train_det_refuses_bad_input_before_training_with_exit_2(toy_coco, tmp_p
         # tests of this process did; hence a name of its own)
         data, opts = data[:3], opts + ["DATASETS.TEST", "('toy_coco_val_not_given',)"]
         expected = ("DATASETS.TEST 'toy_coco_val_not_given' is not registered", "--coco-val")
+        expected += ("(an LVIS file: --lvis-val)", "DATASETS.COCO (an LVIS file: DATASETS.LVIS)")
     argv = ["--config-file", config, *data, *opts, "OUTPUT_DIR", str(tmp_path / "out")]
     _refused(caplog, load_tool("train_det").cli(argv), *expected)
     assert not (tmp_path / "out").exists()  # refused before detectron2's set-up

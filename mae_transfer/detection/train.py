@@ -279,18 +279,25 @@ def check_datasets(cfg, eval_only: bool = False) -> None:
     needed = [("DATASETS.TEST", "--coco-val", name) for name in cfg.DATASETS.TEST]
     errors = []
     if eval_only and not needed:
-        errors.append("DATASETS.TEST is empty, nothing to evaluate: give --coco-val JSON ROOT")
+        errors.append(
+            "DATASETS.TEST is empty, nothing to evaluate: give --coco-val JSON ROOT (or "
+            "--lvis-val for an LVIS file)"
+        )
     if not eval_only:
         needed = [("DATASETS.TRAIN", "--coco-train", name) for name in cfg.DATASETS.TRAIN] + needed
         if not cfg.DATASETS.TRAIN:
-            errors.append("DATASETS.TRAIN is empty: give --coco-train JSON IMAGE_ROOT")
+            errors.append(
+                "DATASETS.TRAIN is empty: give --coco-train JSON IMAGE_ROOT (or --lvis-train "
+                "for an LVIS file)"
+            )
     registered = set(DatasetCatalog.list())
     for key, flag, name in needed:
         if name not in registered:
             hint = "; DATASETS.TEST '()' trains without evaluating" if key.endswith("TEST") else ""
             errors.append(
-                f"{key} {name!r} is not registered: give {flag} JSON IMAGE_ROOT, or add "
-                f"[{name!r}, json_file, image_root] to DATASETS.COCO{hint}"
+                f"{key} {name!r} is not registered: give {flag} JSON IMAGE_ROOT (an LVIS "
+                f"file: {flag.replace('coco', 'lvis')}), or add [{name!r}, json_file, "
+                f"image_root] to DATASETS.COCO (an LVIS file: DATASETS.LVIS){hint}"
             )
             continue
         meta = MetadataCatalog.get(name)
