@@ -81,11 +81,11 @@ class ImageMapper(DatasetMapper):
         return record
 
 
-class ResumableSampler(TrainingSampler):
-    """detectron2's ``TrainingSampler`` (one endless stream of shuffled indices, each process
-    taking every world-size-th), which can start ``skip`` indices into the stream: a resumed
-    run continues the order where its checkpoint left it (detectron2 began the stream again,
-    training once more on the images just trained on, with the same ``SEED``)."""
+class _Skipping:
+    """A detectron2 training sampler (one endless stream of indices, each process taking every
+    world-size-th) that can start ``skip`` indices into the stream: a resumed run continues
+    the order where its checkpoint left it (detectron2 began the stream again, training once
+    more on the images just trained on, with the same ``SEED``)."""
 
     skip = 0
 
@@ -94,16 +94,13 @@ class ResumableSampler(TrainingSampler):
         return itertools.islice(stream, self.skip + self._rank, None, self._world_size)
 
 
-class ResumableRepeatFactorSampler(RepeatFactorTrainingSampler):
+class ResumableSampler(_Skipping, TrainingSampler):
+    """detectron2's ``TrainingSampler`` (shuffled indices), resumable (:class:`_Skipping`)."""
+
+
+class ResumableRepeatFactorSampler(_Skipping, RepeatFactorTrainingSampler):
     """detectron2's ``RepeatFactorTrainingSampler`` (each image repeated by the rarity of its
-    rarest class, LVIS's usual sampler), which can start ``skip`` indices into its stream as
-    :class:`ResumableSampler` does."""
-
-    skip = 0
-
-    def __iter__(self):
-        stream = self._infinite_indices()
-        return itertools.islice(stream, self.skip + self._rank, None, self._world_size)
+    rarest class, LVIS's usual sampler), resumable (:class:`_Skipping`)."""
 
 
 Resumable = Union[ResumableSampler, ResumableRepeatFactorSampler]
@@ -131,8 +128,7 @@ def train_sampler(loader) -> Optional[Resumable]:
     for _ in range(4):
         if isinstance(loader, ToIterableDataset):
             sampler = loader.sampler
-            resumable = (ResumableSampler, ResumableRepeatFactorSampler)
-            return sampler if isinstance(sampler, resumable) else None
+            return sampler if isinstance(sampler, _Skipping) else None
         loader = getattr(loader, "dataset", None)
     return None
 
