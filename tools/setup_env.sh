@@ -51,8 +51,8 @@ fi
 log "installing requirements.txt"
 "${PIP[@]}" install -q -r "$ROOT/requirements.txt"
 # lvis (LVIS's evaluation API, read by detectron2's LVISEvaluator) without its declared
-# dependencies: they name the GUI opencv-python, whose cv2 would overwrite the headless one of
-# requirements.txt; what it imports (numpy, matplotlib, pycocotools, cv2) is there
+# dependencies (Cython, opencv-python and others it does not import, for pip to resolve against
+# our pins); what it imports (numpy, matplotlib, pycocotools, cv2) is in requirements.txt
 if ! have "import lvis"; then
   log "installing $LVIS_PIN (no dependencies)"
   "${PIP[@]}" install -q --no-deps "$LVIS_PIN"
