@@ -24,6 +24,7 @@ from conftest import ROOT, TINY_MAE, save_mae_checkpoints, write_deep_colour_png
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, build_model  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from mae_transfer import VIT_SIZES, create_model, load_pretrained  # noqa: E402
 from mae_transfer.checkpoint import CheckpointError  # noqa: E402
@@ -232,6 +233,7 @@ def test_every_lazy_config_builds_a_model(path):
         cfg.model.backbone.update(tiny)
     else:
         cfg.model.backbone.bottom_up.update(tiny, out_indices=None)
+    _without_training_set_counts(cfg)
     model = instantiate(cfg.model)
     if simple:
         assert type(model.backbone).__name__ == "MAEViTSimpleFPN"
@@ -250,6 +252,14 @@ def test_every_lazy_config_builds_a_model(path):
     opt = instantiate(cfg.optimizer)
     assert opt.defaults["lr"] == 3e-4
     assert max(g["lr"] for g in opt.param_groups) == pytest.approx(3e-4)
+
+
+def _without_training_set_counts(cfg) -> None:
+    """An LVIS LazyConfig's fed loss counts its classes in the training set as the model is
+    built (tests/test_detection_lvis.py): here, where LVIS is not at hand, it is not asked to."""
+    predictor = cfg.model.roi_heads.get("box_predictor", {})
+    if "fed_loss_datasets" in predictor:
+        predictor.fed_loss_datasets = []
 
 
 def test_the_lazy_config_evaluates_with_the_pure_python_build(toy_coco, tmp_path):
@@ -1383,15 +1393,77 @@ def _heads_of(roi_heads):
     return type(roi_heads).__name__, sizes, stages
 
 
+def _predictors_of(roi_heads):
+    """Each box predictor's class, classes, test threshold and detections per image, and its
+    sigmoid / fed-loss settings (fed_loss.py's; None for detectron2's softmax predictor)."""
+    predictors = roi_heads.box_predictor
+    predictors = predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]
+    keys = ("_sigmoid_ce", "_fed_loss", "_fed_loss_max_classes", "_fed_loss_power")
+    return [
+        (type(p).__name__, p.num_classes, p.test_score_thresh, p.test_topk_per_image)
+        + tuple(getattr(p, k, None) for k in keys)
+        for p in predictors
+    ]
+
+
+def _data_of(lazy):
+    """What the LazyConfig reads and how, in the YAML's terms: training and test sets, the
+    training sampler and its repeat threshold, and the evaluator's class and detections."""
+    names = lambda n: (n,) if isinstance(n, str) else tuple(n)  # noqa: E731
+    sampler = lazy.dataloader.train.get("sampler", None)
+    if sampler is None:
+        sampler, thresh = "TrainingSampler", None  # detectron2's default
+    else:
+        thresh = sampler.repeat_factors.repeat_thresh
+        sampler = sampler._target_.__name__
+    evaluator = lazy.dataloader.evaluator
+    return (
+        names(lazy.dataloader.train.dataset.names),
+        names(lazy.dataloader.test.dataset.names),
+        sampler,
+        thresh,
+        evaluator._target_.__name__,
+        evaluator.get("max_dets_per_image", None),
+    )
+
+
+def _yaml_data_of(yaml):
+    from mae_transfer.detection.lvis import LVIS_MAX_DETS, is_lvis
+
+    rfs = yaml.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+    lvis = is_lvis(yaml.DATASETS.TEST[0])  # evaluated as Trainer.build_evaluator does
+    return (
+        tuple(yaml.DATASETS.TRAIN),
+        tuple(yaml.DATASETS.TEST),
+        yaml.DATALOADER.SAMPLER_TRAIN,
+        yaml.DATALOADER.REPEAT_THRESHOLD if rfs else None,
+        "LVISEvaluator" if lvis else "COCOEvaluator",
+        LVIS_MAX_DETS if lvis else None,
+    )
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "lazy", "*.py"))))
 def test_each_lazy_config_is_its_yaml_twin(path):
     """Each LazyConfig trains what the YAML of its name does: the same ViT (size, patch,
     global blocks, position table) and pyramid (parameter count), heads (the cascade's three
     stages: matching IoUs, box weights, class-agnostic boxes), layer decay, drop path, and
     the ViTDet schedule: warmup 250 iterations of 100 epochs from lr x 0.001 (not the R-50
-    recipe's 0.067), steps at 88.9% / 96.3% of the iterations (x 3/4 for H's 75 epochs)."""
+    recipe's 0.067), steps at 88.9% / 96.3% of the iterations (x 3/4 for H's 75 epochs).
+    The LVIS ones: the sigmoid ROI heads and predictor with the YAML's fed-loss settings, test
+    threshold and detections per image, the fed loss counting the training set the loader
+    reads, repeat factor sampling at the same threshold, LVISEvaluator at 300 detections, and
+    ViTDet's LVIS schedule (lr 2e-4, 156,250 iterations, evaluated every 30k)."""
     lazy = LazyConfig.load(path)
     yaml = build_cfg(path.replace("/lazy/", "/").replace(".py", ".yaml"), ["MODEL.DEVICE", "meta"])
+    lvis = yaml.MODEL.ROI_BOX_HEAD.USE_FED_LOSS
+    if lvis:  # the frequencies of the sets the training loader reads (checked; not counted here)
+        predictor = lazy.model.roi_heads.box_predictor
+        assert predictor.fed_loss_datasets == lazy.dataloader.train.dataset.names
+        # (a data set override reaches it: it is an interpolation of that key)
+        assert OmegaConf.to_container(predictor)["fed_loss_datasets"].startswith("${")
+        assert lazy.train.eval_period == yaml.TEST.EVAL_PERIOD  # (COCO's: end / every 5000)
+    _without_training_set_counts(lazy)
+    assert _data_of(lazy) == _yaml_data_of(yaml)
     with torch.device("meta"):
         lazy_model, yaml_model = instantiate(lazy.model), build_model(yaml)
     ours, theirs = lazy_model.backbone, yaml_model.backbone
@@ -1399,6 +1471,8 @@ def test_each_lazy_config_is_its_yaml_twin(path):
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(ours) == count(theirs)
     assert _heads_of(lazy_model.roi_heads) == _heads_of(yaml_model.roi_heads)
+    assert _predictors_of(lazy_model.roi_heads) == _predictors_of(yaml_model.roi_heads)
+    assert (_predictors_of(lazy_model.roi_heads)[0][0] == "SigmoidFastRCNNOutputLayers") == lvis
     cascade = os.path.basename(path).startswith("cascade_")
     assert (type(lazy_model.roi_heads).__name__ == "CascadeROIHeads") == cascade
     blocks = (ours.net if hasattr(ours, "net") else ours.bottom_up.vit).blocks

@@ -21,7 +21,9 @@ import mae_transfer.detection  # noqa: E402,F401  (compat fixes before detectron
 # isort: split
 from conftest import ROOT  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
+from detectron2.modeling.box_regression import Box2BoxTransform  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -618,3 +620,112 @@ def test_an_lvis_test_set_with_some_of_the_training_categories_is_numbered_as_tr
     trainer.resume_or_load(resume=False)
     results = trainer.train()
     assert math.isfinite(results["bbox"]["AP"])
+
+
+LAZY_LVIS = ["mask_rcnn_vit_base_fpn_lvis_100ep.py", "mask_rcnn_vitdet_base_lvis_100ep.py"]
+
+
+def _tiny_lazy_lvis(tiny_lvis, path, out):
+    """An LVIS LazyConfig on the tiny LVIS files as a user points it at their own: the files
+    registered, their names, classes and sizes given as overrides, saved and read back as
+    detectron2's lazyconfig_train_net.py saves it (config.yaml)."""
+    from detectron2.config import LazyConfig
+
+    from mae_transfer.detection.train import register_lvis
+
+    for split in ("train", "val"):
+        if f"lazy_lvis_{split}" not in DatasetCatalog.list():
+            register_lvis(f"lazy_lvis_{split}", tiny_lvis[split], tiny_lvis["root"])
+    cfg = LazyConfig.load(path)
+    vitdet = "vitdet" in os.path.basename(path)
+    vit = "model.backbone" if vitdet else "model.backbone.bottom_up"
+    tiny = ["embed_dim=32", "depth=4", "num_heads=2", f"img_size={SIZE}", f"square_pad={SIZE}"]
+    overrides = [f"{vit}.{kv}" for kv in tiny] + ([] if vitdet else [f"{vit}.out_indices=null"])
+    overrides += [
+        "dataloader.train.dataset.names=lazy_lvis_train",
+        "dataloader.test.dataset.names=lazy_lvis_val",
+        f"model.roi_heads.num_classes={len(CLASSES)}",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        f"dataloader.evaluator.output_dir={out}",
+        "train.max_iter=2",
+    ]
+    LazyConfig.apply_overrides(cfg, overrides)
+    resize, crop, _ = cfg.dataloader.train.mapper.augmentations  # LSJ at 64 px
+    resize.update(target_height=SIZE, target_width=SIZE)
+    crop.crop_size = (SIZE, SIZE)
+    cfg.dataloader.test.mapper.augmentations[0].update(short_edge_length=SIZE, max_size=SIZE)
+    LazyConfig.save(cfg, str(out / "config.yaml"))
+    return LazyConfig.load(str(out / "config.yaml"))
+
+
+@pytest.mark.parametrize("name", LAZY_LVIS)
+def test_an_lvis_lazy_config_trains_in_detectron2_s_own_loop(tiny_lvis, tmp_path, name):
+    """tools/lazyconfig_train_net.py's steps, none of our Trainer: the model (its fed loss
+    weighted by the training set's counts from the config alone), the optimizer, the train
+    loader with repeat factor sampling, two steps of detectron2's trainer, LVIS evaluation."""
+    from detectron2.config import instantiate
+    from detectron2.data.samplers import RepeatFactorTrainingSampler
+    from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
+    from detectron2.evaluation import LVISEvaluator, inference_on_dataset
+
+    cfg = _tiny_lazy_lvis(tiny_lvis, os.path.join(CONFIG_DIR, "lazy", name), tmp_path)
+    model = instantiate(cfg.model)
+    predictor = model.roi_heads.box_predictor
+    assert isinstance(predictor, SigmoidFastRCNNOutputLayers) and predictor._fed_loss
+    counts = [c["image_count"] for c in _file(tiny_lvis["train"])["categories"]]
+    assert predictor.fed_loss_weights.tolist() == pytest.approx([c**0.5 for c in counts])
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    loader = instantiate(cfg.dataloader.train)
+    sampler = loader.dataset.dataset.sampler  # grouped by aspect ratio, over the sampled stream
+    assert isinstance(sampler, RepeatFactorTrainingSampler)
+    # detectron2 0.6's AMPTrainer is CUDA-only (fp16): the CPU run is the fp32 SimpleTrainer
+    amp = cfg.train.amp.enabled and torch.cuda.is_available()
+    trainer = (AMPTrainer if amp else SimpleTrainer)(model, loader, optimizer)
+    trainer.register_hooks([hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier))])
+    trainer.train(0, cfg.train.max_iter)
+    steps = trainer.storage.history("loss_cls").values()
+    assert len(steps) == 2 and all(math.isfinite(v) for v, _ in steps)
+    evaluator = instantiate(cfg.dataloader.evaluator)
+    assert isinstance(evaluator, LVISEvaluator) and evaluator._max_dets_per_image == 300
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
+    assert {"AP", "APr", "APc", "APf"} <= set(results["bbox"]) and "segm" in results
+    assert os.path.isfile(tmp_path / "lvis_instances_results.json")
+
+
+def test_the_lazy_fed_loss_counts_named_sets_as_the_yaml_path_and_refuses_others(tiny_lvis):
+    """fed_loss_datasets: the image counts of an LVIS file's categories; a COCO-format set
+    (no counts in its metadata) counted from its annotations, the same; an unregistered name,
+    and several sets without counts, named."""
+    from detectron2.data.datasets import register_coco_instances
+
+    from mae_transfer.detection.train import register_lvis
+
+    def predictor(names, num_classes=len(CLASSES)):
+        return SigmoidFastRCNNOutputLayers(
+            ShapeSpec(channels=8),
+            box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
+            num_classes=num_classes,
+            use_sigmoid_ce=True,
+            use_fed_loss=True,
+            fed_loss_datasets=names,
+        )
+
+    counts = torch.tensor([c["image_count"] for c in _file(tiny_lvis["train"])["categories"]])
+    if "counts_lvis" not in DatasetCatalog.list():
+        register_lvis("counts_lvis", tiny_lvis["train"], tiny_lvis["root"])
+        for name in ("counts_coco", "counts_coco_b"):  # the same file read as COCO's format
+            register_coco_instances(name, {}, tiny_lvis["train"], f"{tiny_lvis['root']}/train")
+    # several sets, some without counts: which frequencies to draw negatives by is unknown
+    with pytest.raises(ConfigError, match=r"\['counts_coco', 'counts_coco_b'\] have no class"):
+        predictor(["counts_lvis", "counts_coco", "counts_coco_b"])
+    for name in ("counts_lvis", "counts_coco"):
+        weights = predictor(name).fed_loss_weights
+        assert torch.allclose(weights, counts.float() ** 0.5), name
+    assert predictor([]).fed_loss_weights is None  # none named: given later, as in the YAML path
+    with pytest.raises(ConfigError, match=r"\['nowhere'\] are not registered: register"):
+        predictor(["counts_lvis", "nowhere"])
+    with pytest.raises(ConfigError, match="has frequencies of 4 categories"):
+        predictor("counts_lvis", num_classes=5)

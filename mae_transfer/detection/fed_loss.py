@@ -14,6 +14,8 @@ it is a subclass of 0.6's output layers that reads the same config keys
 (``MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS / FED_LOSS_FREQ_WEIGHT_POWER /
 FED_LOSS_NUM_CLASSES``), used by the ROI heads registered here: ``SigmoidROIHeads`` (detectron2's
 StandardROIHeads) and ``SigmoidCascadeROIHeads`` (CascadeROIHeads, one predictor per stage).
+The LazyConfigs build it directly, with the training sets to count class frequencies from
+(``fed_loss_datasets``; ViTDet's LazyConfig passes a function for the same).
 
 Background: the classifier keeps detectron2's K + 1 outputs (checkpoints and the inference code
 stay as they are) but the last, background, column is never trained or read: a background
@@ -24,7 +26,7 @@ its own logit.
 from __future__ import annotations
 
 import logging
-from typing import List, Optional
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,8 @@ from detectron2.layers import cat
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import CascadeROIHeads, FastRCNNOutputLayers, StandardROIHeads
 from detectron2.structures import Instances
+
+from .lvis import training_class_counts
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +110,11 @@ class SigmoidFastRCNNOutputLayers(FastRCNNOutputLayers):
     """detectron2 0.6's box predictor with sigmoid cross-entropy and the federated loss.
 
     With ``use_sigmoid_ce`` False it is detectron2's softmax predictor unchanged. The fed
-    loss's sampling weights come from the training set's class frequencies, which the model
-    cannot know when it is built: :func:`set_fed_loss_frequencies` gives them (our Trainer does,
-    from the training set it reads); a fed-loss step without them is an error naming that.
+    loss's sampling weights come from the training set's class frequencies: counted when it is
+    built from the registered sets ``fed_loss_datasets`` names (the LazyConfigs name their
+    training sets there), or given later by :func:`set_fed_loss_frequencies` (our Trainer does,
+    from the training set it reads, for the YAML configs); a fed-loss step without them is an
+    error naming that.
     """
 
     @configurable
@@ -120,10 +126,13 @@ class SigmoidFastRCNNOutputLayers(FastRCNNOutputLayers):
         use_fed_loss: bool = False,
         fed_loss_num_classes: int = 50,
         fed_loss_freq_weight_power: float = 0.5,
+        fed_loss_datasets: Union[str, Sequence[str]] = (),
         **kwargs,
     ):
-        """Args: detectron2's FastRCNNOutputLayers', and those of the config keys of the same
-        names (MODEL.ROI_BOX_HEAD.*)."""
+        """Args: detectron2's FastRCNNOutputLayers', those of the config keys of the same
+        names (MODEL.ROI_BOX_HEAD.*), and ``fed_loss_datasets``: registered training sets whose
+        images per class (:func:`.lvis.training_class_counts`, the YAML path's counting) give
+        the fed loss's weights now; empty: later, by :func:`set_fed_loss_frequencies`."""
         super().__init__(input_shape, **kwargs)
         if use_fed_loss and not use_sigmoid_ce:
             raise ValueError(
@@ -139,6 +148,8 @@ class SigmoidFastRCNNOutputLayers(FastRCNNOutputLayers):
         self._fed_loss_power = fed_loss_freq_weight_power
         # (K,) sampling weights; a plain attribute, not a buffer: checkpoints stay detectron2's
         self.fed_loss_weights: Optional[torch.Tensor] = None
+        if use_fed_loss and fed_loss_datasets:
+            self.set_class_frequencies(training_class_counts(fed_loss_datasets, self.num_classes))
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -181,7 +192,8 @@ class SigmoidFastRCNNOutputLayers(FastRCNNOutputLayers):
                 raise RuntimeError(
                     "MODEL.ROI_BOX_HEAD.USE_FED_LOSS needs the training set's class frequencies: "
                     "call mae_transfer.detection.fed_loss.set_fed_loss_frequencies(model, counts) "
-                    "before training (mae_transfer.detection.Trainer does)"
+                    "before training (mae_transfer.detection.Trainer does), or, in a LazyConfig, "
+                    "name them in model.roi_heads.box_predictor.fed_loss_datasets"
                 )
             scored = fed_loss_classes(
                 gt_classes, self.num_classes, self.fed_loss_weights, self._fed_loss_max_classes

@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from mae_transfer.engine.config import ConfigError
@@ -190,3 +190,30 @@ def class_image_counts(names: Sequence[str], num_classes: int) -> torch.Tensor:
         counts = [e["image_count"] for e in sorted(entries, key=lambda e: e["id"])]
         total += torch.tensor(counts, dtype=torch.long)
     return total
+
+
+def training_class_counts(names: Union[str, Sequence[str]], num_classes: int) -> torch.Tensor:
+    """(K,) training images per class of the registered data sets ``names``, for a model built
+    before its training loader (detectron2's LazyConfig loop builds the model first).
+
+    A set whose metadata has no ``class_image_count`` yet is read: an LVIS file registered by
+    :func:`mae_transfer.detection.train.register_lvis` sets it as it loads; detectron2 0.6's
+    builtin ``lvis_v1_train`` and COCO-format sets are counted from their annotations
+    (:func:`note_training_counts`). Then :func:`class_image_counts`, as the YAML path.
+
+    Raises:
+        ConfigError: a name that is not registered, or what the two helpers refuse.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in DatasetCatalog.list()]
+    if unknown:
+        raise ConfigError(
+            f"the fed loss counts its class frequencies from the training sets {names}, of "
+            f"which {unknown} are not registered: register an LVIS-format file first "
+            "(mae_transfer.detection.train.register_lvis(name, json_file, image_root))"
+        )
+    meta = [MetadataCatalog.get(n) for n in names]
+    lacking = [n for n, m in zip(names, meta) if m.get("class_image_count", None) is None]
+    dicts = [d for n in lacking for d in DatasetCatalog.get(n)]  # ours set it as they load
+    note_training_counts(names, dicts, num_classes)  # (the one set left without: counted)
+    return class_image_counts(names, num_classes)
