@@ -302,11 +302,22 @@ def test_the_fed_loss_of_every_class_is_plain_sigmoid_ce():
 def test_a_later_detectron2_s_own_sigmoid_branch_is_not_taken(monkeypatch):
     """A later detectron2's FastRCNNOutputLayers reads use_sigmoid_ce / use_fed_loss itself
     in losses() and predict_probs(), which ours call: those names must stay off (ours are
-    private), or its branch would run and ask for a class-weight buffer we never build."""
+    private), or its branch would run and ask for a class-weight buffer we never build. And
+    built from a config with USE_FED_LOSS (the parent heads build their own predictor before
+    ours replaces it) it counts the training set's frequencies at once, before any data set
+    is read: the parent heads get the config with those keys off."""
     from detectron2.modeling.roi_heads import fast_rcnn
 
     parent = fast_rcnn.FastRCNNOutputLayers
     original_losses, original_probs = parent.losses, parent.predict_probs
+    original_from_config = parent.from_config.__func__
+
+    def later_from_config(cls, cfg, input_shape):
+        if cls is parent and cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS:  # main's weights, at once
+            raise AttributeError("'class_image_count' does not exist in the metadata")
+        return original_from_config(cls, cfg, input_shape)
+
+    monkeypatch.setattr(parent, "from_config", classmethod(later_from_config))
 
     def later(original):
         def method(self, predictions, proposals):
@@ -318,6 +329,10 @@ def test_a_later_detectron2_s_own_sigmoid_branch_is_not_taken(monkeypatch):
 
     monkeypatch.setattr(parent, "losses", later(original_losses))
     monkeypatch.setattr(parent, "predict_probs", later(original_probs))
+    cascade = ["MODEL.ROI_HEADS.NAME", "SigmoidCascadeROIHeads"]
+    cascade += ["MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True", "MODEL.MASK_ON", "False"]
+    stages = build_model(build_cfg(TINY_CONFIG, TINY_OPTS + FED_LOSS + cascade)).roi_heads
+    assert all(p._fed_loss for p in stages.box_predictor)
     model = build_model(build_cfg(TINY_CONFIG, TINY_OPTS + FED_LOSS))
     set_fed_loss_frequencies(model, torch.tensor([16, 9, 4, 1]))
     predictor = model.roi_heads.box_predictor

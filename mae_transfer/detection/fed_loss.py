@@ -211,6 +211,18 @@ class SigmoidFastRCNNOutputLayers(FastRCNNOutputLayers):
         return scores.sigmoid().split([len(p) for p in proposals], dim=0)
 
 
+def _softmax_cfg(cfg):
+    """``cfg`` with the sigmoid / fed-loss keys off, for the parent heads' own predictor, which
+    ours replace: a later detectron2's would read them and count the training set's class
+    frequencies as it is built, before any data set is read (our LVIS sets have them once
+    they load)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE = False
+    cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS = False
+    return cfg
+
+
 @ROI_HEADS_REGISTRY.register()
 class SigmoidROIHeads(StandardROIHeads):
     """detectron2's StandardROIHeads with :class:`SigmoidFastRCNNOutputLayers` (0.6's ignores
@@ -218,7 +230,7 @@ class SigmoidROIHeads(StandardROIHeads):
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
-        ret = super()._init_box_head(cfg, input_shape)
+        ret = super()._init_box_head(_softmax_cfg(cfg), input_shape)
         ret["box_predictor"] = SigmoidFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
         return ret
 
@@ -230,7 +242,7 @@ class SigmoidCascadeROIHeads(CascadeROIHeads):
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
-        ret = super()._init_box_head(cfg, input_shape)
+        ret = super()._init_box_head(_softmax_cfg(cfg), input_shape)
         ret["box_predictors"] = [
             SigmoidFastRCNNOutputLayers(
                 cfg, head.output_shape, box2box_transform=predictor.box2box_transform
