@@ -606,6 +606,8 @@ def test_an_lvis_test_set_with_some_of_the_training_categories_is_numbered_as_tr
     val = _file(tiny_lvis["val"])
     dropped = val["categories"][1]["id"]
     val["categories"] = [c for c in val["categories"] if c["id"] != dropped]
+    for entry in val["categories"]:  # a test file without image counts, the training's with
+        del entry["image_count"]
     val["annotations"] = [a for a in val["annotations"] if a["category_id"] != dropped]
     for image in val["images"]:
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
@@ -631,7 +633,8 @@ def test_an_lvis_test_set_with_some_of_the_training_categories_is_numbered_as_tr
     assert test.thing_dataset_id_to_contiguous_id == train.thing_dataset_id_to_contiguous_id
     written = {c["id"]: c for c in _file(test.json_file)["categories"]}
     trained = {c["id"]: c for c in _file(tiny_lvis["train"])["categories"]}
-    assert written[dropped] == trained[dropped]  # with its frequency and image count
+    assert written[dropped]["frequency"] == trained[dropped]["frequency"]
+    assert not any("image_count" in c for c in written.values())  # (a test set's: not read)
     trainer.resume_or_load(resume=False)
     results = trainer.train()
     assert math.isfinite(results["bbox"]["AP"])
@@ -744,3 +747,43 @@ def test_the_lazy_fed_loss_counts_named_sets_as_the_yaml_path_and_refuses_others
         predictor(["counts_lvis", "nowhere"])
     with pytest.raises(ConfigError, match="has frequencies of 4 categories"):
         predictor("counts_lvis", num_classes=5)
+    # --eval-only where the training file is not: the override that avoids reading it, named
+    if "counts_absent" not in DatasetCatalog.list():
+        register_coco_instances("counts_absent", {}, f"{tiny_lvis['root']}/absent.json", "x")
+    with pytest.raises(ConfigError, match=r"could not be read .*fed_loss_datasets=\[\]"):
+        predictor("counts_absent")
+
+
+def test_an_lvis_test_subset_of_detectron2_s_builtin_lvis_v1_is_numbered_as_it(tiny_lvis, tmp_path):
+    """detectron2 0.6's lvis_v1_train has no id map in its metadata (LVIS's ids are 1..1203):
+    a test file of some LVIS v1 categories is numbered as LVIS v1, the missing entries taken
+    from the LVIS v1 list detectron2 ships (was: numbered from its own list, silently)."""
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+    from mae_transfer.detection.train import align_test_categories, categories
+
+    assert categories("lvis_v1_train") == {c["id"]: c["name"] for c in LVIS_CATEGORIES}
+    val = _file(tiny_lvis["val"])
+    lvis_id = {c["id"]: 2 * i + 1 for i, c in enumerate(val["categories"])}  # LVIS ids 1, 3, ..
+    by_id = {c["id"]: c for c in LVIS_CATEGORIES}
+    val["categories"] = [dict(by_id[lvis_id[c["id"]]]) for c in val["categories"]]
+    for a in val["annotations"]:
+        a["category_id"] = lvis_id[a["category_id"]]
+    for image in val["images"]:
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            image[key] = [lvis_id[c] for c in image[key]]
+    part = tmp_path / "val_of_lvis_v1.json"
+    part.write_text(json.dumps(val))
+    opts = TINY_OPTS + ["OUTPUT_DIR", str(tmp_path / "out"), "MODEL.ROI_HEADS.NUM_CLASSES", "1203"]
+    cfg = build_cfg(TINY_CONFIG, opts, lvis_val=(str(part), tiny_lvis["root"]))
+    cfg.DATASETS.TRAIN = ("lvis_v1_train",)
+    register_coco_datasets(cfg)
+    DatasetCatalog.get("custom_lvis_val")
+    assert len(MetadataCatalog.get("custom_lvis_val").thing_classes) == len(lvis_id)
+    align_test_categories(cfg)
+    DatasetCatalog.get("custom_lvis_val")
+    test = MetadataCatalog.get("custom_lvis_val")
+    assert test.thing_dataset_id_to_contiguous_id == {k: k - 1 for k in range(1, 1204)}
+    assert categories("custom_lvis_val") == categories("lvis_v1_train")
+    written = _file(test.json_file)["categories"]
+    assert [c["frequency"] for c in written] == [c["frequency"] for c in LVIS_CATEGORIES]

@@ -21,6 +21,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES as LVIS_V1_CATEGORIES
 from detectron2.structures import BoxMode
 
 from mae_transfer.engine.config import ConfigError
@@ -36,6 +37,15 @@ _IMAGE_LISTS = ("not_exhaustive_category_ids", "neg_category_ids")
 def is_lvis(name: str) -> bool:
     """Whether registered data set ``name`` is evaluated by LVIS's rules (LVISEvaluator)."""
     return MetadataCatalog.get(name).get("evaluator_type", None) == "lvis"
+
+
+def builtin_lvis_categories(classes: Sequence[str]) -> Dict[int, str]:
+    """{id: name} of one of detectron2's builtin LVIS sets, from its ``thing_classes`` (its
+    metadata has no id map: LVIS's ids are 1..K). LVIS v1's by their names in LVIS's files
+    (detectron2's classes are each category's first synonym: id 162 'bull' is 'horned_cow')."""
+    if len(classes) == len(LVIS_V1_CATEGORIES):
+        return {c["id"]: c["name"] for c in LVIS_V1_CATEGORIES}
+    return {k + 1: name for k, name in enumerate(classes)}
 
 
 def lvis_records(data: Dict, image_root: str, where: str) -> Tuple[List[Dict], Dict]:
@@ -214,6 +224,13 @@ def training_class_counts(names: Union[str, Sequence[str]], num_classes: int) ->
         )
     meta = [MetadataCatalog.get(n) for n in names]
     lacking = [n for n, m in zip(names, meta) if m.get("class_image_count", None) is None]
-    dicts = [d for n in lacking for d in DatasetCatalog.get(n)]  # ours set it as they load
+    try:
+        dicts = [d for n in lacking for d in DatasetCatalog.get(n)]  # ours set it as they load
+    except OSError as e:  # e.g. --eval-only on a machine without the training set
+        raise ConfigError(
+            f"the fed loss counts its class frequencies from the training sets {lacking}, which "
+            f"could not be read ({e}); to evaluate without them, override "
+            "model.roi_heads.box_predictor.fed_loss_datasets=[]"
+        ) from e
     note_training_counts(names, dicts, num_classes)  # (the one set left without: counted)
     return class_image_counts(names, num_classes)

@@ -45,7 +45,15 @@ from .checkpoint import MAECheckpointer, find_vit
 from .config import add_mae_vit_config, amp_dtype, validate_config
 from .data import ImageMapper, batching_workers, build_sampler, train_sampler
 from .fed_loss import set_fed_loss_frequencies
-from .lvis import LVIS_MAX_DETS, class_image_counts, is_lvis, lvis_records, note_training_counts
+from .lvis import (
+    LVIS_MAX_DETS,
+    LVIS_V1_CATEGORIES,
+    builtin_lvis_categories,
+    class_image_counts,
+    is_lvis,
+    lvis_records,
+    note_training_counts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -377,6 +385,8 @@ def categories(name: str) -> Optional[Dict[int, str]]:
     """Data set ``name``'s categories as {id in its file: name}; None if unknown."""
     classes = thing_classes(name)
     ids = MetadataCatalog.get(name).get("thing_dataset_id_to_contiguous_id", None)
+    if ids is None and classes is not None and is_lvis(name):
+        return builtin_lvis_categories(classes)  # detectron2's builtin LVIS sets: no id map
     if classes is None or ids is None:
         return None
     return {int(dataset_id): classes[i] for dataset_id, i in ids.items()}
@@ -415,10 +425,12 @@ def align_test_categories(cfg) -> None:
         with open(json_file) as f:
             data = json.load(f)
         own = {c["id"]: c for c in data["categories"]}
-        if register is register_lvis and train_name in ours:
-            with open(ours[train_name][1]) as f:  # the training file's entries, frequencies too
-                own = {**{c["id"]: c for c in json.load(f)["categories"]}, **own}
+        if register is register_lvis:
+            own = {**_lvis_category_entries(ours.get(train_name)), **own}
         data["categories"] = [own.get(i, {"id": i, "name": c}) for i, c in sorted(train.items())]
+        if register is register_lvis:  # a test set's image counts are never read: none, or
+            for entry in data["categories"]:  # some from each file would be refused
+                entry.pop("image_count", None)
         path = os.path.join(cfg.OUTPUT_DIR, f"{name}.categories_of_{train_name}.json")
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"  # every process writes the same file: atomically
@@ -437,6 +449,16 @@ def align_test_categories(cfg) -> None:
             train_name,
             path,
         )
+
+
+def _lvis_category_entries(train) -> Dict[int, Dict]:
+    """The training set's LVIS category entries by id (with their ``frequency``, which LVIS's
+    evaluation groups by): from its file (``train``: its DATASETS.LVIS registration), or
+    LVIS v1's, which detectron2 ships, for its builtin sets."""
+    if train is not None:
+        with open(train[1]) as f:
+            return {c["id"]: c for c in json.load(f)["categories"]}
+    return {c["id"]: dict(c) for c in LVIS_V1_CATEGORIES}
 
 
 def count_masks(dicts: Sequence[Dict]) -> Dict[str, int]:
