@@ -24,6 +24,7 @@ from conftest import ROOT, TINY_MAE, save_mae_checkpoints, write_deep_colour_png
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, build_model  # noqa: E402
+from detectron2.modeling.roi_heads import CascadeROIHeads  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from mae_transfer import VIT_SIZES, create_model, load_pretrained  # noqa: E402
@@ -177,7 +178,11 @@ def test_cascade_configs_build_three_stages_on_the_mask_rcnn_recipe(path):
     plain = build_cfg(path.replace("cascade_", ""), ["MODEL.DEVICE", "meta"])
     with torch.device("meta"):
         heads = build_model(cfg).roi_heads
-    assert type(heads).__name__ == "CascadeROIHeads" and heads.num_cascade_stages == 3
+    lvis = cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS  # the LVIS cascades: a fed-loss predictor per stage
+    name = "SigmoidCascadeROIHeads" if lvis else "CascadeROIHeads"
+    assert type(heads).__name__ == name and heads.num_cascade_stages == 3
+    predictor = "SigmoidFastRCNNOutputLayers" if lvis else "FastRCNNOutputLayers"
+    assert [type(p).__name__ for p in heads.box_predictor] == [predictor] * 3
     assert [m.thresholds[1] for m in heads.proposal_matchers] == [0.5, 0.6, 0.7]
     assert [p.box2box_transform.weights for p in heads.box_predictor] == [
         (10, 10, 5, 5),
@@ -257,9 +262,15 @@ def test_every_lazy_config_builds_a_model(path):
 def _without_training_set_counts(cfg) -> None:
     """An LVIS LazyConfig's fed loss counts its classes in the training set as the model is
     built (tests/test_detection_lvis.py): here, where LVIS is not at hand, it is not asked to."""
-    predictor = cfg.model.roi_heads.get("box_predictor", {})
-    if "fed_loss_datasets" in predictor:
-        predictor.fed_loss_datasets = []
+    for predictor in _lazy_predictors(cfg):
+        if "fed_loss_datasets" in predictor:
+            predictor.fed_loss_datasets = []
+
+
+def _lazy_predictors(cfg) -> list:
+    """A LazyConfig's box predictor configs: the Mask R-CNN's one, or the cascade's per stage."""
+    heads = cfg.model.roi_heads
+    return list(heads.box_predictors) if "box_predictors" in heads else [heads.box_predictor]
 
 
 def test_the_lazy_config_evaluates_with_the_pure_python_build(toy_coco, tmp_path):
@@ -1457,10 +1468,10 @@ def test_each_lazy_config_is_its_yaml_twin(path):
     yaml = build_cfg(path.replace("/lazy/", "/").replace(".py", ".yaml"), ["MODEL.DEVICE", "meta"])
     lvis = yaml.MODEL.ROI_BOX_HEAD.USE_FED_LOSS
     if lvis:  # the frequencies of the sets the training loader reads (checked; not counted here)
-        predictor = lazy.model.roi_heads.box_predictor
-        assert predictor.fed_loss_datasets == lazy.dataloader.train.dataset.names
-        # (a data set override reaches it: it is an interpolation of that key)
-        assert OmegaConf.to_container(predictor)["fed_loss_datasets"].startswith("${")
+        for predictor in _lazy_predictors(lazy):  # (each cascade stage's)
+            assert predictor.fed_loss_datasets == lazy.dataloader.train.dataset.names
+            # (a data set override reaches it: it is an interpolation of that key)
+            assert OmegaConf.to_container(predictor)["fed_loss_datasets"].startswith("${")
         assert lazy.train.eval_period == yaml.TEST.EVAL_PERIOD  # (COCO's: end / every 5000)
     _without_training_set_counts(lazy)
     assert _data_of(lazy) == _yaml_data_of(yaml)
@@ -1474,7 +1485,7 @@ def test_each_lazy_config_is_its_yaml_twin(path):
     assert _predictors_of(lazy_model.roi_heads) == _predictors_of(yaml_model.roi_heads)
     assert (_predictors_of(lazy_model.roi_heads)[0][0] == "SigmoidFastRCNNOutputLayers") == lvis
     cascade = os.path.basename(path).startswith("cascade_")
-    assert (type(lazy_model.roi_heads).__name__ == "CascadeROIHeads") == cascade
+    assert isinstance(lazy_model.roi_heads, CascadeROIHeads) == cascade
     blocks = (ours.net if hasattr(ours, "net") else ours.bottom_up.vit).blocks
     assert blocks[-1].drop_path.drop_prob == pytest.approx(yaml.MODEL.VIT.DROP_PATH_RATE)
     assert lazy.optimizer.params.layer_decay == yaml.SOLVER.LAYER_DECAY

@@ -3,6 +3,7 @@ repeat factor sampling, LVIS evaluation, the LVIS configs and the values they re
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import math
@@ -45,8 +46,6 @@ from mae_transfer.engine.config import ConfigError  # noqa: E402
 
 CONFIG_DIR = os.path.join(ROOT, "configs", "detectron2")
 TINY_CONFIG = os.path.join(CONFIG_DIR, "demo_tiny.yaml")
-LVIS_FPN_B = os.path.join(CONFIG_DIR, "mask_rcnn_vit_base_fpn_lvis_100ep.yaml")
-LVIS_VITDET_B = os.path.join(CONFIG_DIR, "mask_rcnn_vitdet_base_lvis_100ep.yaml")
 
 # (name, LVIS frequency, colour): "unseen" has no instance at all (image_count 0)
 CLASSES = [
@@ -551,27 +550,102 @@ def test_the_cascade_trains_with_the_fed_loss_in_every_stage(tiny_lvis, tmp_path
         assert math.isfinite(last[f"loss_cls_stage{stage}"][0])
 
 
-def test_the_lvis_configs_are_vitdet_s_lvis_recipe():
-    cfg = build_cfg(LVIS_FPN_B, ["MODEL.DEVICE", "meta"])
-    coco = build_cfg(LVIS_FPN_B.replace("lvis", "lsj"), ["MODEL.DEVICE", "meta"])
+# ViTDet's LVIS configs (projects/ViTDet/configs/LVIS/*_vitdet_{b,l,h}_100ep.py) per size: layer
+# decay, drop path and lr (its H: drop path 0.4 where its COCO H has 0.5, lr 1e-4 where its LVIS
+# B / L have 2e-4); all sizes and both heads: 100 epochs of LVIS
+VITDET_LVIS = {"base": (0.7, 0.1, 2e-4), "large": (0.8, 0.4, 2e-4), "huge": (0.9, 0.4, 1e-4)}
+LVIS_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*_lvis_100ep.yaml")))
+
+
+def _flat(node, prefix=""):
+    """A config as {dotted key: value}."""
+    out = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _differing(a, b) -> set:
+    fa, fb = _flat(a), _flat(b)
+    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
+
+
+def _coco_twin(name: str, size: str) -> str:
+    """The COCO Mask R-CNN config of the LVIS one's size and pyramid (ViTDet's H: 75 epochs)."""
+    pyramid = "vitdet" if "_vitdet_" in name else "vit"
+    kind = f"mask_rcnn_{pyramid}_{size}_{'fpn_' if pyramid == 'vit' else ''}lsj_*ep.yaml"
+    (path,) = glob.glob(os.path.join(CONFIG_DIR, kind))
+    return path
+
+
+def test_the_lvis_configs_are_the_nine_of_vitdet_s_table_and_ours():
+    names = {os.path.basename(p) for p in LVIS_CONFIGS}
+    sizes = ("base", "large", "huge")
+    assert names == {f"mask_rcnn_vit_{s}_fpn_lvis_100ep.yaml" for s in sizes} | {
+        f"{head}mask_rcnn_vitdet_{s}_lvis_100ep.yaml" for s in sizes for head in ("", "cascade_")
+    }
+
+
+@pytest.mark.parametrize("path", LVIS_CONFIGS, ids=os.path.basename)
+def test_the_lvis_configs_are_vitdet_s_lvis_recipe(path):
+    name = os.path.basename(path)
+    size = re.search(r"_(base|large|huge)_", name).group(1)
+    cascade = name.startswith("cascade_")
+    cfg = build_cfg(path, ["MODEL.DEVICE", "meta"])
+    # the LVIS recipe, the same at every size
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203 and cfg.DATASETS.TRAIN == ("lvis_v1_train",)
+    assert cfg.DATASETS.TEST == ("lvis_v1_val",)
     head = cfg.MODEL.ROI_BOX_HEAD
     assert head.USE_SIGMOID_CE and head.USE_FED_LOSS
     assert (head.FED_LOSS_FREQ_WEIGHT_POWER, head.FED_LOSS_NUM_CLASSES) == (0.5, 50)
     assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
     assert cfg.DATALOADER.REPEAT_THRESHOLD == 0.001
     assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.02 and cfg.TEST.DETECTIONS_PER_IMAGE == 300
-    assert (cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (2e-4, 156250)
-    assert cfg.SOLVER.STEPS == (138889, 150463)
-    assert cfg.MODEL.VIT == coco.MODEL.VIT and cfg.INPUT == coco.INPUT  # the rest: COCO's
+    assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (156250, (138889, 150463))
+    assert (cfg.SOLVER.WARMUP_ITERS, cfg.TEST.EVAL_PERIOD) == (250, 30000)
+    # ViTDet's values for the size
+    solver = (cfg.SOLVER.LAYER_DECAY, cfg.MODEL.VIT.DROP_PATH_RATE, cfg.SOLVER.BASE_LR)
+    assert solver == VITDET_LVIS[size]
+    # the rest is the COCO config's of that size and pyramid (but ViTDet's LVIS H drop path)
+    coco = build_cfg(_coco_twin(name, size), ["MODEL.DEVICE", "meta"])
+    assert _differing(cfg.MODEL.VIT, coco.MODEL.VIT) == (
+        {"DROP_PATH_RATE"} if size == "huge" else set()
+    )
+    assert cfg.MODEL.BACKBONE == coco.MODEL.BACKBONE and cfg.INPUT == coco.INPUT
+    assert (cfg.MODEL.WEIGHTS, cfg.SOLVER.LAYER_DECAY) == (
+        coco.MODEL.WEIGHTS,
+        coco.SOLVER.LAYER_DECAY,
+    )
+    # what differs from the ViT-B LVIS config of the same heads and pyramid: the ViT, its layer
+    # decay, and for ViT-H the lr (never the LVIS settings or the schedule)
+    base = build_cfg(path.replace(f"_{size}_", "_base_"), ["MODEL.DEVICE", "meta"])
+    expected = set()
+    if size != "base":
+        expected = {"WEIGHTS", "VIT.NAME", "VIT.DROP_PATH_RATE", "VIT.USE_CHECKPOINT"}
+        expected = {f"MODEL.{k}" for k in expected} | {"SOLVER.LAYER_DECAY"}
+        expected |= set() if "_vitdet_" in name else {"MODEL.VIT.OUT_INDICES"}
+        expected |= {"MODEL.VIT.PATCH_SIZE", "SOLVER.BASE_LR"} if size == "huge" else set()
+    assert _differing(cfg, base) == expected
+    if cascade:  # ViTDet's LVIS cascade: its LVIS Mask R-CNN with three class-agnostic stages
+        plain = build_cfg(path.replace("cascade_", ""), ["MODEL.DEVICE", "meta"])
+        cascade_keys = {"MODEL.ROI_HEADS.NAME", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG"}
+        assert _differing(cfg, plain) == cascade_keys
     with torch.device("meta"):
-        predictor = build_model(cfg).roi_heads.box_predictor
-    assert isinstance(predictor, SigmoidFastRCNNOutputLayers) and predictor.num_classes == 1203
-    vitdet = build_cfg(LVIS_VITDET_B, ["MODEL.DEVICE", "meta"])
-    vitdet_coco = build_cfg(os.path.join(CONFIG_DIR, "mask_rcnn_vitdet_base_lsj_100ep.yaml"))
-    assert vitdet.MODEL.VIT == vitdet_coco.MODEL.VIT
-    assert vitdet.MODEL.BACKBONE == vitdet_coco.MODEL.BACKBONE
-    assert vitdet.MODEL.ROI_BOX_HEAD == cfg.MODEL.ROI_BOX_HEAD and vitdet.SOLVER == cfg.SOLVER
+        model = build_model(cfg)
+    # ViTDet's global blocks (the others windowed, 14): each quarter's last
+    vit = model.backbone.net if "_vitdet_" in name else model.backbone.bottom_up.vit
+    depth = {"base": 12, "large": 24, "huge": 32}[size]
+    assert vit.global_blocks == tuple(range(depth // 4 - 1, depth, depth // 4))
+    assert {b.window_size for b in vit.blocks} == {0, 14}
+    heads = model.roi_heads
+    assert type(heads).__name__ == ("SigmoidCascadeROIHeads" if cascade else "SigmoidROIHeads")
+    predictors = list(heads.box_predictor) if cascade else [heads.box_predictor]
+    assert len(predictors) == (3 if cascade else 1)
+    for predictor in predictors:  # every stage's: sigmoid CE + fed loss, LVIS's test settings
+        assert isinstance(predictor, SigmoidFastRCNNOutputLayers) and predictor.num_classes == 1203
+        assert predictor._sigmoid_ce and predictor._fed_loss
+        assert (predictor._fed_loss_power, predictor._fed_loss_max_classes) == (0.5, 50)
+        assert (predictor.test_score_thresh, predictor.test_topk_per_image) == (0.02, 300)
 
 
 def test_train_det_takes_lvis_files(tiny_lvis, tmp_path):
@@ -640,7 +714,11 @@ def test_an_lvis_test_set_with_some_of_the_training_categories_is_numbered_as_tr
     assert math.isfinite(results["bbox"]["AP"])
 
 
-LAZY_LVIS = ["mask_rcnn_vit_base_fpn_lvis_100ep.py", "mask_rcnn_vitdet_base_lvis_100ep.py"]
+LAZY_LVIS = [
+    "mask_rcnn_vit_base_fpn_lvis_100ep.py",
+    "mask_rcnn_vitdet_base_lvis_100ep.py",
+    "cascade_mask_rcnn_vitdet_base_lvis_100ep.py",  # a fed-loss predictor per stage
+]
 
 
 def _tiny_lazy_lvis(tiny_lvis, path, out):
@@ -690,10 +768,14 @@ def test_an_lvis_lazy_config_trains_in_detectron2_s_own_loop(tiny_lvis, tmp_path
 
     cfg = _tiny_lazy_lvis(tiny_lvis, os.path.join(CONFIG_DIR, "lazy", name), tmp_path)
     model = instantiate(cfg.model)
-    predictor = model.roi_heads.box_predictor
-    assert isinstance(predictor, SigmoidFastRCNNOutputLayers) and predictor._fed_loss
+    cascade = name.startswith("cascade_")
+    predictors = model.roi_heads.box_predictor
+    predictors = list(predictors) if cascade else [predictors]
+    assert len(predictors) == (3 if cascade else 1)
     counts = [c["image_count"] for c in _file(tiny_lvis["train"])["categories"]]
-    assert predictor.fed_loss_weights.tolist() == pytest.approx([c**0.5 for c in counts])
+    for predictor in predictors:  # (the cascade's: each stage's)
+        assert isinstance(predictor, SigmoidFastRCNNOutputLayers) and predictor._fed_loss
+        assert predictor.fed_loss_weights.tolist() == pytest.approx([c**0.5 for c in counts])
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     loader = instantiate(cfg.dataloader.train)
@@ -704,8 +786,9 @@ def test_an_lvis_lazy_config_trains_in_detectron2_s_own_loop(tiny_lvis, tmp_path
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, loader, optimizer)
     trainer.register_hooks([hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier))])
     trainer.train(0, cfg.train.max_iter)
-    steps = trainer.storage.history("loss_cls").values()
-    assert len(steps) == 2 and all(math.isfinite(v) for v, _ in steps)
+    for loss in [f"loss_cls_stage{i}" for i in range(3)] if cascade else ["loss_cls"]:
+        steps = trainer.storage.history(loss).values()
+        assert len(steps) == 2 and all(math.isfinite(v) for v, _ in steps)
     evaluator = instantiate(cfg.dataloader.evaluator)
     assert isinstance(evaluator, LVISEvaluator) and evaluator._max_dets_per_image == 300
     results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)

@@ -18,28 +18,32 @@ from .mask_rcnn_vit_base_fpn_lsj_100ep import dataloader, lr_multiplier, model, 
 _STAGE_IOUS = (0.5, 0.6, 0.7)  # the first is the Mask R-CNN's own matching IoU
 _STAGE_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
 
-# arguments CascadeROIHeads takes one per stage instead
-_box_head = model.roi_heads.pop("box_head")
-_box_predictor = model.roi_heads.pop("box_predictor")
-model.roi_heads.pop("proposal_matcher")
+
+def to_cascade(roi_heads, target=CascadeROIHeads) -> None:
+    """Makes a Mask R-CNN LazyConfig's ROI heads (in place) ``target``'s three box stages: a copy
+    of its box head and of its box predictor per stage (that stage's box weights, class-agnostic
+    boxes), matched at the stage's IoU; its mask head kept. The LVIS cascades pass the sigmoid
+    heads and keep their fed-loss predictor in every stage (as ViTDet's LVIS cascades)."""
+    # arguments CascadeROIHeads takes one per stage instead
+    box_head = roi_heads.pop("box_head")
+    box_predictor = roi_heads.pop("box_predictor")
+    roi_heads.pop("proposal_matcher")
+    predictors = [copy.deepcopy(box_predictor) for _ in _STAGE_WEIGHTS]
+    for predictor, weights in zip(predictors, _STAGE_WEIGHTS):
+        predictor.box2box_transform.weights = weights
+        predictor.cls_agnostic_bbox_reg = True  # one box per proposal and stage (the cascade's)
+        predictor.num_classes = "${...num_classes}"  # (one level deeper: inside the list)
+    roi_heads.update(
+        _target_=target,
+        box_heads=[copy.deepcopy(box_head) for _ in _STAGE_IOUS],
+        box_predictors=predictors,
+        proposal_matchers=[
+            L(Matcher)(thresholds=[iou], labels=[0, 1], allow_low_quality_matches=False)
+            for iou in _STAGE_IOUS
+        ],
+    )
 
 
-def _stage_predictor(weights):
-    predictor = copy.deepcopy(_box_predictor)
-    predictor.box2box_transform.weights = weights
-    predictor.cls_agnostic_bbox_reg = True  # one box per proposal and stage (the cascade needs it)
-    predictor.num_classes = "${...num_classes}"  # (one level deeper: inside the list)
-    return predictor
-
-
-model.roi_heads.update(
-    _target_=CascadeROIHeads,
-    box_heads=[copy.deepcopy(_box_head) for _ in _STAGE_IOUS],
-    box_predictors=[_stage_predictor(w) for w in _STAGE_WEIGHTS],
-    proposal_matchers=[
-        L(Matcher)(thresholds=[iou], labels=[0, 1], allow_low_quality_matches=False)
-        for iou in _STAGE_IOUS
-    ],
-)
+to_cascade(model.roi_heads)
 
 __all__ = ["dataloader", "lr_multiplier", "model", "optimizer", "train"]
