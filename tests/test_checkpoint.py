@@ -340,22 +340,13 @@ MM_MAE = {  # mmpretrain's MAE: MAEViT as the backbone, MAEPretrainDecoder as th
     "neck.decoder_pred.weight": "decoder_pred.weight",
     "neck.decoder_pred.bias": "decoder_pred.bias",
 }
-MM_BEIT_LAYER = {  # mmseg's BEiT layer: q and v biases only, layer scale, relative position
-    "ln1.weight": "norm1.weight",
-    "ln1.bias": "norm1.bias",
+MM_BEIT_LAYER = {  # mmseg's BEiT layer: MM_LAYER's names, but q and v biases only (no qkv
+    # bias), and layer scale and a relative position table
+    **{t: o for t, o in MM_LAYER.items() if t != "attn.qkv.bias"},
     "attn.q_bias": "attn.qkv.bias[0]",
     "attn.v_bias": "attn.qkv.bias[2]",
     "attn.relative_position_bias_table": "attn.relative_position_bias_table",
-    "attn.qkv.weight": "attn.qkv.weight",
-    "attn.proj.weight": "attn.proj.weight",
-    "attn.proj.bias": "attn.proj.bias",
     "gamma_1": "ls1.gamma",
-    "ln2.weight": "norm2.weight",
-    "ln2.bias": "norm2.bias",
-    "ffn.layers.0.0.weight": "mlp.fc1.weight",
-    "ffn.layers.0.0.bias": "mlp.fc1.bias",
-    "ffn.layers.1.weight": "mlp.fc2.weight",
-    "ffn.layers.1.bias": "mlp.fc2.bias",
     "gamma_2": "ls2.gamma",
 }
 
