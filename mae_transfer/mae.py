@@ -14,11 +14,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from . import attention
+from . import attention, matmul
 from .pos_embed import Size2, sincos_pos_embed, to_2tuple
 from .weight_init import init_linear_and_norm, init_patch_embed
 
@@ -138,8 +137,8 @@ def block_rows(blk: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     split = attn.num_heads * attn.head_dim
     idx = rows.unsqueeze(-1)
     h_rows = torch.gather(h, 1, idx.expand(-1, -1, d))
-    q = F.linear(h_rows, w[:split], None if b is None else b[:split])
-    kv = F.linear(h, w[split:], None if b is None else b[split:])
+    q = matmul.linear(h_rows, w[:split], None if b is None else b[:split])
+    kv = matmul.linear(h, w[split:], None if b is None else b[split:])
     q = attn.q_norm(q.reshape(n, -1, attn.num_heads, attn.head_dim).transpose(1, 2))
     k, v = kv.reshape(n, t, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     k = attn.k_norm(k)
@@ -217,6 +216,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
         self._sincos_cache: Dict[tuple, torch.Tensor] = {}
         self.initialize_weights()
+        matmul.route_linears(self)  # fp32 products on the CPU's faster library (same names)
 
     @property
     def grid_size(self) -> Tuple[int, int]:
@@ -287,7 +287,7 @@ class MaskedAutoencoderViT(nn.Module):
         """The patch embedding of the patches ``ids`` only: (N, C, H, W), (N, K) -> (N, K, D)."""
         proj = self.patch_embed.proj
         patches = gather_patches(imgs, self.patch_size, ids)
-        return self.patch_embed.norm(F.linear(patches, proj.weight.flatten(1), proj.bias))
+        return self.patch_embed.norm(matmul.linear(patches, proj.weight.flatten(1), proj.bias))
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """The encoder on every patch, no masking: (N, C, H, W) -> (N, 1 + L, D) normalised

@@ -30,6 +30,7 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 
 from .attention import attention
+from .matmul import route_linears
 from .pos_embed import Size2, resize_pos_embed, sincos_pos_embed, to_2tuple
 from .weight_init import init_linear_and_norm, init_patch_embed
 
@@ -488,6 +489,7 @@ class VisionTransformer(nn.Module):
         )
         self.norm = norm_layer(embed_dim)
         self.init_weights()
+        route_linears(self)  # fp32 products on the CPU's faster library (same names)
 
     def init_weights(self) -> None:
         """MAE's init: sin-cos position table, xavier-uniform Linear and patch conv."""

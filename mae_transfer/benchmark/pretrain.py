@@ -10,6 +10,8 @@ from typing import Dict, List
 
 import torch
 
+from mae_transfer import matmul
+
 from .measure import (
     TINY,
     fvcore_gmacs,
@@ -263,7 +265,9 @@ def _versus_official_case(
     the model gains from what the update gains (``speedup_model_only``); a fourth, the official
     step with its attention written out (``official_written_out``: what the official code's
     pinned timm 0.3.2 computed; today's timm runs torch's fused kernel) is the baseline as
-    released.
+    released. A fifth, on a CPU whose fp32 Linear layers multiply through oneDNN
+    (:mod:`mae_transfer.matmul`), is ours on torch's default product: the step's gain without
+    the library choice (``speedup_vs_official_default_matmul``).
     ``compile_``: ours runs ``torch.compile``d (as ``--compile`` trains), the official eager."""
     from mae_transfer import create_model
     from mae_transfer.device import resolve_amp
@@ -316,7 +320,23 @@ def _versus_official_case(
             written_out, dev, amp_dtype, imgs, mask_ratio, official_update(written_out, dev)
         ),
     }
+    onednn = dev.type == "cpu" and amp_dtype is None and matmul.cpu_linear_check()[0]
+    if onednn:  # a fifth: ours with torch's default fp32 product (what the library choice adds)
+        ours_default = steps["ours"]
+
+        def default_matmul_step():
+            with matmul.library("default"):
+                ours_default()
+
+        steps["ours_default_matmul"] = default_matmul_step
     t = side_by_side(steps, warmup, repeats, dev)
+    extra = {}
+    if onednn:
+        extra = {
+            "ours_default_matmul_img_s": batch / t["ours_default_matmul_median_s"],
+            "speedup_vs_official_default_matmul": t["official_time_ratio"]
+            / t["ours_default_matmul_time_ratio"],
+        }
     return {
         "model": model_name,
         "batch": batch,
@@ -335,6 +355,8 @@ def _versus_official_case(
         "speedup_model_only": t["official_model_time_ratio"],
         "official_written_out_img_s": batch / t["official_written_out_median_s"],
         "speedup_vs_official_written_out": t["official_written_out_time_ratio"],
+        "ours_cpu_matmul": ("oneDNN" if onednn else "torch's default") if dev.type == "cpu" else "",
+        **extra,
         "repeats": repeats,
     }
 

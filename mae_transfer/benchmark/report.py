@@ -13,6 +13,7 @@ import torch
 
 def machine(device: torch.device) -> Dict:
     from mae_transfer.device import cpu_has_native_bf16
+    from mae_transfer.matmul import cpu_linear_check
 
     info = {
         "python": platform.python_version(),
@@ -22,6 +23,7 @@ def machine(device: torch.device) -> Dict:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": cpu_has_native_bf16(),
+        "cpu_fp32_linear": "oneDNN" if cpu_linear_check()[0] else "torch's default",
         "device": str(device),
     }
     try:
@@ -42,6 +44,7 @@ def markdown(results: Dict, notes: Optional[Dict[str, str]] = None) -> str:
     p = results["matmul"]
     out.append(
         f"fp32 matmul peak: {p['fp32']['gflops']:.1f} GFLOP/s"
+        + (f" ({p['fp32']['library']})" if p["fp32"].get("library", "torch") != "torch" else "")
         + (f"; bf16: {p['bf16']['gflops']:.2f} GFLOP/s" if "bf16" in p else "")
     )
     for section, rows in results.items():

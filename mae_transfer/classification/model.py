@@ -25,6 +25,7 @@ from timm.layers import trunc_normal_
 
 from mae_transfer.checkpoint import CheckpointError, LoadReport, load_pretrained
 from mae_transfer.data.transforms import Size, hw
+from mae_transfer.matmul import route_linears
 from mae_transfer.models import encoder_args
 from mae_transfer.vit import VisionTransformer
 
@@ -71,6 +72,7 @@ class ViTClassifier(VisionTransformer):
             nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear) if probe else linear
         )
         self.num_classes = num_classes
+        route_linears(self.head)  # as the encoder's (VisionTransformer)
 
     @property
     def linear(self) -> nn.Linear:
