@@ -320,7 +320,9 @@ def _versus_official_case(
             written_out, dev, amp_dtype, imgs, mask_ratio, official_update(written_out, dev)
         ),
     }
-    onednn = dev.type == "cpu" and amp_dtype is None and matmul.cpu_linear_check()[0]
+    # (a compiled step keeps torch's product: mae_transfer.matmul)
+    onednn = dev.type == "cpu" and amp_dtype is None and not compile_
+    onednn = onednn and matmul.cpu_linear_check()[0]
     if onednn:  # a fifth: ours with torch's default fp32 product (what the library choice adds)
         ours_default = steps["ours"]
 

@@ -41,6 +41,7 @@ from mae_transfer.checkpoint import (
 )
 from mae_transfer.data import ResumableDistributedSampler, collate
 from mae_transfer.device import fused_adamw_supported, pin_memory_for, resolve_amp
+from mae_transfer.matmul import cpu_linear_check
 from mae_transfer.optim import keep_optimizer_impl, param_groups
 
 from . import preemption
@@ -394,6 +395,12 @@ class EpochTrainer:
             model = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
         self.ddp_module = model  # for no_sync()
         if self.cfg.compile:
+            if self.device.type == "cpu" and self.amp_dtype is None and cpu_linear_check()[0]:
+                logger.info(
+                    "--compile in fp32 on this CPU: the compiled graph multiplies with torch's "
+                    "default library, not oneDNN (mae_transfer.matmul; inductor lowers oneDNN's "
+                    "product for frozen weights only); the eager step can be the faster one"
+                )
             model = torch.compile(model)
         return model
 
