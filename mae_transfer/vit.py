@@ -10,6 +10,8 @@ On top of the plain ViT it has the options that dense prediction needs:
 - window attention in all but a few global blocks (ViTDet), with padding to whole windows;
 - relative position: ``"decomposed"`` (ViTDet, per-axis tables added to the logits) or
   ``"bias"`` (BEiT/mmseg, a per-head bias table), both zero-initialised;
+- ViTDet's convolutional propagation (its ablation): a residual bottleneck of convolutions
+  after chosen blocks (``residual_blocks``);
 - layer scale, stochastic depth, activation checkpointing;
 - ``forward_intermediates`` returning NCHW maps of chosen blocks.
 """
@@ -27,14 +29,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
+from timm.layers import DropPath, LayerNorm2d, LayerScale, Mlp, PatchEmbed
 
 from .attention import attention
 from .matmul import route_linears
 from .pos_embed import Size2, resize_pos_embed, sincos_pos_embed, to_2tuple
 from .weight_init import init_linear_and_norm, init_patch_embed
 
-__all__ = ["VisionTransformer", "Attention", "Block", "build_vit", "REL_POS_TYPES"]
+__all__ = [
+    "VisionTransformer",
+    "Attention",
+    "Block",
+    "ResidualConvBlock",
+    "build_vit",
+    "REL_POS_TYPES",
+]
 
 REL_POS_TYPES = (None, "decomposed", "bias")
 HW = Tuple[int, int]
@@ -345,8 +354,46 @@ class Attention(nn.Module):
         return x.transpose(1, 2).reshape(b, n, -1)
 
 
+class ResidualConvBlock(nn.Module):
+    """ViTDet's convolutional propagation block: ``x + f(x)`` on the (B, C, h, w) token map,
+    ``f`` = 1x1 conv to C/2, LN, GELU, 3x3 conv, LN, GELU, 1x1 conv back to C, LN.
+
+    As ViTDet's ``ResBottleneckBlock`` (and under its parameter names, ``conv1``-``conv3``,
+    ``norm1``-``norm3``, so its checkpoints load): convolutions without bias, He-normal
+    (fan-out) initialised; LayerNorms over the channels; the last norm zero-initialised, so
+    the block starts as the identity.
+    """
+
+    def __init__(self, dim: int, act_layer=nn.GELU):
+        super().__init__()
+        mid = dim // 2
+        self.conv1 = nn.Conv2d(dim, mid, 1, bias=False)
+        self.norm1 = LayerNorm2d(mid, eps=1e-6)
+        self.act1 = act_layer()
+        self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False)
+        self.norm2 = LayerNorm2d(mid, eps=1e-6)
+        self.act2 = act_layer()
+        self.conv3 = nn.Conv2d(mid, dim, 1, bias=False)
+        self.norm3 = LayerNorm2d(dim, eps=1e-6)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for conv in (self.conv1, self.conv2, self.conv3):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        for norm, weight in ((self.norm1, 1.0), (self.norm2, 1.0), (self.norm3, 0.0)):
+            nn.init.constant_(norm.weight, weight)
+            nn.init.zeros_(norm.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act1(self.norm1(self.conv1(x)))
+        y = self.act2(self.norm2(self.conv2(y)))
+        return x + self.norm3(self.conv3(y))
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block; global or window attention (timm parameter names)."""
+    """Pre-norm transformer block; global or window attention (timm parameter names); with
+    ``residual``, ViTDet's :class:`ResidualConvBlock` after it (on tokens without a class token).
+    """
 
     def __init__(
         self,
@@ -362,6 +409,7 @@ class Block(nn.Module):
         rel_pos: Optional[str] = None,
         rel_pos_size: Optional[HW] = None,
         class_token: bool = False,
+        residual: bool = False,
     ):
         super().__init__()
         if class_token and window_size:
@@ -383,6 +431,7 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.residual = ResidualConvBlock(dim, act_layer) if residual else None
 
     def _attention(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
         if not self.window_size:
@@ -404,7 +453,17 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, hw: Optional[HW] = None) -> torch.Tensor:
         """x: (B, N, C) tokens of an h*w grid (class token first, if any) -> (B, N, C)."""
         x = x + self.drop_path(self.ls1(self._attention(self.norm1(x), hw)))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        if self.residual is None:
+            return x
+        if hw is None or x.shape[1] != hw[0] * hw[1]:
+            raise ValueError(
+                f"a block with a convolutional residual needs the tokens of an h*w grid and no "
+                f"class token; got {x.shape[1]} tokens for grid {hw}"
+            )
+        b, n, c = x.shape
+        grid = x.transpose(1, 2).reshape(b, c, hw[0], hw[1])
+        return self.residual(grid).flatten(2).transpose(1, 2)
 
 
 # -- the encoder ------------------------------------------------------------------------------
@@ -438,11 +497,14 @@ class VisionTransformer(nn.Module):
         rel_pos: Optional[str] = None,
         use_checkpoint: bool = False,
         pos_embed_img_size: Optional[Size2] = None,
+        residual_blocks: Sequence[int] = (),
     ):
         super().__init__()
         if isinstance(global_blocks, Iterator):  # a generator: read once, checked and kept
             global_blocks = tuple(global_blocks)
+        residual_blocks = tuple(residual_blocks)
         _check_vit_args(depth, class_token, window_size, global_blocks, rel_pos, drop_path_rate)
+        _check_residual_blocks(residual_blocks, depth, class_token)
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         self.patch_size = patch_size
         self.embed_dim = embed_dim
@@ -483,10 +545,12 @@ class VisionTransformer(nn.Module):
                     rel_pos=rel_pos,
                     rel_pos_size=self.grid_size,
                     class_token=class_token and rel_pos == "bias",
+                    residual=i in residual_blocks,
                 )
                 for i in range(depth)
             ]
         )
+        self.residual_blocks = tuple(sorted(set(residual_blocks)))
         self.norm = norm_layer(embed_dim)
         self.init_weights()
         route_linears(self)  # fp32 products on the CPU's faster library (same names)
@@ -500,6 +564,9 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_linear_and_norm)
+        for m in self.modules():  # (their LayerNorms were just reset: the last one starts at 0)
+            if isinstance(m, ResidualConvBlock):
+                m.reset_parameters()
 
     def no_weight_decay(self) -> set:
         return {"pos_embed", "cls_token"}
@@ -577,6 +644,19 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
+
+
+def _check_residual_blocks(blocks: Tuple, depth: int, class_token: bool) -> None:
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in blocks):
+        raise ValueError(f"residual_blocks must be block indices, got {list(blocks)}")
+    bad = [i for i in blocks if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"residual_blocks {bad} out of range for depth {depth} (0..{depth - 1})")
+    if blocks and class_token:
+        raise ValueError(
+            "residual_blocks (convolutions over the token grid) cannot be combined with a "
+            "class token; use class_token=False, as ViTDet"
+        )
 
 
 def _check_vit_args(depth, class_token, window_size, global_blocks, rel_pos, drop_path_rate):

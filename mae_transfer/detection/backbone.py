@@ -102,6 +102,7 @@ def backbone_kwargs(cfg) -> dict:
         norm=v.NORM,
         window_size=v.WINDOW_SIZE,
         global_blocks=_global_blocks(v.GLOBAL_BLOCKS),
+        residual_blocks=tuple(v.RESIDUAL_BLOCKS),
         rel_pos=v.REL_POS or None,
         drop_path_rate=v.DROP_PATH_RATE,
         init_values=v.LAYER_SCALE or None,

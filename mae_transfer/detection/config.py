@@ -66,6 +66,9 @@ def add_mae_vit_config(cfg: CN) -> CN:
     # [] = the stage ends (OUT_INDICES, or the equal split's with the simple pyramid), as
     # ViTDet; ["none"] = every block windowed
     cfg.MODEL.VIT.GLOBAL_BLOCKS = []
+    # blocks followed by ViTDet's convolutional propagation (a residual bottleneck of 1x1, 3x3,
+    # 1x1 convs; its ablation, e.g. [2, 5, 8, 11] with every block windowed); [] = none
+    cfg.MODEL.VIT.RESIDUAL_BLOCKS = []
     cfg.MODEL.VIT.REL_POS = "decomposed"  # "", "decomposed" or "bias"; zero-initialised
     cfg.MODEL.VIT.DROP_PATH_RATE = 0.1
     cfg.MODEL.VIT.LAYER_SCALE = 0.0  # init value of layer scale; 0 = off
@@ -349,6 +352,9 @@ def _vit_errors(cfg: CN) -> List[str]:
     blocks = list(v.GLOBAL_BLOCKS)
     if blocks != ["none"] and not all(isinstance(i, int) for i in blocks):
         errors.append(f'MODEL.VIT.GLOBAL_BLOCKS must be block indices or ["none"], got {blocks}')
+    residual = list(v.RESIDUAL_BLOCKS)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in residual):
+        errors.append(f"MODEL.VIT.RESIDUAL_BLOCKS must be block indices, got {residual}")
     if not 0.0 <= v.DROP_PATH_RATE < 1.0:
         errors.append(f"MODEL.VIT.DROP_PATH_RATE must be in [0, 1), got {v.DROP_PATH_RATE}")
     return errors
