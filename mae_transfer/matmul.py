@@ -126,6 +126,8 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.is_autocast_enabled("cpu") or x.numel() * weight.shape[0] < MIN_MACS:
         return False
+    if not torch.backends.mkldnn.enabled:  # e.g. torch.backends.mkldnn.flags(enabled=False)
+        return False
     use, why = cpu_linear_check()
     global _logged
     if not _logged:

@@ -134,6 +134,8 @@ def test_routing_passes_through_where_onednn_must_not_run(anywhere, calls, monke
     with monkeypatch.context() as m:
         m.setattr(torch.compiler, "is_compiling", lambda: True)
         lin(x)
+    with torch.backends.mkldnn.flags(enabled=False):  # the user turned oneDNN off
+        lin(x)
     assert calls["n"] == 0
     monkeypatch.setattr(matmul, "MIN_MACS", 4 * 8 * 8 + 1)  # one multiply-add short
     lin(x)
