@@ -139,7 +139,8 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 class _OneDNNLinear(torch.autograd.Function):
     """``x @ w.T + b`` with the forward and the input gradient on oneDNN, the weight gradient
-    on torch's ``mm`` (faster there: module doc)."""
+    on torch's ``mm`` (faster there: module doc). A backward that builds a graph (double
+    backward) takes torch's product for the input gradient too: oneDNN's has no derivative."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -155,7 +156,10 @@ class _OneDNNLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = torch.ops.mkldnn._linear_pointwise(g, weight.t(), None, "none", [], "")
+            if torch.is_grad_enabled():  # create_graph: oneDNN's op has no derivative of its own
+                gx = g.mm(weight)
+            else:
+                gx = torch.ops.mkldnn._linear_pointwise(g, weight.t(), None, "none", [], "")
             gx = gx.reshape(x.shape)
         if ctx.needs_input_grad[1]:
             gw = g.t().mm(x.reshape(-1, x.shape[-1]))

@@ -191,3 +191,21 @@ def test_benchmark_reports_our_step_on_both_libraries(anywhere):
     assert row["ours_default_matmul_img_s"] > 0 and row["speedup_vs_official_default_matmul"] > 0
     # the profiler's matrix-multiply FLOPs count oneDNN's product: x (M, K) by w (N, K)
     assert measure._gemm_flops("mkldnn::_linear_pointwise", [[6, 5], [9, 5], [9]]) == 2 * 6 * 5 * 9
+
+
+def test_double_backward_through_onednn_matches_torch(anywhere, calls):
+    # a gradient of a gradient (create_graph=True, e.g. a gradient penalty): oneDNN's product
+    # has no derivative, so it must not be differentiated silently as a constant
+    torch.manual_seed(0)
+    x0, w0, b0 = torch.randn(3, 4, 5), torch.randn(9, 5), torch.randn(9)
+
+    def second_order(fn):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = b0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(fn(x, w, b).pow(2).sum(), x, create_graph=True)
+        return [gx, *torch.autograd.grad(gx.pow(2).sum(), [x, w, b])]
+
+    got = second_order(matmul.linear)
+    assert calls["n"] == 1
+    for g, h in zip(got, second_order(F.linear)):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-4)
