@@ -57,8 +57,16 @@ DECODER_PREFIXES = ("decoder_", "mask_token")
 # heads no model here has (Hugging Face ViTModel's pooler: dense + tanh on the class token).
 DERIVED_BUFFERS = ("relative_position_index",)
 OTHER_HEADS = ("pooler.",)
-# Keys an encoder may lack in the checkpoint and is expected to learn from scratch.
-NEW_PARAM_MARKERS = ("rel_pos_h", "rel_pos_w", "relative_position_bias_table", ".ls1.", ".ls2.")
+# Keys an encoder may lack in the checkpoint and is expected to learn from scratch (the last:
+# ViTDet's convolutional propagation, residual_blocks).
+NEW_PARAM_MARKERS = (
+    "rel_pos_h",
+    "rel_pos_w",
+    "relative_position_bias_table",
+    ".ls1.",
+    ".ls2.",
+    ".residual.",
+)
 # A classifier's pooling norm and head: new when it starts from a pretraining checkpoint.
 NEW_PARAM_PREFIXES = ("fc_norm.", "head.")
 MIN_LOADED_FRACTION = 0.5

@@ -65,6 +65,20 @@ def test_blocks_start_as_the_identity_with_vitdet_s_init_and_train():
         assert not torch.allclose(vit.forward_features(x), plain.forward_features(x))
 
 
+def test_an_mae_checkpoint_loads_with_the_conv_blocks_new():
+    # ViTDet's ablation starts from MAE weights: its conv blocks are new (as the rel-pos tables),
+    # not missing from the checkpoint
+    from mae_transfer.checkpoint import load_pretrained
+    from mae_transfer.mae import build_mae
+
+    mae = build_mae(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+    vit = VisionTransformer(window_size=2, residual_blocks=[1, 3], **TINY)
+    report = load_pretrained(vit, {"model": mae.state_dict()})
+    assert report.ok and not report.missing, report.summary()
+    assert sorted(report.new) == sorted(k for k in vit.state_dict() if ".residual." in k)
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
