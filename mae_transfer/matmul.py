@@ -72,8 +72,9 @@ def _cpu_vendor() -> Optional[str]:
     return None
 
 
-def _onednn_available() -> bool:
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+def _onednn_kernel() -> bool:
+    """Whether this torch has oneDNN's linear kernel (fixed for the process)."""
+    if not torch.backends.mkldnn.is_available():
         return False
     try:
         return torch.ops.mkldnn._linear_pointwise is not None
@@ -81,10 +82,15 @@ def _onednn_available() -> bool:
         return False
 
 
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.enabled and _onednn_kernel()
+
+
 @functools.cache
 def _auto_choice() -> Tuple[bool, str]:
-    if not _onednn_available():
-        return False, "this torch has no oneDNN linear kernel (or oneDNN is disabled)"
+    # (not whether oneDNN is enabled: that may change, e.g. for a while in mkldnn.flags())
+    if not _onednn_kernel():
+        return False, "this torch has no oneDNN linear kernel"
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return False, f"not an x86 CPU ({platform.machine()})"
     vendor = _cpu_vendor()
@@ -103,6 +109,8 @@ def cpu_linear_check() -> Tuple[bool, str]:
         use = name == "onednn" and _onednn_available()
         origin = "library()" if _forced else f"{ENV_VAR}={name}"
         return use, origin + ("" if use or name == "default" else ", but oneDNN is unavailable")
+    if not torch.backends.mkldnn.enabled:
+        return False, "oneDNN is disabled (torch.backends.mkldnn.enabled)"
     return _auto_choice()
 
 

@@ -209,3 +209,18 @@ def test_double_backward_through_onednn_matches_torch(anywhere, calls):
     assert calls["n"] == 1
     for g, h in zip(got, second_order(F.linear)):
         torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-4)
+
+
+def test_a_check_while_onednn_is_disabled_does_not_stick(monkeypatch):
+    # the vendor rule is cached for the process; oneDNN turned off for a while is not
+    monkeypatch.delenv(matmul.ENV_VAR, raising=False)
+    monkeypatch.setattr(matmul.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(matmul, "_cpu_vendor", lambda: "AuthenticAMD")
+    matmul._auto_choice.cache_clear()
+    try:
+        with torch.backends.mkldnn.flags(enabled=False):
+            use, why = matmul.cpu_linear_check()
+            assert not use and "disabled" in why
+        assert matmul.cpu_linear_check()[0] is True
+    finally:
+        matmul._auto_choice.cache_clear()
