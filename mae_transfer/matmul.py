@@ -51,6 +51,7 @@ ENV_VAR = "MAE_TRANSFER_CPU_MATMUL"
 LIBRARIES = ("auto", "onednn", "default")
 MIN_MACS = 1 << 26  # ~67M multiply-adds: a (400 x 768) x (768 x 768) product is 236M
 _forced: Optional[str] = None  # set by library()
+routed_products = 0  # products multiplied by oneDNN so far in this process (the benchmark reads)
 _logged = False
 
 
@@ -179,6 +180,8 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
     """``F.linear``, multiplied by the library this CPU's fp32 runs fastest (module doc)."""
     if uses_onednn(x, weight):
+        global routed_products
+        routed_products += 1
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 

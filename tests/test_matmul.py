@@ -178,7 +178,7 @@ def test_auto_rule_by_cpu_vendor_and_overrides(monkeypatch):
         matmul._auto_choice.cache_clear()
 
 
-def test_benchmark_reports_our_step_on_both_libraries(anywhere):
+def test_benchmark_reports_our_step_on_both_libraries(anywhere, monkeypatch):
     from mae_transfer.benchmark import measure
     from mae_transfer.benchmark.pretrain import _versus_official_case
 
@@ -187,8 +187,14 @@ def test_benchmark_reports_our_step_on_both_libraries(anywhere):
     row = _versus_official_case(
         "mae_vit_base_patch16", 2, 32, 0.75, "cpu", 0, 1, tiny=True, amp="fp32"
     )
-    assert row["ours_cpu_matmul"] == "oneDNN"
+    assert row["ours_cpu_matmul"] == "oneDNN"  # (MIN_MACS 0 here: every product routed)
     assert row["ours_default_matmul_img_s"] > 0 and row["speedup_vs_official_default_matmul"] > 0
+    with monkeypatch.context() as m:  # none of the tiny model's products is large enough
+        m.setattr(matmul, "MIN_MACS", 1 << 26)
+        row = _versus_official_case(
+            "mae_vit_base_patch16", 2, 32, 0.75, "cpu", 0, 1, tiny=True, amp="fp32"
+        )
+    assert row["ours_cpu_matmul"] == "torch's default" and "ours_default_matmul_img_s" not in row
     # the profiler's matrix-multiply FLOPs count oneDNN's product: x (M, K) by w (N, K)
     assert measure._gemm_flops("mkldnn::_linear_pointwise", [[6, 5], [9, 5], [9]]) == 2 * 6 * 5 * 9
 
