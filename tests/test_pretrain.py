@@ -141,6 +141,13 @@ def test_patch_and_schedule_problems_are_named_with_the_others(tmp_path, image_d
     assert not (tmp_path / "out" / "checkpoint-last.pth").exists()
 
 
+def test_a_bad_cpu_matmul_library_is_refused_before_training(tmp_path, image_dir, monkeypatch):
+    monkeypatch.setenv("MAE_TRANSFER_CPU_MATMUL", "mkl")
+    with pytest.raises(ConfigError, match="MAE_TRANSFER_CPU_MATMUL must be one of .*'mkl'"):
+        Trainer(tiny_cfg(tmp_path, image_dir), CPU, DistInfo())
+    assert not (tmp_path / "out" / "checkpoint-last.pth").exists()
+
+
 def test_k_nn_folders_without_classes_stop_before_anything_is_written(tmp_path, image_dir):
     cfg = tiny_cfg(tmp_path, image_dir, knn_train=image_dir, knn_val=image_dir)  # flat folders
     with pytest.raises(ConfigError, match="k-NN monitor .* no class folders with images"):

@@ -229,6 +229,11 @@ class EpochTrainer:
             )
         self.optimizer = self.build_optimizer()
         self.amp_dtype, fp16 = resolve_amp(cfg.amp, device)
+        if device.type == "cpu":  # a bad MAE_TRANSFER_CPU_MATMUL: now, not at the first step
+            try:
+                cpu_linear_check()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.scaler = make_scaler(device, fp16)
         self._dynamic_scale = fp16  # skipped updates are routine; else they stop the run
         # GradScaler.step reads its finiteness flag on the host (a sync every update) unless
