@@ -230,3 +230,40 @@ def test_a_check_while_onednn_is_disabled_does_not_stick(monkeypatch):
         assert matmul.cpu_linear_check()[0] is True
     finally:
         matmul._auto_choice.cache_clear()
+
+
+@pytest.mark.parametrize("which", ["classifier", "probe", "windowed_checkpointed_vit"])
+def test_the_other_routed_models_give_torchs_values_and_gradients(anywhere, calls, which):
+    """The classifier (fine-tuning; a probe on cached features) and the transfer ViT (window
+    attention, relative positions, activation checkpointing: its recompute takes the same
+    library) train alike on either library."""
+    from mae_transfer.classification.model import ViTClassifier
+    from mae_transfer.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    if which == "windowed_checkpointed_vit":
+        model = VisionTransformer(
+            img_size=32, patch_size=8, window_size=2, rel_pos="decomposed", class_token=False,
+            use_checkpoint=True, **TINY_VIT,
+        )  # fmt: skip
+        run, x = model.forward_features, torch.randn(2, 3, 32, 40)
+    else:
+        probe = which == "probe"
+        model = ViTClassifier(num_classes=5, img_size=32, patch_size=8, probe=probe, **TINY_VIT)
+        run, x = model, torch.randn(6, 32) if probe else torch.randn(2, 3, 32, 32)
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = run(x).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    assert calls["n"] > 0
+    with matmul.library("default"):
+        ref, ref_grads = loss_and_grads()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
