@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import FrozenSet, Optional, Tuple, Union
+from typing import FrozenSet, List, Optional, Tuple, Union
 
 import torch
 
@@ -70,17 +70,24 @@ def cuda_bf16_native(device: Union[torch.device, str, int, None] = None) -> bool
     return torch.cuda.get_device_properties(cuda_device_index(device)).major >= 8
 
 
+def cpuinfo(*keys: str) -> List[str]:
+    """The values of /proc/cpuinfo's fields named ``keys`` (e.g. "model name", one line per
+    core), in order; empty when it cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = [ln.split(":", 1) for ln in f if ":" in ln]
+    except OSError:
+        return []
+    return [value.strip() for key, value in fields if key.strip() in keys]
+
+
 def _cpu_flags() -> Optional[FrozenSet[str]]:
     """The CPU's feature flags (torch's cpuinfo, else /proc/cpuinfo); None when unknown."""
     caps = getattr(torch.cpu, "get_capabilities", None)
     if caps is not None:
         return frozenset(k for k, v in caps().items() if v is True)
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("flags", "Features"))]
-    except OSError:
-        return None
-    return frozenset(" ".join(ln.split(":", 1)[1] for ln in lines).split()) if lines else None
+    lines = cpuinfo("flags", "Features")
+    return frozenset(" ".join(lines).split()) if lines else None
 
 
 def _bf16_matmul_speed_ratio(n: int = 256) -> float:

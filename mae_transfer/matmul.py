@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .device import cpuinfo
+
 __all__ = [
     "ENV_VAR",
     "LIBRARIES",
@@ -63,14 +65,7 @@ def _check_name(name: str, what: str) -> str:
 
 def _cpu_vendor() -> Optional[str]:
     """The x86 vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), None when unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+    return next(iter(cpuinfo("vendor_id")), None)
 
 
 def _onednn_kernel() -> bool:

@@ -12,7 +12,7 @@ import torch
 
 
 def machine(device: torch.device) -> Dict:
-    from mae_transfer.device import cpu_has_native_bf16
+    from mae_transfer.device import cpu_has_native_bf16, cpuinfo
     from mae_transfer.matmul import cpu_linear_check
 
     info = {
@@ -26,12 +26,7 @@ def machine(device: torch.device) -> Dict:
         "cpu_fp32_linear": "oneDNN" if cpu_linear_check()[0] else "torch's default",
         "device": str(device),
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        info["cpu"] = names[0] if names else info["cpu"]
-    except OSError:
-        pass
+    info["cpu"] = next(iter(cpuinfo("model name")), info["cpu"])
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
