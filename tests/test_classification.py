@@ -659,6 +659,12 @@ def test_resume_takes_only_a_checkpoint_of_the_same_protocol_model_and_start(dat
     # fine-tuning in the probe's output_dir: auto-resume finds the probe's checkpoint
     with pytest.raises(ConfigError, match="is a linear probing checkpoint, not fine-tuning: it"):
         FinetuneTrainer(cfg_of(FinetuneConfig, data, tmp_path / "lp"), CPU, DistInfo())
+    with pytest.raises(ConfigError) as e:  # the way out it names is a flag the tools take
+        FinetuneTrainer(cfg_of(FinetuneConfig, data, tmp_path / "lp"), CPU, DistInfo())
+    from mae_transfer.classification.config import load_config
+
+    flag = re.search(r"\((--\S+) would start afresh", str(e.value)).group(1)
+    assert not load_config(FinetuneConfig, [flag, "--data_path", "d"], "t")[0].auto_resume
     # a pretraining file (no protocol recorded, other weights) given as --resume
     with pytest.raises(ConfigError, match="does not hold this run's model .* are --finetune"):
         FinetuneTrainer(

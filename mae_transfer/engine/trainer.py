@@ -531,7 +531,7 @@ class EpochTrainer:
             where = f"{path} (in output_dir, found by auto-resume)"
             hint = (
                 "it belongs to another run: give this one another --output_dir "
-                "(--auto_resume false would start afresh and overwrite it)"
+                "(--no-auto_resume would start afresh, moving its files aside to *.old)"
             )
         else:
             where = path
