@@ -843,6 +843,8 @@ def test_command_lines_train_evaluate_and_reject_bad_values(data, tmp_path):
     assert "was trained at input_size 32x32, evaluated here at 48x48" in ev.stdout + ev.stderr
     lp = cli("linprobe.py", "--cache_features", "--output_dir", str(tmp_path / "lp"))
     assert lp.returncode == 0, lp.stderr[-2000:]
+    # the extraction (hours for ImageNet on a CPU) shows its progress, as training does
+    assert "training features: 100%" in lp.stderr and "validation features: 100%" in lp.stderr
     assert os.path.isfile(tmp_path / "lp" / BEST)
     bad = cli("finetune.py", "--layer_decay", "2", "--output_dir", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "layer_decay must be in (0, 1]" in bad.stderr

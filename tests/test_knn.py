@@ -305,6 +305,7 @@ def test_standalone_command_on_an_official_format_checkpoint(tmp_path):
     assert "knn_k5_top1" in r.stdout and "loaded" in r.stderr
     assert "patch size 8, read from its patch embedding" in r.stderr and "resized" not in r.stderr
     assert "k 200 is more than the 9 images of the bank" in r.stderr
+    assert "k-NN bank: 100%" in r.stderr and "k-NN val: 100%" in r.stderr  # (hours on a CPU)
     # the same numbers as the evaluator in this process, with that seed's subsets
     encoder = encoder_for_checkpoint(
         paths["official"], "mae_vit_base_patch16", 32, embed_dim=32, depth=2, num_heads=2

@@ -136,7 +136,9 @@ def run(args) -> None:
         with tf32_enabled(device):
             pool = args.pool or default_pool(model)
             feature_fn = checkpoint_features(model, pool)
-            acc = evaluator(model, device, pool, args.k, args.temperature, amp_dtype, feature_fn)
+            acc = evaluator(
+                model, device, pool, args.k, args.temperature, amp_dtype, feature_fn, True
+            )
     finally:
         cleanup(info)
     if info.is_main:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from mae_transfer.data import (
     ClassFolderDataset,
@@ -162,10 +164,13 @@ def extract_features(
     normalize: bool = True,
     feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     on_device: bool = False,
+    progress: str = "",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features and labels of every batch of ``loader``, L2-normalised unless ``normalize`` is
     False; on the CPU, or left on ``device`` with ``on_device``. Neither waits for the device
-    batch by batch (the copies to the host are asynchronous, into pinned memory).
+    batch by batch (the copies to the host are asynchronous, into pinned memory). A non-empty
+    ``progress`` names a progress bar over the batches (with ETA), for a pass that can take
+    hours (ImageNet on a CPU); empty, nothing is shown.
 
     The feature of a batch is ``feature_fn(imgs)``, by default ``pool`` over
     ``model.forward_features(imgs)`` (our ViT, or the MAE model's unmasked encoder: (B, 1 + L, D)
@@ -189,8 +194,15 @@ def extract_features(
     model.eval()
     where = device if on_device else torch.device("cpu")
     feats, labels, replaced = [], [], []
+    batches = tqdm(
+        loader,
+        desc=progress,
+        disable=not progress,
+        unit="batch",
+        mininterval=1.0 if sys.stderr.isatty() else 10.0,
+    )
     try:
-        for imgs, targets, *rest in loader:
+        for imgs, targets, *rest in batches:
             imgs = imgs.to(device, non_blocking=True)
             with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
                 f = feature_fn(imgs).float()
@@ -296,17 +308,21 @@ class KNNEvaluator:
         temperature: float = TEMPERATURE,
         amp_dtype: Optional[torch.dtype] = None,
         feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        progress: bool = False,
     ) -> Dict[str, float]:
         """{'knn_k20_top1': ..., 'knn_k200_top1': ..., 'knn_skipped_images': ...} (the same on
         every process; the last counts the unreadable images left out of both sets); the
-        features are ``pool`` over ``model``'s tokens, or ``feature_fn(images)`` when given."""
+        features are ``pool`` over ``model``'s tokens, or ``feature_fn(images)`` when given.
+        ``progress``: rank 0 shows a bar over each set's batches (the standalone tool; the
+        pretraining monitor runs under the run's own bar)."""
         train, val = self.loaders
         args = (device, pool, amp_dtype, True, feature_fn, True)  # (kept on the device)
+        bars = ("k-NN bank", "k-NN val") if progress and self.dist.is_main else ("", "")
         # an image standing in for an unreadable file is left out (label -1): never a
         # neighbour, never counted, as the validation of the classifiers leaves it out
-        tr_f, tr_l, tr_bad = extract_features(model, train, *args)
+        tr_f, tr_l, tr_bad = extract_features(model, train, *args, progress=bars[0])
         tr_f, tr_l = gather_features(tr_f, tr_l.masked_fill(tr_bad, -1), self.dist)
-        va_f, va_l, va_bad = extract_features(model, val, *args)  # this shard only
+        va_f, va_l, va_bad = extract_features(model, val, *args, progress=bars[1])  # own shard
         correct = knn_correct(
             tr_f.to(device),
             tr_l.to(device),

@@ -432,6 +432,7 @@ class LinprobeTrainer(_ClassifierTrainer):
                 amp_dtype=amp_dtype,
                 normalize=False,
                 feature_fn=self.model.pooled,
+                progress=f"{what} features" if d.is_main else "",
             )
         if not d.enabled:
             return FeatureDataset([feats], [labels], [replaced])
