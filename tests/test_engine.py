@@ -282,7 +282,7 @@ def test_an_unreadable_checkpoint_last_falls_back_to_the_newest_readable_copy(
     assert (t.epoch, t.iter) == (1, 0)  # checkpoint-0.pth
     t.close()
     last.write_bytes(b"PK\x03\x04 damaged")
-    with pytest.raises(ConfigError, match="cannot read checkpoint .*checkpoint-1.pth"):
+    with pytest.raises(ConfigError, match="resume from: cannot read checkpoint .*checkpoint-1.pth"):
         Trainer(  # asked for by name: an error, not a fallback
             tiny_cfg(out, image_dir, epochs=3, resume=str(out / "checkpoint-1.pth")),
             torch.device("cpu"),

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mae_transfer.checkpoint import (
+    CheckpointError,
     copy_atomic,
     load_file,
     remove_stale_temporaries,
@@ -423,7 +424,8 @@ class EpochTrainer:
                     [cfg.resume, last], self.checkpoint_format, damaged_ok
                 )
             except Exception as e:  # noqa: BLE001 - every rank raises it, none waits forever
-                error = f"{type(e).__name__}: {e}"
+                # ours say what is wrong with which file (their class names are internal)
+                error = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
             restarted = any(
                 int(os.environ.get(v, "0") or 0) > 0
                 for v in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
