@@ -967,6 +967,9 @@ def test_the_official_scripts_flags_are_understood():
     assert pool(LinprobeConfig) == "cls" and pool(FinetuneConfig) == "avg"
     assert pool(FinetuneConfig, "--cls_token", "--dist_eval") == "cls"
     assert pool(LinprobeConfig, "--global_pool") == "avg"  # the official flag, bare
+    assert (
+        load_config(FinetuneConfig, ["--data_path", "d", "--no_pin_mem"], "t")[0].pin_mem is False
+    )
     assert pool(LinprobeConfig, "--global_pool", "avg", "--epochs", "3") == "avg"
     assert pool(FinetuneConfig, "--global_pool", "cls") == "cls"
     cfg = load_config(FinetuneConfig, ["--data_path", "d", "--global_pool", "max"], "t")[0]

@@ -75,6 +75,17 @@ def test_config_precedence_defaults_yaml_flags(tmp_path):
     assert cfg.norm_pix_loss is True and cfg.weight_decay == 0.05
 
 
+def test_booleans_take_the_official_no_underscore_spelling_too(tmp_path):
+    """main_pretrain.py's --no_pin_mem (and --no_x for every boolean), beside --no-x."""
+    y = tmp_path / "c.yaml"
+    y.write_text("norm_pix_loss: true\n")
+    assert load_config([])[0].pin_mem is True
+    cfg, _ = load_config(["--config", str(y), "--no_pin_mem", "--no_norm_pix_loss"])
+    assert (cfg.pin_mem, cfg.norm_pix_loss, cfg.auto_resume) == (False, False, True)
+    cfg, _ = load_config(["--config", str(y), "--no-pin_mem", "--no_auto_resume"])
+    assert (cfg.pin_mem, cfg.norm_pix_loss, cfg.auto_resume) == (False, True, False)
+
+
 def test_a_base_lr_flag_wins_over_an_absolute_lr_in_the_yaml(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("lr: 0.0005\nblr: 0.001\n")

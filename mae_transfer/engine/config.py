@@ -96,7 +96,8 @@ def _is_bool(f: dataclasses.Field) -> bool:
 def build_parser(
     cls: Type[C], prog: str, description: str, helps: Mapping[str, str] = ()
 ) -> argparse.ArgumentParser:
-    """One ``--flag`` per field (``--x/--no-x`` for booleans); mappings are YAML-only."""
+    """One ``--flag`` per field (``--x/--no-x`` for booleans, ``--no_x`` too: the official
+    scripts' spelling, e.g. ``--no_pin_mem``); mappings are YAML-only."""
     p = argparse.ArgumentParser(
         prog, description=description + " Precedence: defaults < --config YAML < flags."
     )
@@ -108,6 +109,13 @@ def build_parser(
         kw = dict(default=None, help=helps.get(name, ""))
         if _is_bool(f):
             p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, **kw)
+            p.add_argument(
+                f"--no_{name}",
+                dest=name,
+                action="store_false",
+                default=None,
+                help=argparse.SUPPRESS,
+            )
         elif "List" in str(f.type):
             kind = float if "List[float]" in str(f.type) else int
             p.add_argument(f"--{name}", type=kind, nargs="+", **kw)
