@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 
 import pytest
@@ -826,6 +827,21 @@ def test_a_run_stopped_for_a_requeue_resumes_to_the_uninterrupted_weights(
     resumed.close()
     for a, b in zip(_weights(ref), _weights(resumed)):
         assert torch.equal(a, b)
+
+
+def test_a_live_runs_folder_is_refused_before_its_checkpoint_is_loaded(
+    tmp_path, image_dir, monkeypatch, caplog
+):
+    """The refusal came after 'resumed from .../checkpoint-last.pth at epoch N' was logged."""
+    from mae_transfer.engine import state
+
+    out = tmp_path / "out"
+    train(tiny_cfg(out, image_dir, epochs=1))
+    (out / state.OWNER_FILE).write_text(json.dumps({"pid": 1}))
+    monkeypatch.setattr(state, "_same_process_alive", lambda owner: True)
+    with caplog.at_level(logging.INFO), pytest.raises(ConfigError, match="in use by another"):
+        Trainer(tiny_cfg(out, image_dir, epochs=2), torch.device("cpu"), DistInfo())
+    assert "resumed from" not in caplog.text and (out / LAST).exists()
 
 
 def test_two_runs_in_one_output_dir_are_refused_or_stopped(tmp_path, image_dir):

@@ -187,13 +187,10 @@ def _same_process_alive(owner: Dict) -> bool:
     return start is not None and start == owner.get("start")
 
 
-def claim_output_dir(output_dir: str) -> Dict:
-    """Makes this process the run writing to ``output_dir`` (rank 0, at the start) and returns
-    its record. A run still alive on this host (another process) is a :class:`ConfigError`;
-    one elsewhere cannot be checked: it stops at its next save (:func:`check_owner`). A
-    requeued or restarted run takes over from its dead predecessor."""
-    from mae_transfer.checkpoint import write_text_atomic
-
+def refuse_if_in_use(output_dir: str) -> None:
+    """A :class:`ConfigError` when a run still alive on this host (another process) writes to
+    ``output_dir``; one elsewhere cannot be checked: it stops at its next save
+    (:func:`check_owner`)."""
     from .config import ConfigError
 
     other = _read_owner(output_dir)
@@ -203,6 +200,15 @@ def claim_output_dir(output_dir: str) -> Dict:
             f"{other.get('started')}): give this run another --output_dir, or stop that one (if "
             f"it is not running any more, delete {os.path.join(output_dir, OWNER_FILE)})"
         )
+
+
+def claim_output_dir(output_dir: str) -> Dict:
+    """Makes this process the run writing to ``output_dir`` (rank 0, at the start) and returns
+    its record; refused as by :func:`refuse_if_in_use`. A requeued or restarted run takes over
+    from its dead predecessor."""
+    from mae_transfer.checkpoint import write_text_atomic
+
+    refuse_if_in_use(output_dir)
     owner = {
         "host": socket.gethostname(),
         "pid": os.getpid(),

@@ -69,6 +69,7 @@ from .state import (
     move_aside,
     newest_checkpoint,
     owns_output_dir,
+    refuse_if_in_use,
     release_output_dir,
     set_rng_state,
     takeover_message,
@@ -254,6 +255,12 @@ class EpochTrainer:
         self._eval_pending: Optional[Dict] = None
         self._resumed_from: Optional[str] = None  # the checkpoint chosen (every rank)
         self._last_unreadable = False  # output_dir's checkpoint-last.pth passed over (rank 0)
+
+        def check_free() -> None:  # a live run's folder: refused before its checkpoint loads
+            if dist_info.is_main:
+                refuse_if_in_use(cfg.output_dir)
+
+        on_every_rank(check_free, dist_info, f"could not start in {cfg.output_dir}")
         self._resume()
         self._owner: Dict = {}
 
