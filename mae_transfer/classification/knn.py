@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from mae_transfer.data import (
     ClassFolderDataset,
@@ -34,6 +32,7 @@ from mae_transfer.engine.distributed import (
     all_reduce_min,
     all_reduce_sum,
 )
+from mae_transfer.engine.logger import progress_bar
 from mae_transfer.engine.trainer import tf32_enabled
 
 logger = logging.getLogger(__name__)
@@ -194,13 +193,7 @@ def extract_features(
     model.eval()
     where = device if on_device else torch.device("cpu")
     feats, labels, replaced = [], [], []
-    batches = tqdm(
-        loader,
-        desc=progress,
-        disable=not progress,
-        unit="batch",
-        mininterval=1.0 if sys.stderr.isatty() else 10.0,
-    )
+    batches = progress_bar(loader, desc=progress, disable=not progress, unit="batch")
     try:
         for imgs, targets, *rest in batches:
             imgs = imgs.to(device, non_blocking=True)

@@ -30,6 +30,14 @@ def json_safe(value):
 logger = logging.getLogger(__name__)
 
 
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """tqdm (rate and ETA) redrawn every second on a terminal and every 10 s into a file (a
+    Slurm log), whose lines would otherwise pile up."""
+    return tqdm(
+        iterable, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 10.0, **kwargs
+    )
+
+
 class RunLogger:
     """Rank 0 writes ``output_dir/log.jsonl`` and TensorBoard events; other ranks write nothing.
 
@@ -116,14 +124,7 @@ class RunLogger:
 
     def progress(self, total: int, initial: int) -> tqdm:
         """The run's bar over all iterations (tqdm's rate and ETA); a quiet one off rank 0."""
-        self.bar = tqdm(
-            total=total,
-            initial=initial,
-            disable=not self.enabled,
-            unit="it",
-            dynamic_ncols=True,
-            mininterval=1.0 if sys.stderr.isatty() else 10.0,
-        )
+        self.bar = progress_bar(total=total, initial=initial, disable=not self.enabled, unit="it")
         return self.bar
 
     def scalars(self, values: Mapping[str, float], step: float, prefix: str) -> None:
