@@ -96,6 +96,28 @@ def test_visualize_det_refuses_num_0_and_a_test_set_without_images(
     assert not (tmp_path / "p.png").exists()
 
 
+def test_visualize_det_draws_scores_below_the_config_s_test_threshold(
+    toy_coco, detector, tmp_path, monkeypatch
+):
+    """--score-thresh 0 drew nothing from an early model: the model had already dropped every
+    box below MODEL.ROI_HEADS.SCORE_THRESH_TEST (0.05)."""
+    import mae_transfer.detection.visualize as visualize
+
+    drawn, predict = [], visualize.predict
+
+    def counted(cfg, model, path):
+        img, inst = predict(cfg, model, path)
+        drawn.append(len(inst))
+        return img, inst
+
+    monkeypatch.setattr(visualize, "predict", counted)
+    argv = [*_draw_argv(detector, toy_coco), "--output", str(tmp_path / "p.png"), *TINY_OPTS]
+    for thresh, model_thresh in (("0", "1.0"), ("0.5", "0.0")):  # the model's kept when lower
+        opts = ["--score-thresh", thresh, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", model_thresh]
+        assert load_tool("visualize_det").main([*argv, *opts]) == 0
+    assert drawn == [build_cfg(TINY_CONFIG, TINY_OPTS).TEST.DETECTIONS_PER_IMAGE] * 2  # 20
+
+
 @pytest.mark.parametrize("order", ["overrides_first", "overrides_between", "overrides_last"])
 def test_visualize_det_takes_overrides_anywhere(toy_coco, detector, tmp_path, order):
     """KEY VALUE before --weights: ``the following arguments are required: --weights`` (the

@@ -55,7 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="your COCO-format test set (as train_det): its images, and its class names",
     )
     p.add_argument("--num", type=int, default=8, help="number of images drawn")
-    p.add_argument("--score-thresh", type=float, default=0.5)
+    p.add_argument(
+        "--score-thresh",
+        type=float,
+        default=0.5,
+        help="draw predictions scored at least this (below the config's "
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST, the model keeps them too)",
+    )
     p.add_argument("--output", default="predictions.png", help="PNG file, or folder")
     # not REMAINDER: that would swallow the options given after the first KEY
     p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
@@ -101,6 +107,10 @@ def main(argv=None) -> int:
         # --weights holds the whole trained detector: the MAE encoder that initialised its
         # training is not read (it may have been moved or deleted since)
         cfg.MODEL.VIT.PRETRAINED = ""
+        # the model drops boxes below its own test threshold (0.05) before the drawing's: a
+        # lower --score-thresh (an early model's weak boxes) drew nothing
+        heads = cfg.MODEL.ROI_HEADS
+        heads.SCORE_THRESH_TEST = min(heads.SCORE_THRESH_TEST, args.score_thresh)
         if "://" not in args.weights and not os.path.isfile(args.weights):
             raise CheckpointError(f"--weights {args.weights!r} does not exist")
         register_coco_datasets(cfg)
