@@ -996,7 +996,16 @@ def _refused(caplog, code: int, *expected: str) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["weights", "model_name", "config_file", "unknown_key", "out_indices", "no_test_set", "taken"],
+    [
+        "weights",
+        "pretrained",
+        "model_name",
+        "config_file",
+        "unknown_key",
+        "out_indices",
+        "no_test_set",
+        "taken",
+    ],
 )
 def test_train_det_refuses_bad_input_before_training_with_exit_2(toy_coco, tmp_path, caplog, case):
     """Each used to end in a traceback (exit 1); a missing test set only after the training."""
@@ -1005,6 +1014,9 @@ def test_train_det_refuses_bad_input_before_training_with_exit_2(toy_coco, tmp_p
     if case == "weights":
         opts += ["MODEL.WEIGHTS", str(tmp_path / "nothere.pth")]
         expected = ("MODEL.WEIGHTS", "nothere.pth' does not exist")
+    elif case == "pretrained":  # 'checkpoint not found' as the model was built, no key named
+        opts += ["MODEL.VIT.PRETRAINED", str(tmp_path / "nothere.pth")]
+        expected = ("MODEL.VIT.PRETRAINED", "nothere.pth' does not exist")
     elif case == "model_name":
         opts += ["MODEL.VIT.NAME", "vit_foo"]
         expected = ("MODEL.VIT.NAME: unknown model 'vit_foo'",)

@@ -43,6 +43,7 @@ from mae_transfer.detection.train import (  # noqa: E402
     check_datasets,
     check_detector_weights,
     check_num_classes,
+    check_pretrained,
     check_weights,
     eval_tasks,
     register_coco_datasets,
@@ -73,6 +74,7 @@ def load_cfg(args):
             "MODEL.VIT.PRETRAINED %s not loaded: a trained detector is", cfg.MODEL.VIT.PRETRAINED
         )
         cfg.MODEL.VIT.PRETRAINED = ""
+    check_pretrained(cfg)
     register_coco_datasets(cfg)
     check_datasets(cfg, args.eval_only)
     return cfg

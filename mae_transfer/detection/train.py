@@ -262,6 +262,14 @@ def check_weights(cfg, resume: bool, eval_only: bool = False) -> None:
     raise ConfigError(f"MODEL.WEIGHTS {weights!r} does not exist{why}")
 
 
+def check_pretrained(cfg) -> None:
+    """A missing MODEL.VIT.PRETRAINED file named with its key (:class:`ConfigError`) before the
+    run is set up; it failed as the model was built, as 'checkpoint not found', naming no key."""
+    path = cfg.MODEL.VIT.PRETRAINED
+    if path and "://" not in path and not os.path.isfile(path):
+        raise ConfigError(f"MODEL.VIT.PRETRAINED {path!r} does not exist")
+
+
 def check_detector_weights(cfg) -> None:
     """``--eval-only``: MODEL.WEIGHTS (a local file) must fill the whole detector, checked in
     the launching process on a model built on the meta device (no memory), so that a bad file
