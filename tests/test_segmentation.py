@@ -894,11 +894,16 @@ SLURM_TASK_3 = {
     "SLURM_NODELIST": "n1",
     "SLURM_LOCALID": "3",
 }
+# what torchrun sets in each process (rank 5 of 8 here)
+TORCHRUN_RANK_5 = {"RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
 
 
 @pytest.mark.parametrize(
     "launcher,env,gpu",
-    [("pytorch", {"LOCAL_RANK": "5"}, 5), ("slurm", {"LOCAL_RANK": "0", **SLURM_TASK_3}, 3)],
+    [
+        ("pytorch", {"LOCAL_RANK": "5", **TORCHRUN_RANK_5}, 5),
+        ("slurm", {"LOCAL_RANK": "0", **SLURM_TASK_3}, 3),
+    ],
 )
 def test_the_precision_check_reads_this_ranks_gpu(fresh_precision, launcher, env, gpu):
     """Each rank looks at its own GPU (as mmengine will set it), not at GPU 0, and allocates
@@ -977,11 +982,13 @@ def test_recipe_scales_the_lr_with_the_total_batch(tmp_path):
 
 
 @pytest.mark.parametrize("launcher", ["none", "pytorch"])
-def test_cpu_runs_use_plain_batchnorm_with_any_launcher(launcher):
+def test_cpu_runs_use_plain_batchnorm_with_any_launcher(launcher, monkeypatch):
     """torch's SyncBatchNorm raises in training on a CPU once a process group exists (gloo
     included): a CPU run under torchrun must get BN, as a single process does."""
     if torch.cuda.is_available():
         pytest.skip("CUDA keeps the recipe's SyncBN")
+    for k, v in TORCHRUN_RANK_5.items():  # (as under torchrun)
+        monkeypatch.setenv(k, v)
     cfg = build_cfg(RECIPE, {"model.backbone.pretrained": None}, launcher=launcher)
     assert "SyncBN" in str(Config.fromfile(RECIPE)._cfg_dict)  # the recipe asks for it
     assert "SyncBN" not in str(cfg._cfg_dict)
@@ -1066,7 +1073,21 @@ def test_slurm_and_mpi_variables_become_torch_distributed_ones():
     )
     with pytest.raises(ConfigError, match="SLURM_PROCID.*srun"):
         launcher_env("slurm", {"SLURM_NTASKS": "2", "SLURM_NODELIST": "a"})
-    assert launcher_env("pytorch", {}) == {}
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"}
+    assert launcher_env("pytorch", torchrun) == {}
+
+
+def test_launcher_pytorch_without_torchrun_is_refused_before_the_data_checks(
+    monkeypatch, tmp_path, caplog
+):
+    """python tools/train_seg.py CONFIG --launcher pytorch (torchrun forgotten) ended in a
+    traceback, 'environment variable RANK expected, but not set', after the data checks."""
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    argv = [TINY_CONFIG, "--launcher", "pytorch", "--work-dir", str(tmp_path / "work")]
+    argv += ["--cfg-options", f"train_dataloader.dataset.data_root={tmp_path / 'no_data'}"]
+    code = _tool("train_seg").main(argv)
+    _refused(caplog, code, "--launcher pytorch needs RANK, WORLD_SIZE, MASTER_ADDR", "torchrun")
 
 
 def test_the_comparison_grid_takes_images_of_different_sizes(tmp_path, monkeypatch):

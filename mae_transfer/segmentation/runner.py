@@ -681,6 +681,8 @@ LAUNCHER_VARIABLES = {
     "mpi": ("mpirun", {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE"},
             "OMPI_COMM_WORLD_LOCAL_RANK", []),
 }  # fmt: skip
+# what torchrun sets and torch.distributed's env:// set-up reads (LOCAL_RANK: export_local_rank)
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launcher_env(launcher: str, env=os.environ) -> Dict[str, str]:
@@ -690,8 +692,18 @@ def launcher_env(launcher: str, env=os.environ) -> Dict[str, str]:
     Open MPI job must set MASTER_ADDR. Empty for ``pytorch`` (torchrun sets them).
 
     Raises:
-        ConfigError: a variable the launcher sets is missing (not run under srun / mpirun).
+        ConfigError: a variable the launcher sets is missing (not run under srun / mpirun /
+            torchrun: ``--launcher pytorch`` without torchrun was a traceback, 'environment
+            variable RANK expected, but not set', once the data had been checked).
     """
+    if launcher == "pytorch":
+        missing = [v for v in TORCHRUN_VARIABLES if v not in env]
+        if missing:
+            raise ConfigError(
+                f"--launcher pytorch needs {', '.join(missing)} in the environment, which "
+                "torchrun sets: start the tool with torchrun --nproc_per_node N ..., or leave "
+                "--launcher out to run one process"
+            )
     if launcher not in LAUNCHER_VARIABLES:
         return {}
     runner, names, local, others = LAUNCHER_VARIABLES[launcher]
