@@ -1560,6 +1560,9 @@ def test_train_det_names_a_class_count_that_does_not_fit_the_data(toy_coco, tmp_
     # our loggers write to detectron2's log file too (the weight-loading report, the summary)
     log = (tmp_path / "out" / "log.txt").read_text()
     assert f"{n} categories, MODEL.ROI_HEADS.NUM_CLASSES is {n + 2}" in log
+    # marked as a warning, as detectron2 marks its own (it read as information)
+    warned = [line for line in log.splitlines() if "never trained" in line]
+    assert warned and all(line.startswith("WARNING [") for line in warned), warned
 
 
 def test_drawn_class_names_come_from_the_detector_s_data_set(toy_coco, caplog):

@@ -326,6 +326,15 @@ def check_datasets(cfg, eval_only: bool = False) -> None:
         raise ConfigError("invalid detectron2 data sets:\n  - " + "\n  - ".join(errors))
 
 
+class _LevelFormatter(logging.Formatter):
+    """detectron2's layout, with warnings and errors marked as detectron2 marks its own
+    ('WARNING [time name]: ...'): ours read as information among its lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname} {text}"
+
+
 def attach_logs(names: Sequence[str], output_dir: str, rank: int = 0) -> None:
     """Our loggers next to detectron2's (``default_setup`` configures only its own and
     fvcore's): INFO on rank 0, warnings elsewhere; to the console unless the root logger
@@ -333,7 +342,7 @@ def attach_logs(names: Sequence[str], output_dir: str, rank: int = 0) -> None:
     set up by a caller still sees the records); calling again adds nothing."""
     import sys
 
-    fmt = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", "%m/%d %H:%M:%S")
+    fmt = _LevelFormatter("[%(asctime)s %(name)s]: %(message)s", "%m/%d %H:%M:%S")
     targets = [("console", None)] if not logging.getLogger().handlers else []
     if rank == 0 and output_dir:
         targets.append(("file", os.path.join(output_dir, "log.txt")))
