@@ -1191,6 +1191,37 @@ def test_data_folders_are_checked_for_pairs_before_training(tmp_path):
         check_data(Config(dict(train_dataloader=dict(dataset=ds))))
 
 
+def test_the_images_a_split_file_lists_are_checked_before_training(tmp_path):
+    """With ``ann_file`` (a split file of names, as Pascal VOC's) nothing was checked: an
+    image it listed that was absent stopped training with a FileNotFoundError when drawn."""
+    import numpy as np
+    from PIL import Image
+
+    from mae_transfer.engine.config import ConfigError
+    from mae_transfer.segmentation.runner import check_data
+
+    root = tmp_path / "data"
+    for d in ("img", "ann"):
+        (root / d).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(root / "img" / f"{i}.png")
+        Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "ann" / f"{i}.png")
+    (root / "train.txt").write_text("0\n2\n")
+    ds = dict(type="BaseSegDataset", data_root=str(root), img_suffix=".png")
+    ds.update(data_prefix=dict(img_path="img", seg_map_path="ann"), ann_file="train.txt")
+    check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    (root / "train.txt").write_text("0\n2\n7\n")
+    with pytest.raises(ConfigError, match=r"1 of the 3 images .*train.txt lists are not in"):
+        check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    (root / "train.txt").write_text("0\n2\n")
+    (root / "ann" / "2.png").unlink()
+    with pytest.raises(ConfigError, match=r"1 of 2 images have no label '<name>.png'"):
+        check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+    Image.fromarray(np.zeros((64, 96), np.uint8)).save(root / "ann" / "2.png")
+    with pytest.raises(ConfigError, match="image 2.png is 48x32 but its label .* is 96x64"):
+        check_data(Config(dict(train_dataloader=dict(dataset=ds))))
+
+
 def test_images_of_more_than_8_bits_are_warned_about(tmp_path, mmengine_log):
     """mmcv's cv2 loading keeps a 16-bit value's high byte (a 12-bit scan: 0..15); our loader
     (build_cfg's) stretches them, except with color_type 'unchanged'."""

@@ -528,17 +528,30 @@ def _unpaired_data(ds: Dict, key: str, paths: Dict[str, str]) -> List[str]:
     without a label, and, on a sample, an image whose label has another size (training runs
     on misaligned labels; evaluation dies with a shape error naming no file)."""
     img_dir, seg_dir = paths.get("data_prefix.img_path"), paths.get("data_prefix.seg_map_path")
-    if not img_dir or "://" in img_dir or not os.path.isdir(img_dir) or ds.get("ann_file"):
+    ann_file = paths.get("ann_file")
+    if not img_dir or "://" in img_dir or not os.path.isdir(img_dir) or "://" in (ann_file or ""):
         return []
     img_suffix, seg_suffix = _suffix(ds, "img_suffix"), _suffix(ds, "seg_map_suffix")
     if not img_suffix or not seg_suffix:  # a dataset class we cannot read the defaults of
         return []
-    images = sorted(
-        os.path.relpath(os.path.join(d, f), img_dir)
-        for d, _, files in os.walk(img_dir)
-        for f in files
-        if f.endswith(img_suffix) and not f.startswith(".")
-    )
+    if ann_file:
+        images = _listed_images(ann_file, img_suffix)
+        absent = [i for i in images if not os.path.isfile(os.path.join(img_dir, i))]
+        if absent:  # (mmseg: a FileNotFoundError when training drew it)
+            return [
+                f"{key}: {len(absent)} of the {len(images)} images {ann_file} lists are not in "
+                f"{img_dir} (e.g. {absent[0]}): each line is an image's name without "
+                f"{key}.img_suffix '{img_suffix}'"
+            ]
+    else:
+        images = sorted(
+            os.path.relpath(os.path.join(d, f), img_dir)
+            for d, _, files in os.walk(img_dir)
+            for f in files
+            if f.endswith(img_suffix) and not f.startswith(".")
+        )
+    if not images and ann_file:
+        return [f"{key}: {ann_file} lists no images"]
     if not images:
         kinds = sorted({os.path.splitext(f)[1] for _, _, fs in os.walk(img_dir) for f in fs})
         return [
@@ -558,6 +571,13 @@ def _unpaired_data(ds: Dict, key: str, paths: Dict[str, str]) -> List[str]:
     step = max(1, len(images) // PAIR_SAMPLE)
     pairs = [(images[i], labels[i]) for i in range(0, len(images), step)]
     return _misfit_pairs(pairs, img_dir, image_loader(ds.get("pipeline")), key)
+
+
+def _listed_images(ann_file: str, img_suffix: str) -> List[str]:
+    """The image files an ``ann_file`` names as mmseg's BaseSegDataset reads it: each line,
+    stripped, plus ``img_suffix``."""
+    with open(ann_file) as f:
+        return [line.strip() + img_suffix for line in f.read().splitlines()]
 
 
 def _misfit_pairs(pairs: List[tuple], img_dir: str, loader: Dict, key: str) -> List[str]:
