@@ -1146,6 +1146,22 @@ def test_a_test_set_with_some_of_the_training_categories_is_numbered_as_training
     _refused(caplog, run(foreign), "DATASETS.TEST 'custom_coco_val' has categories", "99: 'kite'")
 
 
+def test_evaluating_a_test_set_against_the_config_s_default_training_set_says_what_to_give(
+    toy_coco, tmp_path, caplog
+):
+    """--eval-only with --coco-val alone aligns the test set with the config's DATASETS.TRAIN
+    (here COCO's builtin): the refusal listed all its categories (LVIS's: 40 kB on one line)
+    and did not say to name the set the detector was trained on."""
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(b"")  # (refused before it is read)
+    argv = ["--config-file", TINY_CONFIG, "--coco-val", *toy_coco["val"], "--eval-only"]
+    argv += [*TINY_OPTS, "MODEL.WEIGHTS", str(weights), "DATASETS.TRAIN", "('coco_2017_train',)"]
+    code = load_tool("train_det").cli([*argv, "OUTPUT_DIR", str(tmp_path / "out")])
+    _refused(caplog, code, "the training set 'coco_2017_train' does not", "--coco-train")
+    error = next(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "... (80 in all)" in error and len(error) < 1500, error
+
+
 def test_a_trained_detector_must_fill_the_whole_model(toy_coco, tmp_path):
     """--eval-only and tools/visualize_det.py: a backbone-only (MAE) file or another model's
     checkpoint would leave heads random, silently; they are refused with what did not fit."""

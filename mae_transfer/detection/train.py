@@ -409,6 +409,13 @@ def categories(name: str) -> Optional[Dict[int, str]]:
     return {int(dataset_id): classes[i] for dataset_id, i in ids.items()}
 
 
+def _some(entries: Dict, n: int = 8) -> str:
+    """The first ``n`` entries of a dict as text, and how many there are in all (LVIS's 1203
+    category names made a 40 kB message)."""
+    text = ", ".join(f"{k}: {v!r}" for k, v in list(entries.items())[:n])
+    return "{" + text + (f", ... ({len(entries)} in all)" if len(entries) > n else "") + "}"
+
+
 def align_test_categories(cfg) -> None:
     """A test set of ``DATASETS.COCO`` or ``DATASETS.LVIS`` whose file lists only some of the
     training set's categories is evaluated with the training set's: detectron2 numbers a
@@ -435,8 +442,11 @@ def align_test_categories(cfg) -> None:
         if foreign:
             raise ConfigError(
                 f"DATASETS.TEST {name!r} has categories (id: name) that the training set "
-                f"{train_name!r} does not: {foreign}; its categories are {train}. A detector "
-                "predicts only the classes it is trained on: give both files the same list"
+                f"{train_name!r} does not: {_some(foreign)}; its categories are {_some(train)}. "
+                "A detector predicts only the classes it is trained on: give both files the "
+                f"same list. If the detector was not trained on {train_name!r} (the config's "
+                "DATASETS.TRAIN, e.g. with --eval-only), name the set it was trained on: "
+                "--coco-train / --lvis-train JSON IMAGE_ROOT, or the run's OUTPUT_DIR/config.yaml"
             )
         register, json_file, image_root = ours[name]
         with open(json_file) as f:
