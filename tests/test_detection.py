@@ -929,6 +929,22 @@ def test_a_trained_detector_no_longer_needs_the_encoder_it_started_from(toy_coco
         assert "no checkpoint in OUTPUT_DIR" in caplog.text
 
 
+def test_resume_under_a_config_its_checkpoint_does_not_fit_is_refused(toy_coco, tmp_path, caplog):
+    """--resume with another FPN width (or NUM_CLASSES, MODEL.VIT.*) skipped the tensors of
+    another shape with a warning each, trained them from scratch at the resumed iteration and
+    wrote over the run's model_final.pth."""
+    out = tmp_path / "out"
+    data = ["--config-file", TINY_CONFIG, "--coco-train", *toy_coco["train"], "--resume"]
+    opts = [*TINY_OPTS, "SOLVER.STEPS", "()", "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(out)]
+    opts += ["MODEL.VIT.IMG_SIZE", "96", "INPUT.LSJ.IMAGE_SIZE", "96", "DATASETS.TEST", "()"]
+    train_det = load_tool("train_det")
+    assert train_det.cli([*data, *opts, "SOLVER.MAX_ITER", "1"]) == 0
+    trained = (out / "model_final.pth").read_bytes()
+    code = train_det.cli([*data, *opts, "SOLVER.MAX_ITER", "2", "MODEL.FPN.OUT_CHANNELS", "32"])
+    _refused(caplog, code, "model_final.pth does not fit the detector of this config")
+    assert (out / "model_final.pth").read_bytes() == trained
+
+
 def test_several_test_sets_are_summarized_and_written_apart(toy_coco, tmp_path):
     """The summary kept the last set's AP under unnamed keys, and every set wrote the same
     coco_instances_results.json."""

@@ -683,6 +683,18 @@ class Trainer(DefaultTrainer):
         device_type = torch.device(cfg.MODEL.DEVICE).type
         return PrecisionAMPTrainer(t.model, t.data_loader, t.optimizer, dtype, device_type)
 
+    def resume_or_load(self, resume: bool = True) -> None:
+        """detectron2's, except that a checkpoint of OUTPUT_DIR that ``resume`` continues from
+        must fill the whole detector (:class:`MAECheckpointer`'s ``whole_model``): resumed
+        under another config (NUM_CLASSES, an FPN width, MODEL.VIT.*), detectron2 skipped each
+        tensor of another shape with a warning and trained it from scratch at the resumed
+        iteration, writing over the run's model_final.pth at the end."""
+        self.checkpointer.whole_model = resume and self.checkpointer.has_checkpoint()
+        try:
+            super().resume_or_load(resume)
+        finally:
+            self.checkpointer.whole_model = False
+
     def state_dict(self):
         """Iteration, hooks (lr scheduler), the inner trainer's optimizer and loss scaler (the
         registry's detectron2 0.6 saves no optimizer state; newer releases save it this way)
