@@ -488,6 +488,23 @@ def test_resume_in_a_work_dir_without_checkpoints_warns_and_starts_afresh(tmp_pa
     assert "latest checkpoint None" not in logs
 
 
+def test_resume_under_options_its_checkpoint_does_not_fit_is_refused(tmp_path, caplog):
+    """--resume with another head width (or num_classes, backbone size): mmengine warned about
+    each tensor of another shape, then the first step failed in AdamW ('The size of tensor a
+    (64) must match the size of tensor b (32)'), naming no option."""
+    root = str(tmp_path / "toy_ade")
+    write_toy_ade(root, num_train=2, num_val=2, size=32)
+    work = tmp_path / "work"
+    opts = demo_options(root, str(work), None, iters=1)
+    opts.update({**TINY_OPTS, "train_dataloader.batch_size": 2})
+    argv = [TINY_CONFIG, "--resume", "--work-dir", str(work)]
+    assert _tool("train_seg").main(argv + ["--cfg-options", *_cli_options(opts)]) == 0
+    opts.update({"train_cfg.max_iters": 2, "model.decode_head.channels": 32})
+    code = _tool("train_seg").main(argv + ["--cfg-options", *_cli_options(opts)])
+    _refused(caplog, code, "iter_1.pth does not fit the segmentor of this config", "shape")
+    assert not (work / "iter_2.pth").exists()
+
+
 TINY_OPTS = {  # the tiny config at width 32, as the tests' checkpoints
     "model.backbone.embed_dim": 32,
     "model.backbone.num_heads": 2,

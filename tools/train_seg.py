@@ -26,6 +26,7 @@ from mae_transfer.segmentation.runner import (  # noqa: E402
     add_launcher_args,
     build_cfg,
     check_data,
+    check_resume_fits,
     export_local_rank,
     make_runner,
     parse_cfg_options,
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
         )
         check_data(cfg, for_training=True)
         cfg.resume = args.resume
+        check_resume_fits(cfg)
         make_runner(cfg).train()
 
     return exit_code(

@@ -23,6 +23,7 @@ from mae_transfer.data.decode import more_than_8_bits
 from mae_transfer.device import resolve_amp
 from mae_transfer.engine.config import ConfigError
 
+from .checkpoint import check_fits, read_segmentor
 from .hooks import TorchRNGStateHook
 from .loading import (
     IGNORE_ORIENTATION,
@@ -809,6 +810,25 @@ class SegRunner(Runner):
                 "with a schedule of its own, start a new run from the weights (load_from=CKPT, "
                 "without --resume)"
             )
+
+
+def check_resume_fits(cfg: Config) -> None:
+    """``cfg.resume``: the work dir's last checkpoint (mmengine's ``last_checkpoint``) must fill
+    the config's segmentor, checked on the meta device before the Runner is built. Resumed
+    under other --cfg-options (a head's width, num_classes, the backbone's size), mmengine
+    warned about each tensor of another shape, then the first step failed in the optimizer
+    ('The size of tensor a (64) must match the size of tensor b (32)'), naming no option.
+
+    Raises:
+        CheckpointError: what did not fit, and the likely cause.
+    """
+    marker = os.path.join(cfg.work_dir, "last_checkpoint")
+    if not cfg.get("resume") or cfg.get("load_from") or not os.path.isfile(marker):
+        return
+    with open(marker) as f:
+        path = f.read().strip()
+    state, _ = read_segmentor(path)
+    check_fits(state, model_state_shapes(cfg), path)
 
 
 def make_runner(cfg: Config) -> Runner:
