@@ -870,3 +870,23 @@ def test_an_lvis_test_subset_of_detectron2_s_builtin_lvis_v1_is_numbered_as_it(t
     assert categories("custom_lvis_val") == categories("lvis_v1_train")
     written = _file(test.json_file)["categories"]
     assert [c["frequency"] for c in written] == [c["frequency"] for c in LVIS_CATEGORIES]
+
+
+def test_our_log_lines_print_once_after_the_lvis_package_is_imported():
+    """lvis's __init__ calls logging.basicConfig: imported at the first LVIS evaluation, after
+    our console handler was attached, it printed every record of ours a second time."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from mae_transfer.detection.train import attach_logs; "
+        "attach_logs(('mine',), ''); import lvis; "
+        "logging.getLogger('mine').info('the summary'); "
+        "logging.getLogger('mine').warning('a warning')"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    out = run.stdout + run.stderr
+    assert out.count("the summary") == 1 and out.count("a warning") == 1, out
+    assert "WARNING [" in out

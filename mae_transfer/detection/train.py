@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -335,13 +336,29 @@ class _LevelFormatter(logging.Formatter):
         return text if record.levelno < logging.WARNING else f"{record.levelname} {text}"
 
 
+def _import_lvis_quietly() -> None:
+    """Imports the ``lvis`` package (if installed) with the root logger given a handler for
+    the while: its ``__init__`` calls ``logging.basicConfig``, which, at the first LVIS
+    evaluation, gave the root logger a console handler, and every record of ours printed
+    twice from then on. With a handler there, that call does nothing."""
+    if "lvis" in sys.modules:
+        return
+    root, guard = logging.getLogger(), logging.NullHandler()
+    root.addHandler(guard)
+    try:
+        import lvis  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        root.removeHandler(guard)
+
+
 def attach_logs(names: Sequence[str], output_dir: str, rank: int = 0) -> None:
     """Our loggers next to detectron2's (``default_setup`` configures only its own and
     fvcore's): INFO on rank 0, warnings elsewhere; to the console unless the root logger
     already prints, and to ``output_dir/log.txt`` on rank 0. Propagation is left on (logging
     set up by a caller still sees the records); calling again adds nothing."""
-    import sys
-
+    _import_lvis_quietly()
     fmt = _LevelFormatter("[%(asctime)s %(name)s]: %(message)s", "%m/%d %H:%M:%S")
     targets = [("console", None)] if not logging.getLogger().handlers else []
     if rank == 0 and output_dir:
