@@ -470,16 +470,22 @@ def test_a_shortened_run_s_lr_decay_follows_train_cfg_max_iters(mmengine_log):
     assert "param_scheduler" not in said()
 
 
+def _one_iteration_resumable(tmp_path, work_name: str):
+    """A toy ADE20K and the tiny config's options for one iteration in ``tmp_path/work_name``:
+    (work dir, options, train_seg's arguments with --resume)."""
+    root = str(tmp_path / "toy_ade")
+    write_toy_ade(root, num_train=2, num_val=2, size=32)
+    work = tmp_path / work_name
+    opts = demo_options(root, str(work), None, iters=1)
+    opts.update({**TINY_OPTS, "train_dataloader.batch_size": 2})
+    return work, opts, [TINY_CONFIG, "--resume", "--work-dir", str(work)]
+
+
 def test_resume_in_a_work_dir_without_checkpoints_warns_and_starts_afresh(tmp_path):
     """--resume into an empty or mistyped work dir trained from scratch with exit 0 and
     mmengine's 'Auto resumed from the latest checkpoint None.'; it still starts afresh (a
     requeued job's first run passes --resume too), saying so."""
-    root = str(tmp_path / "toy_ade")
-    write_toy_ade(root, num_train=2, num_val=2, size=32)
-    work = tmp_path / "typo"
-    opts = demo_options(root, str(work), None, iters=1)
-    opts.update({**TINY_OPTS, "train_dataloader.batch_size": 2})
-    argv = [TINY_CONFIG, "--resume", "--work-dir", str(work)]
+    work, opts, argv = _one_iteration_resumable(tmp_path, "typo")
     assert _tool("train_seg").main(argv + ["--cfg-options", *_cli_options(opts)]) == 0
     assert (work / "iter_1.pth").is_file()
     logs = "".join(p.read_text() for p in work.glob("*/*.log"))
@@ -492,12 +498,7 @@ def test_resume_under_options_its_checkpoint_does_not_fit_is_refused(tmp_path, c
     """--resume with another head width (or num_classes, backbone size): mmengine warned about
     each tensor of another shape, then the first step failed in AdamW ('The size of tensor a
     (64) must match the size of tensor b (32)'), naming no option."""
-    root = str(tmp_path / "toy_ade")
-    write_toy_ade(root, num_train=2, num_val=2, size=32)
-    work = tmp_path / "work"
-    opts = demo_options(root, str(work), None, iters=1)
-    opts.update({**TINY_OPTS, "train_dataloader.batch_size": 2})
-    argv = [TINY_CONFIG, "--resume", "--work-dir", str(work)]
+    work, opts, argv = _one_iteration_resumable(tmp_path, "work")
     assert _tool("train_seg").main(argv + ["--cfg-options", *_cli_options(opts)]) == 0
     opts.update({"train_cfg.max_iters": 2, "model.decode_head.channels": 32})
     code = _tool("train_seg").main(argv + ["--cfg-options", *_cli_options(opts)])
