@@ -1181,6 +1181,19 @@ def test_the_overlay_shows_each_class_in_its_colour_and_its_borders():
     assert abs(inside - (0.3 * np.array([230, 40, 40]) + 0.7 * np.array([250, 220, 30]))).max() <= 1
 
 
+def _three_pairs(root):
+    """``root/img/{0,1,2}.png`` (48x32) and their labels ``root/ann/{0,1,2}.png``."""
+    import numpy as np
+    from PIL import Image
+
+    for d in ("img", "ann"):
+        (root / d).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(root / "img" / f"{i}.png")
+        Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "ann" / f"{i}.png")
+    return root
+
+
 def test_data_folders_are_checked_for_pairs_before_training(tmp_path):
     import numpy as np
     from PIL import Image
@@ -1188,12 +1201,7 @@ def test_data_folders_are_checked_for_pairs_before_training(tmp_path):
     from mae_transfer.engine.config import ConfigError
     from mae_transfer.segmentation.runner import check_data
 
-    root = tmp_path / "data"
-    for d in ("img", "ann"):
-        (root / d).mkdir(parents=True)
-    for i in range(3):
-        Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(root / "img" / f"{i}.png")
-        Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "ann" / f"{i}.png")
+    root = _three_pairs(tmp_path / "data")
     ds = dict(type="BaseSegDataset", data_root=str(root))
     ds["data_prefix"] = dict(img_path="img", seg_map_path="ann")
     cfg = Config(dict(train_dataloader=dict(dataset=ds)))
@@ -1218,12 +1226,7 @@ def test_the_images_a_split_file_lists_are_checked_before_training(tmp_path):
     from mae_transfer.engine.config import ConfigError
     from mae_transfer.segmentation.runner import check_data
 
-    root = tmp_path / "data"
-    for d in ("img", "ann"):
-        (root / d).mkdir(parents=True)
-    for i in range(3):
-        Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(root / "img" / f"{i}.png")
-        Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "ann" / f"{i}.png")
+    root = _three_pairs(tmp_path / "data")
     (root / "train.txt").write_text("0\n2\n")
     ds = dict(type="BaseSegDataset", data_root=str(root), img_suffix=".png")
     ds.update(data_prefix=dict(img_path="img", seg_map_path="ann"), ann_file="train.txt")
