@@ -209,7 +209,8 @@ _COMPILED = {
 
 def _fuse(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Concatenates the parts of :data:`FUSED` wherever all of them are present (and the fused
-    tensor is not); returns the new state and what was fused."""
+    tensor is not) and fit together (parts of another width are left apart, for the load
+    report to list); returns the new state and what was fused."""
     fused = []
     for target, alternatives in FUSED.items():
         for parts in alternatives:
@@ -219,12 +220,19 @@ def _fuse(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List
                 names = [base + p if p else None for p in parts]
                 if base + target in state or any(n is not None and n not in state for n in names):
                     continue
+                if not _fit_together([state[n] for n in names if n is not None]):
+                    continue
                 like = state[key]
                 tensors = [state.pop(n) if n else torch.zeros_like(like) for n in names]
                 state[base + target] = torch.cat(tensors, dim=0)
                 parts_named = ", ".join(_short(n[len(base) :]) if n else "zeros" for n in names)
                 fused.append(f"{base + target} <- {parts_named}")
     return state, fused
+
+
+def _fit_together(parts: Sequence[torch.Tensor]) -> bool:
+    """True when ``parts`` can be concatenated along dim 0 (torch.cat would raise otherwise)."""
+    return all(p.ndim > 0 for p in parts) and len({p.shape[1:] for p in parts}) == 1
 
 
 def _short(part: str) -> str:

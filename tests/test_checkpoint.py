@@ -484,6 +484,17 @@ def test_a_whole_mae_in_another_codebase_s_names_loads_with_the_same_outputs(
             assert torch.equal(ours, theirs)
 
 
+def test_parts_of_another_width_are_reported_not_a_crash(mae):
+    """A Hugging Face query of the wrong width (another model's block) stopped the load with
+    torch.cat's size error; now that block's parts stay apart and the report lists them."""
+    theirs = their_names(encoder_state(mae), HF, "vit.")
+    theirs["vit.encoder.layer.0.attention.attention.query.weight"] = torch.zeros(32, 16)
+    report = load_pretrained(vit(), theirs)
+    assert not report.ok and report.missing == ["blocks.0.attn.qkv.weight"]
+    assert sorted(report.unexpected) == [f"blocks.0.attn.{p}.weight" for p in "kqv"]
+    assert "blocks.1.attn.qkv.weight" in report.loaded
+
+
 def test_beit_q_and_v_biases_become_the_qkv_bias_with_the_same_outputs(tmp_path):
     """mmseg's BEiT layers learn q and v biases only: the qkv bias is built with a zero k bias,
     which changes no attention (softmax ignores a shift all keys share), and layer scale and the
