@@ -7,7 +7,8 @@ files with the ``safetensors`` package; an http(s) URL is downloaded once into t
 - official full / visualize checkpoints: ``{'model': encoder + decoder}``;
 - our pretraining checkpoints: ``{'model', 'optimizer', 'epoch', 'args', ...}``;
 - detectron2 / mmengine checkpoints: ``{'model': ...}`` / ``{'state_dict': ...}`` with the ViT
-  under a prefix such as ``backbone.bottom_up.vit.`` or ``backbone.vit.``;
+  under a prefix such as ``backbone.bottom_up.vit.`` or ``backbone.vit.``; a model zoo's
+  ``.pkl`` (ViTDet's: ``backbone.net.``) read with numpy arrays and containers allowed only;
 - plain state dicts, ``module.``-prefixed (DDP) ones included;
 - any of these in OpenMMLab's names (mmseg, mmpretrain) or Hugging Face's (``ViTMAE*``,
   ``ViT*``), read as ours by the one table of :mod:`mae_transfer.checkpoint_keys`.
@@ -28,6 +29,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -37,6 +39,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -124,6 +127,8 @@ def _load_local(path: str, mmap: bool) -> Any:
         )
     if kind == "safetensors":
         return _load_safetensors(path)
+    if path.endswith(".pkl") and not _head(path).startswith(TORCH_MAGIC[0]):
+        return _arrays_as_tensors(load_array_pickle(path))  # a model zoo's (ViTDet's)
     return _load_torch(path, mmap)
 
 
@@ -182,6 +187,51 @@ def _load_torch(path: str, mmap: bool) -> Any:
                 f"dict, e.g. torch.save({{'model': sd}}, ...). Details: {e}"
             ) from e
         raise _UnreadableError(f"cannot read checkpoint {path}: {e}") from e
+
+
+# what a detectron2 / Detectron model-zoo .pkl is made of: numpy arrays in dicts (Python 3
+# pickles of bytes go through _codecs.encode)
+PKL_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays, numbers, strings and containers; anything else (a function to
+    call, e.g. ``os.system``) is refused before it runs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in PKL_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a weights file")
+
+
+def load_array_pickle(path: str) -> Any:
+    """A model zoo's ``.pkl`` (detectron2's, Detectron's): a pickle read with only numpy
+    arrays, numbers, strings and containers allowed (detectron2's own ``pickle.load`` runs
+    whatever the file asks for)."""
+    try:
+        with open(path, "rb") as f:
+            return _ArraysOnly(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"{path} is not a weights .pkl that can be read safely ({e}); a .pkl here is a "
+            "pickle of numpy arrays (detectron2's model zoo); PyTorch checkpoints end in .pth"
+        ) from e
+
+
+def _arrays_as_tensors(obj: Any) -> Any:
+    """``obj`` with the numpy arrays in its dicts as tensors (as detectron2 converts them)."""
+    if isinstance(obj, Mapping):
+        return {k: _arrays_as_tensors(v) for k, v in obj.items()}
+    return torch.as_tensor(obj) if isinstance(obj, np.ndarray) else obj
 
 
 def download(url: str) -> str:

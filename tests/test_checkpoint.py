@@ -195,6 +195,41 @@ def test_pickled_objects_are_refused_by_weights_only(tmp_path):
         load_pretrained(vit(), str(path))
 
 
+class _RunsCode:
+    """A pickle that would create ``path`` when unpickled without restriction."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_model_zoo_pkl_loads_its_vit_and_runs_no_code(mae, tmp_path):
+    """ViTDet's detectors are model-zoo .pkl files (numpy arrays, ViT under 'backbone.net.'):
+    load_pretrained refused them as objects weights_only cannot read; now their ViT loads, the
+    rest listed as dropped, and a .pkl that asks for anything but arrays still runs nothing."""
+    import pickle
+
+    randomised(mae)
+    arrays = {f"backbone.net.{k}": v.numpy() for k, v in encoder_state(mae).items()}
+    arrays["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(3, 8).numpy()
+    zoo = tmp_path / "model_final.pkl"
+    with open(zoo, "wb") as f:
+        pickle.dump({"model": arrays, "__author__": "zoo"}, f)
+    model = vit()
+    report = load_pretrained(model, str(zoo))
+    assert report.ok and sorted(report.loaded) == sorted(model.state_dict())
+    assert report.dropped == ["roi_heads.box_predictor.cls_score.weight"]
+    assert torch.equal(model.blocks[1].attn.qkv.weight, mae.blocks[1].attn.qkv.weight)
+    hostile, ran = tmp_path / "hostile.pkl", tmp_path / "ran"
+    with open(hostile, "wb") as f:
+        pickle.dump({"model": arrays, "x": _RunsCode(str(ran))}, f)
+    with pytest.raises(CheckpointError, match="is not part of a weights file"):
+        load_pretrained(vit(), str(hostile))
+    assert not ran.exists()
+
+
 def test_official_training_checkpoint_with_namespace_args_loads(mae, tmp_path):
     path = tmp_path / "official_training.pth"
     args = argparse.Namespace(model="mae_vit_base_patch16", norm_pix_loss=True)

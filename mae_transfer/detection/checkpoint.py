@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -16,6 +15,7 @@ from mae_transfer.checkpoint import (
     ANCHOR_KEY,
     CheckpointError,
     find_state_dict,
+    load_array_pickle,
     load_file,
     load_pretrained,
     mismatch_phrases,
@@ -28,29 +28,6 @@ from .config import FPN_BACKBONE, PYRAMID_BACKBONE, SIMPLE_FPN_BACKBONE
 
 logger = logging.getLogger(__name__)
 
-# what a detectron2 / Detectron model-zoo .pkl is made of: numpy arrays in dicts (Python 3
-# pickles of bytes go through _codecs.encode)
-_PKL_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("collections", "OrderedDict"),
-    ("_codecs", "encode"),
-}
-
-
-class _ArraysOnly(pickle.Unpickler):
-    """Unpickles numpy arrays, numbers, strings and containers; anything else (a function to
-    call, e.g. ``os.system``) is refused before it runs."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _PKL_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a weights file")
-
 
 def load_pkl(path: str) -> Dict[str, Any]:
     """A detectron2 / Detectron (Caffe2) model-zoo ``.pkl`` in detectron2's checkpoint form,
@@ -58,14 +35,7 @@ def load_pkl(path: str) -> Dict[str, Any]:
     ``pickle.load`` runs whatever the file asks for)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            data = _ArraysOnly(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise CheckpointError(
-            f"{path} is not a weights .pkl that can be read safely ({e}); a .pkl here is a "
-            "pickle of numpy arrays (detectron2's model zoo); PyTorch checkpoints end in .pth"
-        ) from e
+    data = load_array_pickle(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, not a dict of weights")
     if "model" in data and "__author__" in data:  # detectron2's model zoo
