@@ -77,3 +77,17 @@ def test_bad_input_is_refused(tmp_path, capsys, caplog):
     assert "a detectron2 .yaml or an mmseg .py config" in caplog.text
     assert tool.main([str(tmp_path / "nothere.yaml")]) == 2
     assert "does not exist" in caplog.text
+
+
+def test_the_other_framework_s_overrides_are_refused_not_ignored(capsys):
+    """An mmseg config's KEY=VALUE words, or a detectron2 config's --cfg-options, were ignored:
+    the counts printed were the unchanged model's."""
+    tool = _tool()
+    for argv, says in (
+        ([SEG_CONFIG, "model.backbone.embed_dim=48"], "use --cfg-options k=v"),
+        ([DET_CONFIG, "--cfg-options", "model.x=1"], "--cfg-options is for mmseg configs"),
+        ([DET_CONFIG, "MODEL.VIT.EMBED_DIM"], "come in pairs, got 1: MODEL.VIT.EMBED_DIM"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            tool.main(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err

@@ -45,6 +45,15 @@ def main(argv=None) -> int:
     if len(size) > 2 or min(size) < 1:
         p.error(f"--size takes H or H W, positive, got {size}")
     size = (size[0], size[-1])
+    # each framework's overrides only: the other's were ignored, and the counts were then not
+    # those of the model asked for
+    if detector and args.cfg_options:
+        p.error(f"--cfg-options is for mmseg configs; give {args.config} KEY VALUE pairs")
+    if not detector and args.opts:
+        given = " ".join(args.opts)
+        p.error(f"{given}: KEY VALUE pairs are for detectron2 configs; use --cfg-options k=v")
+    if len(args.opts) % 2:
+        p.error(f"KEY VALUE overrides come in pairs, got {len(args.opts)}: {' '.join(args.opts)}")
 
     def body():
         if detector:
