@@ -138,3 +138,24 @@ def test_bad_lanes_are_refused_before_pretraining(capsys):
     with pytest.raises(SystemExit) as e:
         tool.parse_args(["--lanes", "-1"])
     assert e.value.code == 2 and "--lanes must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_the_summary_records_the_schedule_lengths_the_configs_gave():
+    """summary.json's settings said epochs 0, det_iters 0, seg_iters 0 (0: the config's)."""
+    import yaml
+
+    from mae_transfer.demo.pipeline import FULL, QUICK, _iters_opts, resolved_settings
+    from mae_transfer.detection import demo as det_demo
+    from mae_transfer.segmentation import demo as seg_demo
+
+    with open(det_demo.CONFIG) as f:
+        assert det_demo.schedule_length() == yaml.safe_load(f)["SOLVER"]["MAX_ITER"] > 0
+    assert det_demo.schedule_length(_iters_opts(6)) == 6
+    assert (
+        seg_demo.schedule_length({}) > 0
+        and seg_demo.schedule_length({"train_cfg.max_iters": 6}) == 6
+    )
+    summary = {"pretrain": {"epochs": 12, "knn_every": 3}, "detection": {"iters": 160}}
+    got = resolved_settings(summary, FULL)
+    assert (got["epochs"], got["knn_every"], got["det_iters"], got["seg_iters"]) == (12, 3, 160, 0)
+    assert resolved_settings({}, QUICK)["det_iters"] == QUICK.det_iters  # stages not run

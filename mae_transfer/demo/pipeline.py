@@ -105,6 +105,7 @@ def pretrain(out: str, s: Settings) -> Dict:
     return {
         "scenes": s.scenes,
         "epochs": values["epochs"],
+        "knn_every": values.get("knn_every"),
         "final_loss": stats.get("train_loss"),
         "checkpoint": checkpoint,
         "encoder": os.path.join(run_dir, "encoder.pth"),
@@ -157,7 +158,8 @@ def transfer(out: str, s: Settings, encoder: str, det: bool, seg: bool) -> Dict:
     for stage, (module, kwargs) in stages.items():
         runs = {i: [results[f"{stage} {i} seed {seed}"] for seed in s.seeds] for i in INITS}
         picture = module.draw(out, seed=s.seeds[0], **kwargs)
-        summary[stage] = {"runs": runs, "picture": picture}
+        iters = module.schedule_length(kwargs["opts"])
+        summary[stage] = {"runs": runs, "picture": picture, "iters": iters}
     return summary
 
 
@@ -195,7 +197,7 @@ def comparison_rows(summary: Dict) -> List[tuple]:
 def finish(out: str, summary: Dict, s: Settings) -> List[tuple]:
     """Rows of the comparison, the bar chart (``comparison.png``), settings in the summary."""
     rows = comparison_rows(summary)
-    summary["settings"] = asdict(s)
+    summary["settings"] = resolved_settings(summary, s)
     summary["comparison"] = [
         {"stage": st, "metric": m, **{i: asdict(sp[i]) for i in INITS}, "verdict": v}
         for st, m, sp, v in rows
@@ -207,6 +209,22 @@ def finish(out: str, summary: Dict, s: Settings) -> List[tuple]:
             f"MAE-initialised vs randomly initialised ({len(s.seeds)} seeds)",
         )
     return rows
+
+
+def resolved_settings(summary: Dict, s: Settings) -> Dict:
+    """``s`` as run: a length left to its config (0) is the config's value, where that stage
+    ran (``summary.json`` said 0 epochs and 0 iterations)."""
+    settings = asdict(s)
+    pre = summary.get("pretrain", {})
+    for key, value in (
+        ("epochs", pre.get("epochs")),
+        ("knn_every", pre.get("knn_every")),
+        ("det_iters", summary.get("detection", {}).get("iters")),
+        ("seg_iters", summary.get("segmentation", {}).get("iters")),
+    ):
+        if value is not None:
+            settings[key] = value
+    return settings
 
 
 def seeds_arg(text: str) -> Sequence[int]:

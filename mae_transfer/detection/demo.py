@@ -90,6 +90,13 @@ def make_jobs(
     return jobs
 
 
+def schedule_length(opts: Sequence = ()) -> int:
+    """The runs' iterations: ``SOLVER.MAX_ITER`` of the config with ``opts``."""
+    from .train import build_cfg
+
+    return int(build_cfg(CONFIG, list(opts)).SOLVER.MAX_ITER)
+
+
 def draw(out: str, datasets, seed: int, opts: Sequence = ()) -> str:
     """Predictions of both inits' ``seed`` runs on 4 val images, one row each."""
     from detectron2.checkpoint import DetectionCheckpointer

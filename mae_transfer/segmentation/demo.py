@@ -61,7 +61,7 @@ def train_run(
     """One fine-tuning run, then evaluation on the val set: {"mIoU": .., "aAcc": .., ...}."""
     from .runner import build_cfg, make_runner
 
-    iters = _iters(opts)
+    iters = schedule_length(opts)
     options = demo_options(data_root, work_dir, pretrained, iters, seed)
     options["param_scheduler"] = schedule(iters)
     options.update(opts or {})
@@ -70,7 +70,7 @@ def train_run(
     return {k: float(v) for k, v in runner.val().items()}
 
 
-def _iters(opts) -> int:
+def schedule_length(opts) -> int:
     """The schedule's length: ``train_cfg.max_iters`` of ``opts``, else the config's."""
     if opts and "train_cfg.max_iters" in opts:
         return int(opts["train_cfg.max_iters"])
@@ -112,7 +112,7 @@ def draw(out: str, data_root: str, seed: int, opts=None) -> str:
     from .runner import build_cfg
     from .visualize import comparison_grid
 
-    iters = _iters(opts)
+    iters = schedule_length(opts)
     models = []
     for init in INITS:
         work_dir = os.path.join(out, "segmentation", f"{init}_seed{seed}")
