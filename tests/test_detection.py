@@ -1716,3 +1716,39 @@ def test_train_det_takes_options_after_the_overrides():
     args = load_tool("train_det").parser().parse_intermixed_args(argv)
     assert args.opts == ["SOLVER.MAX_ITER", "1", "SOLVER.WEIGHT_DECAY", "-0.1", "OUTPUT_DIR", "out"]
     assert args.coco_train == ["a.json", "im"] and args.resume and args.config_file == TINY_CONFIG
+
+
+def test_drawn_predictions_are_each_image_s_best_scoring_top_k(monkeypatch, tmp_path):
+    """The demo draws each scene's N best-scoring predictions (N its objects): at a fixed
+    0.3 its rows showed one prediction or none."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from detectron2.structures import Boxes, Instances
+
+    import mae_transfer.detection.visualize as visualize
+
+    inst = Instances((32, 32), scores=torch.tensor([0.125, 0.5, 0.25, 0.0625]))
+    inst.pred_boxes = Boxes(torch.tensor([[0.0, 0.0, 8.0, 8.0]]).repeat(4, 1))
+    drawn = []
+
+    class Recorder:
+        def __init__(self, img, **kw):
+            self.img = img
+
+        def draw_instance_predictions(self, instances):
+            drawn.append(instances.scores.tolist())
+            return SimpleNamespace(get_image=lambda: self.img)
+
+    monkeypatch.setattr(
+        visualize, "predict", lambda cfg, model, path: (np.zeros((32, 32, 3)), inst)
+    )
+    monkeypatch.setattr(visualize, "Visualizer", Recorder)
+    monkeypatch.setattr(visualize, "class_names", lambda cfg, name: None)
+    cfg = SimpleNamespace(INPUT=SimpleNamespace(FORMAT="RGB"), DATASETS=SimpleNamespace(TEST=["t"]))
+    out = str(tmp_path / "p.png")
+    visualize.draw_predictions(cfg, None, ["a", "b"], out, 0.0, top_k=[2, 1])
+    assert drawn == [[0.5, 0.25], [0.5]]
+    drawn.clear()
+    visualize.draw_predictions(cfg, None, ["a"], out, 0.2)
+    assert drawn == [[0.5, 0.25]] and os.path.isfile(out)

@@ -60,13 +60,17 @@ def draw_predictions(
     dataset: Optional[str] = None,
     columns: int = 4,
     scale: float = 2.0,
+    top_k: Optional[Sequence[int]] = None,
 ) -> str:
-    """Draws boxes, masks, class names and scores above ``score_thresh``; writes ``output``."""
+    """Draws boxes, masks, class names and scores above ``score_thresh`` (of image i, its
+    ``top_k[i]`` best-scoring at most); writes ``output``."""
     metadata = class_names(cfg, dataset or (cfg.DATASETS.TEST or cfg.DATASETS.TRAIN)[0])
     tiles: List[np.ndarray] = []
-    for path in image_paths:
+    for i, path in enumerate(image_paths):
         img, inst = predict(cfg, model, path)
         inst = inst[inst.scores >= score_thresh]
+        if top_k is not None:
+            inst = inst[inst.scores.argsort(descending=True)[: top_k[i]]]
         rgb = img if cfg.INPUT.FORMAT == "RGB" else img[:, :, ::-1]
         vis = Visualizer(rgb, metadata=metadata, scale=scale)
         tiles.append(vis.draw_instance_predictions(inst).get_image())
