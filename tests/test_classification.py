@@ -1040,3 +1040,27 @@ def test_an_input_size_the_patches_do_not_tile_is_padded_with_a_warning(caplog, 
     caplog.clear()
     build_classifier("vit_base_patch16", 3, (32, 40), "avg", **TINY)
     assert "not a multiple" not in caplog.text
+
+
+@pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1", "rand-m10-mstd0-inc1", "v0"])
+def test_randaugment_at_its_top_magnitude_posterizes_to_black_instead_of_crashing(aa):
+    """The recipe's magnitude noise reaches 10 (~2% of draws), where PosterizeIncreasing keeps
+    0 bits: Pillow 13 (here) refuses that (a ValueError in a loader, at some image of the
+    first ImageNet epoch); older Pillow, and so the official runs, gave a black image."""
+    import random
+
+    from PIL import Image
+
+    from mae_transfer.classification.config import make_config
+    from mae_transfer.classification.data import finetune_transform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), np.uint8))
+    transform = finetune_transform(make_config(FinetuneConfig, {"input_size": 32, "aa": aa}))
+    for seed in range(100):  # every op drawn, posterize among them at 0 bits
+        random.seed(seed)
+        torch.manual_seed(seed)
+        transform(image)
+    augment = transform.transforms[2]
+    ops = getattr(augment, "ops", None) or [op for ops in augment.policy for op in ops]
+    posterize = [op for op in ops if op.name.startswith("Posterize")]
+    assert posterize and all(not np.asarray(op.aug_fn(image, 0)).any() for op in posterize)

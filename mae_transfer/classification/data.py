@@ -23,7 +23,7 @@ def finetune_transform(cfg: FinetuneConfig):
     (bicubic), flip, RandAugment ``cfg.aa``, normalisation, random erasing ``cfg.reprob``."""
     from timm.data import create_transform
 
-    return create_transform(
+    transform = create_transform(
         input_size=(3, *hw(cfg.input_size)),
         is_training=True,
         color_jitter=cfg.color_jitter,
@@ -35,6 +35,25 @@ def finetune_transform(cfg: FinetuneConfig):
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )
+    for t in transform.transforms:  # RandAugment / AugMix hold ops, AutoAugment sub-policies
+        ops = getattr(t, "ops", None) or [op for ops in getattr(t, "policy", []) for op in ops]
+        for op in ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
+
+
+def _posterize(img, bits_to_keep: int, **kwargs):
+    """timm's posterize, keeping 0 bits as older Pillow did (a black image): the recipe's
+    magnitude noise reaches 10 in ~2% of draws, where PosterizeIncreasing keeps 0 bits, and
+    Pillow 13 raises there (a ValueError at some image of the first ImageNet epoch)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 def linprobe_transform(input_size: Size) -> transforms.Compose:
