@@ -28,6 +28,7 @@ from mae_transfer.engine.state import get_rng_state, set_rng_state
 from mae_transfer.engine.trainer import (
     LAST,
     NonFiniteLossError,
+    _saved_epoch_loss,
     make_scaler,
     set_tf32,
     tf32_enabled,
@@ -694,6 +695,27 @@ def test_a_resumed_run_logs_each_step_once_and_the_whole_epoch_s_loss(tmp_path, 
     # the resumed epoch's loss is over all its iterations, not only those after the resume
     losses_a = [r["train_loss"] for r in ends_a]
     assert [r["train_loss"] for r in ends_b] == pytest.approx(losses_a, rel=1e-6)
+
+
+def test_a_resumed_epoch_s_loss_counts_each_image_once_with_another_batch(
+    tmp_path, tmp_path_factory
+):
+    """The epoch's loss was a mean over the processes' batches: resumed with another batch
+    size or process count, each batch before the checkpoint weighed as one of the new size."""
+    data = str(tmp_path_factory.mktemp("data"))
+    write_images(data, 24)
+    out = tmp_path / "out"
+    killed = _killed_after(tiny_cfg(out, data, batch_size=4, save_every_iters=1), iterations=2)
+    first = killed._epoch_loss[0] / killed._epoch_loss[1]  # the mean over its 8 images
+    train(tiny_cfg(out, data, batch_size=2))  # resumes at iteration 4 of epoch 0's 12
+    records = _records(out)
+    rest = [r["loss"] for r in records if "step" in r and r["epoch"] <= 1]  # 2 images each
+    assert len(rest) == 8
+    end = next(r for r in records if "train_loss" in r)
+    assert end["train_loss"] == pytest.approx((8 * first + 2 * sum(rest)) / 24, rel=1e-6)
+    # an earlier checkpoint's sum of 2 processes' batch means (global batch 4): 4 images
+    old = {"epoch_loss": [5.0, 2], "global_batch": 4, "rng_per_rank": [{}, {}]}
+    assert _saved_epoch_loss(old) == [10.0, 4]
 
 
 def _tensorboard_steps(folder, tag):

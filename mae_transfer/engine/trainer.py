@@ -201,6 +201,18 @@ def recipe_changes(saved: Dict, now: Dict) -> List[str]:
     ]
 
 
+def _saved_epoch_loss(ckpt: Dict) -> List:
+    """A checkpoint's (loss summed over images, images) of its epoch so far; earlier ones
+    summed the batch means of each process (``epoch_loss``)."""
+    if "epoch_image_loss" in ckpt:
+        loss_sum, n = ckpt["epoch_image_loss"]
+        return [float(loss_sum), int(n)]
+    loss_sum, n = ckpt.get("epoch_loss", (0.0, 0))
+    ranks = ckpt.get("rng_per_rank")
+    batch = int(ckpt.get("global_batch", 1)) // (len(ranks) if isinstance(ranks, list) else 1)
+    return [float(loss_sum) * batch, int(n) * batch]
+
+
 class EpochTrainer:
     """Epoch-based training on one process, or one of many under torchrun / Slurm."""
 
@@ -246,7 +258,7 @@ class EpochTrainer:
         )
         self.epoch, self.iter = 0, 0  # next epoch / next batch within it
         self.skipped_images = 0
-        self._epoch_loss = [0.0, 0]  # (sum, count) of the epoch's losses so far
+        self._epoch_loss = [0.0, 0]  # the epoch's loss so far: (sum over images, images)
         self._resumed = False  # from a training checkpoint of ours
         self._stop_requested = False  # for a requeue (preemption): agreed at a log step
         self._saved_at: Optional[tuple] = None  # (epoch, iter) of the last save
@@ -505,8 +517,7 @@ class EpochTrainer:
         pending = ckpt.get("eval_pending")
         self._eval_pending = dict(pending) if isinstance(pending, dict) and not self.iter else None
         if self.iter:
-            loss_sum, n = ckpt.get("epoch_loss", (0.0, 0))
-            self._epoch_loss = [float(loss_sum), int(n)]
+            self._epoch_loss = _saved_epoch_loss(ckpt)
         self._resumed = True
         self._same_global_batch = ckpt.get("global_batch") == self.sampler.global_batch
         self.load_extra_state(ckpt)
@@ -638,7 +649,7 @@ class EpochTrainer:
             "global_batch": self.sampler.global_batch,
             "accum_iter": self.cfg.accum_iter,
             "skipped_images": self.skipped_images,
-            "epoch_loss": list(self._epoch_loss),
+            "epoch_image_loss": list(self._epoch_loss),
             "args": self.cfg.to_dict(),
             "rng": get_rng_state(self.device),
             # every process's streams (drop path, mask noise): restored rank by rank when the
@@ -877,8 +888,10 @@ class EpochTrainer:
         self._stop_requested = self._stop_requested or stop > 0
         self.skipped_images += int(skipped)
         self._check_finite(loss_sum, w.first_iter)
-        self._epoch_loss[0] += loss_sum
-        self._epoch_loss[1] += int(n)
+        # per image (each process's loss is its batch's mean): a resumed epoch may go on
+        # with another batch size or process count
+        self._epoch_loss[0] += loss_sum * self.cfg.batch_size
+        self._epoch_loss[1] += int(n) * self.cfg.batch_size
         w.reset(self.iter)
         return loss_sum / n
 
