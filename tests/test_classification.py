@@ -478,6 +478,16 @@ def test_cached_features_of_a_resumed_probe_come_from_the_loaded_encoder(data, t
     again.close()
 
 
+def test_cached_shards_of_a_crashed_run_with_another_process_count_are_removed(data, tmp_path):
+    """A crash leaves the cached shards in output_dir; resumed with as many processes they are
+    written anew and removed at the end, with another count they stayed (GBs each)."""
+    cfg = cfg_of(LinprobeConfig, data, tmp_path, cache_features=True, epochs=1)
+    for what in ("training", "validation"):
+        torch.save({}, tmp_path / f"features-{what}.1-of-2.pth")  # a 2-process run's, crashed
+    train(LinprobeTrainer, cfg)
+    assert not glob.glob(str(tmp_path / "features-*"))
+
+
 def test_a_probe_extracts_no_features_for_an_output_dir_in_use(data, tmp_path, monkeypatch):
     """The folder of a live run was found in use only after the whole training set's features
     were extracted (hours on ImageNet), and their shard written into that run's folder."""

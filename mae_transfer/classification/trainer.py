@@ -12,6 +12,7 @@ and logging are the engine's.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from typing import Dict, List, Optional
@@ -414,6 +415,13 @@ class LinprobeTrainer(_ClassifierTrainer):
         collective carries the features. The files are unlinked once all have mapped them.
         """
         cfg, d = self.cfg, self.dist
+        name = "features-" + "-".join(what.split())
+        paths = [os.path.join(cfg.output_dir, f"{name}.{r}-of-{d.world_size}.pth")
+                 for r in range(d.world_size)]  # fmt: skip
+        if d.is_main:  # a crashed run's shards, of another process count (as many: rewritten)
+            for path in glob.glob(os.path.join(glob.escape(cfg.output_dir), f"{name}.*-of-*.pth")):
+                if path not in paths:
+                    os.remove(path)
         loader = DataLoader(
             images,
             batch_size=cfg.batch_size,
@@ -436,9 +444,6 @@ class LinprobeTrainer(_ClassifierTrainer):
             )
         if not d.enabled:
             return FeatureDataset([feats], [labels], [replaced])
-        name = "features-" + "-".join(what.split())
-        paths = [os.path.join(cfg.output_dir, f"{name}.{r}-of-{d.world_size}.pth")
-                 for r in range(d.world_size)]  # fmt: skip
         self._feature_files.append(paths[d.rank])
 
         def write() -> None:
