@@ -284,3 +284,14 @@ def fake_download(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     return served, fetched
+
+
+class RunsCode:
+    """What a hostile pickle holds: unpickled without restriction, it creates ``path`` (a
+    function call of the file's choosing)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

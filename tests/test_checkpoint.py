@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 import torch
-from conftest import TINY_MAE
+from conftest import TINY_MAE, RunsCode
 
 from mae_transfer import CheckpointError, create_model, load_pretrained
 from mae_transfer.checkpoint import find_state_dict, save_atomic
@@ -195,16 +195,6 @@ def test_pickled_objects_are_refused_by_weights_only(tmp_path):
         load_pretrained(vit(), str(path))
 
 
-class _RunsCode:
-    """A pickle that would create ``path`` when unpickled without restriction."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_a_model_zoo_pkl_loads_its_vit_and_runs_no_code(mae, tmp_path):
     """ViTDet's detectors are model-zoo .pkl files (numpy arrays, ViT under 'backbone.net.'):
     load_pretrained refused them as objects weights_only cannot read; now their ViT loads, the
@@ -224,7 +214,7 @@ def test_a_model_zoo_pkl_loads_its_vit_and_runs_no_code(mae, tmp_path):
     assert torch.equal(model.blocks[1].attn.qkv.weight, mae.blocks[1].attn.qkv.weight)
     hostile, ran = tmp_path / "hostile.pkl", tmp_path / "ran"
     with open(hostile, "wb") as f:
-        pickle.dump({"model": arrays, "x": _RunsCode(str(ran))}, f)
+        pickle.dump({"model": arrays, "x": RunsCode(str(ran))}, f)
     with pytest.raises(CheckpointError, match="is not part of a weights file"):
         load_pretrained(vit(), str(hostile))
     assert not ran.exists()

@@ -20,7 +20,13 @@ pytest.importorskip("detectron2")
 import mae_transfer.detection  # noqa: E402,F401  (compat fixes before detectron2's imports)
 
 # isort: split
-from conftest import ROOT, TINY_MAE, save_mae_checkpoints, write_deep_colour_png  # noqa: E402
+from conftest import (  # noqa: E402
+    ROOT,
+    TINY_MAE,
+    RunsCode,
+    save_mae_checkpoints,
+    write_deep_colour_png,
+)
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, build_model  # noqa: E402
@@ -1199,16 +1205,6 @@ def test_a_trained_detector_must_fill_the_whole_model(toy_coco, tmp_path):
         MAECheckpointer(build_model(cfg), whole_model=True).load(str(detector))
 
 
-class _RunsCode:
-    """What a hostile .pkl holds: unpickling it calls a function of the file's choosing."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_a_pkl_is_read_as_arrays_only(toy_coco, tmp_path):
     """detectron2 unpickles a .pkl (its model zoo's format) with pickle.load: any code runs."""
     import pickle
@@ -1225,7 +1221,7 @@ def test_a_pkl_is_read_as_arrays_only(toy_coco, tmp_path):
         assert torch.equal(v, state[k]), k
     hostile, ran = tmp_path / "hostile.pkl", tmp_path / "ran"
     with open(hostile, "wb") as f:
-        pickle.dump({"model": {}, "__author__": _RunsCode(str(ran))}, f)
+        pickle.dump({"model": {}, "__author__": RunsCode(str(ran))}, f)
     with pytest.raises(CheckpointError, match="is not part of a weights file"):
         MAECheckpointer(build_model(cfg)).load(str(hostile))
     assert not ran.exists()
