@@ -36,10 +36,11 @@ def load_segmentor(model: nn.Module, path: str) -> Dict[str, Any]:
     return meta
 
 
-def read_segmentor(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def read_segmentor(path: str, mmap: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """(state dict, meta) of a segmentor checkpoint, read with ``weights_only=True`` (an
     http(s) URL: downloaded into torch hub's cache by :func:`load_file`; a storage backend's
-    ``scheme://`` path: through mmengine's ``CheckpointLoader``).
+    ``scheme://`` path: through mmengine's ``CheckpointLoader``). ``mmap``: a local file is
+    memory-mapped, read only where its tensors are (a check of their shapes reads none).
 
     Raises:
         CheckpointError: a missing or unreadable file.
@@ -54,7 +55,7 @@ def read_segmentor(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     elif not (os.path.isfile(path) or is_url(path)):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     else:
-        loaded = load_file(path)
+        loaded = load_file(path, mmap=mmap)
     state = {_strip_wrapper(k): v for k, v in find_state_dict(loaded).items()}
     meta = loaded.get("meta") if isinstance(loaded, Mapping) else None
     return state, dict(meta) if isinstance(meta, Mapping) else {}

@@ -827,7 +827,7 @@ def check_resume_fits(cfg: Config) -> None:
         return
     with open(marker) as f:
         path = f.read().strip()
-    state, _ = read_segmentor(path)
+    state, _ = read_segmentor(path, mmap=True)  # (mmengine reads the file next: shapes only)
     check_fits(state, model_state_shapes(cfg), path)
 
 
